@@ -1,0 +1,2 @@
+//! The mvm guest agent and the container runtime it shares with the host.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! `mvm-agent`: PID 1 of the mvm guest.
+fn main() {}

@@ -1,0 +1,124 @@
+//! The `mvm` command line. Each subcommand lives in its own module and maps its flags onto the
+//! library's config types; this module only parses, dispatches and turns errors into exit codes.
+//!
+//! Exit codes: a command's own code on success (for `run`, the container's); 2 for bad input
+//! (flags, paths, files that are not what they claim to be); 1 for anything that failed later.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod version;
+
+/// Exit code for bad input: wrong flags, missing or malformed files.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code for failures after the input was accepted.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// An error caused by what the user asked for rather than by the machine: exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Shorthand for returning a [`BadInput`] error.
+pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
+    BadInput(msg.into()).into()
+}
+
+/// mvm runs OCI container images inside lightweight KVM virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "mvm", version, disable_help_subcommand = true)]
+pub struct Cli {
+    /// Directory that holds images, containers and VM state
+    /// (default: /var/lib/mvm for root, $XDG_DATA_HOME/mvm otherwise).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print mvm's version and the versions of its parts.
+    Version(version::VersionArgs),
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_BAD_INPUT } else { 0 };
+            // clap's usage errors span several lines; keep the first, which names the problem.
+            if e.use_stderr() {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                eprintln!("mvm: {}", first.trim_start_matches("error: "));
+            } else {
+                let _ = e.print();
+            }
+            return code;
+        }
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Version(args) => version::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("mvm: {err:#}");
+            if err.chain().any(|e| e.is::<BadInput>()) {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            }
+        }
+    }
+}
+
+/// The store and state directory: `--root`, else the default for this user.
+pub fn root_dir(root: Option<PathBuf>) -> PathBuf {
+    if let Some(root) = root {
+        return root;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/mvm");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("mvm"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/share/mvm"),
+    }
+}
+
+/// Logs go to stderr; `MVM_LOG=debug` (or info, warn, trace) turns them up. Default: warnings.
+fn init_logging() {
+    let level = match std::env::var("MVM_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        Ok("off") => log::LevelFilter::Off,
+        _ => log::LevelFilter::Warn,
+    };
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("mvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}

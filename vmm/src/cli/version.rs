@@ -1,0 +1,14 @@
+//! `mvm version`.
+
+use clap::Args;
+
+/// Flags of `mvm version`.
+#[derive(Debug, Args)]
+pub struct VersionArgs {}
+
+/// Prints the version of mvm and of the guest agent protocol.
+pub fn run(_args: &VersionArgs) -> anyhow::Result<i32> {
+    println!("mvm {}", env!("CARGO_PKG_VERSION"));
+    println!("target: {}-{}", std::env::consts::ARCH, std::env::consts::OS);
+    Ok(0)
+}
