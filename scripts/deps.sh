@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages mvm needs to build, test and benchmark. Idempotent: installs only
+# what is missing, so it is cheap to call from every script.
+set -euo pipefail
+
+packages=(
+  # build
+  gcc make pkg-config cpio
+  # images and disks
+  e2fsprogs erofs-utils busybox-static
+  # networking
+  iproute2 passt curl socat
+  # tests and benchmarks: a real OCI registry, the peers we compare against
+  docker-registry crun qemu-system-x86
+  # kernels: Debian's linux-source-6.12 and what building it needs
+  linux-source-6.12 bc bison flex libelf-dev libssl-dev xz-utils patch
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+# The docker-registry package would start a system service; tests start their own registry.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT
+fi
+flock /tmp/apt.lock apt-get update -qq
+flock /tmp/apt.lock apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "deps: done" >&2
