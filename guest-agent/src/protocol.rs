@@ -1,0 +1,386 @@
+//! The agent protocol, version 1: how the host (mvm) talks to the guest agent over vsock, or to
+//! an agent on the host over a Unix socket.
+//!
+//! The stream carries frames. Each frame is a 9-byte header followed by its payload:
+//!
+//! | bytes | field | meaning |
+//! | --- | --- | --- |
+//! | 0..4 | `len` | payload length, big-endian, at most [`MAX_PAYLOAD`] |
+//! | 4 | `kind` | [`FrameKind`] |
+//! | 5..9 | `stream` | big-endian id of the process the frame belongs to (0 for control) |
+//!
+//! Control frames ([`FrameKind::Request`], [`FrameKind::Response`], [`FrameKind::Event`]) carry
+//! one JSON document: [`Request`], [`Response`] or [`Event`]. Stdio frames carry raw bytes of a
+//! process's stdin, stdout or stderr; an empty stdin frame closes that process's stdin.
+//!
+//! A session starts with the client sending [`Request::Hello`]; the agent answers
+//! [`Response::Hello`] with its version, or an error if the major version differs. After that the
+//! client sends requests one at a time; each gets exactly one response. Events (a process exited)
+//! and stdout/stderr frames may arrive at any time, interleaved with responses.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build. Bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest payload a frame may carry; larger frames are a protocol error.
+pub const MAX_PAYLOAD: u32 = 1 << 20;
+
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 9;
+
+/// Vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// JSON [`Request`], client to agent.
+    Request = 1,
+    /// JSON [`Response`], agent to client.
+    Response = 2,
+    /// JSON [`Event`], agent to client.
+    Event = 3,
+    /// Bytes for a process's stdin; empty closes it.
+    Stdin = 4,
+    /// Bytes a process wrote to stdout.
+    Stdout = 5,
+    /// Bytes a process wrote to stderr.
+    Stderr = 6,
+}
+
+impl TryFrom<u8> for FrameKind {
+    type Error = ProtocolError;
+    fn try_from(v: u8) -> Result<Self, ProtocolError> {
+        Ok(match v {
+            1 => Self::Request,
+            2 => Self::Response,
+            3 => Self::Event,
+            4 => Self::Stdin,
+            5 => Self::Stdout,
+            6 => Self::Stderr,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The peer closed the stream between frames.
+    #[error("connection closed")]
+    Closed,
+    /// Reading or writing the stream failed.
+    #[error("agent connection I/O failed")]
+    Io(#[source] io::Error),
+    /// A frame announced a payload over [`MAX_PAYLOAD`].
+    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    /// A frame kind this version does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A control frame whose JSON does not parse as the expected message.
+    #[error("malformed message")]
+    Json(#[source] serde_json::Error),
+    /// A frame of a kind that was not expected here.
+    #[error("unexpected {0:?} frame")]
+    Unexpected(FrameKind),
+}
+
+/// One frame read from or written to the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the payload is.
+    pub kind: FrameKind,
+    /// Process the frame belongs to (0 for control frames).
+    pub stream: u32,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A control frame carrying `msg` as JSON.
+    pub fn json<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Self, ProtocolError> {
+        let payload = serde_json::to_vec(msg).map_err(ProtocolError::Json)?;
+        Ok(Frame {
+            kind,
+            stream: 0,
+            payload,
+        })
+    }
+
+    /// Decodes the JSON payload of a control frame.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtocolError> {
+        serde_json::from_slice(&self.payload).map_err(ProtocolError::Json)
+    }
+
+    /// Writes the frame (header and payload) to `w` and flushes it.
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        let len = u32::try_from(self.payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_PAYLOAD)
+            .ok_or(ProtocolError::TooLarge(u32::MAX))?;
+        let mut buf = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.push(self.kind as u8);
+        buf.extend_from_slice(&self.stream.to_be_bytes());
+        buf.extend_from_slice(&self.payload);
+        w.write_all(&buf).map_err(ProtocolError::Io)?;
+        w.flush().map_err(ProtocolError::Io)
+    }
+
+    /// Reads one frame. A stream that ends before the first header byte is [`ProtocolError::Closed`].
+    pub fn read_from(r: &mut impl Read) -> Result<Self, ProtocolError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match r.read(&mut header[got..]) {
+                Ok(0) if got == 0 => return Err(ProtocolError::Closed),
+                Ok(0) => {
+                    return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProtocolError::Io(e)),
+            }
+        }
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge(len));
+        }
+        let kind = FrameKind::try_from(header[4])?;
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        let mut payload = vec![0u8; len as usize];
+        r.read_exact(&mut payload).map_err(ProtocolError::Io)?;
+        Ok(Frame {
+            kind,
+            stream,
+            payload,
+        })
+    }
+}
+
+/// How a process's standard streams are connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StdioMode {
+    /// stdout/stderr stream back as frames; stdin is fed by stdin frames.
+    #[default]
+    Stream,
+    /// Streams go to /dev/null.
+    Null,
+}
+
+/// A process to run in a container (the first one, or one started by `exec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up in the container's PATH.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory inside the container; the image's or `/` when empty.
+    #[serde(default)]
+    pub cwd: String,
+    /// `uid[:gid]` or a user name from the container's /etc/passwd; root when empty.
+    #[serde(default)]
+    pub user: String,
+    /// Whether stdin frames are expected (otherwise stdin is /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Where stdout and stderr go.
+    #[serde(default)]
+    pub stdio: StdioMode,
+}
+
+/// Client to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Opens the session; `version` is the client's [`PROTOCOL_VERSION`].
+    Hello {
+        /// Protocol version of the client.
+        version: u32,
+    },
+    /// Prepares a container (root filesystem, namespaces, limits) without starting it.
+    Create {
+        /// Container id, unique in this agent.
+        id: String,
+        /// The container (a [`crate::runtime`] spec as JSON).
+        spec: serde_json::Value,
+    },
+    /// Starts the container's first process; its stdio streams use stream id 1.
+    Start {
+        /// Container id.
+        id: String,
+    },
+    /// Runs another process in a running container; the response names its stream id.
+    Exec {
+        /// Container id.
+        id: String,
+        /// What to run.
+        process: ProcessSpec,
+    },
+    /// Sends a signal to a process (the container's first process when `stream` is 1).
+    Signal {
+        /// Container id.
+        id: String,
+        /// Stream id of the process.
+        stream: u32,
+        /// Signal number.
+        signal: i32,
+    },
+    /// Waits until a process exits; answered with [`Response::Exited`].
+    Wait {
+        /// Container id.
+        id: String,
+        /// Stream id of the process.
+        stream: u32,
+    },
+    /// Resource usage of a container.
+    Stats {
+        /// Container id.
+        id: String,
+    },
+    /// Stops every container and powers the VM off (on the host: stops the agent).
+    Shutdown,
+}
+
+/// Agent to client, one per request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello {
+        /// Protocol version of the agent.
+        version: u32,
+        /// The agent's build version.
+        agent: String,
+    },
+    /// The request succeeded and has nothing to return.
+    Ok,
+    /// A process was started; its stdio frames carry this stream id.
+    Started {
+        /// Stream id of the process.
+        stream: u32,
+        /// Its process id (in the agent's pid namespace).
+        pid: i32,
+    },
+    /// A process ended.
+    Exited {
+        /// Stream id of the process.
+        stream: u32,
+        /// Exit code; 128 + signal when killed by a signal.
+        code: i32,
+    },
+    /// Resource usage.
+    Stats {
+        /// Memory in use, bytes (cgroup memory.current).
+        memory_bytes: u64,
+        /// CPU time used, microseconds (cgroup cpu.stat usage_usec).
+        cpu_usec: u64,
+        /// Number of processes (cgroup pids.current).
+        pids: u64,
+    },
+    /// The request failed; `message` is one line for the user.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Agent to client, unsolicited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// A process ended; all of its output frames were sent before this event.
+    Exited {
+        /// Container id.
+        id: String,
+        /// Stream id of the process.
+        stream: u32,
+        /// Exit code; 128 + signal when killed by a signal.
+        code: i32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_a_stream() {
+        let mut wire = Vec::new();
+        let req = Request::Exec {
+            id: "web".into(),
+            process: ProcessSpec {
+                args: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                ..Default::default()
+            },
+        };
+        Frame::json(FrameKind::Request, &req)
+            .unwrap()
+            .write_to(&mut wire)
+            .unwrap();
+        Frame {
+            kind: FrameKind::Stdout,
+            stream: 7,
+            payload: b"hi\n".to_vec(),
+        }
+        .write_to(&mut wire)
+        .unwrap();
+
+        let mut r = wire.as_slice();
+        let f = Frame::read_from(&mut r).unwrap();
+        assert_eq!(f.kind, FrameKind::Request);
+        assert_eq!(f.parse::<Request>().unwrap(), req);
+        let f = Frame::read_from(&mut r).unwrap();
+        assert_eq!(
+            (f.kind, f.stream, f.payload.as_slice()),
+            (FrameKind::Stdout, 7, &b"hi\n"[..])
+        );
+        assert!(matches!(
+            Frame::read_from(&mut r),
+            Err(ProtocolError::Closed)
+        ));
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected_without_allocating() {
+        let mut huge = vec![0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0, 0];
+        assert!(matches!(
+            Frame::read_from(&mut huge.as_slice()),
+            Err(ProtocolError::TooLarge(u32::MAX))
+        ));
+        huge[0..4].copy_from_slice(&0u32.to_be_bytes());
+        huge[4] = 99;
+        assert!(matches!(
+            Frame::read_from(&mut huge.as_slice()),
+            Err(ProtocolError::UnknownKind(99))
+        ));
+        // A header cut short is an I/O error, not a clean close.
+        assert!(matches!(
+            Frame::read_from(&mut &[0u8, 0, 0][..]),
+            Err(ProtocolError::Io(_))
+        ));
+        // A payload shorter than announced.
+        assert!(matches!(
+            Frame::read_from(&mut &[0u8, 0, 0, 5, 1, 0, 0, 0, 0, b'{'][..]),
+            Err(ProtocolError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_do_not_parse() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"hello","version":1,"x":2}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"hello","version":1}"#).unwrap(),
+            Request::Hello { version: 1 }
+        );
+    }
+}
