@@ -208,7 +208,10 @@ mod tests {
         let m: PortMapping = "0.0.0.0:8443:443/tcp".parse().unwrap();
         assert_eq!(m.host, "0.0.0.0:8443".parse().unwrap());
         for bad in ["80", "a:80", "8080:", "8080:0", "1.2.3:80:80", "70000:80"] {
-            assert!(matches!(bad.parse::<PortMapping>(), Err(PortError::Parse(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<PortMapping>(), Err(PortError::Parse(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             "53:53/udp".parse::<PortMapping>(),
@@ -269,6 +272,9 @@ mod tests {
             Path::new("/nonexistent"),
         )
         .unwrap_err();
-        assert!(err.to_string().starts_with("cannot listen on 127.0.0.1:"), "{err}");
+        assert!(
+            err.to_string().starts_with("cannot listen on 127.0.0.1:"),
+            "{err}"
+        );
     }
 }
