@@ -281,8 +281,8 @@ pub fn new_id() -> String {
         // Fall back to time and pid; ids only need to be unique on this host.
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        bytes = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
+            .map_or(0, |d| d.subsec_nanos());
+        bytes = (u64::from(t) << 32 | u64::from(std::process::id())).to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
