@@ -1,0 +1,193 @@
+//! PID 1 duties inside the guest: the early mounts, the loopback interface, kernel command-line
+//! parameters meant for the agent (`mvm.<key>=<value>`), and powering the VM off.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Errors of guest initialisation.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A mount failed.
+    #[error("mounting {fstype} on {target} failed")]
+    Mount {
+        /// File system type.
+        fstype: String,
+        /// Mount point.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up a network interface failed.
+    #[error("configuring interface {0} failed")]
+    Interface(String, #[source] io::Error),
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+/// mount(2) with the given flags; an already-mounted target (EBUSY) is not an error.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    let _ = fs::create_dir_all(target);
+    let (src, tgt, fst) = (cstr(source), cstr(target), cstr(fstype));
+    let data = data.map(cstr);
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: every pointer is a valid NUL-terminated string (or null for data) that outlives
+    // the call.
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), flags, data_ptr) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(InitError::Mount {
+                fstype: fstype.into(),
+                target: target.into(),
+                source: err,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The mounts every guest needs before anything else runs.
+pub fn early_mounts() -> Result<(), InitError> {
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nodev, None)?;
+    mount("sysfs", "/sys", "sysfs", nodev, None)?;
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"))?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mount("tmpfs", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
+    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?;
+    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    Ok(())
+}
+
+/// `mvm.<key>=<value>` words of a kernel command line, in order.
+pub fn agent_params(cmdline: &str) -> Vec<(String, String)> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("mvm."))
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Reads `mvm.<key>=` parameters from /proc/cmdline.
+pub fn params_from_proc() -> Vec<(String, String)> {
+    fs::read_to_string("/proc/cmdline")
+        .map(|c| agent_params(&c))
+        .unwrap_or_default()
+}
+
+/// Brings a network interface up (IFF_UP).
+pub fn interface_up(name: &str) -> Result<(), InitError> {
+    let err = |e| InitError::Interface(name.to_string(), e);
+    // SAFETY: plain socket(2) call; checked below and closed at the end.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the union of the valid ifreq we own.
+    let mut rc = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &raw mut req) };
+    if rc == 0 {
+        // SAFETY: reading and writing the flags member that SIOCGIFFLAGS just filled in.
+        unsafe {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        }
+        // SAFETY: SIOCSIFFLAGS reads the valid ifreq we own.
+        rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &raw const req) };
+    }
+    let result = if rc < 0 {
+        Err(err(io::Error::last_os_error()))
+    } else {
+        Ok(())
+    };
+    // SAFETY: closing the socket opened above, once.
+    unsafe { libc::close(sock) };
+    result
+}
+
+/// Reaps every exited child without blocking; returns (pid, wait status) of each.
+pub fn reap_children() -> Vec<(i32, i32)> {
+    let mut reaped = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer and WNOHANG.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return reaped;
+        }
+        reaped.push((pid, status));
+    }
+}
+
+/// Flushes file systems and resets the VM (the VMM ends with exit code 0).
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // reboot failed (not PID 1, or no privilege): leave the process instead.
+    std::process::exit(1)
+}
+
+/// Whether this process runs as the guest's init.
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+/// Whether the path exists as a block device node.
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_parameters_come_from_mvm_prefixed_words() {
+        let p = agent_params("console=ttyS0 mvm.port=1024 quiet mvm.rootfs=/dev/vda mvm.bogus");
+        assert_eq!(
+            p,
+            vec![
+                ("port".to_string(), "1024".to_string()),
+                ("rootfs".to_string(), "/dev/vda".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn loopback_can_be_brought_up() {
+        // `lo` exists in every network namespace; bringing it up is idempotent.
+        interface_up("lo").unwrap();
+        assert!(matches!(
+            interface_up("mvm-no-such-if"),
+            Err(InitError::Interface(_, _))
+        ));
+    }
+}
