@@ -1,4 +1,4 @@
 //! The mvm guest agent and the container runtime it shares with the host.
 #![deny(missing_docs)]
-pub mod protocol;
 pub mod agent;
+pub mod protocol;

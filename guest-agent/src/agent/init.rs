@@ -64,7 +64,13 @@ pub fn early_mounts() -> Result<(), InitError> {
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nodev, None)?;
     mount("sysfs", "/sys", "sysfs", nodev, None)?;
-    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"))?;
+    mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount(
         "devpts",
         "/dev/pts",
@@ -73,8 +79,20 @@ pub fn early_mounts() -> Result<(), InitError> {
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )?;
     mount("tmpfs", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
-    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?;
-    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
     Ok(())
 }
@@ -96,6 +114,9 @@ pub fn params_from_proc() -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// IFF_UP as the `short` that `ifreq.ifr_flags` holds.
+const IFF_UP: libc::c_short = 0x1;
+
 /// Brings a network interface up (IFF_UP).
 pub fn interface_up(name: &str) -> Result<(), InitError> {
     let err = |e| InitError::Interface(name.to_string(), e);
@@ -106,15 +127,19 @@ pub fn interface_up(name: &str) -> Result<(), InitError> {
     }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *dst = src as libc::c_char;
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: SIOCGIFFLAGS fills the union of the valid ifreq we own.
     let mut rc = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &raw mut req) };
     if rc == 0 {
         // SAFETY: reading and writing the flags member that SIOCGIFFLAGS just filled in.
         unsafe {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            req.ifr_ifru.ifru_flags |= IFF_UP;
         }
         // SAFETY: SIOCSIFFLAGS reads the valid ifreq we own.
         rc = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &raw const req) };
@@ -145,11 +170,10 @@ pub fn reap_children() -> Vec<(i32, i32)> {
 
 /// Flushes file systems and resets the VM (the VMM ends with exit code 0).
 pub fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // SAFETY: reboot takes no pointers; it only returns on failure.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     // reboot failed (not PID 1, or no privilege): leave the process instead.
     std::process::exit(1)
 }
