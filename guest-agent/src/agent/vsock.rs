@@ -12,7 +12,11 @@ pub const VMADDR_CID_ANY: u32 = u32::MAX;
 fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    // AF_VSOCK (40) fits sa_family_t.
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    }
     addr.svm_cid = cid;
     addr.svm_port = port;
     addr
@@ -28,6 +32,8 @@ fn socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+// sockaddr_vm is 16 bytes.
+#[allow(clippy::cast_possible_truncation)]
 const ADDR_LEN: libc::socklen_t = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
 /// A listening vsock socket.
@@ -73,9 +79,8 @@ impl VsockListener {
             };
             if fd >= 0 {
                 // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                return Ok(VsockStream {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                return Ok(VsockStream { fd });
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
