@@ -1,2 +1,3 @@
 //! The mvm guest agent and the container runtime it shares with the host.
 #![deny(missing_docs)]
+pub mod runtime;
