@@ -2,3 +2,4 @@
 #![deny(missing_docs)]
 pub mod agent;
 pub mod protocol;
+pub mod runtime;

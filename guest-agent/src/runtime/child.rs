@@ -1,0 +1,448 @@
+//! The code that runs in the container's first process, from the clone to `execve`.
+//!
+//! The parent prepares a [`ChildPlan`] (every string already a `CString`, every pointer array
+//! built) so that this side only makes system calls: it is a copy of a possibly multi-threaded
+//! program and must not allocate or take locks. Failures are reported to the parent as a
+//! `(step, errno)` pair over a close-on-exec pipe; end-of-file on that pipe means the command
+//! was executed.
+//!
+//! PID 1: by default the command itself (as Docker and crun do). With `init`, PID 1 stays this
+//! runtime code: it starts the command as PID 2, forwards every catchable signal to it, reaps
+//! every zombie, and exits with the command's status (128+signal when it was killed).
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+use super::mounts::{self, RootMount};
+use super::namespaces::{self, errno};
+
+/// A setup step, reported by the child when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    /// Waiting for the parent.
+    Sync = 1,
+    /// Making mounts private.
+    MakePrivate,
+    /// Mounting the root filesystem.
+    RootMount,
+    /// Mounting /proc.
+    Proc,
+    /// Mounting /sys.
+    Sys,
+    /// Mounting /dev.
+    Dev,
+    /// Creating device nodes.
+    Devices,
+    /// Mounting /dev/pts.
+    DevPts,
+    /// Mounting /dev/shm.
+    DevShm,
+    /// pivot_root.
+    PivotRoot,
+    /// Setting the hostname.
+    Hostname,
+    /// Bringing up loopback.
+    Loopback,
+    /// Entering the working directory.
+    Cwd,
+    /// Connecting stdin/stdout/stderr.
+    Stdio,
+    /// Dropping capabilities.
+    Capabilities,
+    /// Switching user and groups.
+    User,
+    /// Starting the command under the init.
+    Fork,
+    /// Executing the command.
+    Exec,
+}
+
+impl Step {
+    const ALL: [Step; 18] = [
+        Step::Sync,
+        Step::MakePrivate,
+        Step::RootMount,
+        Step::Proc,
+        Step::Sys,
+        Step::Dev,
+        Step::Devices,
+        Step::DevPts,
+        Step::DevShm,
+        Step::PivotRoot,
+        Step::Hostname,
+        Step::Loopback,
+        Step::Cwd,
+        Step::Stdio,
+        Step::Capabilities,
+        Step::User,
+        Step::Fork,
+        Step::Exec,
+    ];
+
+    /// The step with this wire number.
+    pub fn from_u32(n: u32) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| *s as u32 == n)
+    }
+
+    /// What the step does, for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::Sync => "waiting for the runtime",
+            Step::MakePrivate => "making mounts private",
+            Step::RootMount => "mounting the root filesystem",
+            Step::Proc => "mounting /proc",
+            Step::Sys => "mounting /sys",
+            Step::Dev => "mounting /dev",
+            Step::Devices => "creating device nodes",
+            Step::DevPts => "mounting /dev/pts",
+            Step::DevShm => "mounting /dev/shm",
+            Step::PivotRoot => "switching to the new root (pivot_root)",
+            Step::Hostname => "setting the hostname",
+            Step::Loopback => "bringing up the loopback interface",
+            Step::Cwd => "entering the working directory",
+            Step::Stdio => "connecting stdio",
+            Step::Capabilities => "dropping capabilities",
+            Step::User => "switching user",
+            Step::Fork => "starting the command under init",
+            Step::Exec => "executing the command",
+        }
+    }
+}
+
+/// A failed step and its errno.
+#[derive(Debug, Clone, Copy)]
+pub struct Fail {
+    /// Which step.
+    pub step: Step,
+    /// The errno it failed with.
+    pub errno: i32,
+}
+
+impl Fail {
+    /// Wire form sent over the error pipe.
+    pub(crate) fn encode(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&(self.step as u32).to_le_bytes());
+        b[4..].copy_from_slice(&self.errno.to_le_bytes());
+        b
+    }
+
+    /// Parses the wire form.
+    pub(crate) fn decode(b: [u8; 8]) -> Option<Fail> {
+        let step = Step::from_u32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))?;
+        let errno = i32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        Some(Fail { step, errno })
+    }
+}
+
+/// Capabilities the command keeps (Docker's default set); every other one is dropped from the
+/// bounding set before the command runs.
+const KEPT_CAPS: [u32; 14] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    13, // NET_RAW
+    18, // SYS_CHROOT
+    27, // MKNOD
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+/// Everything the child needs, prepared by the parent.
+#[derive(Debug)]
+pub(crate) struct ChildPlan {
+    pub root: RootMount,
+    pub hostname: CString,
+    pub loopback: bool,
+    pub cwd: CString,
+    /// Paths to try with execve, in order (PATH lookup done by the parent).
+    pub exec_candidates: Vec<CString>,
+    /// Keep the CStrings alive behind `argv` / `envp`.
+    pub _args: Vec<CString>,
+    pub _env: Vec<CString>,
+    /// NULL-terminated pointer arrays.
+    pub argv: Vec<*const libc::c_char>,
+    pub envp: Vec<*const libc::c_char>,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+    pub last_cap: u32,
+    pub init: bool,
+    /// Fds to put on 0, 1, 2 (None: inherit).
+    pub stdio: [Option<RawFd>; 3],
+    pub sync_read: RawFd,
+    pub sync_write: RawFd,
+    pub err_read: RawFd,
+    pub err_write: RawFd,
+}
+
+fn report(fd: RawFd, f: Fail) -> ! {
+    let b = f.encode();
+    // SAFETY: writes 8 bytes from a local buffer; _exit ends the process without unwinding.
+    unsafe {
+        libc::write(fd, b.as_ptr().cast(), b.len());
+        libc::_exit(127)
+    }
+}
+
+fn fail(step: Step) -> Fail {
+    Fail {
+        step,
+        errno: errno(),
+    }
+}
+
+/// Entry point of the cloned process. `arg` is a `*const ChildPlan`.
+pub(crate) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: the parent passes a pointer to a ChildPlan that lives in our copy of its memory.
+    let plan = unsafe { &*arg.cast::<ChildPlan>() };
+    match setup(plan) {
+        Ok(never) => match never {},
+        Err(f) => report(plan.err_write, f),
+    }
+}
+
+fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
+    // SAFETY: closing our copies of the parent's pipe ends; the fds are valid.
+    unsafe {
+        libc::close(plan.sync_write);
+        libc::close(plan.err_read);
+    }
+    // Die with the runtime, so a killed runtime never leaves a container behind.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Wait until the parent has put us in the cgroup.
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a local buffer.
+    let n = unsafe { libc::read(plan.sync_read, b.as_mut_ptr().cast(), 1) };
+    if n != 1 {
+        return Err(Fail {
+            step: Step::Sync,
+            errno: if n < 0 { errno() } else { libc::EPIPE },
+        });
+    }
+    // SAFETY: the fd is valid and no longer needed.
+    unsafe { libc::close(plan.sync_read) };
+
+    for (target, fd) in plan.stdio.iter().enumerate() {
+        if let Some(fd) = fd {
+            let target = i32::try_from(target).unwrap_or(0);
+            // SAFETY: dup2 onto 0..2 from an fd the parent opened for us.
+            if unsafe { libc::dup2(*fd, target) } < 0 {
+                return Err(fail(Step::Stdio));
+            }
+        }
+    }
+
+    mounts::enter_rootfs(&plan.root)?;
+    namespaces::set_hostname(&plan.hostname).map_err(|e| Fail {
+        step: Step::Hostname,
+        errno: e,
+    })?;
+    if plan.loopback {
+        namespaces::loopback_up().map_err(|e| Fail {
+            step: Step::Loopback,
+            errno: e,
+        })?;
+    }
+    mounts::mkdir_p(&plan.cwd).map_err(|e| Fail {
+        step: Step::Cwd,
+        errno: e,
+    })?;
+    // SAFETY: valid C string.
+    if unsafe { libc::chdir(plan.cwd.as_ptr()) } < 0 {
+        return Err(fail(Step::Cwd));
+    }
+
+    if plan.init {
+        run_init(plan)
+    } else {
+        exec_command(plan)
+    }
+}
+
+/// Drops capabilities, switches user, resets signals and executes the command.
+fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
+    for cap in 0..=plan.last_cap {
+        if !KEPT_CAPS.contains(&cap) {
+            // SAFETY: prctl with integer arguments.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+            if r < 0 && errno() != libc::EINVAL {
+                return Err(fail(Step::Capabilities));
+            }
+        }
+    }
+    // SAFETY: the groups vector outlives the call; setgroups copies it.
+    if unsafe { libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) } < 0 {
+        return Err(fail(Step::User));
+    }
+    // SAFETY: plain id-setting calls.
+    if unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } < 0 {
+        return Err(fail(Step::User));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } < 0 {
+        return Err(fail(Step::User));
+    }
+    reset_signals();
+    let mut last = libc::ENOENT;
+    let mut denied = false;
+    for path in &plan.exec_candidates {
+        // SAFETY: path, argv and envp are valid, NUL-terminated, and argv/envp end in NULL.
+        unsafe { libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
+        last = errno();
+        match last {
+            libc::ENOENT | libc::ENOTDIR => {}
+            libc::EACCES => denied = true,
+            _ => break,
+        }
+    }
+    Err(Fail {
+        step: Step::Exec,
+        errno: if denied && last == libc::ENOENT { libc::EACCES } else { last },
+    })
+}
+
+/// Puts every signal back to its default action and unblocks all of them (the runtime may
+/// ignore SIGPIPE or block the signals it forwards).
+fn reset_signals() {
+    for sig in 1..32 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: setting a default disposition has no memory effects.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: an empty set is valid; the old mask is not wanted.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// PID 1 with `init`: start the command, forward signals, reap, exit with its status.
+fn run_init(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
+    // SAFETY: a zeroed sigset_t is valid storage; sigfillset fills it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: blocking every signal so they queue for sigwaitinfo below.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+    // SAFETY: fork in a process that has only this thread; the child only makes syscalls.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail(Step::Fork));
+    }
+    if pid == 0 {
+        return exec_command(plan);
+    }
+    // The command holds the error pipe now; our copy would hide its exec from the parent.
+    // SAFETY: closing our copy of the fd.
+    unsafe { libc::close(plan.err_write) };
+    loop {
+        // SAFETY: zeroed siginfo_t is valid storage for sigwaitinfo.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `all` is a valid set and `info` valid storage.
+        let sig = unsafe { libc::sigwaitinfo(&all, &mut info) };
+        if sig < 0 {
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: forwarding a signal to our child.
+            unsafe { libc::kill(pid, sig) };
+            continue;
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: reaps any exited child without blocking.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if r <= 0 {
+                break;
+            }
+            if r == pid {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                // SAFETY: ends PID 1; the kernel kills what is left in the namespace.
+                unsafe { libc::_exit(code) };
+            }
+        }
+    }
+}
+
+/// `cap_last_cap` of the running kernel (40 when it cannot be read).
+pub(crate) fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// The paths to try for `cmd`, as execvp would: `cmd` itself when it has a `/`, else each
+/// `PATH` entry joined with it.
+pub(crate) fn exec_candidates(cmd: &str, path: Option<&str>) -> Vec<String> {
+    if cmd.contains('/') {
+        return vec![cmd.to_string()];
+    }
+    path.unwrap_or(super::command::DEFAULT_PATH)
+        .split(':')
+        .map(|d| if d.is_empty() { "." } else { d })
+        .map(|d| format!("{}/{cmd}", d.trim_end_matches('/')))
+        .collect()
+}
+
+/// Makes a `CStr` pointer array (NULL-terminated) for `strings`.
+pub(crate) fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_survive_the_pipe() {
+        for s in Step::ALL {
+            let f = Fail {
+                step: s,
+                errno: libc::EPERM,
+            };
+            let back = Fail::decode(f.encode()).expect("decodes");
+            assert_eq!((back.step, back.errno), (s, libc::EPERM));
+        }
+        assert!(Fail::decode([0xff; 8]).is_none());
+    }
+
+    #[test]
+    fn exec_candidates_follow_path() {
+        assert_eq!(exec_candidates("/bin/sh", Some("/x")), ["/bin/sh"]);
+        assert_eq!(exec_candidates("./run", None), ["./run"]);
+        assert_eq!(
+            exec_candidates("sh", Some("/usr/bin:/bin/")),
+            ["/usr/bin/sh", "/bin/sh"]
+        );
+        assert_eq!(exec_candidates("sh", None).len(), 6);
+    }
+
+    #[test]
+    fn pointer_arrays_end_in_null() {
+        let s = vec![CString::new("a").expect("c"), CString::new("b").expect("c")];
+        let p = pointers(&s);
+        assert_eq!(p.len(), 3);
+        assert!(p[2].is_null());
+    }
+}

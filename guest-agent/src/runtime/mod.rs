@@ -1,0 +1,58 @@
+//! The container runtime: runs a command in its own mount, PID, UTS, IPC and network namespaces
+//! on an overlay (or plain directory) root, with cgroup limits. Used on the host for
+//! `mvm run --isolation container` and by the guest agent inside the VM.
+//!
+//! - [`spec`]: the serde [`ContainerSpec`].
+//! - [`command`]: Docker's Entrypoint/Cmd/Env/WorkingDir/User rules.
+//! - [`user`]: user and group lookup in the root filesystem.
+//! - [`cgroups`]: the container's cgroup (v2, or v1 on hosts that still bind controllers there).
+//! - [`namespaces`], [`mounts`], `child`: the clone and everything the new process does up to
+//!   `execve`.
+//! - [`process`]: [`Container`]: start, stdio, signal, wait, teardown.
+
+pub mod cgroups;
+mod child;
+pub mod command;
+pub mod mounts;
+pub mod namespaces;
+pub mod process;
+pub mod spec;
+pub mod user;
+
+use std::path::PathBuf;
+
+pub use child::{Fail, Step};
+pub use command::{ImageConfig, Overrides};
+pub use process::{
+    block_forwarded_signals, Container, ContainerExit, StdioConfig, StdioMode, FORWARDED_SIGNALS,
+};
+pub use spec::{ContainerSpec, Limits, Network, Rootfs};
+
+/// Errors creating or running a container.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    /// The user could not be resolved.
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    /// The cgroup could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] cgroups::CgroupError),
+    /// A root filesystem directory is missing.
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The command is not in the container.
+    #[error("{0}: executable file not found in the container")]
+    CommandNotFound(String),
+    /// The command is not executable.
+    #[error("{0}: permission denied (not executable)")]
+    NotExecutable(String),
+    /// A setup step in the new process failed.
+    #[error("container setup failed while {0}")]
+    Setup(&'static str, #[source] std::io::Error),
+    /// A system call in the runtime failed.
+    #[error("{0} failed")]
+    Os(&'static str, #[source] std::io::Error),
+}

@@ -1,0 +1,285 @@
+//! The container's filesystem view, built inside its new mount namespace: the root (an overlay
+//! or a bind-mounted directory), `/proc`, a read-only `/sys`, a small `/dev` on tmpfs with the
+//! usual device nodes, `/dev/pts` (a new instance), `/dev/shm`, then `pivot_root` into it.
+//!
+//! Everything here runs in the freshly cloned process and therefore only makes system calls on
+//! prepared C strings or literals: no allocation (see `namespaces::spawn`). All mounts live and
+//! die with the mount namespace; the first step makes every mount private so that nothing made
+//! here can propagate back to the host.
+
+use std::ffi::{CStr, CString};
+
+use super::child::{Fail, Step};
+use super::namespaces::errno;
+
+/// How the root filesystem is mounted, prepared by the parent.
+#[derive(Debug)]
+pub(crate) enum RootMount {
+    /// Bind `path` onto itself (optionally read-only) and use it as the root.
+    Bind { path: CString, readonly: bool },
+    /// Mount an overlay with `options` on `target` (the topmost lower directory: it is covered
+    /// only inside the container's mount namespace).
+    Overlay { options: CString, target: CString },
+}
+
+impl RootMount {
+    /// Builds the overlay mount options; paths were validated (absolute, no `:` or `,`).
+    pub(crate) fn overlay(
+        lower: &[std::path::PathBuf],
+        upper: &std::path::Path,
+        work: &std::path::Path,
+    ) -> Option<RootMount> {
+        let lowers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lowers.join(":"),
+            upper.display(),
+            work.display()
+        );
+        Some(RootMount::Overlay {
+            options: CString::new(options).ok()?,
+            target: CString::new(lowers.first()?.clone()).ok()?,
+        })
+    }
+}
+
+fn check(r: libc::c_int, step: Step) -> Result<(), Fail> {
+    if r < 0 {
+        Err(Fail { step, errno: errno() })
+    } else {
+        Ok(())
+    }
+}
+
+fn mount(
+    src: &CStr,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+    step: Step,
+) -> Result<(), Fail> {
+    // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) expects.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.map_or(std::ptr::null(), CStr::as_ptr),
+            flags,
+            data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    check(r, step)
+}
+
+/// mkdir that accepts an existing directory.
+fn mkdir(path: &CStr, mode: libc::mode_t, step: Step) -> Result<(), Fail> {
+    // SAFETY: path is a valid C string.
+    if unsafe { libc::mkdir(path.as_ptr(), mode) } < 0 && errno() != libc::EEXIST {
+        return Err(Fail { step, errno: errno() });
+    }
+    Ok(())
+}
+
+/// Creates `path` and its missing parents (mode 0755), without allocating.
+pub(crate) fn mkdir_p(path: &CStr) -> Result<(), i32> {
+    let bytes = path.to_bytes();
+    let mut buf = [0u8; 4096];
+    if bytes.len() >= buf.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    buf[..bytes.len()].copy_from_slice(bytes);
+    for i in 1..=bytes.len() {
+        if i == bytes.len() || buf[i] == b'/' {
+            let saved = buf[i];
+            buf[i] = 0;
+            // SAFETY: buf holds a NUL-terminated prefix of the path.
+            let r = unsafe { libc::mkdir(buf.as_ptr().cast(), 0o755) };
+            if r < 0 && errno() != libc::EEXIST {
+                return Err(errno());
+            }
+            buf[i] = saved;
+        }
+    }
+    Ok(())
+}
+
+/// Character devices every container gets: (path in the new root, host path, major, minor).
+const DEVICES: [(&CStr, &CStr, u32, u32); 6] = [
+    (c"dev/null", c"/dev/null", 1, 3),
+    (c"dev/zero", c"/dev/zero", 1, 5),
+    (c"dev/full", c"/dev/full", 1, 7),
+    (c"dev/random", c"/dev/random", 1, 8),
+    (c"dev/urandom", c"/dev/urandom", 1, 9),
+    (c"dev/tty", c"/dev/tty", 5, 0),
+];
+
+/// Symlinks in `/dev`: (link, target).
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"dev/ptmx", c"pts/ptmx"),
+    (c"dev/fd", c"/proc/self/fd"),
+    (c"dev/stdin", c"/proc/self/fd/0"),
+    (c"dev/stdout", c"/proc/self/fd/1"),
+    (c"dev/stderr", c"/proc/self/fd/2"),
+];
+
+/// Makes one device node; where mknod is not allowed, bind-mounts the host's node instead.
+fn make_device(path: &CStr, host: &CStr, major: u32, minor: u32) -> Result<(), Fail> {
+    // SAFETY: path is a valid C string; makedev has no preconditions.
+    let r = unsafe {
+        libc::mknod(
+            path.as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(major, minor),
+        )
+    };
+    if r == 0 {
+        // mknod's mode is filtered by the umask: set it exactly.
+        // SAFETY: path is a valid C string.
+        return check(unsafe { libc::chmod(path.as_ptr(), 0o666) }, Step::Devices);
+    }
+    if errno() != libc::EPERM {
+        return Err(Fail {
+            step: Step::Devices,
+            errno: errno(),
+        });
+    }
+    // SAFETY: path is a valid C string; the new file is closed at once.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666) };
+    check(fd, Step::Devices)?;
+    // SAFETY: fd was just opened.
+    unsafe { libc::close(fd) };
+    mount(host, path, None, libc::MS_BIND, None, Step::Devices)
+}
+
+/// Builds the root and pivots into it. Runs in the container's first process, inside its new
+/// mount (and PID) namespace.
+pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
+    // Nothing below may reach the host: make every mount private first.
+    mount(
+        c"none",
+        c"/",
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+        Step::MakePrivate,
+    )?;
+    let (target, readonly) = match root {
+        RootMount::Overlay { options, target } => {
+            mount(c"overlay", target, Some(c"overlay"), 0, Some(options), Step::RootMount)?;
+            (target.as_c_str(), false)
+        }
+        RootMount::Bind { path, readonly } => {
+            mount(path, path, None, libc::MS_BIND | libc::MS_REC, None, Step::RootMount)?;
+            (path.as_c_str(), *readonly)
+        }
+    };
+    // SAFETY: target is a valid C string.
+    check(unsafe { libc::chdir(target.as_ptr()) }, Step::RootMount)?;
+
+    let nodev_nosuid_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mkdir(c"proc", 0o555, Step::Proc)?;
+    mount(c"proc", c"proc", Some(c"proc"), nodev_nosuid_noexec, None, Step::Proc)?;
+    mkdir(c"sys", 0o555, Step::Sys)?;
+    mount(
+        c"sysfs",
+        c"sys",
+        Some(c"sysfs"),
+        nodev_nosuid_noexec | libc::MS_RDONLY,
+        None,
+        Step::Sys,
+    )?;
+    mkdir(c"dev", 0o755, Step::Dev)?;
+    mount(
+        c"tmpfs",
+        c"dev",
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        Some(c"mode=755,size=65536k"),
+        Step::Dev,
+    )?;
+    for (path, host, major, minor) in DEVICES {
+        make_device(path, host, major, minor)?;
+    }
+    mkdir(c"dev/pts", 0o755, Step::DevPts)?;
+    mount(
+        c"devpts",
+        c"dev/pts",
+        Some(c"devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        Step::DevPts,
+    )?;
+    mkdir(c"dev/shm", 0o1777, Step::DevShm)?;
+    mount(
+        c"shm",
+        c"dev/shm",
+        Some(c"tmpfs"),
+        nodev_nosuid_noexec,
+        Some(c"mode=1777,size=65536k"),
+        Step::DevShm,
+    )?;
+    for (link, to) in DEV_LINKS {
+        // SAFETY: both are valid C strings.
+        check(unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) }, Step::Dev)?;
+    }
+    if readonly {
+        mount(
+            c"none",
+            c".",
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            None,
+            Step::RootMount,
+        )?;
+    }
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
+    // new root alone (the method runc uses, no put_old directory needed).
+    // SAFETY: both arguments are valid C strings.
+    let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+    if r < 0 {
+        return Err(Fail {
+            step: Step::PivotRoot,
+            errno: errno(),
+        });
+    }
+    // SAFETY: valid C string.
+    check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) }, Step::PivotRoot)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, Step::PivotRoot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_options_list_lowers_topmost_first() {
+        let m = RootMount::overlay(
+            &["/l/top".into(), "/l/base".into()],
+            "/c/upper".as_ref(),
+            "/c/work".as_ref(),
+        )
+        .expect("options");
+        match m {
+            RootMount::Overlay { options, target } => {
+                assert_eq!(
+                    options.to_str().expect("utf8"),
+                    "lowerdir=/l/top:/l/base,upperdir=/c/upper,workdir=/c/work"
+                );
+                assert_eq!(target.to_str().expect("utf8"), "/l/top");
+            }
+            RootMount::Bind { .. } => panic!("expected an overlay"),
+        }
+    }
+
+    #[test]
+    fn mkdir_p_creates_parents() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("a/b/c");
+        let c = CString::new(p.to_str().expect("utf8")).expect("cstring");
+        mkdir_p(&c).expect("mkdir -p");
+        assert!(p.is_dir());
+        mkdir_p(&c).expect("again is fine");
+    }
+}

@@ -1,0 +1,465 @@
+//! The runtime's side of a container: create it, hand out its stdio, signal it, wait for it and
+//! tear it down.
+//!
+//! ```text
+//! let mut c = Container::start(&spec, &StdioConfig::inherit())?;
+//! let exit = c.wait()?;          // or wait_forwarding_signals() in a foreground CLI
+//! std::process::exit(exit.code);
+//! ```
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::child::{self, ChildPlan, Fail, Step};
+use super::cgroups::Cgroup;
+use super::command::env_value;
+use super::mounts::RootMount;
+use super::namespaces::{self, errno};
+use super::spec::{ContainerSpec, Network, Rootfs};
+use super::{user, ContainerError};
+
+/// Signals a foreground runtime forwards to the container (see
+/// [`Container::wait_forwarding_signals`]).
+pub const FORWARDED_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Where one of the container's standard streams goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StdioMode {
+    /// Share the runtime's own stream.
+    #[default]
+    Inherit,
+    /// A pipe; the runtime's end is handed out by `Container::take_stdin` and friends.
+    Piped,
+    /// `/dev/null`.
+    Null,
+}
+
+/// The container's stdin, stdout and stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StdioConfig {
+    /// Standard input.
+    pub stdin: StdioMode,
+    /// Standard output.
+    pub stdout: StdioMode,
+    /// Standard error.
+    pub stderr: StdioMode,
+}
+
+impl StdioConfig {
+    /// All three streams shared with the runtime.
+    pub fn inherit() -> Self {
+        Self::default()
+    }
+
+    /// All three streams as pipes (what the guest agent streams over vsock).
+    pub fn piped() -> Self {
+        StdioConfig {
+            stdin: StdioMode::Piped,
+            stdout: StdioMode::Piped,
+            stderr: StdioMode::Piped,
+        }
+    }
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerExit {
+    /// Exit code as a shell reports it: the command's code, or 128 + signal when killed.
+    pub code: i32,
+    /// The signal that killed the container's PID 1, if one did.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer killed a process of the container (memory limit reached).
+    pub oom_killed: bool,
+}
+
+/// A running (or finished, not yet dropped) container.
+#[derive(Debug)]
+pub struct Container {
+    id: String,
+    pid: libc::pid_t,
+    cgroup: Option<Cgroup>,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    exit: Option<ContainerExit>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(ContainerError::Os("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn cstring(s: &str, what: &'static str) -> Result<CString, ContainerError> {
+    CString::new(s).map_err(|_| ContainerError::Spec(super::spec::SpecError::Nul(what)))
+}
+
+impl Container {
+    /// Creates the container described by `spec` and starts its command. Returns once the
+    /// command is executing (or with the reason it could not be).
+    pub fn start(spec: &ContainerSpec, stdio: &StdioConfig) -> Result<Container, ContainerError> {
+        spec.validate()?;
+        for p in match &spec.rootfs {
+            Rootfs::Dir { path, .. } => vec![path.clone()],
+            Rootfs::Overlay { lower, upper, work } => {
+                let mut v = lower.clone();
+                v.push(upper.clone());
+                v.push(work.clone());
+                v
+            }
+        } {
+            if !p.is_dir() {
+                return Err(ContainerError::NotADirectory(p));
+            }
+        }
+        let identity = user::resolve(spec.user.as_deref(), &spec.rootfs.read_dirs())?;
+        let mut env = spec.env.clone();
+        if env_value(&env, "HOME").is_none() {
+            env.push(format!("HOME={}", identity.home.as_deref().unwrap_or("/")));
+        }
+        if env_value(&env, "HOSTNAME").is_none() {
+            env.push(format!("HOSTNAME={}", spec.effective_hostname()));
+        }
+        let root = match &spec.rootfs {
+            Rootfs::Dir { path, readonly } => RootMount::Bind {
+                path: cstring(&path.display().to_string(), "the root filesystem path")?,
+                readonly: *readonly,
+            },
+            Rootfs::Overlay { lower, upper, work } => RootMount::overlay(lower, upper, work)
+                .ok_or(ContainerError::Spec(super::spec::SpecError::NoLowerDirs))?,
+        };
+        let args = spec
+            .args
+            .iter()
+            .map(|a| cstring(a, "the command"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let env_c = env
+            .iter()
+            .map(|e| cstring(e, "the environment"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let candidates = child::exec_candidates(&spec.args[0], env_value(&env, "PATH"))
+            .iter()
+            .map(|c| cstring(c, "the command"))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let cgroup = Cgroup::create(&spec.id, spec.cgroup_parent.as_deref(), &spec.limits)?;
+
+        let (sync_r, sync_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let mut parent_ends: [Option<File>; 3] = [None, None, None];
+        let mut child_ends: Vec<OwnedFd> = Vec::new();
+        let mut stdio_fds: [Option<RawFd>; 3] = [None; 3];
+        for (i, mode) in [stdio.stdin, stdio.stdout, stdio.stderr].into_iter().enumerate() {
+            match mode {
+                StdioMode::Inherit => {}
+                StdioMode::Null => {
+                    let f = std::fs::OpenOptions::new()
+                        .read(i == 0)
+                        .write(i != 0)
+                        .open("/dev/null")
+                        .map_err(|e| ContainerError::Os("open /dev/null", e))?;
+                    let fd: OwnedFd = f.into();
+                    stdio_fds[i] = Some(fd.as_raw_fd());
+                    child_ends.push(fd);
+                }
+                StdioMode::Piped => {
+                    let (r, w) = pipe()?;
+                    let (mine, theirs) = if i == 0 { (w, r) } else { (r, w) };
+                    stdio_fds[i] = Some(theirs.as_raw_fd());
+                    child_ends.push(theirs);
+                    parent_ends[i] = Some(File::from(mine));
+                }
+            }
+        }
+
+        let mut plan = ChildPlan {
+            root,
+            hostname: cstring(spec.effective_hostname(), "the hostname")?,
+            loopback: spec.network == Network::None,
+            cwd: cstring(&spec.cwd, "the working directory")?,
+            exec_candidates: candidates,
+            argv: child::pointers(&args),
+            envp: child::pointers(&env_c),
+            _args: args,
+            _env: env_c,
+            uid: identity.uid,
+            gid: identity.gid,
+            groups: identity.groups.clone(),
+            last_cap: child::last_cap(),
+            init: spec.init,
+            stdio: stdio_fds,
+            sync_read: sync_r.as_raw_fd(),
+            sync_write: sync_w.as_raw_fd(),
+            err_read: err_r.as_raw_fd(),
+            err_write: err_w.as_raw_fd(),
+        };
+        // SAFETY: child_main only makes system calls on the prepared plan, which stays valid in
+        // the child's copy of our memory.
+        let pid = unsafe {
+            namespaces::spawn(
+                namespaces::clone_flags(spec.network),
+                child::child_main,
+                std::ptr::from_mut(&mut plan).cast(),
+            )
+        }
+        .map_err(|e| ContainerError::Os("clone", e))?;
+        drop(sync_r);
+        drop(err_w);
+        drop(child_ends);
+
+        let mut container = Container {
+            id: spec.id.clone(),
+            pid,
+            cgroup,
+            stdin: parent_ends[0].take(),
+            stdout: parent_ends[1].take(),
+            stderr: parent_ends[2].take(),
+            exit: None,
+        };
+        if let Some(cg) = &container.cgroup {
+            cg.add_process(pid)?;
+        }
+        // SAFETY: writes one byte from a local buffer to our pipe.
+        unsafe { libc::write(sync_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        drop(sync_w);
+
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        while got < buf.len() {
+            // SAFETY: reads into the unfilled part of a local buffer.
+            let n = unsafe {
+                libc::read(err_r.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got)
+            };
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+            got += usize::try_from(n).unwrap_or(0);
+        }
+        if got == 0 {
+            log::debug!("container {} started as pid {pid}", spec.id);
+            return Ok(container);
+        }
+        let fail = Fail::decode(buf).unwrap_or(Fail {
+            step: Step::Sync,
+            errno: libc::EIO,
+        });
+        let _ = container.wait();
+        Err(match (fail.step, fail.errno) {
+            (Step::Exec, libc::ENOENT) => ContainerError::CommandNotFound(spec.args[0].clone()),
+            (Step::Exec, libc::EACCES) => ContainerError::NotExecutable(spec.args[0].clone()),
+            (step, e) => ContainerError::Setup(step.describe(), std::io::Error::from_raw_os_error(e)),
+        })
+    }
+
+    /// The container id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Host pid of the container's PID 1.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The cgroup, when the host has one.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// The writing end of the container's stdin ([`StdioMode::Piped`] only). Dropping it gives
+    /// the container end-of-file.
+    pub fn take_stdin(&mut self) -> Option<File> {
+        self.stdin.take()
+    }
+
+    /// The reading end of the container's stdout ([`StdioMode::Piped`] only). Read it while
+    /// waiting, or the container blocks once the pipe is full.
+    pub fn take_stdout(&mut self) -> Option<File> {
+        self.stdout.take()
+    }
+
+    /// The reading end of the container's stderr ([`StdioMode::Piped`] only).
+    pub fn take_stderr(&mut self) -> Option<File> {
+        self.stderr.take()
+    }
+
+    /// Sends `sig` to the container's PID 1. Without `init`, PID 1 ignores signals it has no
+    /// handler for (SIGKILL excepted); with `init`, they reach the command.
+    pub fn signal(&self, sig: i32) -> Result<(), ContainerError> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
+        if unsafe { libc::kill(self.pid, sig) } < 0 {
+            return Err(ContainerError::Os("kill", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Kills the whole container (SIGKILL to PID 1 takes the PID namespace with it).
+    pub fn kill(&self) -> Result<(), ContainerError> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Waits for the container to exit, then removes its cgroup.
+    pub fn wait(&mut self) -> Result<ContainerExit, ContainerError> {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waits for our own child; status is valid storage.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::__WALL) };
+            if r == self.pid {
+                break;
+            }
+            if r < 0 && errno() != libc::EINTR {
+                return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(self.finish(status))
+    }
+
+    /// Returns the exit if the container has exited, without blocking.
+    pub fn try_wait(&mut self) -> Result<Option<ContainerExit>, ContainerError> {
+        if let Some(e) = self.exit {
+            return Ok(Some(e));
+        }
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r < 0 {
+            return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.finish(status)))
+    }
+
+    fn finish(&mut self, status: i32) -> ContainerExit {
+        let (code, signal) = if libc::WIFSIGNALED(status) {
+            (128 + libc::WTERMSIG(status), Some(libc::WTERMSIG(status)))
+        } else {
+            (libc::WEXITSTATUS(status), None)
+        };
+        let oom_killed = self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0);
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                log::warn!("{e}");
+            }
+        }
+        let exit = ContainerExit {
+            code,
+            signal,
+            oom_killed,
+        };
+        log::debug!("container {} exited: {exit:?}", self.id);
+        self.exit = Some(exit);
+        exit
+    }
+
+    /// Waits for the container while forwarding SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to
+    /// this process to the container's PID 1. A second such signal kills the container (for a
+    /// PID 1 that ignores the first). Call [`block_forwarded_signals`] before
+    /// [`Container::start`] so no signal is lost in between.
+    pub fn wait_forwarding_signals(&mut self) -> Result<ContainerExit, ContainerError> {
+        let set = forwarded_set();
+        // SAFETY: a valid sigset; -1 asks for a new signalfd.
+        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if sfd < 0 {
+            return Err(ContainerError::Os("signalfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: the fd was just created and is owned here.
+        let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        let pidfd = i32::try_from(pidfd)
+            .ok()
+            .filter(|fd| *fd >= 0)
+            // SAFETY: a new fd owned here.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        let mut forwarded = 0;
+        loop {
+            if let Some(e) = self.try_wait()? {
+                return Ok(e);
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if let Some(p) = &pidfd {
+                fds.push(libc::pollfd {
+                    fd: p.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // Without a pidfd (kernels before 5.3) poll the exit every 50 ms.
+            let timeout = if pidfd.is_some() { -1 } else { 50 };
+            // SAFETY: fds is a valid array of pollfd of the given length.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            loop {
+                // SAFETY: zeroed signalfd_siginfo is valid storage for one record.
+                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                let size = std::mem::size_of::<libc::signalfd_siginfo>();
+                // SAFETY: reads one record into `info`.
+                let n = unsafe { libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size) };
+                if usize::try_from(n).ok() != Some(size) {
+                    break;
+                }
+                let sig = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
+                forwarded += 1;
+                if forwarded == 1 {
+                    log::debug!("forwarding signal {sig} to container {}", self.id);
+                    let _ = self.signal(sig);
+                } else {
+                    log::warn!("signal {sig} again: killing container {}", self.id);
+                    let _ = self.kill();
+                }
+            }
+        }
+    }
+}
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: zeroed storage, then initialised by sigemptyset/sigaddset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks [`FORWARDED_SIGNALS`] in the calling thread so they queue for
+/// [`Container::wait_forwarding_signals`] (call it before starting other threads, so they
+/// inherit the mask). The container gets an unblocked mask.
+pub fn block_forwarded_signals() -> Result<(), ContainerError> {
+    let set = forwarded_set();
+    // SAFETY: a valid set; the old mask is not needed.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(ContainerError::Os("sigprocmask", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}
