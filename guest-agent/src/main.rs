@@ -1,2 +1,80 @@
-//! `mvm-agent`: PID 1 of the mvm guest.
-fn main() {}
+//! `mvm-agent`: PID 1 of the mvm guest, or a container agent on the host.
+//!
+//! - In the guest (PID 1, no arguments): mounts /proc, /sys, /dev and cgroup2, brings up `lo`,
+//!   mounts the image disk named by `mvm.rootfs=` on /mnt/rootfs (read-only), and serves the agent
+//!   protocol on vsock port `mvm.port=` (default 1024) until the host asks it to shut down; then
+//!   powers the VM off.
+//! - On the host: `mvm-agent --socket PATH` serves the same protocol on a Unix socket.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use guest_agent::agent::init;
+use guest_agent::agent::server::{Agent, Listener};
+use guest_agent::agent::vsock::VsockListener;
+use guest_agent::protocol::AGENT_VSOCK_PORT;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [flag, path] if flag == "--socket" => serve_unix(PathBuf::from(path)),
+        [] if init::is_pid1() => guest_main(),
+        [flag] if flag == "--version" => {
+            println!("mvm-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        _ => Err("usage: mvm-agent --socket PATH (or run as the guest's PID 1)".to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("mvm-agent: {e}");
+        if init::is_pid1() {
+            init::power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn serve_unix(path: PathBuf) -> Result<(), String> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let result = Agent::new().serve(Listener::Unix(listener));
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|e| e.to_string())
+}
+
+fn guest_main() -> Result<(), String> {
+    init::early_mounts().map_err(|e| e.to_string())?;
+    let params = init::params_from_proc();
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    if let Err(e) = init::interface_up("lo") {
+        eprintln!("mvm-agent: {e}");
+    }
+    if let Some(dev) = param("rootfs") {
+        init::mount(&dev, "/mnt/rootfs", "ext4", libc::MS_RDONLY, None)
+            .map_err(|e| format!("{e} ({dev})"))?;
+    }
+    let port = param("port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(AGENT_VSOCK_PORT);
+    let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
+    std::thread::spawn(reap_orphans);
+    eprintln!("mvm-agent: ready on vsock port {port}");
+    Agent::new()
+        .serve(Listener::Vsock(listener))
+        .map_err(|e| e.to_string())?;
+    init::power_off()
+}
+
+/// As PID 1 the agent inherits orphaned processes; reap those the runtime does not wait for.
+fn reap_orphans() {
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        guest_agent::agent::server::reap_orphans();
+    }
+}

@@ -154,17 +154,31 @@ pub fn interface_up(name: &str) -> Result<(), InitError> {
     result
 }
 
-/// Reaps every exited child without blocking; returns (pid, wait status) of each.
-pub fn reap_children() -> Vec<(i32, i32)> {
+/// Reaps exited children that `managed` does not claim, without blocking. Children it claims
+/// are left for the thread that waits for them. Returns the pids reaped.
+pub fn reap_unmanaged(managed: &dyn Fn(i32) -> bool) -> Vec<i32> {
     let mut reaped = Vec::new();
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer and WNOHANG.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
+        // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes into the valid siginfo we own; WNOWAIT leaves the child waitable.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &raw mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is valid to read after a successful waitid (0 when nothing exited).
+        let pid = unsafe { info.si_pid() };
+        if rc < 0 || pid <= 0 || managed(pid) {
             return reaped;
         }
-        reaped.push((pid, status));
+        let mut status = 0;
+        // SAFETY: reaps the one child that waitid reported.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        reaped.push(pid);
     }
 }
 

@@ -1,5 +1,7 @@
-//! The agent: PID 1 duties in the guest ([`init`]), vsock sockets ([`vsock`]), and the protocol
-//! server that runs containers for the host.
+//! The agent: PID 1 duties in the guest ([`init`]), vsock sockets ([`vsock`]), the protocol
+//! server that runs containers for the host ([`server`]) and the host's client ([`client`]).
 
+pub mod client;
 pub mod init;
+pub mod server;
 pub mod vsock;

@@ -273,7 +273,8 @@ fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     for cap in 0..=plan.last_cap {
         if !KEPT_CAPS.contains(&cap) {
             // SAFETY: prctl with integer arguments.
-            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+            let r =
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
             if r < 0 && errno() != libc::EINVAL {
                 return Err(fail(Step::Capabilities));
             }
@@ -306,7 +307,11 @@ fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     }
     Err(Fail {
         step: Step::Exec,
-        errno: if denied && last == libc::ENOENT { libc::EACCES } else { last },
+        errno: if denied && last == libc::ENOENT {
+            libc::EACCES
+        } else {
+            last
+        },
     })
 }
 

@@ -119,7 +119,12 @@ mod tests {
     fn network_none_adds_a_network_namespace() {
         assert_ne!(clone_flags(Network::None) & libc::CLONE_NEWNET, 0);
         assert_eq!(clone_flags(Network::Host) & libc::CLONE_NEWNET, 0);
-        for f in [libc::CLONE_NEWNS, libc::CLONE_NEWPID, libc::CLONE_NEWUTS, libc::CLONE_NEWIPC] {
+        for f in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+        ] {
             assert_ne!(clone_flags(Network::Host) & f, 0);
         }
     }

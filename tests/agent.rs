@@ -1,0 +1,176 @@
+//! The guest agent, run on the host behind its Unix socket: the same protocol the host speaks to
+//! it over vsock inside a VM.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
+use guest_agent::protocol::{Frame, FrameKind, Request, Response};
+
+/// A root filesystem from Debian's busybox-static package: /bin/busybox plus applet links.
+fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        eprintln!("skipping: /bin/busybox (Debian busybox-static) is not installed");
+        return None;
+    }
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "sleep", "hostname", "true"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    Some(root)
+}
+
+struct AgentProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_mvm-agent"))
+            .arg("--socket")
+            .arg(&socket)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "agent did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        AgentProcess { child, socket }
+    }
+
+    fn connect(&self) -> AgentClient<UnixStream> {
+        AgentClient::open(UnixStream::connect(&self.socket).unwrap()).unwrap()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct Captured {
+    out: Vec<u8>,
+    err: Vec<u8>,
+}
+
+impl OutputSink for Captured {
+    fn stdout(&mut self, data: &[u8]) {
+        self.out.extend_from_slice(data);
+    }
+    fn stderr(&mut self, data: &[u8]) {
+        self.err.extend_from_slice(data);
+    }
+}
+
+fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> serde_json::Value {
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    serde_json::json!({
+        "id": "ignored",
+        "rootfs": {"overlay": {"lower": [rootfs], "upper": upper, "work": work}},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "hostname": "agent-test",
+    })
+}
+
+#[test]
+fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let mut agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    let script = "echo hi from $(hostname); echo oops >&2; echo x > /written; exit 3";
+    client
+        .create("c1", spec(dir.path(), &rootfs, &["sh", "-c", script]))
+        .unwrap();
+    let stream = client.start("c1").unwrap();
+    let mut out = Captured::default();
+    let code = client.stream_until_exit(stream, &mut out).unwrap();
+    assert_eq!(code, 3);
+    assert_eq!(String::from_utf8_lossy(&out.out), "hi from agent-test\n");
+    assert_eq!(String::from_utf8_lossy(&out.err), "oops\n");
+    // Writes went to the overlay's upper directory, never to the image.
+    assert!(!rootfs.join("written").exists());
+    assert!(dir.path().join("upper/written").exists());
+
+    // A container id that exists already, and a container that does not, are refused.
+    let err = client
+        .create("c1", spec(dir.path(), &rootfs, &["true"]))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "container c1 already exists");
+    assert!(matches!(client.start("nope"), Err(ClientError::Refused(_))));
+
+    client.shutdown().unwrap();
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "agent exited with {status}");
+    assert!(!agent.socket.exists(), "agent left its socket behind");
+}
+
+#[test]
+fn agent_forwards_stdin_and_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    client
+        .create("cat", spec(dir.path(), &rootfs, &["cat"]))
+        .unwrap();
+    let stream = client.start("cat").unwrap();
+    client.stdin(stream, b"echo me\n").unwrap();
+    client.stdin(stream, b"").unwrap();
+    let mut out = Captured::default();
+    assert_eq!(client.stream_until_exit(stream, &mut out).unwrap(), 0);
+    assert_eq!(out.out, b"echo me\n");
+
+    let sleeper = dir.path().join("s");
+    std::fs::create_dir_all(&sleeper).unwrap();
+    client
+        .create("sleep", spec(&sleeper, &rootfs, &["sleep", "1000"]))
+        .unwrap();
+    let stream = client.start("sleep").unwrap();
+    client.signal("sleep", stream, libc::SIGKILL).unwrap();
+    let code = client
+        .stream_until_exit(stream, &mut Captured::default())
+        .unwrap();
+    assert_eq!(code, 128 + libc::SIGKILL);
+}
+
+#[test]
+fn agent_refuses_a_session_without_hello_or_with_another_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path());
+    for first in [Request::Shutdown, Request::Hello { version: 99 }] {
+        let mut conn = UnixStream::connect(&agent.socket).unwrap();
+        Frame::json(FrameKind::Request, &first)
+            .unwrap()
+            .write_to(&mut conn)
+            .unwrap();
+        let reply = Frame::read_from(&mut conn).unwrap();
+        assert!(matches!(
+            reply.parse::<Response>().unwrap(),
+            Response::Error { .. }
+        ));
+        // ... and closes the session.
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}
