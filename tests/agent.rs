@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
-use guest_agent::protocol::{Frame, FrameKind, Request, Response};
+use guest_agent::protocol::{Frame, FrameKind, ProcessSpec, Request, Response};
 
 /// A root filesystem from Debian's busybox-static package: /bin/busybox plus applet links.
 fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
@@ -59,18 +59,28 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Output of every process of a session, by stream id.
 #[derive(Default)]
 struct Captured {
-    out: Vec<u8>,
-    err: Vec<u8>,
+    out: std::collections::HashMap<u32, Vec<u8>>,
+    err: std::collections::HashMap<u32, Vec<u8>>,
+}
+
+impl Captured {
+    fn out(&self, stream: u32) -> String {
+        String::from_utf8_lossy(self.out.get(&stream).map_or(&[][..], |v| v)).into_owned()
+    }
+    fn err(&self, stream: u32) -> String {
+        String::from_utf8_lossy(self.err.get(&stream).map_or(&[][..], |v| v)).into_owned()
+    }
 }
 
 impl OutputSink for Captured {
-    fn stdout(&mut self, data: &[u8]) {
-        self.out.extend_from_slice(data);
+    fn stdout(&mut self, stream: u32, data: &[u8]) {
+        self.out.entry(stream).or_default().extend_from_slice(data);
     }
-    fn stderr(&mut self, data: &[u8]) {
-        self.err.extend_from_slice(data);
+    fn stderr(&mut self, stream: u32, data: &[u8]) {
+        self.err.entry(stream).or_default().extend_from_slice(data);
     }
 }
 
@@ -103,8 +113,8 @@ fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
     let mut out = Captured::default();
     let code = client.stream_until_exit(stream, &mut out).unwrap();
     assert_eq!(code, 3);
-    assert_eq!(String::from_utf8_lossy(&out.out), "hi from agent-test\n");
-    assert_eq!(String::from_utf8_lossy(&out.err), "oops\n");
+    assert_eq!(out.out(stream), "hi from agent-test\n");
+    assert_eq!(out.err(stream), "oops\n");
     // Writes went to the overlay's upper directory, never to the image.
     assert!(!rootfs.join("written").exists());
     assert!(dir.path().join("upper/written").exists());
@@ -138,7 +148,7 @@ fn agent_forwards_stdin_and_signals() {
     client.stdin(stream, b"").unwrap();
     let mut out = Captured::default();
     assert_eq!(client.stream_until_exit(stream, &mut out).unwrap(), 0);
-    assert_eq!(out.out, b"echo me\n");
+    assert_eq!(out.out(stream), "echo me\n");
 
     let sleeper = dir.path().join("s");
     std::fs::create_dir_all(&sleeper).unwrap();
@@ -173,4 +183,76 @@ fn agent_refuses_a_session_without_hello_or_with_another_version() {
         conn.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
     }
+}
+
+#[test]
+fn agent_execs_a_second_process_inside_the_running_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    let main = "echo ready; read line; echo main got $line";
+    client
+        .create("web", spec(dir.path(), &rootfs, &["sh", "-c", main]))
+        .unwrap();
+    let first = client.start("web").unwrap();
+
+    // The exec'd process shares the container's hostname, root filesystem and PID namespace.
+    let check =
+        "echo $(hostname) $FOO; cat /proc/1/cmdline | tr '\\0' ' '; echo; cd /bin && pwd; exit 7";
+    let stream = client
+        .exec(
+            "web",
+            ProcessSpec {
+                args: vec!["sh".into(), "-c".into(), check.into()],
+                env: vec!["FOO=bar".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_ne!(stream, first);
+    let mut out = Captured::default();
+    assert_eq!(client.stream_until_exit(stream, &mut out).unwrap(), 7);
+    let text = out.out(stream);
+    assert!(text.contains("agent-test bar\n"), "{text}");
+    assert!(
+        text.contains("sh -c echo ready"),
+        "exec did not see the container's PID 1: {text}"
+    );
+    assert!(text.ends_with("/bin\n"), "{text}");
+
+    // A command that does not exist: 127, like a shell.
+    let missing = client
+        .exec(
+            "web",
+            ProcessSpec {
+                args: vec!["no-such-command".into()],
+                env: vec!["PATH=/bin".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        client
+            .stream_until_exit(missing, &mut Captured::default())
+            .unwrap(),
+        127
+    );
+
+    client.stdin(first, b"hello\n").unwrap();
+    assert_eq!(client.stream_until_exit(first, &mut out).unwrap(), 0);
+    assert_eq!(out.out(first), "ready\nmain got hello\n");
+
+    // Exec into a container that has exited is refused.
+    let err = client.exec(
+        "web",
+        ProcessSpec {
+            args: vec!["true".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(err.unwrap_err().to_string(), "container web is not running");
 }

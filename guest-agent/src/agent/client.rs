@@ -23,10 +23,10 @@ pub enum ClientError {
 
 /// Where a process's output goes on the host.
 pub trait OutputSink {
-    /// Bytes the process wrote to stdout.
-    fn stdout(&mut self, data: &[u8]);
-    /// Bytes the process wrote to stderr.
-    fn stderr(&mut self, data: &[u8]);
+    /// Bytes process `stream` wrote to stdout.
+    fn stdout(&mut self, stream: u32, data: &[u8]);
+    /// Bytes process `stream` wrote to stderr.
+    fn stderr(&mut self, stream: u32, data: &[u8]);
 }
 
 /// Writes stdout and stderr to this process's own streams.
@@ -34,12 +34,12 @@ pub trait OutputSink {
 pub struct InheritOutput;
 
 impl OutputSink for InheritOutput {
-    fn stdout(&mut self, data: &[u8]) {
+    fn stdout(&mut self, _stream: u32, data: &[u8]) {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(data);
         let _ = out.flush();
     }
-    fn stderr(&mut self, data: &[u8]) {
+    fn stderr(&mut self, _stream: u32, data: &[u8]) {
         let _ = std::io::stderr().lock().write_all(data);
     }
 }
@@ -50,6 +50,8 @@ pub struct AgentClient<C: Read + Write> {
     conn: C,
     /// Exit codes that arrived (as events) while waiting for something else.
     exited: Vec<(u32, i32)>,
+    /// Output that arrived while a request without a sink was answered; handed to the next sink.
+    pending: Vec<Frame>,
 }
 
 impl<C: Read + Write> AgentClient<C> {
@@ -58,6 +60,7 @@ impl<C: Read + Write> AgentClient<C> {
         let mut client = AgentClient {
             conn,
             exited: Vec::new(),
+            pending: Vec::new(),
         };
         match client.call_silent(&Request::Hello {
             version: PROTOCOL_VERSION,
@@ -75,6 +78,7 @@ impl<C: Read + Write> AgentClient<C> {
         sink: &mut dyn OutputSink,
     ) -> Result<Response, ClientError> {
         Frame::json(FrameKind::Request, req)?.write_to(&mut self.conn)?;
+        self.flush_pending(sink);
         loop {
             let frame = Frame::read_from(&mut self.conn)?;
             match frame.kind {
@@ -89,19 +93,44 @@ impl<C: Read + Write> AgentClient<C> {
         }
     }
 
+    /// Sends a request; output that arrives meanwhile is kept for the next sink.
     fn call_silent(&mut self, req: &Request) -> Result<Response, ClientError> {
-        struct Discard;
-        impl OutputSink for Discard {
-            fn stdout(&mut self, _: &[u8]) {}
-            fn stderr(&mut self, _: &[u8]) {}
+        Frame::json(FrameKind::Request, req)?.write_to(&mut self.conn)?;
+        loop {
+            let frame = Frame::read_from(&mut self.conn)?;
+            match frame.kind {
+                FrameKind::Response => {
+                    return match frame.parse::<Response>()? {
+                        Response::Error { message } => Err(ClientError::Refused(message)),
+                        r => Ok(r),
+                    }
+                }
+                FrameKind::Stdout | FrameKind::Stderr => self.pending.push(frame),
+                _ => {
+                    struct Unused;
+                    impl OutputSink for Unused {
+                        fn stdout(&mut self, _: u32, _: &[u8]) {}
+                        fn stderr(&mut self, _: u32, _: &[u8]) {}
+                    }
+                    self.dispatch(frame, &mut Unused)?
+                }
+            }
         }
-        self.call(req, &mut Discard)
+    }
+
+    fn flush_pending(&mut self, sink: &mut dyn OutputSink) {
+        for frame in std::mem::take(&mut self.pending) {
+            match frame.kind {
+                FrameKind::Stdout => sink.stdout(frame.stream, &frame.payload),
+                _ => sink.stderr(frame.stream, &frame.payload),
+            }
+        }
     }
 
     fn dispatch(&mut self, frame: Frame, sink: &mut dyn OutputSink) -> Result<(), ClientError> {
         match frame.kind {
-            FrameKind::Stdout => sink.stdout(&frame.payload),
-            FrameKind::Stderr => sink.stderr(&frame.payload),
+            FrameKind::Stdout => sink.stdout(frame.stream, &frame.payload),
+            FrameKind::Stderr => sink.stderr(frame.stream, &frame.payload),
             FrameKind::Event => match frame.parse::<Event>()? {
                 Event::Exited { stream, code, .. } => self.exited.push((stream, code)),
             },
@@ -166,6 +195,7 @@ impl<C: Read + Write> AgentClient<C> {
         stream: u32,
         sink: &mut dyn OutputSink,
     ) -> Result<i32, ClientError> {
+        self.flush_pending(sink);
         loop {
             if let Some(i) = self.exited.iter().position(|(s, _)| *s == stream) {
                 return Ok(self.exited.remove(i).1);

@@ -16,9 +16,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 
 use crate::protocol::{
-    Event, Frame, FrameKind, ProtocolError, Request, Response, PROTOCOL_VERSION,
+    Event, Frame, FrameKind, ProcessSpec, ProtocolError, Request, Response, StdioMode,
+    PROTOCOL_VERSION,
 };
-use crate::runtime::{Container, ContainerSpec, StdioConfig, StdioMode};
+use crate::runtime::exec::{exec, ExecSpec};
+use crate::runtime::{Container, ContainerSpec, StdioConfig, StdioMode as ProtoStdio};
 
 use super::vsock::{VsockListener, VsockStream};
 
@@ -118,6 +120,7 @@ struct Process {
 #[derive(Debug)]
 struct Entry {
     spec: ContainerSpec,
+    next_stream: u32,
     processes: HashMap<u32, Process>,
     cgroup_dirs: Vec<PathBuf>,
 }
@@ -230,7 +233,7 @@ impl Agent {
             Request::Hello { .. } => error("hello was already sent"),
             Request::Create { id, spec } => self.create(id, spec),
             Request::Start { id } => self.start(&id, writer),
-            Request::Exec { .. } => error("exec is not available in this agent build"),
+            Request::Exec { id, process } => self.exec(&id, process, writer),
             Request::Signal { id, stream, signal } => self.signal(&id, stream, signal),
             Request::Wait { id, stream } => self.wait(&id, stream),
             Request::Stats { id } => self.stats(&id),
@@ -260,6 +263,7 @@ impl Agent {
             id,
             Entry {
                 spec,
+                next_stream: 2,
                 processes: HashMap::new(),
                 cgroup_dirs: Vec::new(),
             },
@@ -275,11 +279,7 @@ impl Agent {
             Some(e) => e.spec.clone(),
             None => return error(&format!("no such container: {id}")),
         };
-        let stdio = StdioConfig {
-            stdin: StdioMode::Piped,
-            stdout: StdioMode::Piped,
-            stderr: StdioMode::Piped,
-        };
+        let stdio = StdioConfig::piped();
         let mut managed = lock(&MANAGED);
         let mut container = match Container::start(&spec, &stdio) {
             Ok(c) => c,
@@ -351,6 +351,94 @@ impl Agent {
             }
         });
         Response::Started { stream: 1, pid }
+    }
+
+    fn exec(&self, id: &str, process: ProcessSpec, writer: &Writer) -> Response {
+        let (container_pid, cgroup_dirs, mut env, stream) = {
+            let mut containers = lock(&self.containers);
+            let Some(entry) = containers.get_mut(id) else {
+                return error(&format!("no such container: {id}"));
+            };
+            let pid = match entry.processes.get(&1) {
+                Some(p) if lock(&p.exit.code).is_none() => p.pid,
+                _ => return error(&format!("container {id} is not running")),
+            };
+            let stream = entry.next_stream;
+            entry.next_stream += 1;
+            (
+                pid,
+                entry.cgroup_dirs.clone(),
+                entry.spec.env.clone(),
+                stream,
+            )
+        };
+        // The process's variables override the container's.
+        for var in &process.env {
+            let key = var.split('=').next().unwrap_or_default();
+            env.retain(|e| e.split('=').next() != Some(key));
+            env.push(var.clone());
+        }
+        let spec = ExecSpec {
+            args: process.args,
+            env,
+            cwd: process.cwd,
+            user: process.user,
+        };
+        let (out, stdin) = match process.stdio {
+            StdioMode::Stream => (ProtoStdio::Piped, process.stdin),
+            StdioMode::Null => (ProtoStdio::Null, false),
+        };
+        let stdio = StdioConfig {
+            stdin: if stdin {
+                ProtoStdio::Piped
+            } else {
+                ProtoStdio::Null
+            },
+            stdout: out,
+            stderr: out,
+        };
+        let managed = lock(&MANAGED);
+        let mut child = match exec(container_pid, &cgroup_dirs, &spec, &stdio) {
+            Ok(c) => c,
+            Err(e) => return error(&e.to_string()),
+        };
+        let pid = child.pid();
+        drop(managed);
+        lock(&MANAGED).push(pid);
+        let exit = Arc::new(ExitSlot::default());
+        let pumps = [
+            child
+                .stdout
+                .take()
+                .map(|f| pump(f, FrameKind::Stdout, stream, writer.clone())),
+            child
+                .stderr
+                .take()
+                .map(|f| pump(f, FrameKind::Stderr, stream, writer.clone())),
+        ];
+        if let Some(e) = lock(&self.containers).get_mut(id) {
+            e.processes.insert(
+                stream,
+                Process {
+                    pid,
+                    stdin: child.stdin.take(),
+                    exit: exit.clone(),
+                },
+            );
+        }
+        let (id, writer) = (id.to_string(), writer.clone());
+        thread::spawn(move || {
+            let code = child.wait().unwrap_or(255);
+            lock(&MANAGED).retain(|p| *p != pid);
+            for p in pumps.into_iter().flatten() {
+                let _ = p.join();
+            }
+            exit.set(code);
+            if let Ok(f) = Frame::json(FrameKind::Event, &Event::Exited { id, stream, code }) {
+                send(&writer, &f);
+            }
+        });
+        Response::Started { stream, pid }
     }
 
     fn process<T>(

@@ -13,6 +13,7 @@
 pub mod cgroups;
 mod child;
 pub mod command;
+pub mod exec;
 pub mod mounts;
 pub mod namespaces;
 pub mod process;
