@@ -10,5 +10,5 @@ flags=(--target x86_64-unknown-linux-gnu -p guest-agent --bin mvm-agent)
 [ "$profile" = release ] && flags+=(--release)
 RUSTFLAGS="-C target-feature=+crt-static" cargo build -q "${flags[@]}" >&2
 out="$repo/target/x86_64-unknown-linux-gnu/$profile/mvm-agent"
-file "$out" 2>/dev/null | grep -q "static" || { echo "build-agent: $out is not static" >&2; exit 1; }
+if readelf -l "$out" | grep -q "program interpreter"; then echo "build-agent: $out is not static" >&2; exit 1; fi
 echo "$out"
