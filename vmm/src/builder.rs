@@ -1,0 +1,328 @@
+//! Building and running a VM in two steps, so other parts of mvm can attach devices between
+//! VM creation and boot:
+//!
+//! ```no_run
+//! # fn demo(cfg: vmm::config::VmConfig) -> Result<(), vmm::builder::BuildError> {
+//! let mut builder = vmm::builder::VmBuilder::new(cfg)?;  // VM, memory, kernel, serial, i8042
+//! // builder.attach_virtio_mmio(dev)?;                    // block, net, vsock, rng ...
+//! let handle = builder.handle();                          // stop it from another thread
+//! let vm = builder.start()?;                              // boot structures, vCPU threads
+//! let exit = vm.wait();                                   // event loop until the VM ends
+//! std::process::exit(exit.exit_code());
+//! # }
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::legacy::SerialDevice;
+use event_manager::SubscriberOps;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::loader::{self, LoadedKernel, LoaderError};
+use crate::boot::{paging, regs};
+use crate::config::{ConfigError, HostLimits, VmConfig};
+use crate::device_manager::{
+    DeviceManager, DeviceManagerError, Subscriber, VirtioMmioDevice, VmEventManager,
+};
+use crate::event_loop::{self, ConsoleInput};
+use crate::exit::{ExitState, PanicWatcher, VmExit, VmHandle};
+use crate::mptable::{self, MptableError};
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vm::{Vm, VmError};
+
+/// How long stopping the vCPU threads may take before mvm gives up on them.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a VM could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is wrong (bad input).
+    #[error("invalid configuration")]
+    Config(#[source] ConfigError),
+    /// Creating the KVM VM failed.
+    #[error("cannot create the VM")]
+    Vm(#[source] VmError),
+    /// Loading the kernel, initrd or command line failed.
+    #[error("cannot load the guest")]
+    Loader(#[source] LoaderError),
+    /// The serial output file cannot be opened.
+    #[error("cannot open serial output {}", .0.display())]
+    SerialOut(PathBuf, #[source] std::io::Error),
+    /// Device setup failed.
+    #[error("cannot set up devices")]
+    Devices(#[source] DeviceManagerError),
+    /// Writing the MP table failed.
+    #[error("cannot set up SMP")]
+    Mptable(#[source] MptableError),
+    /// Writing the page tables failed.
+    #[error("cannot set up paging")]
+    Paging(#[source] paging::PagingError),
+    /// Writing the GDT failed.
+    #[error("cannot set up the boot CPU")]
+    Regs(#[source] regs::RegsError),
+    /// Creating or configuring a vCPU failed.
+    #[error("cannot set up vCPU {0}")]
+    Vcpu(u8, #[source] VcpuError),
+    /// A vCPU thread could not be started, or an eventfd created.
+    #[error("cannot start the VM")]
+    Io(#[source] std::io::Error),
+}
+
+impl BuildError {
+    /// Whether the user's input caused the error (mvm exits with 2 for those).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            BuildError::Config(_) | BuildError::SerialOut(..) => true,
+            BuildError::Loader(e) => !matches!(e, LoaderError::Memory(..)),
+            BuildError::Devices(DeviceManagerError::Cmdline(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A VM that is created but not yet running: attach devices, then [`VmBuilder::start`].
+pub struct VmBuilder {
+    config: VmConfig,
+    vm: Vm,
+    kernel: LoadedKernel,
+    initrd: Option<(u64, u64)>,
+    devices: DeviceManager,
+    exit: Arc<ExitState>,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("config", &self.config)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmBuilder {
+    /// Validates `config`, creates the VM and its memory, loads the kernel and initrd, and sets
+    /// up the serial console (to `config.serial_out`, else stdout) and the i8042.
+    pub fn new(config: VmConfig) -> Result<Self, BuildError> {
+        let out: Box<dyn Write + Send> = match &config.serial_out {
+            Some(path) => Box::new(
+                std::fs::File::create(path)
+                    .map_err(|e| BuildError::SerialOut(path.clone(), e))?,
+            ),
+            None => Box::new(std::io::stdout()),
+        };
+        Self::with_console(config, out)
+    }
+
+    /// Like [`VmBuilder::new`], with the serial console written to `console`
+    /// (`config.serial_out` is ignored).
+    pub fn with_console(
+        config: VmConfig,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, BuildError> {
+        let kvm = Vm::open_kvm().map_err(BuildError::Vm)?;
+        config
+            .validate(&HostLimits::probe(&kvm))
+            .map_err(BuildError::Config)?;
+        let cmdline = loader::parse_cmdline(&config.cmdline).map_err(BuildError::Loader)?;
+        let vm = Vm::new(kvm, config.mem_bytes).map_err(BuildError::Vm)?;
+        let kernel = loader::load_kernel(vm.memory(), &config.kernel).map_err(BuildError::Loader)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(
+                loader::load_initrd(vm.memory(), config.mem_bytes, path, &kernel)
+                    .map_err(BuildError::Loader)?,
+            ),
+            None => None,
+        };
+        let exit = Arc::new(ExitState::new().map_err(BuildError::Io)?);
+        let console = Box::new(PanicWatcher::new(console, exit.clone()));
+        let devices = DeviceManager::new(vm.fd().clone(), cmdline, console, exit.clone())
+            .map_err(BuildError::Devices)?;
+        Ok(Self {
+            config,
+            vm,
+            kernel,
+            initrd,
+            devices,
+            exit,
+        })
+    }
+
+    /// Guest memory, for devices that read and write it.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// The KVM VM (for devices that need their own ioctls).
+    pub fn vm_fd(&self) -> &Arc<kvm_ioctls::VmFd> {
+        self.vm.fd()
+    }
+
+    /// The device manager.
+    pub fn device_manager(&mut self) -> &mut DeviceManager {
+        &mut self.devices
+    }
+
+    /// Attaches a virtio-mmio device; returns its MMIO base and IRQ.
+    pub fn attach_virtio_mmio(&mut self, dev: VirtioMmioDevice) -> Result<(u64, u32), BuildError> {
+        self.devices
+            .attach_virtio_mmio(dev)
+            .map_err(BuildError::Devices)
+    }
+
+    /// Adds an event-loop subscriber that is not a device.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.devices.add_subscriber(subscriber);
+    }
+
+    /// A handle that stops the VM from any thread, valid before and after `start`.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle::new(self.exit.clone())
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Writes the boot structures, creates and configures the vCPUs and starts their threads.
+    pub fn start(self) -> Result<RunningVm, BuildError> {
+        let serial = self.devices.serial().clone();
+        let (pio, mmio, cmdline, mut em) = self.devices.into_parts();
+        let mem = self.vm.memory();
+        let cmdline_len = loader::write_cmdline(mem, &cmdline).map_err(BuildError::Loader)?;
+        log::debug!("kernel command line: {:?}", cmdline.as_cstring().unwrap_or_default());
+        let params =
+            loader::build_boot_params(&self.kernel, cmdline_len, self.initrd, self.vm.mem_size());
+        loader::write_boot_params(mem, &params).map_err(BuildError::Loader)?;
+        mptable::setup_mptable(mem, self.config.vcpus).map_err(BuildError::Mptable)?;
+        paging::setup_page_tables(mem).map_err(BuildError::Paging)?;
+        regs::write_gdt_idt(mem).map_err(BuildError::Regs)?;
+
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit: self.exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            mem: mem.clone(),
+            hardware_virt: crate::host::virtualization().is_hardware(),
+        };
+        let mut vcpus = Vec::new();
+        for id in 0..self.config.vcpus {
+            let fd = self.vm.create_vcpu(id).map_err(|e| {
+                BuildError::Vcpu(id, VcpuError::Kvm("CREATE_VCPU", vm_kvm_error(e)))
+            })?;
+            vcpu::configure(self.vm.kvm(), &fd, id, self.config.vcpus, self.kernel.entry)
+                .map_err(|e| BuildError::Vcpu(id, e))?;
+            vcpus.push(Vcpu::new(id, fd, shared.clone()));
+        }
+        if self.config.serial_stdin {
+            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::stdin(serial.clone()))));
+        }
+        vcpu::install_kick_handler();
+        let mut running = RunningVm {
+            vm: self.vm,
+            exit: self.exit,
+            stop: shared.stop.clone(),
+            threads: Vec::new(),
+            em,
+            serial,
+        };
+        for vcpu in vcpus {
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{}", running.threads.len()))
+                .spawn(move || vcpu.run());
+            match thread {
+                Ok(t) => running.threads.push(t),
+                Err(e) => {
+                    running.stop_vcpus();
+                    return Err(BuildError::Io(e));
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+fn vm_kvm_error(e: VmError) -> kvm_ioctls::Error {
+    match e {
+        VmError::Kvm(_, e) | VmError::OpenKvm(e) => e,
+        _ => kvm_ioctls::Error::new(libc::EINVAL),
+    }
+}
+
+/// A VM whose vCPUs are running; [`RunningVm::wait`] runs the event loop until it ends.
+pub struct RunningVm {
+    vm: Vm,
+    exit: Arc<ExitState>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    em: VmEventManager,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vcpus", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningVm {
+    /// A handle that stops the VM from any thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle::new(self.exit.clone())
+    }
+
+    /// Guest memory.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
+    /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended.
+    pub fn wait(mut self) -> VmExit {
+        event_loop::wake_on_signals(&self.exit);
+        let exit = event_loop::run(&mut self.em, &self.exit);
+        event_loop::stop_waking_on_signals();
+        self.stop_vcpus();
+        if let Err(e) = devices::bus::lock(&self.serial).flush() {
+            log::debug!("flushing the console failed: {e}");
+        }
+        exit
+    }
+
+    /// Stops all vCPU threads: sets the stop flag and kicks each thread out of KVM_RUN until
+    /// it has finished.
+    fn stop_vcpus(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        loop {
+            self.threads.retain(|t| !t.is_finished());
+            if self.threads.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!("{} vCPU thread(s) did not stop", self.threads.len());
+                return;
+            }
+            for t in &self.threads {
+                // A signal that lands outside KVM_RUN is lost; the loop sends it again.
+                let _ = t.kill(vcpu::kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}
