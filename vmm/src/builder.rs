@@ -43,14 +43,14 @@ const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// The configuration is wrong (bad input).
-    #[error("invalid configuration")]
-    Config(#[source] ConfigError),
+    #[error(transparent)]
+    Config(ConfigError),
     /// Creating the KVM VM failed.
     #[error("cannot create the VM")]
     Vm(#[source] VmError),
     /// Loading the kernel, initrd or command line failed.
-    #[error("cannot load the guest")]
-    Loader(#[source] LoaderError),
+    #[error(transparent)]
+    Loader(LoaderError),
     /// The serial output file cannot be opened.
     #[error("cannot open serial output {}", .0.display())]
     SerialOut(PathBuf, #[source] std::io::Error),
@@ -109,14 +109,18 @@ impl VmBuilder {
     /// Validates `config`, creates the VM and its memory, loads the kernel and initrd, and sets
     /// up the serial console (to `config.serial_out`, else stdout) and the i8042.
     pub fn new(config: VmConfig) -> Result<Self, BuildError> {
+        let kvm = Vm::open_kvm().map_err(BuildError::Vm)?;
+        config
+            .validate(&HostLimits::probe(&kvm))
+            .map_err(BuildError::Config)?;
+        // Opened only once the input is known to be good: bad input leaves no file behind.
         let out: Box<dyn Write + Send> = match &config.serial_out {
             Some(path) => Box::new(
-                std::fs::File::create(path)
-                    .map_err(|e| BuildError::SerialOut(path.clone(), e))?,
+                std::fs::File::create(path).map_err(|e| BuildError::SerialOut(path.clone(), e))?,
             ),
             None => Box::new(std::io::stdout()),
         };
-        Self::with_console(config, out)
+        Self::build(kvm, config, out)
     }
 
     /// Like [`VmBuilder::new`], with the serial console written to `console`
@@ -129,9 +133,18 @@ impl VmBuilder {
         config
             .validate(&HostLimits::probe(&kvm))
             .map_err(BuildError::Config)?;
+        Self::build(kvm, config, console)
+    }
+
+    fn build(
+        kvm: kvm_ioctls::Kvm,
+        config: VmConfig,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, BuildError> {
         let cmdline = loader::parse_cmdline(&config.cmdline).map_err(BuildError::Loader)?;
         let vm = Vm::new(kvm, config.mem_bytes).map_err(BuildError::Vm)?;
-        let kernel = loader::load_kernel(vm.memory(), &config.kernel).map_err(BuildError::Loader)?;
+        let kernel =
+            loader::load_kernel(vm.memory(), &config.kernel).map_err(BuildError::Loader)?;
         let initrd = match &config.initrd {
             Some(path) => Some(
                 loader::load_initrd(vm.memory(), config.mem_bytes, path, &kernel)
@@ -196,7 +209,10 @@ impl VmBuilder {
         let (pio, mmio, cmdline, mut em) = self.devices.into_parts();
         let mem = self.vm.memory();
         let cmdline_len = loader::write_cmdline(mem, &cmdline).map_err(BuildError::Loader)?;
-        log::debug!("kernel command line: {:?}", cmdline.as_cstring().unwrap_or_default());
+        log::debug!(
+            "kernel command line: {:?}",
+            cmdline.as_cstring().unwrap_or_default()
+        );
         let params =
             loader::build_boot_params(&self.kernel, cmdline_len, self.initrd, self.vm.mem_size());
         loader::write_boot_params(mem, &params).map_err(BuildError::Loader)?;
@@ -433,7 +449,11 @@ mod tests {
         assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
         if crate::host::virtualization().is_hardware() {
             for bit in [13, 23, 26, 30] {
-                assert_eq!(ecx & (1 << bit), 0, "CPU template leaves leaf 1 ecx bit {bit}");
+                assert_eq!(
+                    ecx & (1 << bit),
+                    0,
+                    "CPU template leaves leaf 1 ecx bit {bit}"
+                );
             }
         } else {
             // PVM replaces leaf 1 with the host's bits whatever KVM_SET_CPUID2 says.
@@ -454,7 +474,10 @@ mod tests {
             return;
         };
         assert!(
-            matches!(exit, VmExit::TripleFault { cpu: 0 } | VmExit::InternalError { .. }),
+            matches!(
+                exit,
+                VmExit::TripleFault { cpu: 0 } | VmExit::InternalError { .. }
+            ),
             "{exit:?}"
         );
     }

@@ -107,8 +107,8 @@ pub enum ConfigError {
     #[error("{0} vCPUs is more than the maximum of {1} on this host")]
     TooManyVcpus(u8, u8),
     /// The kernel is missing, unreadable or not a kernel.
-    #[error("kernel: {0}")]
-    Kernel(#[source] loader::LoaderError),
+    #[error(transparent)]
+    Kernel(loader::LoaderError),
     /// The initrd is missing or unreadable.
     #[error("cannot read initrd {}", .0.display())]
     Initrd(PathBuf, #[source] std::io::Error),
@@ -168,7 +168,11 @@ impl VmConfig {
             return Err(ConfigError::TooManyVcpus(self.vcpus, limits.max_vcpus));
         }
         check_readable(&self.kernel).map_err(|e| {
-            ConfigError::Kernel(loader::LoaderError::Read(self.kernel.clone(), e))
+            ConfigError::Kernel(loader::LoaderError::Read {
+                what: "kernel",
+                path: self.kernel.clone(),
+                source: e,
+            })
         })?;
         loader::detect_format(&self.kernel).map_err(ConfigError::Kernel)?;
         if let Some(initrd) = &self.initrd {
@@ -206,7 +210,17 @@ mod tests {
         assert_eq!(parse_mem_size("64KB").unwrap(), 64 << 10);
         assert_eq!(parse_mem_size("268435456").unwrap(), 268_435_456);
         assert_eq!(parse_mem_size("0").unwrap(), 0);
-        for bad in ["", "M", "12X", "-1M", "1.5G", "ten", "99999999999T", "1 G", "1MM"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1M",
+            "1.5G",
+            "ten",
+            "99999999999T",
+            "1 G",
+            "1MM",
+        ] {
             assert!(parse_mem_size(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -227,10 +241,19 @@ mod tests {
             f(&mut c);
             c.validate(&LIMITS)
         };
-        assert!(matches!(with(&|c| c.mem_bytes = 0), Err(ConfigError::MemTooSmall(0))));
-        assert!(matches!(with(&|c| c.mem_bytes = 16 << 30), Err(ConfigError::MemTooLarge(..))));
+        assert!(matches!(
+            with(&|c| c.mem_bytes = 0),
+            Err(ConfigError::MemTooSmall(0))
+        ));
+        assert!(matches!(
+            with(&|c| c.mem_bytes = 16 << 30),
+            Err(ConfigError::MemTooLarge(..))
+        ));
         assert!(matches!(with(&|c| c.vcpus = 0), Err(ConfigError::NoVcpus)));
-        assert!(matches!(with(&|c| c.vcpus = 33), Err(ConfigError::TooManyVcpus(33, 32))));
+        assert!(matches!(
+            with(&|c| c.vcpus = 33),
+            Err(ConfigError::TooManyVcpus(33, 32))
+        ));
         assert!(matches!(
             with(&|c| c.cmdline = "x".repeat(4096)),
             Err(ConfigError::CmdlineTooLong(4096))
@@ -249,7 +272,10 @@ mod tests {
         assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"just text").unwrap();
-        let msg = VmConfig::new(f.path()).validate(&LIMITS).unwrap_err().to_string();
+        let msg = VmConfig::new(f.path())
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("not a Linux kernel"), "{msg}");
         let dir = tempfile::tempdir().unwrap();
         assert!(VmConfig::new(dir.path()).validate(&LIMITS).is_err());

@@ -110,8 +110,8 @@ pub fn apply_template(cpuid: &mut CpuId, id: u8, count: u8) -> Result<(), CpuidE
     }
     for entry in cpuid.as_mut_slice() {
         for h in HIDDEN {
-            let subleaf_matches = entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
-                || entry.index == h.subleaf;
+            let subleaf_matches =
+                entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || entry.index == h.subleaf;
             if entry.function == h.leaf && subleaf_matches {
                 *reg_mut(entry, h.reg) &= !(1 << h.bit);
             }
@@ -132,9 +132,8 @@ pub fn apply_template(cpuid: &mut CpuId, id: u8, count: u8) -> Result<(), CpuidE
                 // private except the last level, shared by all cores.
                 let cache_level = (entry.eax >> 5) & 0x7;
                 let sharing = if cache_level >= 3 { n - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3fff)
-                    | ((sharing & 0xfff) << 14)
-                    | (((n - 1) & 0x3f) << 26);
+                entry.eax =
+                    (entry.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((n - 1) & 0x3f) << 26);
             }
             0xb | 0x1f => {
                 // Extended topology: level 0 = SMT (1 thread per core), level 1 = cores.
@@ -270,7 +269,7 @@ mod tests {
             bytes.extend_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&bytes, b"KVMKVMKVM\0\0\0");
-        assert!(sig.eax >= KVM_SIGNATURE_LEAF + 1);
+        assert!(sig.eax > KVM_SIGNATURE_LEAF);
         assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(id_bits(1), 0);
         assert_eq!(id_bits(2), 1);

@@ -76,7 +76,9 @@ pub struct ConsoleInput {
 
 impl std::fmt::Debug for ConsoleInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsoleInput").field("fd", &self.fd).finish()
+        f.debug_struct("ConsoleInput")
+            .field("fd", &self.fd)
+            .finish()
     }
 }
 
@@ -105,7 +107,10 @@ impl MutEventSubscriber for ConsoleInput {
         }
         let taken = devices::bus::lock(&self.serial).enqueue_input(&buf[..n]);
         if taken < n {
-            log::debug!("console input: guest FIFO full, dropped {} bytes", n - taken);
+            log::debug!(
+                "console input: guest FIFO full, dropped {} bytes",
+                n - taken
+            );
         }
     }
 

@@ -104,7 +104,10 @@ impl std::fmt::Display for VmExit {
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::GuestPanic(reason) => write!(f, "guest kernel panicked: {reason}"),
             VmExit::TripleFault { cpu } => {
-                write!(f, "guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN without a reset request)")
+                write!(
+                    f,
+                    "guest triple fault on vCPU {cpu} (KVM_EXIT_SHUTDOWN without a reset request)"
+                )
             }
             VmExit::FailEntry { cpu, reason } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware entry failure reason {reason:#x})")
@@ -205,7 +208,9 @@ impl ExitState {
 
     /// The panic report is complete: end the VM now.
     pub fn panic_report_done(&self) {
-        let reason = devices::bus::lock(&self.panic).as_ref().map(|p| p.0.clone());
+        let reason = devices::bus::lock(&self.panic)
+            .as_ref()
+            .map(|p| p.0.clone());
         if let Some(reason) = reason {
             self.record(VmExit::GuestPanic(reason));
         }
@@ -225,7 +230,9 @@ impl ExitState {
     /// The reason the VM ends, once one is recorded.
     pub fn exit(&self) -> Option<VmExit> {
         let reason = devices::bus::lock(&self.reason).clone()?;
-        let panic = devices::bus::lock(&self.panic).as_ref().map(|p| p.0.clone());
+        let panic = devices::bus::lock(&self.panic)
+            .as_ref()
+            .map(|p| p.0.clone());
         Some(match (reason, panic) {
             (VmExit::Reset | VmExit::TripleFault { .. }, Some(p)) => VmExit::GuestPanic(p),
             (r, _) => r,
@@ -287,11 +294,12 @@ impl<W: Write> PanicWatcher<W> {
     fn end_of_line(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end_matches('\r');
-        if let Some(pos) = text.find(PANIC_MARKER) {
+        // The closing line repeats the panic line, so look for it first.
+        if text.contains(PANIC_END_MARKER) {
+            self.state.panic_report_done();
+        } else if let Some(pos) = text.find(PANIC_MARKER) {
             let reason = text[pos + PANIC_MARKER.len()..].trim().to_string();
             self.state.guest_panicked(reason);
-        } else if text.contains(PANIC_END_MARKER) {
-            self.state.panic_report_done();
         }
         self.line.clear();
     }
@@ -374,10 +382,14 @@ mod tests {
     fn panic_report_end_or_timeout_ends_the_vm() {
         let s = Arc::new(ExitState::new().unwrap());
         let mut w = PanicWatcher::new(io::sink(), s.clone());
-        w.write_all(b"Kernel panic - not syncing: Attempted to kill init!\n").unwrap();
+        w.write_all(b"Kernel panic - not syncing: Attempted to kill init!\n")
+            .unwrap();
         w.write_all(b"---[ end Kernel panic - not syncing: Attempted to kill init! ]---\n")
             .unwrap();
-        assert_eq!(s.exit(), Some(VmExit::GuestPanic("Attempted to kill init!".into())));
+        assert_eq!(
+            s.exit(),
+            Some(VmExit::GuestPanic("Attempted to kill init!".into()))
+        );
 
         let s = Arc::new(ExitState::new().unwrap());
         let mut w = PanicWatcher::new(io::sink(), s.clone());

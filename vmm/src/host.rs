@@ -37,7 +37,11 @@ impl Virtualization {
 pub fn virtualization() -> Virtualization {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    classify(&cpuinfo, &modules, Path::new("/sys/module/kvm_pvm").exists())
+    classify(
+        &cpuinfo,
+        &modules,
+        Path::new("/sys/module/kvm_pvm").exists(),
+    )
 }
 
 /// The decision behind [`virtualization`], from the files' contents.
@@ -83,11 +87,20 @@ mod tests {
     fn tells_pvm_from_hardware() {
         let vmx = "processor : 0\nflags\t\t: fpu vme vmx sse\n";
         assert_eq!(classify(vmx, "", false), Virtualization::Vmx);
-        assert_eq!(classify("flags : fpu svm\n", "", false), Virtualization::Svm);
+        assert_eq!(
+            classify("flags : fpu svm\n", "", false),
+            Virtualization::Svm
+        );
         let pvm_mod = "kvm_pvm 123 0 - Live 0x0\nkvm 1 1 kvm_pvm, Live 0x0\n";
-        assert_eq!(classify("flags : fpu\n", pvm_mod, false), Virtualization::Pvm);
+        assert_eq!(
+            classify("flags : fpu\n", pvm_mod, false),
+            Virtualization::Pvm
+        );
         assert_eq!(classify("flags : fpu\n", "", true), Virtualization::Pvm);
-        assert_eq!(classify("flags : fpu vmxx\n", "kvm 1 0\n", false), Virtualization::Unknown);
+        assert_eq!(
+            classify("flags : fpu vmxx\n", "kvm 1 0\n", false),
+            Virtualization::Unknown
+        );
         assert!(!Virtualization::Pvm.is_hardware());
     }
 

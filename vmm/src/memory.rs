@@ -61,6 +61,19 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Smallest guest memory mvm accepts.
 pub const MIN_MEM_SIZE: u64 = 2 << 20;
 
+// The layout is fixed at compile time; these fail the build if it ever overlaps.
+const _: () = {
+    // The 4-entry GDT ends where the IDT starts.
+    assert!(GDT_ADDR + 4 * 8 == IDT_ADDR);
+    assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP + 0x10);
+    assert!(BOOT_STACK_TOP < PML4_ADDR);
+    assert!(PDE_ADDR + 0x1000 <= CMDLINE_ADDR);
+    // Guest memory 0x30000..0x9f000 stays free for the guest.
+    assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= 0x30000);
+    assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && VIRTIO_MMIO_END <= IOAPIC_ADDR as u64);
+    assert!(KVM_IDENTITY_MAP_ADDR + 0x1000 == KVM_TSS_ADDR);
+};
+
 /// e820 entry type: usable RAM.
 pub const E820_RAM: u32 = 1;
 /// e820 entry type: reserved.
@@ -143,7 +156,12 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
     }
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
         .into_iter()
-        .map(|(start, len)| (GuestAddress(start), usize::try_from(len).unwrap_or(usize::MAX)))
+        .map(|(start, len)| {
+            (
+                GuestAddress(start),
+                usize::try_from(len).unwrap_or(usize::MAX),
+            )
+        })
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Mmap(mem_size, e))
 }
@@ -160,9 +178,21 @@ mod tests {
         assert_eq!(
             e820_map(mem),
             vec![
-                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
-                E820Entry { addr: 0x9fc00, size: 0x100000 - 0x9fc00, kind: E820_RESERVED },
-                E820Entry { addr: 0x100000, size: mem - 0x100000, kind: E820_RAM },
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0x9fc00,
+                    size: 0x100000 - 0x9fc00,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0x100000,
+                    size: mem - 0x100000,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -173,9 +203,27 @@ mod tests {
         assert_eq!(ram_ranges(mem), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
         let map = e820_map(mem);
         assert_eq!(map.len(), 4);
-        assert_eq!(map[2], E820Entry { addr: 0x100000, size: (3 << 30) - 0x100000, kind: E820_RAM });
-        assert_eq!(map[3], E820Entry { addr: 4 << 30, size: 2 << 30, kind: E820_RAM });
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 0x100000,
+                size: (3 << 30) - 0x100000,
+                kind: E820_RAM
+            }
+        );
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 << 30,
+                size: 2 << 30,
+                kind: E820_RAM
+            }
+        );
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, mem - (0x100000 - 0x9fc00));
         // Exactly 3 GiB: no region above 4 GiB.
         assert_eq!(ram_ranges(3 << 30).len(), 1);
@@ -184,22 +232,14 @@ mod tests {
 
     #[test]
     fn guest_memory_matches_the_ranges() {
-        assert!(matches!(create_guest_memory(1 << 20), Err(MemoryError::TooSmall(_))));
+        assert!(matches!(
+            create_guest_memory(1 << 20),
+            Err(MemoryError::TooSmall(_))
+        ));
         let mem = create_guest_memory(16 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let region = mem.iter().next().unwrap();
         assert_eq!(region.start_addr(), GuestAddress(0));
         assert_eq!(region.len(), 16 << 20);
-    }
-
-    #[test]
-    fn layout_constants_do_not_overlap() {
-        // GDT of 4 entries ends where the IDT starts; page tables sit below the command line.
-        assert_eq!(GDT_ADDR + 4 * 8, IDT_ADDR);
-        assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP + 0x10);
-        assert!(PDE_ADDR + 0x1000 <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= 0x30000);
-        assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && VIRTIO_MMIO_END <= u64::from(IOAPIC_ADDR));
-        assert!(KVM_IDENTITY_MAP_ADDR + 0x1000 == KVM_TSS_ADDR);
     }
 }

@@ -71,7 +71,11 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     count += 1;
     // ISA IRQ n arrives on IOAPIC pin n; pin 0 carries the PIC (ExtINT).
     for pin in 0..IOAPIC_PINS {
-        let kind = if pin == 0 { INT_TYPE_EXTINT } else { INT_TYPE_INT };
+        let kind = if pin == 0 {
+            INT_TYPE_EXTINT
+        } else {
+            INT_TYPE_INT
+        };
         entries.extend_from_slice(&[ENTRY_IOINT, kind, 0, 0, 0, pin, ioapic_id, pin]);
         count += 1;
     }
@@ -156,8 +160,14 @@ mod tests {
         let rest = &entries[60..];
         assert_eq!(&rest[..8], b"\x01\x00ISA   ");
         assert_eq!(&rest[8..12], &[ENTRY_IOAPIC, 3, IOAPIC_VERSION, 1]);
-        assert_eq!(u32::from_le_bytes(rest[12..16].try_into().unwrap()), 0xfec0_0000);
-        assert_eq!(&rest[16 + 8 * 4..16 + 8 * 5], &[ENTRY_IOINT, 0, 0, 0, 0, 4, 3, 4]);
+        assert_eq!(
+            u32::from_le_bytes(rest[12..16].try_into().unwrap()),
+            0xfec0_0000
+        );
+        assert_eq!(
+            &rest[16 + 8 * 4..16 + 8 * 5],
+            &[ENTRY_IOINT, 0, 0, 0, 0, 4, 3, 4]
+        );
     }
 
     #[test]

@@ -39,13 +39,7 @@ pub enum VcpuError {
 
 /// Configures vCPU `id` of `count`: CPUID, FPU, MSRs, LAPIC; the BSP (id 0) also gets the
 /// long-mode boot state at `entry`. APs keep KVM's default state and wait for INIT/SIPI.
-pub fn configure(
-    kvm: &Kvm,
-    fd: &VcpuFd,
-    id: u8,
-    count: u8,
-    entry: u64,
-) -> Result<(), VcpuError> {
+pub fn configure(kvm: &Kvm, fd: &VcpuFd, id: u8, count: u8, entry: u64) -> Result<(), VcpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VcpuError::Kvm("GET_SUPPORTED_CPUID", e))?;
@@ -71,8 +65,7 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-        {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
             log::warn!("cannot install the vCPU kick handler: {e}");
         }
     });

@@ -109,7 +109,11 @@ impl crate::bus::BusDevice for I8042Device {
         let value = match offset {
             DATA_OFFSET => self.out.pop_front().unwrap_or(0),
             COMMAND_OFFSET => {
-                let full = if self.out.is_empty() { 0 } else { STATUS_OUT_FULL };
+                let full = if self.out.is_empty() {
+                    0
+                } else {
+                    STATUS_OUT_FULL
+                };
                 STATUS_SYSTEM | full
             }
             _ => 0xff,

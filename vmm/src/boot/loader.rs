@@ -27,13 +27,21 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// The kernel or initrd file cannot be opened or read.
-    #[error("cannot read {}", .0.display())]
-    Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot read {what} {}", path.display())]
+    Read {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The kernel is neither ELF nor bzImage.
     #[error("{} is not a Linux kernel (neither an ELF vmlinux nor a bzImage)", .0.display())]
     NotAKernel(PathBuf),
     /// linux-loader refused the kernel.
-    #[error("cannot load kernel {}: it does not fit in guest memory or is malformed", .0.display())]
+    #[error("kernel {} does not fit in guest memory (try a larger --mem) or is malformed", .0.display())]
     Kernel(PathBuf, #[source] linux_loader::loader::Error),
     /// The initrd does not fit between the kernel and the top of low memory.
     #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x} (kernel ends at {kernel_end:#x}): give the VM more memory")]
@@ -67,7 +75,11 @@ pub enum KernelFormat {
 
 /// Tells ELF from bzImage by their magic numbers.
 pub fn detect_format(path: &Path) -> Result<KernelFormat, LoaderError> {
-    let read_err = |e| LoaderError::Read(path.to_path_buf(), e);
+    let read_err = |e| LoaderError::Read {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source: e,
+    };
     let mut f = File::open(path).map_err(read_err)?;
     let mut head = [0u8; 0x206];
     let mut got = 0;
@@ -103,7 +115,11 @@ pub struct LoadedKernel {
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let format = detect_format(path)?;
-    let mut file = File::open(path).map_err(|e| LoaderError::Read(path.to_path_buf(), e))?;
+    let mut file = File::open(path).map_err(|e| LoaderError::Read {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     let highmem = Some(GuestAddress(HIGHMEM_START));
     let load_err = |e| LoaderError::Kernel(path.to_path_buf(), e);
     let result = match format {
@@ -147,7 +163,11 @@ pub fn load_initrd(
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<(u64, u64), LoaderError> {
-    let read_err = |e| LoaderError::Read(path.to_path_buf(), e);
+    let read_err = |e| LoaderError::Read {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source: e,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
     file.rewind().map_err(read_err)?;
@@ -170,8 +190,7 @@ pub fn load_initrd(
 
 /// Parses a command line the way the kernel will receive it (at most 4095 bytes + NUL).
 pub fn parse_cmdline(raw: &str) -> Result<Cmdline, LoaderError> {
-    Cmdline::try_from(raw, CMDLINE_MAX_SIZE)
-        .map_err(LoaderError::Cmdline)
+    Cmdline::try_from(raw, CMDLINE_MAX_SIZE).map_err(LoaderError::Cmdline)
 }
 
 /// Writes the command line to [`CMDLINE_ADDR`]; returns its length with the NUL.
@@ -201,7 +220,7 @@ pub fn build_boot_params(
         params.hdr.kernel_alignment = 0x0100_0000;
     }
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_ADDR).unwrap_or_default();
     params.hdr.cmdline_size = cmdline_len;
     if let Some((addr, size)) = initrd {
         // Both fit in 32 bits: the initrd lives below the 3 GiB MMIO gap.
@@ -242,19 +261,31 @@ mod tests {
         assert_eq!(format_of(&[]), None);
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"not a kernel").unwrap();
-        assert!(matches!(detect_format(f.path()), Err(LoaderError::NotAKernel(_))));
+        assert!(matches!(
+            detect_format(f.path()),
+            Err(LoaderError::NotAKernel(_))
+        ));
         assert!(matches!(
             detect_format(Path::new("/nonexistent/vmlinux")),
-            Err(LoaderError::Read(..))
+            Err(LoaderError::Read { .. })
         ));
     }
 
     #[test]
     fn initrd_goes_to_the_top_of_low_memory_page_aligned() {
         let limit = 256 << 20;
-        assert_eq!(initrd_address(4096, 0x200_0000, limit).unwrap(), limit - 4096);
-        assert_eq!(initrd_address(100, 0x200_0000, limit).unwrap(), limit - 4096);
-        assert_eq!(initrd_address(5000, 0x200_0000, limit).unwrap(), limit - 8192);
+        assert_eq!(
+            initrd_address(4096, 0x200_0000, limit).unwrap(),
+            limit - 4096
+        );
+        assert_eq!(
+            initrd_address(100, 0x200_0000, limit).unwrap(),
+            limit - 4096
+        );
+        assert_eq!(
+            initrd_address(5000, 0x200_0000, limit).unwrap(),
+            limit - 8192
+        );
         assert!(initrd_address(limit, 0x200_0000, limit).is_err());
         assert!(initrd_address(limit - 0x100_0000, 0x200_0000, limit).is_err());
         assert!(initrd_address(u64::MAX, 0, limit).is_err());
@@ -271,12 +302,18 @@ mod tests {
         let hdr = p.hdr;
         assert_eq!({ hdr.cmd_line_ptr }, 0x20000);
         assert_eq!({ hdr.cmdline_size }, 20);
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x7000_0000, 0x1234));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x7000_0000, 0x1234)
+        );
         assert_eq!(({ hdr.boot_flag }, { hdr.header }), (0xaa55, HDRS_MAGIC));
         assert_eq!(hdr.type_of_loader, 0xff);
         assert_eq!(p.e820_entries, 4);
         let last = p.e820_table[3];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (4 << 30, 2 << 30, 1));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (4 << 30, 2 << 30, 1)
+        );
     }
 
     #[test]
@@ -285,7 +322,8 @@ mod tests {
         let cl = parse_cmdline("console=ttyS0 panic=1").unwrap();
         assert_eq!(write_cmdline(&mem, &cl).unwrap(), 22);
         let mut buf = [0u8; 22];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0 panic=1\0");
         assert!(parse_cmdline(&"a".repeat(4095)).is_ok());
         assert!(parse_cmdline(&"a".repeat(4096)).is_err());

@@ -86,15 +86,24 @@ mod tests {
         setup_page_tables(&m).unwrap();
         // Map virtual 0xffff_8000_0000_1000 -> physical 0x20_3000 through a 4 KiB page table.
         let gva: u64 = 0xffff_8000_0000_1abc;
-        let (pml4_i, pdpt_i, pd_i, pt_i) =
-            ((gva >> 39) & 0x1ff, (gva >> 30) & 0x1ff, (gva >> 21) & 0x1ff, (gva >> 12) & 0x1ff);
-        m.write_obj(0x10_1000u64 | 3, GuestAddress(PML4_ADDR + pml4_i * 8)).unwrap();
-        m.write_obj(0x10_2000u64 | 3, GuestAddress(0x10_1000 + pdpt_i * 8)).unwrap();
-        m.write_obj(0x10_3000u64 | 3, GuestAddress(0x10_2000 + pd_i * 8)).unwrap();
-        m.write_obj(0x20_3000u64 | 3, GuestAddress(0x10_3000 + pt_i * 8)).unwrap();
+        let (pml4_i, pdpt_i, pd_i, pt_i) = (
+            (gva >> 39) & 0x1ff,
+            (gva >> 30) & 0x1ff,
+            (gva >> 21) & 0x1ff,
+            (gva >> 12) & 0x1ff,
+        );
+        m.write_obj(0x10_1000u64 | 3, GuestAddress(PML4_ADDR + pml4_i * 8))
+            .unwrap();
+        m.write_obj(0x10_2000u64 | 3, GuestAddress(0x10_1000 + pdpt_i * 8))
+            .unwrap();
+        m.write_obj(0x10_3000u64 | 3, GuestAddress(0x10_2000 + pd_i * 8))
+            .unwrap();
+        m.write_obj(0x20_3000u64 | 3, GuestAddress(0x10_3000 + pt_i * 8))
+            .unwrap();
         assert_eq!(translate(&m, PML4_ADDR, gva), Some(0x20_3abc));
         // A table pointer outside guest memory yields None, not a panic.
-        m.write_obj(0xdead_0000_0000u64 | 3, GuestAddress(PML4_ADDR + 8)).unwrap();
+        m.write_obj(0xdead_0000_0000u64 | 3, GuestAddress(PML4_ADDR + 8))
+            .unwrap();
         assert_eq!(translate(&m, PML4_ADDR, 1 << 39), None);
         assert_eq!(translate(&m, u64::MAX, 0), None);
     }

@@ -132,7 +132,10 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 
 /// Sets LINT0 to ExtINT (the PIC) and LINT1 to NMI in a LAPIC register page.
 pub fn set_lint_pins(lapic: &mut kvm_lapic_state) {
-    for (reg, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
+    for (reg, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
         let value = read_apic_reg(lapic, reg);
         write_apic_reg(lapic, reg, (value & !0x700) | (mode << 8));
     }
@@ -161,7 +164,10 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
     if set != entries.len() {
         // KVM stops at the first MSR it refuses; the rest keep their reset values.
         let refused = entries.get(set).map_or(0, |e| e.index);
-        log::warn!("KVM accepted {set} of {} boot MSRs (refused {refused:#x})", entries.len());
+        log::warn!(
+            "KVM accepted {set} of {} boot MSRs (refused {refused:#x})",
+            entries.len()
+        );
     }
     let mut lapic = vcpu
         .get_lapic()
@@ -189,7 +195,10 @@ mod tests {
     #[test]
     fn bsp_registers_follow_the_boot_protocol() {
         let regs = boot_regs(0x100_0000);
-        assert_eq!((regs.rip, regs.rsi, regs.rsp, regs.rbp), (0x100_0000, 0x7000, 0x8ff0, 0x8ff0));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rsp, regs.rbp),
+            (0x100_0000, 0x7000, 0x8ff0, 0x8ff0)
+        );
         assert_eq!(regs.rflags, 2);
         let sregs = long_mode_sregs(kvm_sregs::default());
         assert_eq!(sregs.cr0 & 0x8000_0031, 0x8000_0031);
@@ -222,6 +231,8 @@ mod tests {
         assert_eq!(read_apic_reg(&lapic, APIC_LVT_LINT0), 0x0001_0700);
         assert_eq!(read_apic_reg(&lapic, APIC_LVT_LINT1), 0x400);
         let msrs = boot_msr_entries();
-        assert!(msrs.iter().any(|m| m.index == MSR_MTRR_DEF_TYPE && m.data == 0x806));
+        assert!(msrs
+            .iter()
+            .any(|m| m.index == MSR_MTRR_DEF_TYPE && m.data == 0x806));
     }
 }
