@@ -1,10 +1,12 @@
 //! `mvm boot` with bad input: each case prints one clear line, exits with 2 and leaves nothing
 //! behind (no serial output file, no VM).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const MVM: &str = env!("CARGO_BIN_EXE_mvm");
+use common::MVM;
 
 fn mvm(args: &[&str]) -> Output {
     Command::new(MVM)
@@ -181,32 +183,13 @@ fn boot_with_a_too_long_cmdline_is_refused_and_leaves_no_serial_file() {
 
 #[test]
 fn boot_with_a_kernel_too_big_for_memory_is_refused() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipping: no /dev/kvm on this host");
+    if !common::have_kvm() {
         return;
     }
     // A valid one-segment ELF whose segment lies at 64 MiB, beyond the 8 MiB of guest RAM.
     let dir = tempfile::tempdir().unwrap();
     let k = dir.path().join("big.elf");
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    f.extend_from_slice(&2u16.to_le_bytes());
-    f.extend_from_slice(&0x3eu16.to_le_bytes());
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&0x400_0000u64.to_le_bytes());
-    f.extend_from_slice(&64u64.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&7u32.to_le_bytes());
-    for v in [120u64, 0x400_0000, 0x400_0000, 2, 2, 0x1000] {
-        f.extend_from_slice(&v.to_le_bytes());
-    }
-    f.extend_from_slice(&[0xeb, 0xfe]);
-    std::fs::write(&k, f).unwrap();
+    std::fs::write(&k, common::tiny_elf(&[0xeb, 0xfe], 0x400_0000)).unwrap();
     let out = mvm(&["boot", "--kernel", s(&k), "--mem", "8M"]);
     assert_bad_input(&out, "does not fit in guest memory");
 }
