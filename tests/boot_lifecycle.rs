@@ -28,9 +28,21 @@ fn boot_guest_that_reboots_prints_its_console_and_exits_0() {
     let code = [print(b"hello from the guest\n"), RESET.to_vec()].concat();
     let k = guest_file(dir.path(), "hello.elf", &code);
     let out = boot(&k, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the guest\n");
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the guest\n"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -43,7 +55,12 @@ fn boot_with_serial_out_writes_the_console_to_the_file() {
     let k = guest_file(dir.path(), "log.elf", &code);
     let log = dir.path().join("console.log");
     let out = boot(&k, &["--serial-out", log.to_str().unwrap(), "--cpus", "2"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout.is_empty());
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "to the log\n");
 }
@@ -89,7 +106,7 @@ fn spinner() -> Vec<u8> {
 }
 
 fn signal_ends_vm(signal: &str, code: i32) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
     let k = guest_file(dir.path(), "spin.elf", &spinner());
     let mut child = Command::new(MVM)
         .args(["boot", "--mem", "16M", "--cpus", "2", "--kernel"])
@@ -98,19 +115,23 @@ fn signal_ends_vm(signal: &str, code: i32) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        .expect("start mvm");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
+    stdout.read_line(&mut line).expect("read console");
     assert_eq!(line, "ready\n");
     let sent = Instant::now();
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
-        .unwrap();
+        .expect("run kill");
     assert!(status.success());
-    let status = child.wait().unwrap();
-    assert!(sent.elapsed() < Duration::from_secs(5), "took {:?}", sent.elapsed());
+    let status = child.wait().expect("wait for mvm");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        sent.elapsed()
+    );
     assert_eq!(status.code(), Some(code));
 }
 
@@ -160,7 +181,12 @@ fn boot_passes_stdin_to_the_guest_console() {
         .unwrap();
     child.stdin.take().unwrap().write_all(b"ping\n").unwrap();
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert_eq!(out, "ping\n");
 }

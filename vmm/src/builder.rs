@@ -507,4 +507,149 @@ mod tests {
         assert_eq!(vm.wait(), VmExit::Stopped);
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
+
+    struct FakeTransport;
+
+    impl devices::bus::BusDevice for FakeTransport {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(0);
+            if offset == 0 {
+                if let Some(b) = data.first_mut() {
+                    *b = b'v';
+                }
+            }
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    struct NotifyCounter {
+        evt: vmm_sys_util::eventfd::EventFd,
+        notified: Arc<AtomicBool>,
+    }
+
+    impl event_manager::MutEventSubscriber for NotifyCounter {
+        fn process(&mut self, _: event_manager::Events, _: &mut event_manager::EventOps) {
+            if self.evt.read().is_ok() {
+                self.notified.store(true, Ordering::SeqCst);
+            }
+        }
+        fn init(&mut self, ops: &mut event_manager::EventOps) {
+            ops.add(event_manager::Events::new(
+                &self.evt,
+                event_manager::EventSet::IN,
+            ))
+            .unwrap();
+        }
+    }
+
+    fn mov_rax(v: u64) -> Vec<u8> {
+        [vec![0x48, 0xb8], v.to_le_bytes().to_vec()].concat()
+    }
+
+    fn mov_rbx(v: u64) -> Vec<u8> {
+        [vec![0x48, 0xbb], v.to_le_bytes().to_vec()].concat()
+    }
+
+    #[test]
+    fn virtio_mmio_slot_gets_mmio_reads_ioeventfd_notifies_and_a_cmdline_entry() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipping: no /dev/kvm on this host");
+            return;
+        }
+        // Map 0xd000_0000 with a 2 MiB page (PDPTE[3] -> PD at 0xc000), read the transport's
+        // first byte to COM1, notify queue 1, reboot.
+        let code = [
+            mov_rax(0xc003),
+            mov_rbx(0xa018),
+            vec![0x48, 0x89, 0x03], // mov [rbx], rax
+            mov_rax(0xd000_0083),
+            mov_rbx(0xc000 + 0x80 * 8),
+            vec![0x48, 0x89, 0x03],                   // mov [rbx], rax
+            vec![0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8], // mov rax, cr3; mov cr3, rax
+            mov_rbx(0xd000_0000),
+            vec![0x8a, 0x03],             // mov al, [rbx]
+            vec![0x66, 0xba, 0xf8, 0x03], // mov dx, 0x3f8
+            vec![0xee],                   // out dx, al
+            mov_rbx(0xd000_0050),
+            vec![0xb8, 0x01, 0, 0, 0], // mov eax, 1
+            vec![0x89, 0x03],          // mov [rbx], eax
+            vec![0xb0, 0xfe, 0xe6, 0x64, 0xf4],
+        ]
+        .concat();
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("virtio.elf");
+        std::fs::write(&kernel, tiny_elf(&code, 0x10_0000)).unwrap();
+        let mut cfg = VmConfig::new(&kernel);
+        cfg.mem_bytes = 16 << 20;
+        let out = Capture::default();
+        let mut builder = VmBuilder::with_console(cfg, Box::new(out.clone())).unwrap();
+
+        let new_evt = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let queue_evts = vec![new_evt(), new_evt()];
+        let q0 = queue_evts[0].try_clone().unwrap();
+        let q1 = queue_evts[1].try_clone().unwrap();
+        let notified = Arc::new(AtomicBool::new(false));
+        let dev = VirtioMmioDevice {
+            bus_device: Arc::new(Mutex::new(FakeTransport)),
+            subscriber: Arc::new(Mutex::new(NotifyCounter {
+                evt: queue_evts[1].try_clone().unwrap(),
+                notified: notified.clone(),
+            })),
+            queue_evts,
+            irq_evt: new_evt(),
+        };
+        assert_eq!(builder.attach_virtio_mmio(dev).unwrap(), (0xd000_0000, 5));
+        let second = VirtioMmioDevice {
+            bus_device: Arc::new(Mutex::new(FakeTransport)),
+            queue_evts: vec![new_evt()],
+            irq_evt: new_evt(),
+            subscriber: Arc::new(Mutex::new(NotifyCounter {
+                evt: new_evt(),
+                notified: Arc::new(AtomicBool::new(false)),
+            })),
+        };
+        assert_eq!(
+            builder.attach_virtio_mmio(second).unwrap(),
+            (0xd000_1000, 6)
+        );
+        let cmdline = builder.device_manager().cmdline().as_cstring().unwrap();
+        let cmdline = cmdline.to_str().unwrap();
+        assert!(
+            cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
+            "{cmdline}"
+        );
+        assert!(
+            cmdline.contains("virtio_mmio.device=4K@0xd0001000:6"),
+            "{cmdline}"
+        );
+
+        let exit = builder.start().unwrap().wait();
+        assert_eq!(exit, VmExit::Reset);
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"v");
+        // Delivered to the subscriber, or still pending on the eventfd if the loop ended first.
+        assert!(
+            notified.load(Ordering::SeqCst) || q1.read().is_ok(),
+            "queue 1 notification not delivered"
+        );
+        assert!(
+            q0.read().is_err(),
+            "queue 0 must not be notified (datamatch)"
+        );
+    }
+
+    #[test]
+    fn memory_above_the_mmio_gap_is_registered() {
+        let Some(_) = boot_code(CPUID_GUEST, 1) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("big.elf");
+        std::fs::write(&kernel, tiny_elf(CPUID_GUEST, 0x10_0000)).unwrap();
+        let mut cfg = VmConfig::new(&kernel);
+        cfg.mem_bytes = (3 << 30) + (64 << 20);
+        let builder = VmBuilder::with_console(cfg, Box::new(io::sink())).unwrap();
+        use vm_memory::GuestMemoryBackend;
+        assert_eq!(builder.guest_memory().num_regions(), 2);
+        assert_eq!(builder.start().unwrap().wait(), VmExit::Reset);
+    }
 }

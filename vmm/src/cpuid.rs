@@ -167,6 +167,12 @@ pub fn apply_template(cpuid: &mut CpuId, id: u8, count: u8) -> Result<(), CpuidE
                 entry.eax = entry.eax.max(KVM_SIGNATURE_LEAF + 1);
                 [entry.ebx, entry.ecx, entry.edx] = KVM_SIGNATURE;
             }
+            0x8000_001e => {
+                // AMD extended APIC id; compute unit (core) id; node 0.
+                entry.eax = apic_id;
+                entry.ebx = apic_id & 0xff;
+                entry.ecx = 0;
+            }
             0x8000_0008 => {
                 // AMD: number of cores - 1 in ecx[7:0], APIC id size in ecx[15:12].
                 entry.ecx = (entry.ecx & !0xf0ff) | ((n - 1) & 0xff) | (id_bits(n) << 12);
@@ -210,6 +216,7 @@ mod tests {
             entry(0xb, 1, [4, 8, 0x201, 9]),
             entry(0xd, 0, [7, 0x340, 0x340, 0]),
             entry(0x8000_0008, 0, [0x3027, 0, 0, 0]),
+            entry(0x8000_001e, 0, [5, 0x105, 0x300, 0]),
         ])
         .unwrap()
     }
@@ -257,6 +264,8 @@ mod tests {
         assert_eq!(find(&c, 4, 0).eax >> 26, 3);
         assert_eq!((find(&c, 4, 3).eax >> 14) & 0xfff, 3);
         assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 3);
+        let amd = find(&c, 0x8000_001e, 0);
+        assert_eq!((amd.eax, amd.ebx, amd.ecx), (2, 2, 0));
     }
 
     #[test]
