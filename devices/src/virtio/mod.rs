@@ -12,7 +12,11 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod block;
+pub mod glue;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 /// Feature bit every modern device offers: VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
