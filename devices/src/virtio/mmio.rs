@@ -786,7 +786,8 @@ mod tests {
 
     #[test]
     fn invalid_queues_set_needs_reset_and_raise_config_interrupt() {
-        let cases: [(&str, fn(&mut MmioTransport)); 5] = [
+        type Configure = fn(&mut MmioTransport);
+        let cases: [(&str, Configure); 5] = [
             ("size not a power of two", |t| {
                 setup_queue(t, 0, 16, 0x1_0000);
                 wr(t, 0x38, 12);

@@ -34,7 +34,9 @@ pub fn store_desc(
     next: u16,
 ) {
     let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-    q.desc_table().store(index, d).expect("descriptor index in table");
+    q.desc_table()
+        .store(index, d)
+        .expect("descriptor index in table");
 }
 
 /// Publishes `head` in the available ring.
@@ -82,11 +84,13 @@ pub fn used(q: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
 /// Reads `len` bytes of guest memory at `addr`.
 pub fn read_mem(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
-    mem.read_slice(&mut v, GuestAddress(addr)).expect("read guest memory");
+    mem.read_slice(&mut v, GuestAddress(addr))
+        .expect("read guest memory");
     v
 }
 
 /// Writes `data` to guest memory at `addr`.
 pub fn write_mem(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
-    mem.write_slice(data, GuestAddress(addr)).expect("write guest memory");
+    mem.write_slice(data, GuestAddress(addr))
+        .expect("write guest memory");
 }

@@ -87,11 +87,9 @@ impl RawFile {
         })?;
         let len = if meta.file_type().is_block_device() {
             let mut f = &file;
-            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(|source| {
-                BlockError::Metadata {
-                    path: path.to_owned(),
-                    source,
-                }
+            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(|source| BlockError::Metadata {
+                path: path.to_owned(),
+                source,
             })?
         } else if meta.is_file() {
             meta.len()
@@ -299,7 +297,7 @@ mod tests {
 
     fn image(len: usize) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect();
         f.write_all(&data).unwrap();
         f.flush().unwrap();
         f
@@ -362,6 +360,9 @@ mod tests {
     #[test]
     fn id_is_padded_or_truncated_to_20_bytes() {
         assert_eq!(&id_bytes("ab")[..3], b"ab\0");
-        assert_eq!(&id_bytes("0123456789abcdefghijXYZ"), b"0123456789abcdefghij");
+        assert_eq!(
+            &id_bytes("0123456789abcdefghijXYZ"),
+            b"0123456789abcdefghij"
+        );
     }
 }

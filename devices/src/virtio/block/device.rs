@@ -137,6 +137,10 @@ impl Disk {
     }
 
     fn read(&mut self, req: &mut Request<'_, ()>, m: &BlockMetrics) -> u8 {
+        if req.payload.available_bytes() != 0 {
+            // Device-readable data buffers on a read: the driver got the direction wrong.
+            return status::IOERR;
+        }
         let len = req.data.available_bytes() as u64;
         let Some(mut offset) = self.byte_offset(req.sector, len) else {
             return status::IOERR;
@@ -161,7 +165,7 @@ impl Disk {
     }
 
     fn write(&mut self, req: &mut Request<'_, ()>, m: &BlockMetrics) -> u8 {
-        if self.backend.read_only() {
+        if self.backend.read_only() || req.data.available_bytes() != 0 {
             return status::IOERR;
         }
         let len = req.payload.available_bytes() as u64;
@@ -363,7 +367,12 @@ impl Block {
             return;
         }
         BlockMetrics::inc(&self.metrics.queue_events);
-        match process_queue(&mut active.queue, &active.mem, &mut self.disk, &self.metrics) {
+        match process_queue(
+            &mut active.queue,
+            &active.mem,
+            &mut self.disk,
+            &self.metrics,
+        ) {
             Ok(true) => {
                 BlockMetrics::inc(&self.metrics.interrupts);
                 if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
@@ -426,7 +435,10 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!("virtio-blk: ignoring config write of {} bytes at {offset:#x}", data.len());
+        debug!(
+            "virtio-blk: ignoring config write of {} bytes at {offset:#x}",
+            data.len()
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -459,5 +471,307 @@ impl VirtioDevice for Block {
             self.events.signal();
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::backend::MemDisk;
+    use crate::virtio::block::request_type as rt;
+    use crate::virtio::test_utils::*;
+    use std::sync::Mutex;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    const SECTORS: u64 = 64;
+
+    fn image(ro: bool) -> (tempfile::NamedTempFile, Disk) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..SECTORS * 512).map(|i| (i % 253) as u8).collect();
+        f.write_all(&data).unwrap();
+        let backend = RawFile::open(f.path(), ro).unwrap();
+        let mut disk = Disk::new(Box::new(backend), Some("disk-serial".into())).unwrap();
+        disk.set_negotiated(true, true);
+        (f, disk)
+    }
+
+    /// Lays out one request at `base`: header, data descriptors after `base + 0x1000`, status at
+    /// `base + 0x100`. Returns the status address and the data addresses.
+    fn push_req(
+        q: &MockSplitQueue<GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        first: u16,
+        base: u64,
+        (t, sector): (u32, u64),
+        data: &[(u32, bool)],
+    ) -> (u64, Vec<u64>) {
+        let mut h = t.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        write_mem(mem, base, &h);
+        write_mem(mem, base + 0x100, &[0xee]);
+        let mut descs = vec![(base, 16, false)];
+        let mut addrs = Vec::new();
+        let mut at = base + 0x1000;
+        for &(len, writable) in data {
+            descs.push((at, len, writable));
+            addrs.push(at);
+            at += u64::from(len);
+        }
+        descs.push((base + 0x100, 1, true));
+        add_chain(q, first, &descs);
+        (base + 0x100, addrs)
+    }
+
+    fn run(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap, disk: &mut Disk) -> bool {
+        let mut queue: Queue = q.create_queue().unwrap();
+        let m = BlockMetrics::default();
+        process_queue(&mut queue, mem, disk, &m).unwrap()
+    }
+
+    fn status_at(mem: &GuestMemoryMmap, addr: u64) -> u8 {
+        read_mem(mem, addr, 1)[0]
+    }
+
+    #[test]
+    fn write_then_read_round_trips_through_the_file() {
+        let (f, mut disk) = image(false);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (st_w, data_w) = push_req(
+            &q,
+            &mem,
+            0,
+            0x2_0000,
+            (rt::OUT, 2),
+            &[(700, false), (324, false)],
+        );
+        let payload: Vec<u8> = (0..1024u32)
+            .map(|i| i.to_le_bytes()[0].wrapping_mul(7))
+            .collect();
+        write_mem(&mem, data_w[0], &payload[..700]);
+        write_mem(&mem, data_w[1], &payload[700..]);
+        let (st_r, data_r) = push_req(
+            &q,
+            &mem,
+            4,
+            0x4_0000,
+            (rt::IN, 2),
+            &[(512, true), (256, true), (256, true)],
+        );
+        assert!(run(&q, &mem, &mut disk));
+        assert_eq!(status_at(&mem, st_w), status::OK);
+        assert_eq!(status_at(&mem, st_r), status::OK);
+        assert_eq!(used(&q), vec![(0, 1), (4, 1025)]);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[1024..2048], &payload[..]);
+        assert_eq!(on_disk[2048], (2048 % 253) as u8);
+        let mut back = read_mem(&mem, data_r[0], 512);
+        back.extend(read_mem(&mem, data_r[1], 256));
+        back.extend(read_mem(&mem, data_r[2], 256));
+        assert_eq!(back, payload);
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let (_f, mut disk) = image(false);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (st_flush, _) = push_req(&q, &mem, 0, 0x2_0000, (rt::FLUSH, 0), &[]);
+        let (st_id, id) = push_req(&q, &mem, 2, 0x4_0000, (rt::GET_ID, 0), &[(20, true)]);
+        let (st_bad, _) = push_req(&q, &mem, 5, 0x6_0000, (99, 0), &[]);
+        let m = BlockMetrics::default();
+        let mut queue: Queue = q.create_queue().unwrap();
+        process_queue(&mut queue, &mem, &mut disk, &m).unwrap();
+        assert_eq!(status_at(&mem, st_flush), status::OK);
+        assert_eq!(status_at(&mem, st_id), status::OK);
+        assert_eq!(read_mem(&mem, id[0], 20), b"disk-serial\0\0\0\0\0\0\0\0\0");
+        assert_eq!(status_at(&mem, st_bad), status::UNSUPP);
+        let json = m.to_json();
+        assert_eq!(
+            (json["flushes"].clone(), json["get_ids"].clone()),
+            (1.into(), 1.into())
+        );
+        assert_eq!(json["unsupported"], 1);
+    }
+
+    #[test]
+    fn read_only_disk_rejects_writes_and_zeroing() {
+        let (f, mut disk) = image(true);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (st_w, d) = push_req(&q, &mem, 0, 0x2_0000, (rt::OUT, 0), &[(512, false)]);
+        write_mem(&mem, d[0], &[0x55; 512]);
+        let (st_z, z) = push_req(&q, &mem, 3, 0x4_0000, (rt::WRITE_ZEROES, 0), &[(16, false)]);
+        write_mem(
+            &mem,
+            z[0],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        );
+        let (st_f, _) = push_req(&q, &mem, 6, 0x6_0000, (rt::FLUSH, 0), &[]);
+        run(&q, &mem, &mut disk);
+        assert_eq!(status_at(&mem, st_w), status::IOERR);
+        assert_eq!(status_at(&mem, st_z), status::UNSUPP);
+        assert_eq!(status_at(&mem, st_f), status::OK);
+        assert_eq!(std::fs::read(f.path()).unwrap()[0], 0);
+        assert_eq!(std::fs::read(f.path()).unwrap()[1], 1);
+    }
+
+    #[test]
+    fn requests_outside_the_disk_or_not_whole_sectors_fail() {
+        let (_f, mut disk) = image(false);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (a, _) = push_req(
+            &q,
+            &mem,
+            0,
+            0x2_0000,
+            (rt::IN, SECTORS - 1),
+            &[(1024, true)],
+        );
+        let (b, _) = push_req(&q, &mem, 3, 0x4_0000, (rt::OUT, u64::MAX), &[(512, false)]);
+        let (c, _) = push_req(&q, &mem, 6, 0x6_0000, (rt::IN, 0), &[(100, true)]);
+        let (d, _) = push_req(&q, &mem, 9, 0x8_0000, (rt::IN, SECTORS - 1), &[(512, true)]);
+        run(&q, &mem, &mut disk);
+        assert_eq!(status_at(&mem, a), status::IOERR);
+        assert_eq!(status_at(&mem, b), status::IOERR);
+        assert_eq!(status_at(&mem, c), status::IOERR);
+        assert_eq!(status_at(&mem, d), status::OK);
+    }
+
+    fn segment(sector: u64, num: u32, flags: u32) -> Vec<u8> {
+        let mut v = sector.to_le_bytes().to_vec();
+        v.extend_from_slice(&num.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_ranges() {
+        let (f, mut disk) = image(false);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (a, z) = push_req(&q, &mem, 0, 0x2_0000, (rt::WRITE_ZEROES, 0), &[(32, false)]);
+        let mut segs = segment(1, 2, 0);
+        segs.extend(segment(10, 1, 1));
+        write_mem(&mem, z[0], &segs);
+        let (b, s) = push_req(&q, &mem, 3, 0x4_0000, (rt::DISCARD, 0), &[(16, false)]);
+        write_mem(&mem, s[0], &segment(20, 1, 1));
+        let (c, s) = push_req(&q, &mem, 6, 0x6_0000, (rt::WRITE_ZEROES, 0), &[(16, false)]);
+        write_mem(&mem, s[0], &segment(SECTORS, 1, 0));
+        let (d, s) = push_req(&q, &mem, 9, 0x8_0000, (rt::WRITE_ZEROES, 0), &[(15, false)]);
+        write_mem(&mem, s[0], &[0; 15]);
+        run(&q, &mem, &mut disk);
+        assert_eq!(status_at(&mem, a), status::OK);
+        assert_eq!(
+            status_at(&mem, b),
+            status::UNSUPP,
+            "unmap flag is reserved for DISCARD"
+        );
+        assert_eq!(status_at(&mem, c), status::IOERR);
+        assert_eq!(status_at(&mem, d), status::IOERR);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(on_disk[511], (511 % 253) as u8);
+        assert!(on_disk[512..1536].iter().all(|&x| x == 0));
+        assert!(on_disk[5120..5632].iter().all(|&x| x == 0));
+        assert_eq!(on_disk[1536], (1536 % 253) as u8);
+        assert_eq!(on_disk.len() as u64, SECTORS * 512);
+    }
+
+    #[test]
+    fn hostile_chains_are_returned_empty_and_later_requests_still_work() {
+        let mut disk = Disk::new(Box::new(MemDisk::new(8192, false)), None).unwrap();
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        // Status outside guest memory.
+        add_chain(&q, 0, &[(0x2_0000, 16, false), (MEM_SIZE as u64, 1, true)]);
+        // A loop of readable descriptors.
+        store_desc(&q, 2, 0x2_0000, 16, F_NEXT, 3);
+        store_desc(&q, 3, 0x2_0000, 16, F_NEXT, 2);
+        publish(&q, 2);
+        // Data descriptor in read direction for a read request (device must write it).
+        let (st, _) = push_req(&q, &mem, 4, 0x4_0000, (rt::IN, 0), &[(512, false)]);
+        // A good write afterwards.
+        let (ok, d) = push_req(&q, &mem, 8, 0x6_0000, (rt::OUT, 1), &[(512, false)]);
+        write_mem(&mem, d[0], &[0x5a; 512]);
+        // Canary right after guest-visible buffers must stay untouched.
+        write_mem(&mem, 0x8_0000, &[0xcc; 64]);
+        let m = BlockMetrics::default();
+        let mut queue: Queue = q.create_queue().unwrap();
+        assert!(process_queue(&mut queue, &mem, &mut disk, &m).unwrap());
+        assert_eq!(used(&q), vec![(0, 0), (2, 0), (4, 1), (8, 1)]);
+        assert_eq!(status_at(&mem, st), status::IOERR);
+        assert_eq!(status_at(&mem, ok), status::OK);
+        assert_eq!(read_mem(&mem, 0x8_0000, 64), vec![0xcc; 64]);
+        assert_eq!(m.to_json()["invalid_chains"], 2);
+        assert_eq!(m.to_json()["io_errors"], 1);
+    }
+
+    #[test]
+    fn avail_index_beyond_queue_size_is_a_queue_error() {
+        let mut disk = Disk::new(Box::new(MemDisk::new(4096, false)), None).unwrap();
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        q.avail().idx().store(100);
+        let mut queue: Queue = q.create_queue().unwrap();
+        let m = BlockMetrics::default();
+        assert!(process_queue(&mut queue, &mem, &mut disk, &m).is_err());
+    }
+
+    #[derive(Debug, Default)]
+    struct CountingInterrupt(Mutex<Vec<InterruptKind>>);
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(kind);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn block_device_config_features_and_activation() {
+        let ro = Block::with_backend(Box::new(MemDisk::new(1 << 20, true)), None).unwrap();
+        assert_ne!(ro.avail_features() & (1 << features::RO), 0);
+        assert_eq!(ro.avail_features() & (1 << features::WRITE_ZEROES), 0);
+        let mut cap = [0u8; 8];
+        ro.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        let mut past = [0xffu8; 4];
+        ro.read_config(u64::MAX - 1, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert!(matches!(
+            Block::with_backend(Box::new(MemDisk::new(512, false)), Some("x".repeat(21))),
+            Err(BlockError::SerialTooLong(_))
+        ));
+
+        let mut dev = Block::with_backend(Box::new(MemDisk::new(1 << 20, false)), None).unwrap();
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (st, _) = push_req(&q, &mem, 0, 0x2_0000, (rt::FLUSH, 0), &[]);
+        let irq = Arc::new(CountingInterrupt::default());
+        let bad = ActivateContext {
+            mem: mem.clone(),
+            queues: vec![],
+            queue_evts: vec![],
+            interrupt: irq.clone(),
+        };
+        assert!(dev.activate(bad).is_err());
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            queues: vec![q.create_queue().unwrap()],
+            queue_evts: vec![EventFd::new(0).unwrap()],
+            interrupt: irq.clone(),
+        };
+        dev.activate(ctx).unwrap();
+        assert!(dev.is_active());
+        dev.process_request_queue();
+        assert_eq!(status_at(&mem, st), status::OK);
+        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptKind::Queue]);
+        assert!(dev.reset());
+        assert!(!dev.is_active());
+        dev.process_request_queue();
+        assert_eq!(dev.metrics().to_json()["activations"], 1);
     }
 }

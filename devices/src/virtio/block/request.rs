@@ -254,7 +254,11 @@ mod tests {
         let mem = guest_mem();
         let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         write_mem(&mem, BUF_BASE, &header(0, 3));
-        add_chain(&q, 0, &[(BUF_BASE, 16, false), (BUF_BASE + 0x100, 513, true)]);
+        add_chain(
+            &q,
+            0,
+            &[(BUF_BASE, 16, false), (BUF_BASE + 0x100, 513, true)],
+        );
         let (kind, sector, payload, data) = parse_first(&mem, &q, 16).unwrap();
         assert_eq!((kind, sector, payload, data), (RequestKind::In, 3, 0, 512));
     }
@@ -279,8 +283,14 @@ mod tests {
     fn hostile_chain_shapes_are_rejected() {
         let out_of_mem = MEM_SIZE as u64 + 0x1000;
         let cases: Vec<(&str, Vec<Desc>)> = vec![
-            ("readable status", vec![(BUF_BASE, 16, false), (BUF_BASE + 0x100, 1, false)]),
-            ("zero-length status", vec![(BUF_BASE, 16, false), (BUF_BASE + 0x100, 0, true)]),
+            (
+                "readable status",
+                vec![(BUF_BASE, 16, false), (BUF_BASE + 0x100, 1, false)],
+            ),
+            (
+                "zero-length status",
+                vec![(BUF_BASE, 16, false), (BUF_BASE + 0x100, 0, true)],
+            ),
             (
                 "readable after writable",
                 vec![
@@ -290,14 +300,23 @@ mod tests {
                     (BUF_BASE + 0x800, 1, true),
                 ],
             ),
-            ("buffer outside memory", vec![(BUF_BASE, 16, false), (out_of_mem, 1, true)]),
+            (
+                "buffer outside memory",
+                vec![(BUF_BASE, 16, false), (out_of_mem, 1, true)],
+            ),
             (
                 "buffer crossing the end of memory",
                 vec![(BUF_BASE, 16, false), (MEM_SIZE as u64 - 4, 8, true)],
             ),
-            ("huge length", vec![(BUF_BASE, 16, false), (BUF_BASE, 0x8000_0000, true)]),
+            (
+                "huge length",
+                vec![(BUF_BASE, 16, false), (BUF_BASE, 0x8000_0000, true)],
+            ),
             // 4 GiB - 1 + 1 overflows the chain's byte count: the walk stops before the status.
-            ("chain over 4 GiB", vec![(BUF_BASE, u32::MAX, false), (BUF_BASE, 1, true)]),
+            (
+                "chain over 4 GiB",
+                vec![(BUF_BASE, u32::MAX, false), (BUF_BASE, 1, true)],
+            ),
             ("too many descriptors", vec![(BUF_BASE, 1, false); 9]),
         ];
         for (name, descs) in cases {
@@ -345,7 +364,10 @@ mod tests {
         let mem = guest_mem();
         let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         publish(&q, 200);
-        assert!(matches!(parse_first(&mem, &q, 16), Err(RequestError::Empty)));
+        assert!(matches!(
+            parse_first(&mem, &q, 16),
+            Err(RequestError::Empty)
+        ));
     }
 
     #[test]
