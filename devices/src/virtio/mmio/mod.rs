@@ -8,7 +8,6 @@
 //! DEVICE_NEEDS_RESET instead of reaching the device.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
@@ -17,7 +16,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+
+mod interrupt;
 use crate::bus::{lock, BusDevice};
+pub use interrupt::{MmioInterrupt, INT_CONFIG, INT_VRING};
 
 /// Size of the MMIO window of one device (registers + configuration space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -53,11 +55,6 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// InterruptStatus bit for a used-ring update.
-pub const INT_VRING: u32 = 1;
-/// InterruptStatus bit for a configuration change.
-pub const INT_CONFIG: u32 = 2;
-
 /// Why a transport could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
@@ -72,38 +69,6 @@ pub enum MmioError {
         /// The offending size.
         size: u16,
     },
-}
-
-/// The interrupt line of one transport: InterruptStatus bits plus the eventfd behind the KVM irqfd.
-#[derive(Debug)]
-pub struct MmioInterrupt {
-    status: AtomicU32,
-    evt: EventFd,
-}
-
-impl MmioInterrupt {
-    fn new() -> Result<Self, MmioError> {
-        Ok(Self {
-            status: AtomicU32::new(0),
-            evt: EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?,
-        })
-    }
-
-    /// The InterruptStatus register value.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-}
-
-impl VirtioInterrupt for MmioInterrupt {
-    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        let bit = match kind {
-            InterruptKind::Queue => INT_VRING,
-            InterruptKind::Config => INT_CONFIG,
-        };
-        self.status.fetch_or(bit, Ordering::SeqCst);
-        self.evt.write(1)
-    }
 }
 
 /// Per-queue state the transport keeps next to the `Queue` itself.
@@ -169,7 +134,7 @@ impl MmioTransport {
             queue_sel: 0,
             queues,
             queue_evts,
-            interrupt: Arc::new(MmioInterrupt::new()?),
+            interrupt: Arc::new(MmioInterrupt::new().map_err(MmioError::EventFd)?),
             status: 0,
             config_generation: 0,
             activated: false,
@@ -184,7 +149,7 @@ impl MmioTransport {
 
     /// The interrupt eventfd, for a KVM irqfd on this device's interrupt line.
     pub fn irq_evt(&self) -> &EventFd {
-        &self.interrupt.evt
+        self.interrupt.evt()
     }
 
     /// The interrupt line (shared with the device once it is activated).
@@ -263,7 +228,7 @@ impl MmioTransport {
             }
             0x50 => self.notify_queue(value),
             0x64 => {
-                self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
+                self.interrupt.ack(value);
             }
             0x70 => self.write_status(value),
             _ => debug!("virtio-mmio: write of unknown register {offset:#x}"),
@@ -436,7 +401,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.acked_features = 0;
         self.queue_sel = 0;
-        self.interrupt.status.store(0, Ordering::SeqCst);
+        self.interrupt.clear();
         self.activated = self.activated && !device_ok;
         self.status = if device_ok {
             0
