@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod glue;
 pub mod mmio;
+pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
