@@ -22,13 +22,13 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 sanitizer="${FUZZ_SANITIZER:-address}"
-jobs_flag=()
+
 targets=$(cargo fuzz list)
 failed=()
 for target in $targets; do
     mkdir -p "fuzz/corpus/$target"
     echo "== fuzzing $target for ${seconds}s (sanitizer: $sanitizer)"
-    if ! cargo fuzz run --sanitizer "$sanitizer" "${jobs_flag[@]}" "$target" -- \
+    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1; then
         echo "== $target FAILED: reproducer under fuzz/artifacts/$target/" >&2
         failed+=("$target")

@@ -7,12 +7,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// Guest memory layout: two 64 KiB regions with a hole between them, so buffers can straddle
 /// the end of a region or point into the hole.
 pub const REGIONS: [(u64, usize); 2] = [(0, 0x1_0000), (0x2_0000, 0x1_0000)];
-/// Descriptor table, avail ring and used ring addresses (queue size at most 256).
+/// Descriptor table address; the available ring follows it directly, so short inputs already
+/// hold a descriptor table and an available ring.
 pub const DESC_TABLE: u64 = 0x0;
-/// Available ring address.
-pub const AVAIL_RING: u64 = 0x1000;
-/// Used ring address.
-pub const USED_RING: u64 = 0x2000;
+/// Used ring address (written by the device only).
+pub const USED_RING: u64 = 0x8000;
 
 /// A queue over fuzzer-filled guest memory, plus the control bytes left for the target.
 pub struct QueueInput {
@@ -41,7 +40,8 @@ impl QueueInput {
         let mut queue = Queue::new(256).ok()?;
         queue.set_size(size);
         queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+        let avail_ring = DESC_TABLE + 16 * u64::from(size);
+        queue.set_avail_ring_address(Some(avail_ring as u32), Some(0));
         queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
         queue.set_event_idx(head[0] & 0x80 != 0);
         queue.set_next_avail(u16::from_le_bytes([head[1], head[2]]));

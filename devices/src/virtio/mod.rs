@@ -4,6 +4,13 @@
 //! feature negotiation, queue setup and the interrupt status, and hands the device its queues
 //! when the driver sets DRIVER_OK. The VMM wires each transport's queue eventfds to KVM
 //! ioeventfds on the QueueNotify register and its interrupt eventfd to a KVM irqfd.
+//!
+//! Every device follows the same shape (see `block/` and `rng/`): one folder with `mod.rs`
+//! (errors, constants), `device.rs` (the [`VirtioDevice`] impl plus a pure `process_queue`
+//! function over `&mut Queue` and guest memory), `event_handler.rs` (the
+//! `event_manager::MutEventSubscriber` glue, built on [`glue::DeviceEvents`], whose docs describe
+//! the activation handshake) and `metrics.rs` (serde counters). Unit tests drive `process_queue`
+//! through `virtio_queue::mock::MockSplitQueue`; `test_utils.rs` builds hostile chains.
 
 use std::io;
 use std::sync::Arc;

@@ -48,6 +48,34 @@ pub struct BlockConfig {
     pub serial: Option<String>,
 }
 
+impl std::str::FromStr for BlockConfig {
+    type Err = BlockError;
+
+    /// Parses the CLI form `PATH[,ro][,serial=ID]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty());
+        let Some(path) = path else {
+            return Err(BlockError::BadSpec(s.to_owned()));
+        };
+        let mut config = Self {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => config.read_only = true,
+                Some(("serial", id)) if id.len() <= ID_LEN && !id.is_empty() => {
+                    config.serial = Some(id.to_owned())
+                }
+                _ => return Err(BlockError::BadSpec(s.to_owned())),
+            }
+        }
+        Ok(config)
+    }
+}
+
 /// The disk as the data path sees it: backend, geometry and negotiated request types.
 #[derive(Debug)]
 pub struct Disk {
@@ -734,6 +762,26 @@ mod tests {
         fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
             self.0.lock().unwrap().push(kind);
             Ok(())
+        }
+    }
+
+    #[test]
+    fn disk_spec_parses_path_ro_and_serial() {
+        let c: BlockConfig = "/tmp/a.img,ro,serial=abc".parse().unwrap();
+        assert_eq!(c.path, std::path::PathBuf::from("/tmp/a.img"));
+        assert!(c.read_only);
+        assert_eq!(c.serial.as_deref(), Some("abc"));
+        let c: BlockConfig = "disk.img".parse().unwrap();
+        assert!(!c.read_only && c.serial.is_none());
+        for bad in [
+            "",
+            ",ro",
+            "a.img,rw",
+            "a.img,serial=",
+            "a.img,serial=123456789012345678901",
+        ] {
+            let err = bad.parse::<BlockConfig>().unwrap_err();
+            assert!(err.to_string().contains("PATH[,ro]"), "{bad}: {err}");
         }
     }
 

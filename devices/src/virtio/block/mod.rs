@@ -104,6 +104,9 @@ pub enum BlockError {
         /// The image path.
         path: PathBuf,
     },
+    /// A `--disk` value that is not `PATH[,ro][,serial=ID]`.
+    #[error("invalid disk {0:?}: expected PATH[,ro][,serial=ID] (ID at most 20 bytes)")]
+    BadSpec(String),
     /// The serial given by the user does not fit.
     #[error("disk serial {0:?} is longer than 20 bytes")]
     SerialTooLong(String),
