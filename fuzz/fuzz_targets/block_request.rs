@@ -1,8 +1,8 @@
 //! virtio-blk: parse and execute every chain of a fuzzer-built queue against an in-memory disk.
 #![no_main]
 
-use devices::virtio::block::device::{process_queue, Disk};
-use devices::virtio::block::{BlockMetrics, MemDisk};
+use devices::virtio::block::device::process_queue;
+use devices::virtio::block::{BlockMetrics, Disk, MemDisk};
 use libfuzzer_sys::fuzz_target;
 use mvm_fuzz::QueueInput;
 

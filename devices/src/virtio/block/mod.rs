@@ -10,12 +10,16 @@ use std::path::PathBuf;
 
 pub mod backend;
 pub mod device;
+pub mod disk;
 pub mod event_handler;
 pub mod metrics;
 pub mod request;
+#[cfg(test)]
+mod test_support;
 
 pub use backend::{DiskBackend, MemDisk, RawFile};
 pub use device::{Block, BlockConfig};
+pub use disk::Disk;
 pub use metrics::BlockMetrics;
 
 /// Bytes per virtio-blk sector (fixed by the spec, independent of the disk's block size).
