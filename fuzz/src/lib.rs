@@ -1,0 +1,55 @@
+//! Shared input decoding for the fuzz targets: turns fuzzer bytes into guest memory with a
+//! split virtqueue whose descriptor table, rings and buffers are all fuzzer-controlled.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory layout: two 64 KiB regions with a hole between them, so buffers can straddle
+/// the end of a region or point into the hole.
+pub const REGIONS: [(u64, usize); 2] = [(0, 0x1_0000), (0x2_0000, 0x1_0000)];
+/// Descriptor table address; the available ring follows it directly, so short inputs already
+/// hold a descriptor table and an available ring.
+pub const DESC_TABLE: u64 = 0x0;
+/// Used ring address (written by the device only).
+pub const USED_RING: u64 = 0x8000;
+
+/// A queue over fuzzer-filled guest memory, plus the control bytes left for the target.
+pub struct QueueInput {
+    /// Guest memory filled from the input.
+    pub mem: GuestMemoryMmap,
+    /// The queue as a driver would have configured it.
+    pub queue: Queue,
+    /// Bytes the target may use for its own settings.
+    pub flags: u8,
+}
+
+impl QueueInput {
+    /// Decodes `data`: byte 0 picks the queue size (1..=256), bytes 1-2 the next avail index,
+    /// byte 3 is left to the target, the rest fills guest memory region by region.
+    pub fn new(data: &[u8]) -> Option<Self> {
+        let (head, body) = data.split_at_checked(4)?;
+        let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).ok()?;
+        let mut rest = body;
+        for &(addr, len) in &REGIONS {
+            let n = rest.len().min(len);
+            mem.write_slice(&rest[..n], GuestAddress(addr)).ok()?;
+            rest = &rest[n..];
+        }
+        let size = 1u16 << (head[0] % 9);
+        let mut queue = Queue::new(256).ok()?;
+        queue.set_size(size);
+        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        let avail_ring = DESC_TABLE + 16 * u64::from(size);
+        queue.set_avail_ring_address(Some(avail_ring as u32), Some(0));
+        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        queue.set_event_idx(head[0] & 0x80 != 0);
+        queue.set_next_avail(u16::from_le_bytes([head[1], head[2]]));
+        queue.set_ready(true);
+        queue.is_valid(&mem).then_some(Self {
+            mem,
+            queue,
+            flags: head[3],
+        })
+    }
+}
