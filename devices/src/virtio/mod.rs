@@ -12,6 +12,10 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod net;
+#[cfg(test)]
+pub(crate) mod testing;
+
 /// Feature bit every modern device offers: VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
