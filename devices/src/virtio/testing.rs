@@ -1,5 +1,6 @@
 //! Test helpers shared by the virtio device tests: guest memory, a guest driver that fills
 //! split queues built by `virtio_queue::mock::MockSplitQueue`, and an interrupt that counts.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -22,6 +22,7 @@ pub trait NetBackend: Send + std::fmt::Debug {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixDatagram;

@@ -226,3 +226,114 @@ impl VirtioDevice for Net {
         true
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::virtio::net::backend::tests::PairBackend;
+    use crate::virtio::net::tap::tests::in_netns;
+    use crate::virtio::testing::{guest_memory, interrupt, GuestQueue};
+
+    fn pair_net() -> Net {
+        let (b, _peer) = PairBackend::new();
+        Net::with_backend(Box::new(b), [2, 1, 2, 3, 4, 5]).expect("net")
+    }
+
+    #[test]
+    fn config_space_holds_mac_and_link_up() {
+        let net = pair_net();
+        let mut c = [0xffu8; 12];
+        net.read_config(0, &mut c);
+        assert_eq!(&c[..6], &[2, 1, 2, 3, 4, 5]);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), LINK_UP);
+        assert_eq!(&c[10..], &[0, 0], "past the end reads 0");
+        let mut far = [0xffu8; 4];
+        net.read_config(u64::MAX - 1, &mut far);
+        assert_eq!(far, [0; 4]);
+    }
+
+    #[test]
+    fn features_without_offloads_for_a_plain_backend() {
+        let mut net = pair_net();
+        let f = net.avail_features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            features::MAC,
+            features::STATUS,
+            features::MRG_RXBUF,
+        ] {
+            assert_ne!(f & (1u64 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(f & (1u64 << features::CSUM), 0);
+        net.ack_features(u64::MAX);
+        assert_eq!(net.acked_features, f, "acked features are masked");
+    }
+
+    #[test]
+    fn tap_device_offers_checksum_and_tso() {
+        in_netns(|| {
+            let cfg = NetConfig {
+                mac: None,
+                backend: NetBackendConfig::Tap(TapConfig::default()),
+            };
+            let net = Net::new(&cfg).expect("tap net");
+            let f = net.avail_features();
+            for bit in [features::CSUM, features::GUEST_CSUM, features::HOST_TSO4] {
+                assert_ne!(f & (1u64 << bit), 0, "bit {bit}");
+            }
+            let mac = net.mac();
+            assert_eq!(mac[0] & 0x03, 0x02, "random MAC is local unicast");
+        });
+    }
+
+    #[test]
+    fn activate_with_wrong_queue_count_fails() {
+        let mut net = pair_net();
+        let mem = guest_memory();
+        let q = GuestQueue::new(&mem, 0, 16);
+        let err = net
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![q.queue()],
+                queue_evts: vec![EventFd::new(0).expect("evt")],
+                interrupt: interrupt(),
+            })
+            .expect_err("one queue is not enough");
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            }
+        ));
+        assert!(net.active.is_none());
+    }
+
+    #[test]
+    fn reset_forgets_queues_and_features() {
+        let mut net = pair_net();
+        let mem = guest_memory();
+        let (a, b) = (
+            GuestQueue::new(&mem, 0, 16),
+            GuestQueue::new(&mem, 0x1_0000, 16),
+        );
+        net.ack_features(net.avail_features());
+        net.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![a.queue(), b.queue()],
+            queue_evts: vec![EventFd::new(0).expect("evt"), EventFd::new(0).expect("evt")],
+            interrupt: interrupt(),
+        })
+        .expect("activate");
+        assert!(net.active.is_some());
+        assert!(net.reset());
+        assert!(net.active.is_none());
+        assert_eq!(net.acked_features, 0);
+        assert_eq!(
+            net.retired_evts.len(),
+            2,
+            "old eventfds wait to be unregistered"
+        );
+    }
+}

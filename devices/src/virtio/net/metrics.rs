@@ -54,6 +54,7 @@ impl NetMetrics {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -240,6 +240,7 @@ impl Drop for Passt {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
 

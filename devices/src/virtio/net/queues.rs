@@ -132,7 +132,8 @@ impl NetQueues {
             if self.rx_pending == 0 {
                 match backend.recv(&mut self.rx_frame) {
                     Ok(n)
-                        if n < VNET_HDR_LEN + MIN_FRAME_LEN || n > VNET_HDR_LEN + MAX_FRAME_LEN =>
+                        if !(VNET_HDR_LEN + MIN_FRAME_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN)
+                            .contains(&n) =>
                     {
                         NetMetrics::inc(&m.rx_dropped);
                         continue;
@@ -298,6 +299,7 @@ fn read_tx_frame(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::os::unix::net::UnixDatagram;
 

@@ -254,6 +254,7 @@ impl NetBackend for Tap {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
 
@@ -327,5 +328,44 @@ pub(crate) mod tests {
             let err = Tap::new(&cfg).expect_err(bad);
             assert!(matches!(err, NetError::TapName(_)), "{bad}: {err}");
         }
+    }
+
+    /// Helper run as a child process by `tap_vanishes_when_its_process_is_killed`.
+    #[test]
+    #[ignore = "run by tap_vanishes_when_its_process_is_killed"]
+    fn hold_tap_until_killed() {
+        if std::env::var_os("MVM_HOLD_TAP").is_none() {
+            eprintln!("skipping: only runs as a child of another test");
+            return;
+        }
+        let tap = Tap::new(&TapConfig::default()).expect("tap");
+        println!("TAP {}", tap.name());
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn tap_vanishes_when_its_process_is_killed() {
+        use std::io::BufRead;
+        in_netns(|| {
+            let exe = std::env::current_exe().expect("test binary");
+            let mut child = std::process::Command::new(exe)
+                .args(["--exact", "virtio::net::tap::tests::hold_tap_until_killed"])
+                .args(["--ignored", "--nocapture", "--test-threads=1"])
+                .env("MVM_HOLD_TAP", "1")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn child");
+            let out = child.stdout.take().expect("stdout");
+            let name = std::io::BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|l| l.split("TAP ").nth(1).map(str::to_string))
+                .expect("child reports its tap");
+            assert!(if_exists(&name));
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+            assert!(!if_exists(&name), "tap {name} outlived its process");
+        });
     }
 }
