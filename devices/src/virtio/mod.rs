@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod net;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vsock;
 
 /// Feature bit every modern device offers: VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
