@@ -9,14 +9,16 @@
 //! Unix sockets; queue processing ([`queues`]) is apart from the event-loop glue.
 
 mod connection;
-//mod device;
-//pub mod event_handler;
+mod device;
+pub mod event_handler;
 mod metrics;
 pub mod muxer;
 pub mod packet;
+pub mod queues;
 
 use std::io;
 
+pub use device::Vsock;
 pub use metrics::VsockMetrics;
 pub use muxer::Muxer;
 
@@ -43,7 +45,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
     /// The guest CID is reserved.
-    #[error("invalid guest CID {0}: use 3 or more")]
+    #[error("invalid guest CID {0}: use a number from 3 to 4294967294")]
     Cid(u64),
     /// Another process is listening on the socket path.
     #[error("vsock socket {0} is in use by another process")]

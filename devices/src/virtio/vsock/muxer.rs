@@ -56,7 +56,10 @@ pub struct Muxer {
 }
 
 fn epoll_ctl(epoll: &Epoll, fd: RawFd, old: u32, new: u32) -> io::Result<()> {
-    let ev = EpollEvent::new(EventSet::from_bits_truncate(new), fd as u64);
+    let ev = EpollEvent::new(
+        EventSet::from_bits_truncate(new),
+        u64::from(fd.unsigned_abs()),
+    );
     match (old, new) {
         (0, 0) => Ok(()),
         (0, _) => epoll.ctl(ControlOperation::Add, fd, ev),
@@ -96,7 +99,7 @@ impl Muxer {
         guest_cid: u64,
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
-        if guest_cid < MIN_GUEST_CID || guest_cid > u64::from(u32::MAX) {
+        if guest_cid < MIN_GUEST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::Cid(guest_cid));
         }
         let listener = bind(path)?;
@@ -422,6 +425,12 @@ impl Muxer {
                 continue;
             }
             let max = buf.len().min(conn.peer_free() as usize);
+            if max == 0 {
+                // No room in this buffer: keep the data for the next one.
+                conn.in_rxq = true;
+                self.rxq.push_front(RxItem::Data(key));
+                return None;
+            }
             let got = match conn.stream.read(&mut buf[..max]) {
                 Ok(0) => {
                     conn.host_eof = true;
