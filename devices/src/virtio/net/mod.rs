@@ -69,9 +69,6 @@ pub enum NetError {
     /// `passt` could not be started.
     #[error("cannot start passt (is the Debian package 'passt' installed?)")]
     PasstSpawn(#[source] io::Error),
-    /// `passt` did not come up on its socket.
-    #[error("passt did not accept connections on {0} within 5 s")]
-    PasstConnect(String, #[source] io::Error),
     /// Creating an eventfd failed.
     #[error("cannot create eventfd")]
     EventFd(#[source] io::Error),

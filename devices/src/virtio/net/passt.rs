@@ -1,18 +1,18 @@
 //! User-mode (rootless) backend: Debian's `passt`, started and stopped by mvm.
 //!
 //! passt is a userspace network stack that translates the guest's Ethernet frames to ordinary
-//! host sockets (TCP, UDP, ICMP) and answers ARP, DHCP and NDP itself. mvm starts it with
-//! `--one-off`, so it quits when mvm's connection closes (also when mvm is killed), and kills,
-//! reaps and removes its socket on drop. Frames use the qemu stream framing: a 4-byte big-endian
-//! length, then the Ethernet frame, with no virtio-net header.
+//! host sockets (TCP, UDP, ICMP) and answers ARP, DHCP and NDP itself. mvm hands it one end of a
+//! Unix stream socket pair (`--fd`), so there is no socket file to clean up and passt quits as
+//! soon as mvm's end closes, also when mvm is killed. On drop mvm also kills and reaps it.
+//! Frames use the qemu stream framing: a 4-byte big-endian length, then the Ethernet frame, with
+//! no virtio-net header.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,6 @@ use super::{NetBackend, NetError, MAX_FRAME_LEN, VNET_HDR_LEN};
 
 /// The passt binary (Debian package `passt`).
 const PASST_BIN: &str = "passt";
-/// How long to wait for passt to accept connections on its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receive buffer: room for several maximum-size frames with their length prefixes.
 const RX_BUF_LEN: usize = 4 * (4 + MAX_FRAME_LEN);
 
@@ -39,8 +37,6 @@ pub struct PortForward {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PasstConfig {
-    /// Unix socket passt listens on; `None` picks `/tmp/mvm-passt-<pid>-<n>.sock`.
-    pub socket_path: Option<PathBuf>,
     /// TCP ports forwarded from the host to the guest.
     pub tcp_ports: Vec<PortForward>,
     /// UDP ports forwarded from the host to the guest.
@@ -52,16 +48,9 @@ pub struct PasstConfig {
 pub struct Passt {
     child: Child,
     stream: UnixStream,
-    socket_path: PathBuf,
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
-}
-
-fn default_socket_path() -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("mvm-passt-{}-{n}.sock", std::process::id()))
 }
 
 fn port_spec(ports: &[PortForward]) -> String {
@@ -73,14 +62,13 @@ fn port_spec(ports: &[PortForward]) -> String {
 }
 
 impl Passt {
-    /// The arguments mvm passes to passt for `config` and `socket`.
-    pub fn args(config: &PasstConfig, socket: &Path) -> Vec<String> {
+    /// The arguments mvm passes to passt for `config`, with its end of the socket pair at `fd`.
+    pub fn args(config: &PasstConfig, fd: RawFd) -> Vec<String> {
         let mut args = vec![
             "--foreground".to_string(),
-            "--one-off".to_string(),
             "--quiet".to_string(),
-            "--socket".to_string(),
-            socket.display().to_string(),
+            "--fd".to_string(),
+            fd.to_string(),
         ];
         if !config.tcp_ports.is_empty() {
             args.extend(["--tcp-ports".to_string(), port_spec(&config.tcp_ports)]);
@@ -91,56 +79,37 @@ impl Passt {
         args
     }
 
-    /// Starts passt and connects to it.
+    /// Starts passt on one end of a new socket pair and keeps the other.
     pub fn new(config: &PasstConfig) -> Result<Self, NetError> {
-        let socket_path = config
-            .socket_path
-            .clone()
-            .unwrap_or_else(default_socket_path);
-        let _ = std::fs::remove_file(&socket_path);
-        let mut child = Command::new(PASST_BIN)
-            .args(Self::args(config, &socket_path))
+        let (stream, theirs) = UnixStream::pair().map_err(NetError::PasstSpawn)?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(PASST_BIN);
+        cmd.args(Self::args(config, fd))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(NetError::PasstSpawn)?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let stream = loop {
-            match UnixStream::connect(&socket_path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    let exited = matches!(child.try_wait(), Ok(Some(_)));
-                    if exited || Instant::now() >= deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        let _ = std::fs::remove_file(&socket_path);
-                        return Err(NetError::PasstConnect(socket_path.display().to_string(), e));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
+        // which is async-signal-safe, on a descriptor the child inherited.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
                 }
-            }
-        };
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(NetError::PasstSpawn)?;
+        drop(theirs);
         // Writes block (passt always drains its socket) but never forever.
         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        log::info!(
-            "passt started (pid {}) on {}",
-            child.id(),
-            socket_path.display()
-        );
+        log::info!("passt started (pid {})", child.id());
         Ok(Self {
             child,
             stream,
-            socket_path,
             rx: vec![0; RX_BUF_LEN],
             rx_start: 0,
             rx_end: 0,
         })
-    }
-
-    /// The Unix socket passt listens on.
-    pub fn socket_path(&self) -> &Path {
-        &self.socket_path
     }
 
     /// Process id of passt.
@@ -235,13 +204,14 @@ impl Drop for Passt {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket_path);
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     pub(crate) fn passt_installed() -> bool {
@@ -280,13 +250,23 @@ pub(crate) mod tests {
         }
     }
 
+    fn process_gone(pid: u32) -> bool {
+        // A zombie still has /proc/<pid>; its state letter is Z.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+        }
+    }
+
     #[test]
-    fn passt_answers_arp_and_cleans_up_on_drop() {
+    fn passt_answers_arp_and_is_reaped_on_drop() {
         if !passt_installed() {
             return;
         }
         let mut passt = Passt::new(&PasstConfig::default()).expect("start passt");
-        let path = passt.socket_path().to_path_buf();
         let pid = passt.pid();
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
         passt
@@ -304,48 +284,54 @@ pub(crate) mod tests {
             "sender is the asked address"
         );
         drop(passt);
-        assert!(!path.exists(), "socket left behind");
         assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "passt still running"
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "passt not reaped"
         );
     }
 
     #[test]
-    fn passt_command_line_has_socket_and_ports() {
+    fn passt_exits_by_itself_when_mvm_end_closes() {
+        if !passt_installed() {
+            return;
+        }
+        let passt = Passt::new(&PasstConfig::default()).expect("start passt");
+        let pid = passt.pid();
+        // What the kernel does when mvm dies: mvm's end of the socket closes.
+        passt
+            .stream
+            .shutdown(std::net::Shutdown::Both)
+            .expect("shutdown");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !process_gone(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "passt {pid} outlived its connection"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn passt_command_line_has_fd_and_ports() {
         let cfg = PasstConfig {
-            socket_path: None,
             tcp_ports: vec![PortForward {
                 host_port: 8080,
                 guest_port: 80,
             }],
             udp_ports: vec![],
         };
-        let args = Passt::args(&cfg, Path::new("/run/x.sock"));
+        let args = Passt::args(&cfg, 5);
         assert_eq!(
             args,
             [
                 "--foreground",
-                "--one-off",
                 "--quiet",
-                "--socket",
-                "/run/x.sock",
+                "--fd",
+                "5",
                 "--tcp-ports",
                 "8080:80"
             ]
         );
-    }
-
-    #[test]
-    fn missing_passt_socket_dir_is_one_clear_error() {
-        if !passt_installed() {
-            return;
-        }
-        let cfg = PasstConfig {
-            socket_path: Some("/nonexistent-dir-mvm/p.sock".into()),
-            ..PasstConfig::default()
-        };
-        let err = Passt::new(&cfg).expect_err("must fail");
-        assert!(matches!(err, NetError::PasstConnect(..)), "{err}");
     }
 }
