@@ -88,16 +88,16 @@ impl Passt {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
-        // which is async-signal-safe, on a descriptor the child inherited.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let clear_cloexec = move || {
+            // SAFETY: fcntl(2) on a descriptor number; no memory is shared with the kernel.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and only calls fcntl(2), which
+        // is async-signal-safe, on a descriptor the child inherited.
+        unsafe { cmd.pre_exec(clear_cloexec) };
         let child = cmd.spawn().map_err(NetError::PasstSpawn)?;
         drop(theirs);
         // Writes block (passt always drains its socket) but never forever.
