@@ -16,8 +16,11 @@ use super::connection::{ConnState, Connection};
 use super::packet::{op, shutdown, VsockHeader, TYPE_STREAM};
 use super::{VsockError, VsockMetrics, HOST_CID, MAX_CONNECTIONS, MIN_GUEST_CID};
 
-/// Longest `CONNECT <port>\n` line accepted from a host program.
-const MAX_LINE: usize = 32;
+mod host;
+
+pub use host::listener_path;
+use host::{bind, PendingHost};
+
 /// First host-side port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -30,13 +33,6 @@ enum RxItem {
     Ctrl(VsockHeader),
     /// The connection's host stream may have data (or EOF) for the guest.
     Data(Key),
-}
-
-/// A host program that connected but has not finished its `CONNECT <port>` line.
-#[derive(Debug)]
-struct PendingHost {
-    stream: UnixStream,
-    line: Vec<u8>,
 }
 
 /// Connection table and packet state machine of one vsock device.
@@ -67,29 +63,6 @@ fn epoll_ctl(epoll: &Epoll, fd: RawFd, old: u32, new: u32) -> io::Result<()> {
         _ if old == new => Ok(()),
         _ => epoll.ctl(ControlOperation::Modify, fd, ev),
     }
-}
-
-/// Binds `path`, replacing a stale socket file nobody listens on.
-fn bind(path: &Path) -> Result<UnixListener, VsockError> {
-    let shown = || path.display().to_string();
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(VsockError::InUse(shown()));
-            }
-            std::fs::remove_file(path).map_err(|e| VsockError::Bind(shown(), e))?;
-            UnixListener::bind(path).map_err(|e| VsockError::Bind(shown(), e))
-        }
-        Err(e) => Err(VsockError::Bind(shown(), e)),
-    }
-}
-
-/// The Unix socket path a guest connection to host port `port` goes to.
-pub fn listener_path(socket: &Path, port: u32) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(format!("_{port}"));
-    PathBuf::from(p)
 }
 
 impl Muxer {
@@ -186,104 +159,6 @@ impl Muxer {
                 self.read_connect_line(fd);
             } else if let Some(&key) = self.by_fd.get(&fd) {
                 self.host_event(key, ev.event_set());
-            }
-        }
-    }
-
-    fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if self.conns.len() + self.pending.len() >= self.max_connections {
-                        VsockMetrics::inc(&self.metrics.limit_refused);
-                        log::warn!("vsock: connection limit reached, closing a host connection");
-                        continue;
-                    }
-                    let fd = stream.as_raw_fd();
-                    let ok = stream.set_nonblocking(true).is_ok()
-                        && epoll_ctl(&self.epoll, fd, 0, EventSet::IN.bits()).is_ok();
-                    if ok {
-                        self.pending.insert(
-                            fd,
-                            PendingHost {
-                                stream,
-                                line: Vec::new(),
-                            },
-                        );
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("vsock: accept failed: {e}");
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    fn drop_pending(&mut self, fd: RawFd, why: Option<&str>) {
-        let _ = epoll_ctl(&self.epoll, fd, EventSet::IN.bits(), 0);
-        if let Some(mut p) = self.pending.remove(&fd) {
-            if let Some(why) = why {
-                let _ = p.stream.write_all(format!("ERR {why}\n").as_bytes());
-            }
-        }
-    }
-
-    /// Reads the `CONNECT <port>` line one byte at a time, so no payload is consumed.
-    fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(p) = self.pending.get_mut(&fd) else {
-            return;
-        };
-        let line = loop {
-            let mut b = [0u8; 1];
-            match p.stream.read(&mut b) {
-                Ok(0) => return self.drop_pending(fd, None),
-                Ok(_) if b[0] == b'\n' => break std::mem::take(&mut p.line),
-                Ok(_) if p.line.len() >= MAX_LINE => {
-                    return self.drop_pending(fd, Some("expected CONNECT <port>"));
-                }
-                Ok(_) => p.line.push(b[0]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return self.drop_pending(fd, None),
-            }
-        };
-        let port = std::str::from_utf8(&line)
-            .ok()
-            .map(|l| l.trim_end_matches('\r'))
-            .and_then(|l| l.strip_prefix("CONNECT "))
-            .and_then(|p| p.trim().parse::<u32>().ok());
-        let Some(port) = port else {
-            return self.drop_pending(fd, Some("expected CONNECT <port>"));
-        };
-        let _ = epoll_ctl(&self.epoll, fd, EventSet::IN.bits(), 0);
-        let Some(p) = self.pending.remove(&fd) else {
-            return;
-        };
-        let local = self.alloc_port();
-        let key = (local, port);
-        let mut conn = Connection::new(
-            p.stream,
-            ConnState::HostConnecting,
-            local,
-            port,
-            self.guest_cid,
-        );
-        let req = conn.header(op::REQUEST, 0, 0);
-        VsockMetrics::inc(&self.metrics.host_connects);
-        self.insert(key, conn);
-        self.rxq.push_back(RxItem::Ctrl(req));
-    }
-
-    fn alloc_port(&mut self) -> u32 {
-        loop {
-            let port = self.next_port;
-            self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
-            if !self.conns.keys().any(|k| k.0 == port) {
-                return port;
             }
         }
     }
@@ -575,16 +450,16 @@ mod tests {
 
     use super::*;
 
-    const CID: u64 = 3;
+    pub(super) const CID: u64 = 3;
 
-    struct Rig {
-        _dir: tempfile::TempDir,
-        path: PathBuf,
-        m: Muxer,
-        metrics: Arc<VsockMetrics>,
+    pub(super) struct Rig {
+        pub(super) _dir: tempfile::TempDir,
+        pub(super) path: PathBuf,
+        pub(super) m: Muxer,
+        pub(super) metrics: Arc<VsockMetrics>,
     }
 
-    fn rig() -> Rig {
+    pub(super) fn rig() -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vsock.sock");
         let metrics = Arc::new(VsockMetrics::default());
@@ -597,7 +472,7 @@ mod tests {
         }
     }
 
-    fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> VsockHeader {
+    pub(super) fn guest_hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> VsockHeader {
         VsockHeader {
             src_cid: CID,
             dst_cid: HOST_CID,
@@ -613,7 +488,7 @@ mod tests {
     }
 
     /// Runs host events until the muxer has a packet for the guest, and returns it.
-    fn next_pkt(m: &mut Muxer) -> (VsockHeader, Vec<u8>) {
+    pub(super) fn next_pkt(m: &mut Muxer) -> (VsockHeader, Vec<u8>) {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -629,14 +504,14 @@ mod tests {
         }
     }
 
-    fn no_pkt(m: &mut Muxer) {
+    pub(super) fn no_pkt(m: &mut Muxer) {
         std::thread::sleep(Duration::from_millis(20));
         m.process_host_events();
         let mut buf = vec![0u8; 1024];
         assert_eq!(m.recv_pkt(&mut buf), None);
     }
 
-    fn read_line(s: &UnixStream) -> String {
+    pub(super) fn read_line(s: &UnixStream) -> String {
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let mut line = String::new();
@@ -646,7 +521,7 @@ mod tests {
 
     /// A host program connects to guest port 1234; the guest accepts. Returns the host stream
     /// and the host-side port.
-    fn host_connect(r: &mut Rig) -> (UnixStream, u32) {
+    pub(super) fn host_connect(r: &mut Rig) -> (UnixStream, u32) {
         let mut host = UnixStream::connect(&r.path).expect("connect");
         host.write_all(b"CONNECT 1234\n").expect("write");
         let (req, _) = next_pkt(&mut r.m);
@@ -680,44 +555,6 @@ mod tests {
         assert_eq!(host.read(&mut buf).expect("eof"), 0);
         assert_eq!(r.m.connection_count(), 0);
         assert_eq!(VsockMetrics::get(&r.metrics.host_connects), 1);
-    }
-
-    #[test]
-    fn guest_refusing_host_connect_closes_host_stream() {
-        let mut r = rig();
-        let mut host = UnixStream::connect(&r.path).expect("connect");
-        host.write_all(b"CONNECT 99\n").expect("write");
-        let (req, _) = next_pkt(&mut r.m);
-        r.m.send_pkt(&guest_hdr(op::RST, 99, req.src_port, 0), &[]);
-        let mut buf = [0u8; 8];
-        assert_eq!(host.read(&mut buf).expect("eof"), 0);
-    }
-
-    #[test]
-    fn bad_connect_line_gets_one_error_line() {
-        let mut r = rig();
-        let mut host = UnixStream::connect(&r.path).expect("connect");
-        host.write_all(b"HELLO\n").expect("write");
-        for _ in 0..50 {
-            r.m.process_host_events();
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        assert_eq!(read_line(&host), "ERR expected CONNECT <port>\n");
-        no_pkt(&mut r.m);
-    }
-
-    #[test]
-    fn host_hanging_up_before_guest_answers_resets_guest() {
-        let mut r = rig();
-        let mut host = UnixStream::connect(&r.path).expect("connect");
-        host.write_all(b"CONNECT 7\n").expect("write");
-        let (req, _) = next_pkt(&mut r.m);
-        drop(host);
-        let (rst, _) = next_pkt(&mut r.m);
-        assert_eq!(
-            (rst.op, rst.src_port, rst.dst_port),
-            (op::RST, req.src_port, 7)
-        );
     }
 
     #[test]
@@ -851,26 +688,5 @@ mod tests {
             0,
             "host connection over the limit"
         );
-    }
-
-    #[test]
-    fn socket_in_use_is_refused_and_stale_socket_replaced() {
-        let r = rig();
-        let err = Muxer::new(&r.path, CID, Arc::default()).expect_err("in use");
-        assert!(matches!(err, VsockError::InUse(_)), "{err}");
-        let path = r.path.clone();
-        let dir = r._dir;
-        drop(r.m);
-        assert!(!path.exists(), "drop removes the socket");
-        // A stale socket file (nobody listening) is replaced.
-        drop(UnixListener::bind(&path).expect("stale"));
-        assert!(path.exists());
-        let m = Muxer::new(&path, CID, Arc::default()).expect("replaces stale socket");
-        drop(m);
-        drop(dir);
-        assert!(matches!(
-            Muxer::new(&path, 2, Arc::default()),
-            Err(VsockError::Cid(2))
-        ));
     }
 }
