@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use super::{VsockError, VsockMetrics, HOST_CID, MAX_CONNECTIONS, MIN_GUEST_CID};
 mod host;
 
 pub use host::listener_path;
-use host::{bind, PendingHost};
+use host::{bind, connect_nonblocking, PendingHost};
 
 /// First host-side port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -419,8 +419,8 @@ impl Muxer {
             return self.push_rst(rst);
         }
         let target = listener_path(&self.path, hdr.dst_port);
-        let stream = match UnixStream::connect(&target) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+        let stream = match connect_nonblocking(&target) {
+            Ok(s) => s,
             _ => {
                 log::debug!("vsock: guest connect to {} refused", target.display());
                 VsockMetrics::inc(&self.metrics.refused);
@@ -446,6 +446,7 @@ impl Drop for Muxer {
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
     use super::*;

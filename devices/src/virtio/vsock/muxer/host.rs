@@ -2,7 +2,7 @@
 //! and ask for a guest port with `CONNECT <port>\n`.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -42,6 +42,50 @@ pub fn listener_path(socket: &Path, port: u32) -> PathBuf {
     let mut p = socket.as_os_str().to_owned();
     p.push(format!("_{port}"));
     PathBuf::from(p)
+}
+
+/// Connects to the Unix socket at `path` without blocking: a listener whose backlog is full
+/// refuses (`WouldBlock`) instead of stalling the event loop.
+pub(super) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(110);
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call and `len` is its size.
+    let ret = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 impl Muxer {
@@ -209,5 +253,22 @@ mod tests {
             Muxer::new(&path, 2, Arc::default()),
             Err(VsockError::Cid(2))
         ));
+    }
+
+    #[test]
+    fn connect_to_a_full_backlog_does_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.sock");
+        let _listener = UnixListener::bind(&path).expect("listen");
+        let mut held = Vec::new();
+        let refused = loop {
+            match connect_nonblocking(&path) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "backlog never filled");
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
+        assert!(connect_nonblocking(&dir.path().join("none")).is_err());
     }
 }
