@@ -157,6 +157,12 @@ impl<'a> GuestQueue<'a> {
         head
     }
 
+    /// The buffer address of descriptor `idx` (e.g. the head of a used chain).
+    pub(crate) fn desc_addr(&self, idx: u16) -> u64 {
+        let at = self.mock.desc_table_addr().0 + u64::from(idx) * 16;
+        self.mem.read_obj(GuestAddress(at)).expect("descriptor")
+    }
+
     /// Used elements the device added since the last call: (head id, written length).
     pub(crate) fn take_used(&mut self) -> Vec<(u32, u32)> {
         let used = self.used_addr();

@@ -113,13 +113,17 @@ mod tests {
 
     impl<'a> Guest<'a> {
         fn start(mem: &'a GuestMemoryMmap, dev: Vsock) -> Self {
+            Self::start_with(mem, dev, 16)
+        }
+
+        fn start_with(mem: &'a GuestMemoryMmap, dev: Vsock, rx_buffers: u64) -> Self {
             let dev = Arc::new(Mutex::new(dev));
             let mut em = EventManager::new().expect("event manager");
             em.add_subscriber(Arc::clone(&dev));
             let mut rxq = GuestQueue::new(mem, 0, 16);
             let txq = GuestQueue::new(mem, 0x1_0000, 16);
             let evq = GuestQueue::new(mem, 0x2_0000, 16);
-            for i in 0..16 {
+            for i in 0..rx_buffers {
                 rxq.add(&[Desc::w(RX_BUF + i * u64::from(BUF_LEN), BUF_LEN)]);
             }
             let evts: Vec<EventFd> = (0..3).map(|_| EventFd::new(0).expect("eventfd")).collect();
@@ -179,7 +183,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 if let Some((head, len)) = self.rxq.take_used().into_iter().next() {
-                    let addr = RX_BUF + u64::from(head) * u64::from(BUF_LEN);
+                    let addr = self.rxq.desc_addr(head as u16);
                     let pkt = read_mem(self.mem, addr, len as usize);
                     self.rxq.add(&[Desc::w(addr, BUF_LEN)]);
                     self.rx_evt.write(1).expect("notify rx");
@@ -302,5 +306,32 @@ mod tests {
             .expect("writer")
             .expect("host wrote everything");
         assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn packets_wait_for_rx_buffers_without_spinning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = device(&dir);
+        let path = dev.socket_path().to_path_buf();
+        let mem = guest_memory();
+        let mut guest = Guest::start_with(&mem, dev, 0);
+        guest.em.run_with_timeout(50).expect("run"); // activation
+        let mut host = UnixStream::connect(&path).expect("connect");
+        host.write_all(b"CONNECT 8\n").expect("write");
+        // Accept and read the line; the REQUEST then waits for a buffer.
+        for _ in 0..5 {
+            guest.em.run_with_timeout(20).expect("run");
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                guest.em.run_with_timeout(20).expect("run"),
+                0,
+                "event loop spins"
+            );
+        }
+        guest.rxq.add(&[Desc::w(RX_BUF, BUF_LEN)]);
+        guest.rx_evt.write(1).expect("notify");
+        let (req, _) = guest.recv();
+        assert_eq!((req.op, req.dst_port), (op::REQUEST, 8));
     }
 }
