@@ -334,4 +334,33 @@ mod tests {
         let (req, _) = guest.recv();
         assert_eq!((req.op, req.dst_port), (op::REQUEST, 8));
     }
+
+    #[test]
+    fn host_connect_helper_returns_a_ready_stream_or_refusal() {
+        use crate::virtio::vsock::host_connect;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = device(&dir);
+        let path = dev.socket_path().to_path_buf();
+        let mem = guest_memory();
+        let mut guest = Guest::start(&mem, dev);
+        let p = path.clone();
+        let ok = std::thread::spawn(move || host_connect(&p, 1025, Duration::from_secs(5)));
+        let (req, _) = guest.recv();
+        guest.send(op::RESPONSE, 1025, req.src_port, &[], 0);
+        guest.send(op::RW, 1025, req.src_port, b"agent ready", 0);
+        let mut stream = ok.join().expect("thread").expect("connected");
+        let mut buf = [0u8; 11];
+        stream.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"agent ready", "no data lost after the OK line");
+
+        let p = path.clone();
+        let refused = std::thread::spawn(move || host_connect(&p, 1026, Duration::from_secs(5)));
+        let (req, _) = guest.recv();
+        guest.send(op::RST, 1026, req.src_port, &[], 0);
+        for _ in 0..5 {
+            guest.em.run_with_timeout(10).expect("run");
+        }
+        let err = refused.join().expect("thread").expect_err("refused");
+        assert!(err.to_string().contains("guest port 1026"), "{err}");
+    }
 }

@@ -20,7 +20,7 @@ use std::io;
 
 pub use device::Vsock;
 pub use metrics::VsockMetrics;
-pub use muxer::Muxer;
+pub use muxer::{host_connect, listener_path, Muxer};
 
 /// The host's context id.
 pub const HOST_CID: u64 = 2;
@@ -53,6 +53,9 @@ pub enum VsockError {
     /// Binding the host Unix socket failed.
     #[error("cannot bind vsock socket {0}")]
     Bind(String, #[source] io::Error),
+    /// A host connection to a guest port failed.
+    #[error("cannot connect to guest port {0} through {1}")]
+    HostConnect(u32, String, #[source] io::Error),
     /// Creating the muxer's epoll or an eventfd failed.
     #[error("cannot set up vsock event handling")]
     Setup(#[source] io::Error),

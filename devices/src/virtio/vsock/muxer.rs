@@ -18,8 +18,8 @@ use super::{VsockError, VsockMetrics, HOST_CID, MAX_CONNECTIONS, MIN_GUEST_CID};
 
 mod host;
 
-pub use host::listener_path;
 use host::{bind, connect_nonblocking, PendingHost};
+pub use host::{host_connect, listener_path};
 
 /// First host-side port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;

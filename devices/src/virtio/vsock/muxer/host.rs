@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -42,6 +43,46 @@ pub fn listener_path(socket: &Path, port: u32) -> PathBuf {
     let mut p = socket.as_os_str().to_owned();
     p.push(format!("_{port}"));
     PathBuf::from(p)
+}
+
+/// What a host program does to reach guest port `port` through the VM's vsock socket at
+/// `path`: connect, send `CONNECT <port>`, wait for `OK <hostport>`. Returns the stream, ready
+/// for raw data. Fails if the guest refuses (nobody listens on the port) or does not answer
+/// within `timeout`.
+pub fn host_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+    let fail = |e| VsockError::HostConnect(port, path.display().to_string(), e);
+    let mut stream = UnixStream::connect(path).map_err(fail)?;
+    stream.set_read_timeout(Some(timeout)).map_err(fail)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(fail)?;
+    // Read the answer byte by byte so no guest data is consumed with it.
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        match stream.read(&mut b) {
+            Ok(0) => {
+                let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "guest refused");
+                return Err(fail(refused));
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() >= MAX_LINE => {
+                return Err(fail(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad answer",
+                )));
+            }
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        let msg = String::from_utf8_lossy(&line).into_owned();
+        return Err(fail(io::Error::new(io::ErrorKind::InvalidData, msg)));
+    }
+    stream.set_read_timeout(None).map_err(fail)?;
+    Ok(stream)
 }
 
 /// Connects to the Unix socket at `path` without blocking: a listener whose backlog is full
@@ -194,7 +235,6 @@ mod tests {
 
     use super::super::tests::*;
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn guest_refusing_host_connect_closes_host_stream() {
