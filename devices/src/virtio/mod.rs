@@ -22,9 +22,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod glue;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod vsock;
 
 /// Feature bit every modern device offers: VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;

@@ -1,0 +1,339 @@
+//! The virtio-net device: configuration space, feature negotiation and activation.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::queues::NetQueues;
+use super::{
+    features, NetBackend, NetError, NetMetrics, Passt, PasstConfig, Tap, TapConfig, QUEUE_SIZE,
+    RX_INDEX, TX_INDEX,
+};
+use crate::virtio::{
+    device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+
+/// `VIRTIO_NET_S_LINK_UP` in the config space status field.
+const LINK_UP: u16 = 1;
+
+/// Which host backend carries the device's frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum NetBackendConfig {
+    /// A tap interface (needs CAP_NET_ADMIN).
+    Tap(TapConfig),
+    /// passt, a rootless userspace network stack.
+    User(PasstConfig),
+}
+
+/// How to build a virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Guest MAC address; `None` picks a random locally administered one.
+    pub mac: Option<[u8; 6]>,
+    /// The host backend.
+    pub backend: NetBackendConfig,
+}
+
+/// State the event loop needs once the driver activated the device.
+#[derive(Debug)]
+pub(crate) struct Active {
+    pub(crate) queues: NetQueues,
+    pub(crate) queue_evts: Vec<EventFd>,
+}
+
+/// A virtio-net device and its backend.
+#[derive(Debug)]
+pub struct Net {
+    pub(crate) backend: Box<dyn NetBackend>,
+    tap_name: Option<String>,
+    mac: [u8; 6],
+    avail_features: u64,
+    acked_features: u64,
+    pub(crate) metrics: Arc<NetMetrics>,
+    /// Written by `activate`/`reset` (vCPU thread) so the event loop (re)registers its fds.
+    pub(crate) activate_evt: EventFd,
+    pub(crate) active: Option<Active>,
+    /// Queue eventfds of a previous activation, to unregister from the event loop.
+    pub(crate) retired_evts: Vec<EventFd>,
+    /// Whether the queue eventfds of `active` are registered with the event loop.
+    pub(crate) queues_registered: bool,
+    /// Whether the backend fd is registered with the event loop.
+    pub(crate) backend_registered: bool,
+    /// The backend failed for good (e.g. passt exited); never read it again.
+    pub(crate) backend_failed: bool,
+}
+
+/// A random locally administered unicast MAC address (02:xx:xx:xx:xx:xx).
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut mac[1..]));
+    if read.is_err() {
+        // Fall back to something unique per process and time.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        mac[1..5].copy_from_slice(&(t ^ std::process::id()).to_le_bytes());
+    }
+    mac[0] = 0x02;
+    mac
+}
+
+impl Net {
+    /// Creates the backend described by `config` (tap or passt) and the device in front of it.
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        let mac = config.mac.unwrap_or_else(random_mac);
+        match &config.backend {
+            NetBackendConfig::Tap(tap) => {
+                let tap = Tap::new(tap)?;
+                let name = tap.name().to_string();
+                let mut net = Self::with_backend(Box::new(tap), mac)?;
+                net.tap_name = Some(name);
+                Ok(net)
+            }
+            NetBackendConfig::User(passt) => Self::with_backend(Box::new(Passt::new(passt)?), mac),
+        }
+    }
+
+    /// A device in front of an existing backend.
+    pub fn with_backend(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Result<Self, NetError> {
+        let avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << features::MAC)
+            | (1u64 << features::STATUS)
+            | (1u64 << features::MRG_RXBUF)
+            | backend.offload_features();
+        Ok(Self {
+            backend,
+            tap_name: None,
+            mac,
+            avail_features,
+            acked_features: 0,
+            metrics: Arc::new(NetMetrics::default()),
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+            active: None,
+            retired_evts: Vec::new(),
+            queues_registered: false,
+            backend_registered: false,
+            backend_failed: false,
+        })
+    }
+
+    /// The guest's MAC address (as in the config space).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Name of the tap interface, for the tap backend.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.tap_name.as_deref()
+    }
+
+    /// The device's counters (shared; read them any time, e.g. `metrics().to_json()`).
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The config space: mac[6], status u16, max_virtqueue_pairs u16.
+    fn config_space(&self) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-net: ignored config write of {} bytes at {offset}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 2 || ctx.queue_evts.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: ctx.queues.len(),
+            });
+        }
+        self.backend
+            .set_offloads(self.acked_features)
+            .map_err(ActivateError::Io)?;
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        debug_assert_eq!((RX_INDEX, TX_INDEX), (0, 1));
+        let mrg = self.acked_features & (1u64 << features::MRG_RXBUF) != 0;
+        let queues = NetQueues::new(ctx.mem, rx, tx, ctx.interrupt, mrg, self.metrics());
+        if let Some(old) = self.active.take() {
+            self.retired_evts.extend(old.queue_evts);
+        }
+        self.queues_registered = false;
+        self.active = Some(Active {
+            queues,
+            queue_evts: ctx.queue_evts,
+        });
+        self.activate_evt.write(1).map_err(ActivateError::Io)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(old) = self.active.take() {
+            self.retired_evts.extend(old.queue_evts);
+        }
+        self.queues_registered = false;
+        self.acked_features = 0;
+        let _ = self.backend.set_offloads(0);
+        // Let the event loop unregister the old queue eventfds and the backend.
+        let _ = self.activate_evt.write(1);
+        true
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::virtio::net::backend::tests::PairBackend;
+    use crate::virtio::net::tap::tests::in_netns;
+    use crate::virtio::testing::{guest_memory, interrupt, GuestQueue};
+
+    fn pair_net() -> Net {
+        let (b, _peer) = PairBackend::new();
+        Net::with_backend(Box::new(b), [2, 1, 2, 3, 4, 5]).expect("net")
+    }
+
+    #[test]
+    fn config_space_holds_mac_and_link_up() {
+        let net = pair_net();
+        let mut c = [0xffu8; 12];
+        net.read_config(0, &mut c);
+        assert_eq!(&c[..6], &[2, 1, 2, 3, 4, 5]);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), LINK_UP);
+        assert_eq!(&c[10..], &[0, 0], "past the end reads 0");
+        let mut far = [0xffu8; 4];
+        net.read_config(u64::MAX - 1, &mut far);
+        assert_eq!(far, [0; 4]);
+    }
+
+    #[test]
+    fn features_without_offloads_for_a_plain_backend() {
+        let mut net = pair_net();
+        let f = net.avail_features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            features::MAC,
+            features::STATUS,
+            features::MRG_RXBUF,
+        ] {
+            assert_ne!(f & (1u64 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(f & (1u64 << features::CSUM), 0);
+        net.ack_features(u64::MAX);
+        assert_eq!(net.acked_features, f, "acked features are masked");
+    }
+
+    #[test]
+    fn tap_device_offers_checksum_and_tso() {
+        in_netns(|| {
+            let cfg = NetConfig {
+                mac: None,
+                backend: NetBackendConfig::Tap(TapConfig::default()),
+            };
+            let net = Net::new(&cfg).expect("tap net");
+            let f = net.avail_features();
+            for bit in [features::CSUM, features::GUEST_CSUM, features::HOST_TSO4] {
+                assert_ne!(f & (1u64 << bit), 0, "bit {bit}");
+            }
+            let mac = net.mac();
+            assert_eq!(mac[0] & 0x03, 0x02, "random MAC is local unicast");
+        });
+    }
+
+    #[test]
+    fn activate_with_wrong_queue_count_fails() {
+        let mut net = pair_net();
+        let mem = guest_memory();
+        let q = GuestQueue::new(&mem, 0, 16);
+        let err = net
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![q.queue()],
+                queue_evts: vec![EventFd::new(0).expect("evt")],
+                interrupt: interrupt(),
+            })
+            .expect_err("one queue is not enough");
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            }
+        ));
+        assert!(net.active.is_none());
+    }
+
+    #[test]
+    fn reset_forgets_queues_and_features() {
+        let mut net = pair_net();
+        let mem = guest_memory();
+        let (a, b) = (
+            GuestQueue::new(&mem, 0, 16),
+            GuestQueue::new(&mem, 0x1_0000, 16),
+        );
+        net.ack_features(net.avail_features());
+        net.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![a.queue(), b.queue()],
+            queue_evts: vec![EventFd::new(0).expect("evt"), EventFd::new(0).expect("evt")],
+            interrupt: interrupt(),
+        })
+        .expect("activate");
+        assert!(net.active.is_some());
+        assert!(net.reset());
+        assert!(net.active.is_none());
+        assert_eq!(net.acked_features, 0);
+        assert_eq!(
+            net.retired_evts.len(),
+            2,
+            "old eventfds wait to be unregistered"
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! virtio-vsock queue processing, independent of the event loop: guest packets from the TX
+//! queue go to the [`Muxer`]; packets the muxer has for the guest fill the RX queue.
+//!
+//! Every chain comes from the guest and is treated as hostile: chains that point outside guest
+//! memory, lack the right kind of descriptor, are too short for the header or claim a payload
+//! they do not carry are dropped (TX) or returned empty (RX) and counted.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::packet::{VsockHeader, HDR_LEN};
+use super::{Muxer, VsockMetrics, MAX_PKT_DATA};
+use crate::virtio::{InterruptKind, VirtioInterrupt};
+
+/// The queues of an activated vsock device.
+#[derive(Debug)]
+pub struct VsockQueues {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    /// The event queue; kept so it stays configured, the device sends no events.
+    _event: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<VsockMetrics>,
+    buf: Vec<u8>,
+}
+
+impl VsockQueues {
+    /// Serves `rx`, `tx` and `event` in `mem`.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        event: Queue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        metrics: Arc<VsockMetrics>,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            _event: event,
+            interrupt,
+            metrics,
+            buf: vec![0; MAX_PKT_DATA],
+        }
+    }
+
+    fn notify(&mut self, rx: bool) {
+        let q = if rx { &mut self.rx } else { &mut self.tx };
+        if q.needs_notification(&self.mem).unwrap_or(true) {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue) {
+                log::warn!("vsock: interrupt failed: {e}");
+            }
+        }
+    }
+
+    /// Hands every packet the guest queued to the muxer.
+    pub fn process_tx(&mut self, muxer: &mut Muxer) {
+        let mut used = false;
+        while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let pkt = chain.reader(&self.mem).ok().and_then(|mut r| {
+                let mut hdr = [0u8; HDR_LEN];
+                r.read_exact(&mut hdr).ok()?;
+                let hdr = VsockHeader::from_bytes(&hdr);
+                let len = usize::try_from(hdr.len).ok()?;
+                if len > MAX_PKT_DATA || len > r.available_bytes() {
+                    return None;
+                }
+                r.read_exact(&mut self.buf[..len]).ok()?;
+                Some((hdr, len))
+            });
+            match pkt {
+                Some((hdr, len)) => {
+                    VsockMetrics::inc(&self.metrics.tx_packets);
+                    muxer.send_pkt(&hdr, &self.buf[..len]);
+                }
+                None => VsockMetrics::inc(&self.metrics.bad_packets),
+            }
+            let _ = self.tx.add_used(&self.mem, head, 0);
+            used = true;
+        }
+        if used {
+            self.notify(false);
+        }
+    }
+
+    /// Moves the muxer's packets into the guest's receive buffers. Returns true if packets
+    /// are left because the guest has no buffers.
+    pub fn process_rx(&mut self, muxer: &mut Muxer) -> bool {
+        let mut used = false;
+        let mut starved = false;
+        while muxer.has_pending_rx() {
+            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+                starved = true;
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&self.mem) {
+                Ok(w) if w.available_bytes() >= HDR_LEN => w,
+                _ => {
+                    VsockMetrics::inc(&self.metrics.bad_buffers);
+                    let _ = self.rx.add_used(&self.mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let cap = (writer.available_bytes() - HDR_LEN).min(MAX_PKT_DATA);
+            let Some((hdr, n)) = muxer.recv_pkt(&mut self.buf[..cap]) else {
+                // Nothing after all: give the buffer back to the ring untouched.
+                self.rx.set_next_avail(self.rx.next_avail().wrapping_sub(1));
+                break;
+            };
+            let ok = writer.write_all(&hdr.to_bytes()).is_ok()
+                && writer.write_all(&self.buf[..n]).is_ok();
+            let len = if ok { HDR_LEN + n } else { 0 };
+            if ok {
+                VsockMetrics::inc(&self.metrics.rx_packets);
+                VsockMetrics::add(&self.metrics.rx_bytes, n as u64);
+            } else {
+                VsockMetrics::inc(&self.metrics.bad_buffers);
+            }
+            let _ = self
+                .rx
+                .add_used(&self.mem, head, u32::try_from(len).unwrap_or(0));
+            used = true;
+        }
+        if used {
+            self.notify(true);
+        }
+        starved
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::virtio::testing::{
+        guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue, TestInterrupt, DATA_START,
+        MEM_SIZE,
+    };
+    use crate::virtio::vsock::muxer::listener_path;
+    use crate::virtio::vsock::packet::{op, TYPE_STREAM};
+    use crate::virtio::vsock::HOST_CID;
+
+    struct Rig<'a> {
+        mem: &'a GuestMemoryMmap,
+        rxq: GuestQueue<'a>,
+        txq: GuestQueue<'a>,
+        q: VsockQueues,
+        muxer: Muxer,
+        metrics: Arc<VsockMetrics>,
+        irq: Arc<TestInterrupt>,
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(&path, 3, metrics.clone()).expect("muxer");
+        let rxq = GuestQueue::new(mem, 0, 16);
+        let txq = GuestQueue::new(mem, 0x1_0000, 16);
+        let evq = GuestQueue::new(mem, 0x2_0000, 16);
+        let irq = interrupt();
+        let q = VsockQueues::new(
+            mem.clone(),
+            rxq.queue(),
+            txq.queue(),
+            evq.queue(),
+            irq.clone(),
+            metrics.clone(),
+        );
+        Rig {
+            mem,
+            rxq,
+            txq,
+            q,
+            muxer,
+            metrics,
+            irq,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn request(src_port: u32, dst_port: u32) -> VsockHeader {
+        VsockHeader {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op: op::REQUEST,
+            buf_alloc: 4096,
+            ..VsockHeader::default()
+        }
+    }
+
+    #[test]
+    fn header_split_across_descriptors_is_understood() {
+        let mem = guest_memory();
+        let mut r = rig(&mem);
+        let b = request(1000, 77).to_bytes();
+        write_mem(r.mem, DATA_START, &b);
+        r.txq.add(&[
+            Desc::r(DATA_START, 10),
+            Desc::r(DATA_START + 10, 30),
+            Desc::r(DATA_START + 40, 4),
+        ]);
+        r.q.process_tx(&mut r.muxer);
+        assert_eq!(r.txq.take_used(), vec![(0, 0)]);
+        // No listener on port 77: the guest gets RST in its receive buffer.
+        r.rxq.add(&[Desc::w(DATA_START + 0x1000, 4096)]);
+        assert!(!r.q.process_rx(&mut r.muxer));
+        assert_eq!(r.rxq.take_used(), vec![(0, HDR_LEN as u32)]);
+        let mut hdr = [0u8; HDR_LEN];
+        hdr.copy_from_slice(&read_mem(r.mem, DATA_START + 0x1000, HDR_LEN));
+        let h = VsockHeader::from_bytes(&hdr);
+        assert_eq!((h.op, h.src_port, h.dst_port), (op::RST, 77, 1000));
+        assert!(r.irq.queue_count() >= 2);
+    }
+
+    #[test]
+    fn hostile_tx_chains_are_dropped_and_counted() {
+        let mem = guest_memory();
+        let mut r = rig(&mem);
+        let _l = UnixListener::bind(listener_path(&r.path, 80)).expect("listen");
+        let size = MEM_SIZE as u64;
+        let mut claims_more = request(1, 80);
+        claims_more.len = 100; // but carries no payload
+        write_mem(r.mem, DATA_START, &claims_more.to_bytes());
+        let mut huge = request(2, 80);
+        huge.len = u32::MAX;
+        write_mem(r.mem, DATA_START + 0x1000, &huge.to_bytes());
+        let chains: Vec<Vec<Desc>> = vec![
+            vec![Desc::r(size - 20, 44)],                  // past the end of memory
+            vec![Desc::r(u64::MAX - 10, 44)],              // wraps
+            vec![Desc::w(DATA_START, 44)],                 // writable where readable is required
+            vec![Desc::r(DATA_START, 0)],                  // empty
+            vec![Desc::r(DATA_START, 43)],                 // header cut short
+            vec![Desc::r(DATA_START, 44)],                 // payload claimed, missing
+            vec![Desc::r(DATA_START + 0x1000, 0x10_0000)], // absurd length field
+        ];
+        for c in &chains {
+            r.txq.add(c);
+        }
+        r.q.process_tx(&mut r.muxer);
+        assert_eq!(r.txq.take_used().len(), chains.len());
+        assert_eq!(
+            VsockMetrics::get(&r.metrics.bad_packets),
+            chains.len() as u64
+        );
+        assert!(!r.muxer.has_pending_rx(), "no connection was opened");
+        assert_eq!(r.muxer.connection_count(), 0);
+    }
+
+    #[test]
+    fn unusable_rx_buffers_are_returned_empty() {
+        let mem = guest_memory();
+        let mut r = rig(&mem);
+        write_mem(r.mem, DATA_START, &request(5, 6).to_bytes());
+        r.txq.add(&[Desc::r(DATA_START, 44)]);
+        r.q.process_tx(&mut r.muxer);
+        let size = MEM_SIZE as u64;
+        r.rxq.add(&[Desc::r(DATA_START + 0x1000, 4096)]); // readable only
+        r.rxq.add(&[Desc::w(size - 8, 4096)]); // outside memory
+        r.rxq.add(&[Desc::w(DATA_START + 0x1000, 20)]); // smaller than a header
+        assert!(
+            r.q.process_rx(&mut r.muxer),
+            "RST still waits for a usable buffer"
+        );
+        assert_eq!(r.rxq.take_used(), vec![(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(VsockMetrics::get(&r.metrics.bad_buffers), 3);
+        r.rxq.add(&[Desc::w(DATA_START + 0x2000, 44)]);
+        assert!(!r.q.process_rx(&mut r.muxer));
+        assert_eq!(r.rxq.take_used(), vec![(3, 44)]);
+    }
+}
