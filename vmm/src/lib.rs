@@ -19,4 +19,5 @@ pub mod mptable;
 pub mod portfwd;
 pub mod state;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;

@@ -8,8 +8,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use devices::virtio::block::BlockConfig;
+
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
+use crate::virtio_devices::{self, DevicesConfig, NetworkMode};
 
 /// Flags of `mvm boot`.
 #[derive(Debug, Args)]
@@ -32,6 +35,21 @@ pub struct BootArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_out: Option<PathBuf>,
+    /// A virtio-blk disk from a raw image: PATH[,ro][,serial=ID]; repeat for more (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<BlockConfig>,
+    /// Guest network: user (rootless, passt), tap, tap:NAME[,HOSTIP/PREFIX] or none.
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub network: String,
+    /// A virtio-vsock device whose host side is this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// A virtio-rng entropy device fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+    /// Write every device's counters as JSON to this file (every second and at exit).
+    #[arg(long, value_name = "PATH")]
+    pub metrics: Option<PathBuf>,
 }
 
 impl BootArgs {
@@ -54,14 +72,52 @@ impl BootArgs {
 /// Boots the VM and returns mvm's exit code.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     let cfg = args.to_config()?;
-    let builder = VmBuilder::new(cfg).map_err(|e| {
+    let network: NetworkMode = args
+        .network
+        .parse()
+        .map_err(|e: virtio_devices::DeviceSetupError| super::bad_input(e.to_string()))?;
+    let devices = DevicesConfig {
+        disks: args.disks.clone(),
+        network,
+        user_tcp_ports: Vec::new(),
+        vsock: args.vsock.clone(),
+        rng: args.rng,
+    };
+    let mut builder = VmBuilder::new(cfg).map_err(|e| {
         if e.is_bad_input() {
             super::bad_input(format!("{:#}", anyhow::Error::new(e)))
         } else {
             anyhow::Error::new(e)
         }
     })?;
-    let exit = builder.start()?.wait();
+    let attached = virtio_devices::attach(&mut builder, &devices).map_err(|e| {
+        let msg = format!("{:#}", anyhow::Error::new(e));
+        super::bad_input(msg)
+    })?;
+    if let Some(tap) = &attached.tap_name {
+        log::info!("network: tap {tap}");
+    }
+    let metrics = args.metrics.clone();
+    let vm = builder.start()?;
+    let stop_metrics = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = metrics.clone().map(|path| {
+        let stop = stop_metrics.clone();
+        let snapshot = std::sync::Arc::new(attached);
+        let shared = snapshot.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = shared.write_metrics(&path);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let _ = shared.write_metrics(&path);
+        });
+        (thread, snapshot)
+    });
+    let exit = vm.wait();
+    stop_metrics.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some((thread, _)) = writer {
+        let _ = thread.join();
+    }
     if exit.is_failure() {
         eprintln!("mvm: {exit}");
     } else {

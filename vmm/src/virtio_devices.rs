@@ -1,0 +1,311 @@
+//! Builds the virtio devices a VM asks for (block, net, vsock, rng), puts each behind a
+//! virtio-mmio transport and attaches it to the VM; collects their metrics as JSON.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::SharedBusDevice;
+use devices::virtio::block::{Block, BlockConfig, BlockMetrics};
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::{Net, NetBackendConfig, NetConfig, NetMetrics, PasstConfig, TapConfig};
+use devices::virtio::rng::{Rng, RngMetrics};
+use devices::virtio::vsock::{Vsock, VsockMetrics};
+use devices::virtio::VirtioDevice;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::VmBuilder;
+use crate::device_manager::{Subscriber, VirtioMmioDevice};
+
+/// Guest CID given to the VM's vsock device.
+pub const GUEST_CID: u64 = 3;
+
+/// Errors building or attaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    /// A disk could not be opened.
+    #[error("disk {path}")]
+    Block {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    /// The network device could not be set up.
+    #[error("network")]
+    Net(#[source] devices::virtio::net::NetError),
+    /// The vsock device could not be set up.
+    #[error("vsock socket {path}")]
+    Vsock {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: devices::virtio::vsock::VsockError,
+    },
+    /// The rng device could not be set up.
+    #[error("entropy device")]
+    Rng(#[source] devices::virtio::rng::RngError),
+    /// The MMIO transport could not be built.
+    #[error("virtio-mmio transport")]
+    Transport(#[source] devices::virtio::mmio::MmioError),
+    /// The VM had no room for the device.
+    #[error("attaching a device")]
+    Attach(#[source] crate::builder::BuildError),
+    /// An eventfd could not be duplicated for KVM.
+    #[error("duplicating a device eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// `--network` value that does not parse.
+    #[error("invalid --network '{0}': use user, tap, tap:NAME or none")]
+    NetworkMode(String),
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum NetworkMode {
+    /// No network device.
+    #[default]
+    None,
+    /// Rootless user-mode networking through passt.
+    User,
+    /// A tap device on the host, optionally with a name and a host address.
+    Tap {
+        /// Interface name (`mvm-tapN` when absent).
+        name: Option<String>,
+        /// Host side address, e.g. 172.30.0.1/24.
+        host_ip: Option<(Ipv4Addr, u8)>,
+    },
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = DeviceSetupError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || DeviceSetupError::NetworkMode(s.to_string());
+        match s {
+            "none" => Ok(NetworkMode::None),
+            "user" => Ok(NetworkMode::User),
+            "tap" => Ok(NetworkMode::Tap {
+                name: None,
+                host_ip: None,
+            }),
+            _ => {
+                let rest = s.strip_prefix("tap:").ok_or_else(bad)?;
+                let (name, ip) = match rest.split_once(',') {
+                    Some((n, ip)) => (n, Some(ip)),
+                    None => (rest, None),
+                };
+                let host_ip = ip
+                    .map(|ip| {
+                        let (addr, prefix) = ip.split_once('/').unwrap_or((ip, "24"));
+                        Ok::<_, DeviceSetupError>((
+                            addr.parse().map_err(|_| bad())?,
+                            prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?,
+                        ))
+                    })
+                    .transpose()?;
+                if name.is_empty() || name.len() > 15 {
+                    return Err(bad());
+                }
+                Ok(NetworkMode::Tap {
+                    name: Some(name.to_string()),
+                    host_ip,
+                })
+            }
+        }
+    }
+}
+
+/// The devices of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// Disks, in order: the first is /dev/vda.
+    #[serde(default)]
+    pub disks: Vec<BlockConfig>,
+    /// The network.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// TCP ports passt forwards into the guest (`--network user` only): (host, guest).
+    #[serde(default)]
+    pub user_tcp_ports: Vec<(u16, u16)>,
+    /// Host Unix socket of the vsock device.
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
+    /// Attach an entropy device.
+    #[serde(default)]
+    pub rng: bool,
+}
+
+enum Metrics {
+    Block(String, Arc<BlockMetrics>),
+    Net(Arc<NetMetrics>),
+    Vsock(Arc<VsockMetrics>),
+    Rng(Arc<RngMetrics>),
+}
+
+/// The devices attached to a VM: their metrics, and what the caller may need to know (the tap).
+pub struct AttachedDevices {
+    metrics: Vec<Metrics>,
+    /// Name of the tap interface, with `--network tap`.
+    pub tap_name: Option<String>,
+    /// Guest MAC address, when there is a network device.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::fmt::Debug for AttachedDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedDevices")
+            .field("devices", &self.metrics.len())
+            .field("tap_name", &self.tap_name)
+            .finish()
+    }
+}
+
+impl AttachedDevices {
+    /// Every device's counters, as one JSON object keyed by device.
+    pub fn metrics_json(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for m in &self.metrics {
+            let (key, value) = match m {
+                Metrics::Block(id, m) => (format!("block_{id}"), m.to_json()),
+                Metrics::Net(m) => ("net".to_string(), parse(&m.to_json())),
+                Metrics::Vsock(m) => ("vsock".to_string(), parse(&m.to_json())),
+                Metrics::Rng(m) => ("rng".to_string(), m.to_json()),
+            };
+            out.insert(key, value);
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// Writes [`AttachedDevices::metrics_json`] to `path` (atomically: temp file, then rename).
+    pub fn write_metrics(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.metrics_json())?)?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+fn parse(json: &str) -> serde_json::Value {
+    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+}
+
+/// Builds every device of `config` and attaches it to the VM being built.
+pub fn attach(
+    builder: &mut VmBuilder,
+    config: &DevicesConfig,
+) -> Result<AttachedDevices, DeviceSetupError> {
+    let mut attached = AttachedDevices {
+        metrics: Vec::new(),
+        tap_name: None,
+        mac: None,
+    };
+    for (i, disk) in config.disks.iter().enumerate() {
+        let block = Block::new(disk).map_err(|source| DeviceSetupError::Block {
+            path: disk.path.clone(),
+            source,
+        })?;
+        let id = char::from(b'a' + u8::try_from(i % 26).unwrap_or(0));
+        attached
+            .metrics
+            .push(Metrics::Block(format!("vd{id}"), block.metrics()));
+        attach_one(builder, Arc::new(Mutex::new(block)))?;
+    }
+    let backend = match &config.network {
+        NetworkMode::None => None,
+        NetworkMode::User => Some(NetBackendConfig::User(PasstConfig {
+            tcp_ports: config
+                .user_tcp_ports
+                .iter()
+                .map(|(h, g)| devices::virtio::net::PortForward {
+                    host_port: *h,
+                    guest_port: *g,
+                })
+                .collect(),
+            udp_ports: Vec::new(),
+        })),
+        NetworkMode::Tap { name, host_ip } => Some(NetBackendConfig::Tap(TapConfig {
+            name: name.clone(),
+            host_ip: host_ip.map(|(ip, _)| ip),
+            prefix_len: host_ip.map_or(24, |(_, p)| p),
+        })),
+    };
+    if let Some(backend) = backend {
+        let net = Net::new(&NetConfig { mac: None, backend }).map_err(DeviceSetupError::Net)?;
+        attached.tap_name = net.tap_name().map(str::to_string);
+        attached.mac = Some(net.mac());
+        attached.metrics.push(Metrics::Net(net.metrics()));
+        attach_one(builder, Arc::new(Mutex::new(net)))?;
+    }
+    if let Some(path) = &config.vsock {
+        let vsock = Vsock::new(path, GUEST_CID).map_err(|source| DeviceSetupError::Vsock {
+            path: path.clone(),
+            source,
+        })?;
+        attached.metrics.push(Metrics::Vsock(vsock.metrics()));
+        attach_one(builder, Arc::new(Mutex::new(vsock)))?;
+    }
+    if config.rng {
+        let rng = Rng::new().map_err(DeviceSetupError::Rng)?;
+        attached.metrics.push(Metrics::Rng(rng.metrics()));
+        attach_one(builder, Arc::new(Mutex::new(rng)))?;
+    }
+    Ok(attached)
+}
+
+fn attach_one<D>(builder: &mut VmBuilder, device: Arc<Mutex<D>>) -> Result<(), DeviceSetupError>
+where
+    D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+{
+    let transport = MmioTransport::new(builder.guest_memory().clone(), device.clone())
+        .map_err(DeviceSetupError::Transport)?;
+    let queue_evts = transport
+        .queue_evts()
+        .iter()
+        .map(|e| e.try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(DeviceSetupError::EventFd)?;
+    let irq_evt = transport
+        .irq_evt()
+        .try_clone()
+        .map_err(DeviceSetupError::EventFd)?;
+    let bus_device: SharedBusDevice = Arc::new(Mutex::new(transport));
+    let subscriber: Subscriber = device;
+    builder
+        .attach_virtio_mmio(VirtioMmioDevice {
+            bus_device,
+            queue_evts,
+            irq_evt,
+            subscriber,
+        })
+        .map_err(DeviceSetupError::Attach)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes_parse() {
+        assert_eq!("none".parse::<NetworkMode>().unwrap(), NetworkMode::None);
+        assert_eq!("user".parse::<NetworkMode>().unwrap(), NetworkMode::User);
+        assert_eq!(
+            "tap:mvm0,172.30.0.1/24".parse::<NetworkMode>().unwrap(),
+            NetworkMode::Tap {
+                name: Some("mvm0".into()),
+                host_ip: Some(([172, 30, 0, 1].into(), 24))
+            }
+        );
+        for bad in [
+            "bridge",
+            "tap:",
+            "tap:x,300.0.0.1",
+            "tap:a,1.2.3.4/40",
+            "tap:waytoolonginterfacename",
+        ] {
+            assert!(bad.parse::<NetworkMode>().is_err(), "{bad}");
+        }
+    }
+}
