@@ -27,8 +27,11 @@ targets=$(cargo fuzz list)
 failed=()
 for target in $targets; do
     mkdir -p "fuzz/corpus/$target"
+    corpora=("fuzz/corpus/$target")
+    # Committed well-formed seeds (fuzz/seeds/make_seeds.py) start the search inside the parser.
+    [ -d "fuzz/seeds/$target" ] && corpora+=("fuzz/seeds/$target")
     echo "== fuzzing $target for ${seconds}s (sanitizer: $sanitizer)"
-    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" -- \
+    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "${corpora[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1; then
         echo "== $target FAILED: reproducer under fuzz/artifacts/$target/" >&2
         failed+=("$target")
