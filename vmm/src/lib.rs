@@ -15,6 +15,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod host;
 pub mod memory;
+pub mod microvm;
 pub mod mptable;
 pub mod portfwd;
 pub mod state;

@@ -1,0 +1,334 @@
+//! One container in its own microVM: boot the guest kernel with the agent as PID 1 and the image
+//! as a read-only disk, talk to the agent over vsock, start the container, stream its output and
+//! return its exit code; then power the VM off.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use devices::virtio::block::BlockConfig;
+use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
+use guest_agent::protocol::AGENT_VSOCK_PORT;
+
+use crate::builder::{BuildError, VmBuilder};
+use crate::config::VmConfig;
+use crate::exit::{VmExit, VmHandle};
+use crate::portfwd::{PortError, PortForwarder, PortMapping};
+use crate::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
+
+/// Exit code when `--timeout` runs out (as coreutils' `timeout`).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// Kernel arguments mvm always passes (the agent's own are added to them).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
+
+/// Errors running a container in a microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum MicroVmError {
+    /// The VM could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A device could not be set up.
+    #[error(transparent)]
+    Devices(#[from] DeviceSetupError),
+    /// A port could not be published.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// The VM ended before its agent answered.
+    #[error("the VM ended before its agent started: {exit}{console}")]
+    EarlyExit {
+        /// Why the VM ended.
+        exit: VmExit,
+        /// The last console line, if any (prefixed with "; console: ").
+        console: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the guest agent did not answer within {0} s (see the console log {1})")]
+    AgentTimeout(u64, PathBuf),
+    /// The agent refused the container or the session broke.
+    #[error("guest agent")]
+    Agent(#[source] ClientError),
+}
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct MicroVmSpec {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Arguments appended to [`BASE_CMDLINE`] (e.g. the test kernel's).
+    pub kernel_args: String,
+    /// The agent's initramfs.
+    pub initrd: PathBuf,
+    /// The image's root filesystem disk (attached read-only as /dev/vda).
+    pub rootfs_disk: PathBuf,
+    /// Further disks (volumes), /dev/vdb on.
+    pub volumes: Vec<BlockConfig>,
+    /// Guest memory in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The guest's network.
+    pub network: NetworkMode,
+    /// Published ports, forwarded over vsock.
+    pub ports: Vec<PortMapping>,
+    /// Directory for the VM's sockets and console log (created by the caller).
+    pub run_dir: PathBuf,
+    /// The container for the agent (a runtime spec as JSON).
+    pub container: serde_json::Value,
+    /// Feed this process's stdin to the container.
+    pub stdin: bool,
+    /// Stop the VM and return [`EXIT_TIMEOUT`] after this long.
+    pub timeout: Option<Duration>,
+    /// How long the guest may take to boot to its agent.
+    pub boot_timeout: Duration,
+}
+
+impl MicroVmSpec {
+    /// The vsock socket of the VM (other processes reach the agent through it).
+    pub fn vsock_path(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+
+    /// The serial console log.
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+}
+
+/// A started microVM whose container runs.
+pub struct MicroVm {
+    handle: VmHandle,
+    exit_rx: mpsc::Receiver<VmExit>,
+    client: AgentClient<UnixStream>,
+    stream: u32,
+    _ports: Vec<PortForwarder>,
+    timed_out: Arc<AtomicBool>,
+    console: PathBuf,
+}
+
+impl std::fmt::Debug for MicroVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVm")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+fn last_console_line(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| format!("; console: {}", l.trim()))
+        })
+        .unwrap_or_default()
+}
+
+impl MicroVm {
+    /// Boots the VM, waits for its agent and starts the container.
+    pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
+        let mut cmdline = format!("{BASE_CMDLINE} mvm.rootfs=/dev/vda mvm.port={AGENT_VSOCK_PORT}");
+        if !spec.kernel_args.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(spec.kernel_args.trim());
+        }
+        let config = VmConfig {
+            kernel: spec.kernel.clone(),
+            initrd: Some(spec.initrd.clone()),
+            cmdline,
+            mem_bytes: spec.mem_bytes,
+            vcpus: spec.vcpus,
+            serial_out: Some(spec.console_path()),
+            serial_stdin: false,
+        };
+        let mut builder = VmBuilder::new(config)?;
+        let mut disks = vec![BlockConfig {
+            path: spec.rootfs_disk.clone(),
+            read_only: true,
+            serial: Some("mvm-rootfs".into()),
+        }];
+        disks.extend(spec.volumes.iter().cloned());
+        let vsock = spec.vsock_path();
+        virtio_devices::attach(
+            &mut builder,
+            &DevicesConfig {
+                disks,
+                network: spec.network.clone(),
+                user_tcp_ports: Vec::new(),
+                vsock: Some(vsock.clone()),
+                rng: true,
+            },
+        )?;
+        let handle = builder.handle();
+        let vm = builder.start()?;
+        let (exit_tx, exit_rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let _ = exit_tx.send(vm.wait());
+            })
+            .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
+
+        let conn = match wait_for_agent(&vsock, &exit_rx, spec.boot_timeout) {
+            Ok(conn) => conn,
+            Err(AgentWait::Exited(exit)) => {
+                return Err(MicroVmError::EarlyExit {
+                    exit,
+                    console: last_console_line(&spec.console_path()),
+                })
+            }
+            Err(AgentWait::Timeout) => {
+                handle.stop();
+                let _ = exit_rx.recv_timeout(Duration::from_secs(10));
+                return Err(MicroVmError::AgentTimeout(
+                    spec.boot_timeout.as_secs(),
+                    spec.console_path(),
+                ));
+            }
+        };
+        let stop_on_error = |e: ClientError| {
+            handle.stop();
+            MicroVmError::Agent(e)
+        };
+        let mut client = AgentClient::open(conn).map_err(stop_on_error)?;
+        client
+            .create("main", spec.container.clone())
+            .map_err(stop_on_error)?;
+        let stream = client.start("main").map_err(stop_on_error)?;
+        let ports = spec
+            .ports
+            .iter()
+            .map(|m| PortForwarder::start(*m, &vsock))
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|_| handle.stop())?;
+        let timed_out = Arc::new(AtomicBool::new(false));
+        if let Some(limit) = spec.timeout {
+            let (handle, flag) = (handle.clone(), timed_out.clone());
+            thread::spawn(move || {
+                thread::sleep(limit);
+                flag.store(true, Ordering::SeqCst);
+                handle.stop();
+            });
+        }
+        if spec.stdin {
+            forward_stdin(&vsock, stream);
+        }
+        Ok(MicroVm {
+            handle,
+            exit_rx,
+            client,
+            stream,
+            _ports: ports,
+            timed_out,
+            console: spec.console_path(),
+        })
+    }
+
+    /// A handle that stops the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// Streams the container's output into `sink` until it exits, powers the VM off and returns
+    /// the container's exit code ([`EXIT_TIMEOUT`] when the timeout ran out; 128 + n when mvm got
+    /// signal n).
+    pub fn wait(mut self, sink: &mut dyn OutputSink) -> Result<i32, MicroVmError> {
+        let result = self.client.stream_until_exit(self.stream, sink);
+        if self.timed_out.load(Ordering::SeqCst) {
+            let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
+            return Ok(EXIT_TIMEOUT);
+        }
+        match result {
+            Ok(code) => {
+                // The agent powers the guest off; stop the VM ourselves if it does not.
+                let _ = self.client.shutdown();
+                if self.exit_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                    self.handle.stop();
+                    let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
+                }
+                Ok(code)
+            }
+            Err(e) => {
+                // The session broke: the VM ended (signal, panic) or the agent died.
+                let exit = self
+                    .exit_rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| {
+                        self.handle.stop();
+                        VmExit::Stopped
+                    });
+                match exit {
+                    VmExit::Signal(sig) => Ok(128 + sig),
+                    VmExit::Reset | VmExit::Stopped => Err(MicroVmError::Agent(e)),
+                    exit => Err(MicroVmError::EarlyExit {
+                        exit,
+                        console: last_console_line(&self.console),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+enum AgentWait {
+    Exited(VmExit),
+    Timeout,
+}
+
+/// Connects to the agent's vsock port, retrying while the guest boots.
+fn wait_for_agent(
+    vsock: &std::path::Path,
+    exit_rx: &mpsc::Receiver<VmExit>,
+    limit: Duration,
+) -> Result<UnixStream, AgentWait> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(exit) = exit_rx.try_recv() {
+            return Err(AgentWait::Exited(exit));
+        }
+        if let Ok(conn) =
+            devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(2))
+        {
+            return Ok(conn);
+        }
+        if Instant::now() >= deadline {
+            return Err(AgentWait::Timeout);
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Copies this process's stdin to the container's stdin over a second agent session.
+fn forward_stdin(vsock: &std::path::Path, stream: u32) {
+    let Ok(conn) =
+        devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(5))
+    else {
+        return;
+    };
+    thread::spawn(move || {
+        use std::io::Read;
+        let Ok(mut client) = AgentClient::open(conn) else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = client.stdin(stream, b"");
+                    return;
+                }
+                Ok(n) => {
+                    if client.stdin(stream, &buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
