@@ -252,7 +252,18 @@ impl VmBuilder {
         for vcpu in vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", running.threads.len()))
-                .spawn(move || vcpu.run());
+                .spawn(move || {
+                    let exit = vcpu.exit_state();
+                    let id = vcpu.id();
+                    // A bug in a device must end the VM with a message, not leave it hanging.
+                    let run = std::panic::AssertUnwindSafe(move || vcpu.run());
+                    if std::panic::catch_unwind(run).is_err() {
+                        exit.record(VmExit::VcpuError {
+                            cpu: id,
+                            message: "vCPU thread panicked".into(),
+                        });
+                    }
+                });
             match thread {
                 Ok(t) => running.threads.push(t),
                 Err(e) => {
