@@ -36,6 +36,11 @@ use crate::mptable::{self, MptableError};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
+/// Builds, starts and runs a VM with no extra devices until it ends.
+pub fn run(config: VmConfig) -> Result<VmExit, BuildError> {
+    Ok(VmBuilder::new(config)?.start()?.wait())
+}
+
 /// How long stopping the vCPU threads may take before mvm gives up on them.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -310,6 +315,12 @@ impl RunningVm {
     /// Guest memory.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         self.vm.memory()
+    }
+
+    /// Runs closures on the event-loop thread from other threads (e.g. to reach a device's
+    /// subscriber while the VM runs).
+    pub fn remote_endpoint(&self) -> event_manager::RemoteEndpoint<Subscriber> {
+        self.em.remote_endpoint()
     }
 
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
