@@ -235,9 +235,7 @@ impl VmBuilder {
         };
         let mut vcpus = Vec::new();
         for id in 0..self.config.vcpus {
-            let fd = self.vm.create_vcpu(id).map_err(|e| {
-                BuildError::Vcpu(id, VcpuError::Kvm("CREATE_VCPU", vm_kvm_error(e)))
-            })?;
+            let fd = self.vm.create_vcpu(id).map_err(BuildError::Vm)?;
             vcpu::configure(self.vm.kvm(), &fd, id, self.config.vcpus, self.kernel.entry)
                 .map_err(|e| BuildError::Vcpu(id, e))?;
             vcpus.push(Vcpu::new(id, fd, shared.clone()));
@@ -278,13 +276,6 @@ impl VmBuilder {
             }
         }
         Ok(running)
-    }
-}
-
-fn vm_kvm_error(e: VmError) -> kvm_ioctls::Error {
-    match e {
-        VmError::Kvm(_, e) | VmError::OpenKvm(e) => e,
-        _ => kvm_ioctls::Error::new(libc::EINVAL),
     }
 }
 
