@@ -133,6 +133,16 @@ impl Vcpu {
         Self { id, fd, shared }
     }
 
+    /// The vCPU's index (and APIC id).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Where this vCPU reports how the VM ends.
+    pub fn exit_state(&self) -> Arc<ExitState> {
+        self.shared.exit.clone()
+    }
+
     /// Runs the guest until the VM stops; reports why to the exit state.
     pub fn run(mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
