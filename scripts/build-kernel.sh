@@ -196,7 +196,7 @@ if ! wait "$make_pid"; then
   die "kernel build failed; full log: $build/build.log"
 fi
 cp "$build/vmlinux" "$out.tmp" && mv "$out.tmp" "$out"
-log "built $(basename "$out") in $((SECONDS - start)) s ($(du -h "$out" | cut -f1))"
+log "built $(basename "$out") in $((SECONDS - start)) s ($(( $(stat -c %s "$out") / 1048576 )) MiB)"
 rm -rf "$build"
 install_kernel
 echo "$out"
