@@ -8,6 +8,8 @@
 #   scripts/build-kernel.sh --check-config FILE  check that every fragment option holds in FILE
 #   scripts/build-kernel.sh --print-key          print the cache key (no apt, no unpacking)
 #   options: --no-install (do not copy to the default kernel path)
+# Exit codes: 0 done; 1 failed (build error, fragment option lost, check failed); 3 the source
+# package or build tools cannot be installed on this machine.
 #
 # Environment: MVM_KERNEL_CACHE (cache dir, default ${XDG_CACHE_HOME:-$HOME/.cache}/mvm/kernel),
 # MVM_ROOT (mvm's state dir; the kernel goes to $MVM_ROOT/kernel/vmlinux; default as `mvm`:
@@ -30,6 +32,8 @@ deps=("$package" bc bison flex libelf-dev libssl-dev make gcc xz-utils)
 
 log() { echo "build-kernel: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# Exit code 3: the kernel source or build tools cannot be installed here (tests skip on it).
+unavailable() { log "error: $*"; exit 3; }
 
 # check_config FRAGMENT CONFIG: prints one line per fragment option that CONFIG does not hold;
 # returns 1 if there was any. `# CONFIG_X is not set` holds when CONFIG_X is unset or absent.
@@ -70,7 +74,7 @@ while [ $# -gt 0 ]; do
       check_target=$2
       shift
       ;;
-    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -93,10 +97,11 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok instal
 
 # Install the kernel source and the build tools when missing (apt is shared: take its lock).
 missing=()
+[ "$mode" = key ] && deps=("$package")
 for d in "${deps[@]}"; do installed "$d" || missing+=("$d"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  [ "$mode" = key ] && ! installed "$package" && die "$package is not installed (run without --print-key)"
-  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+  [ "$mode" = key ] && ! installed "$package" && unavailable "$package is not installed (run without --print-key)"
+  command -v apt-get >/dev/null || unavailable "missing ${missing[*]} and no apt-get to install them"
   mkdir -p "$cache"
   log "installing ${missing[*]} (log: $cache/apt.log)"
   if ! flock /tmp/apt.lock bash -c '
@@ -106,7 +111,7 @@ if [ ${#missing[@]} -gt 0 ]; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
     ' apt "$package" "${missing[@]}" >"$cache/apt.log" 2>&1; then
     tail -5 "$cache/apt.log" >&2
-    die "apt-get failed; see $cache/apt.log"
+    unavailable "apt-get could not install ${missing[*]}; see $cache/apt.log"
   fi
 fi
 
@@ -150,7 +155,7 @@ fi
 
 # Unpack the source once per package version; builds go to separate output folders (O=).
 tarball=$(ls /usr/src/linux-source-6.12*.tar.* 2>/dev/null | head -1)
-[ -n "$tarball" ] || die "no /usr/src/linux-source-6.12*.tar.* although $package is installed"
+[ -n "$tarball" ] || unavailable "no /usr/src/linux-source-6.12*.tar.* although $package is installed"
 src="$cache/src-$(echo "$version" | tr -c 'A-Za-z0-9.+\n-' '_')"
 if [ ! -f "$src/.mvm-unpacked" ]; then
   log "unpacking $(basename "$tarball") ($version)"
