@@ -161,6 +161,8 @@ struct Boot {
     status: ExitStatus,
     console: String,
     stderr: String,
+    /// From starting mvm to the marker line on the console.
+    to_init: Option<Duration>,
     elapsed: Duration,
 }
 
@@ -188,11 +190,18 @@ fn boot(guest: &Guest, cpus: u8, extra_cmdline: &str) -> Boot {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mvm");
+    // Collects a pipe to its end, noting when the marker first shows up in it.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
+            let (mut buf, mut chunk, mut seen) = (Vec::new(), [0u8; 4096], None);
+            while let Ok(n @ 1..) = r.read(&mut chunk) {
+                buf.extend_from_slice(&chunk[..n]);
+                let tail = &buf[buf.len().saturating_sub(n + MARKER.len())..];
+                if seen.is_none() && tail.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()) {
+                    seen = Some(started.elapsed());
+                }
+            }
+            (String::from_utf8_lossy(&buf).into_owned(), seen)
         })
     };
     let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
@@ -206,20 +215,24 @@ fn boot(guest: &Guest, cpus: u8, extra_cmdline: &str) -> Boot {
             let _ = child.wait();
             panic!(
                 "mvm boot ran over {BOOT_TIMEOUT:?}; killed it. console:\n{}\nstderr:\n{}",
-                stdout.join().unwrap_or_default(),
-                stderr.join().unwrap_or_default()
+                stdout.join().unwrap_or_default().0,
+                stderr.join().unwrap_or_default().0
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let (console, to_init) = stdout.join().expect("console reader");
     let boot = Boot {
         status,
-        console: stdout.join().expect("console reader"),
-        stderr: stderr.join().expect("stderr reader"),
+        console,
+        stderr: stderr.join().expect("stderr reader").0,
+        to_init,
         elapsed: started.elapsed(),
     };
     eprintln!(
-        "mvm boot --cpus {cpus} {extra_cmdline}: {} after {:.1} s",
+        "mvm boot --cpus {cpus} {extra_cmdline}: /init reported after {}, {} after {:.1} s",
+        boot.to_init
+            .map_or("never".to_string(), |t| format!("{:.1} s", t.as_secs_f64())),
         boot.status,
         boot.elapsed.as_secs_f64()
     );
