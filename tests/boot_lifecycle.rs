@@ -190,3 +190,91 @@ fn boot_passes_stdin_to_the_guest_console() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert_eq!(out, "ping\n");
 }
+
+#[test]
+fn boot_loads_the_initrd_and_points_the_zero_page_at_it() {
+    if !have_kvm() {
+        return;
+    }
+    // Print the initrd through the zero page's ramdisk_image/ramdisk_size, then reboot.
+    let code = [
+        vec![0x8b, 0x34, 0x25, 0x18, 0x72, 0x00, 0x00], // mov esi, [0x7218]
+        vec![0x8b, 0x0c, 0x25, 0x1c, 0x72, 0x00, 0x00], // mov ecx, [0x721c]
+        vec![0x66, 0xba, 0xf8, 0x03],                   // mov dx, 0x3f8
+        vec![0xac, 0xee, 0xe2, 0xfc],                   // 1: lodsb; out dx, al; loop 1
+        RESET.to_vec(),
+    ]
+    .concat();
+    let dir = tempfile::tempdir().unwrap();
+    let k = guest_file(dir.path(), "initrd.elf", &code);
+    let initrd = dir.path().join("initrd.img");
+    std::fs::write(&initrd, "initrd contents arrived\n").unwrap();
+    let out = boot(&k, &["--initrd", initrd.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "initrd contents arrived\n"
+    );
+}
+
+/// A minimal bzImage: one setup sector with the boot protocol header, then the "kernel" whose
+/// 64-bit entry point (offset 0x200) is `code`.
+fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 2 * 512];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+    f[0x211] = 1; // loadflags: LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    f[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    let mut kernel = vec![0u8; 0x200];
+    kernel.extend_from_slice(code);
+    f.extend_from_slice(&kernel);
+    f
+}
+
+#[test]
+fn boot_runs_a_bzimage_from_its_64_bit_entry_point() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("bzImage");
+    let code = [print(b"bzImage entry\n"), RESET.to_vec()].concat();
+    std::fs::write(&k, tiny_bzimage(&code)).unwrap();
+    let out = boot(&k, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bzImage entry\n");
+}
+
+#[test]
+fn info_describes_this_hosts_kvm() {
+    if !have_kvm() {
+        return;
+    }
+    let out = Command::new(MVM).arg("info").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "kvm api version: 12",
+        "max vcpus: ",
+        "recommended vcpus: ",
+        "virtualization: ",
+    ] {
+        assert!(text.contains(key), "{key:?} missing in {text}");
+    }
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    assert_eq!(text.contains("virtualization: PVM"), pvm, "{text}");
+}

@@ -36,6 +36,11 @@ use crate::mptable::{self, MptableError};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
+/// Builds, starts and runs a VM with no extra devices until it ends.
+pub fn run(config: VmConfig) -> Result<VmExit, BuildError> {
+    Ok(VmBuilder::new(config)?.start()?.wait())
+}
+
 /// How long stopping the vCPU threads may take before mvm gives up on them.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -230,9 +235,7 @@ impl VmBuilder {
         };
         let mut vcpus = Vec::new();
         for id in 0..self.config.vcpus {
-            let fd = self.vm.create_vcpu(id).map_err(|e| {
-                BuildError::Vcpu(id, VcpuError::Kvm("CREATE_VCPU", vm_kvm_error(e)))
-            })?;
+            let fd = self.vm.create_vcpu(id).map_err(BuildError::Vm)?;
             vcpu::configure(self.vm.kvm(), &fd, id, self.config.vcpus, self.kernel.entry)
                 .map_err(|e| BuildError::Vcpu(id, e))?;
             vcpus.push(Vcpu::new(id, fd, shared.clone()));
@@ -252,7 +255,18 @@ impl VmBuilder {
         for vcpu in vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", running.threads.len()))
-                .spawn(move || vcpu.run());
+                .spawn(move || {
+                    let exit = vcpu.exit_state();
+                    let id = vcpu.id();
+                    // A bug in a device must end the VM with a message, not leave it hanging.
+                    let run = std::panic::AssertUnwindSafe(move || vcpu.run());
+                    if std::panic::catch_unwind(run).is_err() {
+                        exit.record(VmExit::VcpuError {
+                            cpu: id,
+                            message: "vCPU thread panicked".into(),
+                        });
+                    }
+                });
             match thread {
                 Ok(t) => running.threads.push(t),
                 Err(e) => {
@@ -262,13 +276,6 @@ impl VmBuilder {
             }
         }
         Ok(running)
-    }
-}
-
-fn vm_kvm_error(e: VmError) -> kvm_ioctls::Error {
-    match e {
-        VmError::Kvm(_, e) | VmError::OpenKvm(e) => e,
-        _ => kvm_ioctls::Error::new(libc::EINVAL),
     }
 }
 
@@ -299,6 +306,12 @@ impl RunningVm {
     /// Guest memory.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         self.vm.memory()
+    }
+
+    /// Runs closures on the event-loop thread from other threads (e.g. to reach a device's
+    /// subscriber while the VM runs).
+    pub fn remote_endpoint(&self) -> event_manager::RemoteEndpoint<Subscriber> {
+        self.em.remote_endpoint()
     }
 
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or

@@ -97,6 +97,9 @@ pub enum ConfigError {
     /// Memory below the minimum.
     #[error("memory size {0} bytes is too small: at least {MIN_MEM_SIZE} bytes (2M) are needed")]
     MemTooSmall(u64),
+    /// Memory that is not a whole number of pages.
+    #[error("memory size {0} bytes is not a multiple of 4K")]
+    MemUnaligned(u64),
     /// Memory above the host's RAM.
     #[error("memory size {0} bytes is more than this host's {1} bytes of RAM")]
     MemTooLarge(u64, u64),
@@ -157,6 +160,9 @@ impl VmConfig {
     pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
         if self.mem_bytes < MIN_MEM_SIZE {
             return Err(ConfigError::MemTooSmall(self.mem_bytes));
+        }
+        if self.mem_bytes % 4096 != 0 {
+            return Err(ConfigError::MemUnaligned(self.mem_bytes));
         }
         if self.mem_bytes > limits.mem_total {
             return Err(ConfigError::MemTooLarge(self.mem_bytes, limits.mem_total));
@@ -248,6 +254,10 @@ mod tests {
         assert!(matches!(
             with(&|c| c.mem_bytes = 16 << 30),
             Err(ConfigError::MemTooLarge(..))
+        ));
+        assert!(matches!(
+            with(&|c| c.mem_bytes = (4 << 20) + 1),
+            Err(ConfigError::MemUnaligned(_))
         ));
         assert!(matches!(with(&|c| c.vcpus = 0), Err(ConfigError::NoVcpus)));
         assert!(matches!(

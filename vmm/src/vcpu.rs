@@ -46,11 +46,36 @@ pub fn configure(kvm: &Kvm, fd: &VcpuFd, id: u8, count: u8, entry: u64) -> Resul
     cpuid::apply_template(&mut cpuid, id, count).map_err(VcpuError::Cpuid)?;
     fd.set_cpuid2(&cpuid)
         .map_err(|e| VcpuError::Kvm("SET_CPUID2", e))?;
+    if id == 0 {
+        warn_if_template_overridden(fd, &cpuid);
+    }
     regs::setup_common(fd).map_err(VcpuError::Regs)?;
     if id == 0 {
         regs::setup_bsp(fd, entry).map_err(VcpuError::Regs)?;
     }
     Ok(())
+}
+
+/// PVM replaces leaves 1, 7 and 0xd with the host's values whatever KVM_SET_CPUID2 says; then
+/// the guest kernel itself must hide what the emulator cannot run (`clearcpuid=`, `noxsave`).
+fn warn_if_template_overridden(fd: &VcpuFd, wanted: &kvm_bindings::CpuId) {
+    let leaf1 = |c: &kvm_bindings::CpuId| {
+        c.as_slice()
+            .iter()
+            .find(|e| e.function == 1)
+            .map_or(0, |e| e.ecx)
+    };
+    let Ok(actual) = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES) else {
+        return;
+    };
+    if leaf1(&actual) != leaf1(wanted) {
+        log::info!(
+            "KVM overrides the CPU template (leaf 1 ecx {:#x}, wanted {:#x}): the guest kernel \
+             must hide unsupported features itself",
+            leaf1(&actual),
+            leaf1(wanted)
+        );
+    }
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -106,6 +131,16 @@ impl Vcpu {
     /// Wraps a configured vCPU.
     pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared) -> Self {
         Self { id, fd, shared }
+    }
+
+    /// The vCPU's index (and APIC id).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Where this vCPU reports how the VM ends.
+    pub fn exit_state(&self) -> Arc<ExitState> {
+        self.shared.exit.clone()
     }
 
     /// Runs the guest until the VM stops; reports why to the exit state.
