@@ -294,7 +294,12 @@ fn assert_booted_with(guest: &Guest, cpus: u8, online: &str) {
         "console:\n{}",
         b.console
     );
-    assert_eq!(field(&fields, "release"), release_in_image(&guest.kernel));
+    assert_eq!(
+        field(&fields, "release"),
+        release_in_image(&guest.kernel),
+        "console:\n{}",
+        b.console
+    );
     assert_eq!(
         b.status.code(),
         Some(0),
