@@ -4,4 +4,5 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;

@@ -1,5 +1,20 @@
 //! The mvm virtual machine monitor: KVM, guest memory, direct kernel boot, vCPUs, the device
 //! manager and the event loop.
+//!
+//! Start with [`builder::VmBuilder`]: it turns a [`config::VmConfig`] into a VM, lets devices be
+//! attached, and runs it until it ends with a [`exit::VmExit`].
 #![deny(missing_docs)]
 
+pub mod boot;
+pub mod builder;
 pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod device_manager;
+pub mod event_loop;
+pub mod exit;
+pub mod host;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod vm;

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod boot;
+mod info;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -41,6 +43,10 @@ pub struct Cli {
 enum Command {
     /// Print mvm's version and the versions of its parts.
     Version(version::VersionArgs),
+    /// Boot a guest kernel directly in a microVM and wait until it ends.
+    Boot(boot::BootArgs),
+    /// Show what this host's KVM offers.
+    Info(info::InfoArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -63,6 +69,8 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
+        Command::Boot(args) => boot::run(&args),
+        Command::Info(args) => info::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -117,7 +125,11 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("mvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "mvm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
