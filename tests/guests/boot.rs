@@ -38,7 +38,12 @@ fn main(boot: &BootInfo) -> ! {
             .end();
     }
     let ram = boot.ram_bytes();
-    line().s("ram bytes=").dec(ram).s(" mib=").dec(ram >> 20).end();
+    line()
+        .s("ram bytes=")
+        .dec(ram)
+        .s(" mib=")
+        .dec(ram >> 20)
+        .end();
     report_initrd(boot);
     if !boot.has_test_word("no_smp") {
         start_processors();

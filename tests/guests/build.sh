@@ -7,7 +7,8 @@
 # installed) without std, libc or start files, linked at 2 MiB by link.ld. It is built without
 # SSE so that an instruction emulator knowing only general-purpose instructions can run it; rustc
 # warns that this breaks the float ABI, which does not matter as the guests use no floats.
-# Rebuilds only when a source is newer than the output. Prints the ELF's path.
+# Rebuilds only when a source is newer than the output; concurrent calls wait for each other
+# (flock). Prints the ELF's path.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -24,6 +25,10 @@ if [ ! -f "$src" ]; then
 fi
 mkdir -p "$outdir"
 out=$outdir/$name.elf
+
+# One build at a time per output folder (tests run in parallel, several test binaries at once).
+exec 9>"$outdir/.build.lock"
+flock 9
 
 if [ -f "$out" ] && [ -z "$(find "$here" -newer "$out" -type f -print -quit)" ]; then
     echo "$out"

@@ -192,7 +192,11 @@ impl BootInfo {
 
     /// Total bytes of usable RAM (type 1) in the memory map.
     pub fn ram_bytes(&self) -> u64 {
-        self.regions().iter().filter(|r| r.kind == 1).map(|r| r.size).sum()
+        self.regions()
+            .iter()
+            .filter(|r| r.kind == 1)
+            .map(|r| r.size)
+            .sum()
     }
 }
 

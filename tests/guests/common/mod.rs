@@ -28,7 +28,11 @@ extern "C" fn rust_start(kind: u64, info_paddr: u64) -> ! {
         KIND_PVH => boot_info::EntryPath::Pvh,
         _ => fail("unknown entry kind"),
     };
-    out::line().s("hello entry=").s(entry.name()).s(" mode=64-bit").end();
+    out::line()
+        .s("hello entry=")
+        .s(entry.name())
+        .s(" mode=64-bit")
+        .end();
     let boot = boot_info::BootInfo::read(entry, info_paddr);
     crate::main(&boot)
 }
@@ -57,7 +61,9 @@ pub fn reset() -> ! {
     unsafe { outb(0x64, 0xfe) };
     // Real controllers take a moment; a VMM stops the vCPU on the write itself.
     smp::spin_cycles(10_000_000);
-    out::line().s("reset by i8042 did not happen, triple-faulting").end();
+    out::line()
+        .s("reset by i8042 did not happen, triple-faulting")
+        .end();
     triple_fault()
 }
 
@@ -179,7 +185,12 @@ unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
         // SAFETY: both ranges hold n readable bytes per memcmp's contract.
-        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(a.add(i)),
+                core::ptr::read_volatile(b.add(i)),
+            )
+        };
         if x != y {
             return i32::from(x) - i32::from(y);
         }

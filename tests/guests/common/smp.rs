@@ -121,8 +121,13 @@ fn parse_floating(p: u64) -> Option<MpInfo> {
     }
     // SAFETY: the configuration table address came from a checksummed floating pointer and is
     // below 4 GiB; its header is 44 bytes.
-    let (csig, base_len, lapic): (u32, u16, u32) =
-        unsafe { (read_phys(table), read_phys(table + 4), read_phys(table + 36)) };
+    let (csig, base_len, lapic): (u32, u16, u32) = unsafe {
+        (
+            read_phys(table),
+            read_phys(table + 4),
+            read_phys(table + 36),
+        )
+    };
     if csig != MP_CONFIG_SIG || base_len < 44 || checksum(table, u64::from(base_len)) != 0 {
         return None;
     }
@@ -219,12 +224,19 @@ extern "C" {
 /// INIT-SIPI-SIPI; then waits until all have checked in or `timeout_cycles` TSC ticks passed.
 /// Returns how many checked in, or `None` if an IPI was never delivered.
 pub fn start_aps(lapic: u64, ap_ids: &[u8], timeout_cycles: u64) -> Option<u32> {
-    let (start, end) = (&raw const ap_tramp_start as u64, &raw const ap_tramp_end as u64);
+    let (start, end) = (
+        &raw const ap_tramp_start as u64,
+        &raw const ap_tramp_end as u64,
+    );
     let len = end - start;
     // SAFETY: the trampoline is `len` bytes inside the image; 0x30000.. is free RAM in the mvm
     // layout and under PVH loaders, and not used by anything else in this guest.
     unsafe {
-        core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE_PADDR as *mut u8, len as usize);
+        core::ptr::copy_nonoverlapping(
+            start as *const u8,
+            TRAMPOLINE_PADDR as *mut u8,
+            len as usize,
+        );
     }
     // Software-enable the local APIC (spurious vector 0xff).
     lapic_write(lapic, LAPIC_SVR, 0x1ff);
