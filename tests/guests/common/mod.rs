@@ -52,18 +52,14 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Resets the machine through the i8042 controller (mvm treats it as power-off). Machines
-/// without an i8042 (QEMU's microvm) ignore the write; for them a triple fault follows, which
-/// resets too, as Linux's `reboot=k,t` would.
+/// Resets the machine through the i8042 controller (mvm treats it as power-off). A VMM stops
+/// the vCPU on the write itself; machines without an i8042 (QEMU's microvm unless given
+/// `-device i8042`) ignore it, and for them a triple fault follows at once, which resets too.
 pub fn reset() -> ! {
     out::line().s("reset").end();
     // SAFETY: port 0x64 is the i8042 command port; 0xfe pulses the reset line.
     unsafe { outb(0x64, 0xfe) };
-    // Real controllers take a moment; a VMM stops the vCPU on the write itself.
-    smp::spin_cycles(10_000_000);
-    out::line()
-        .s("reset by i8042 did not happen, triple-faulting")
-        .end();
+    out::line().s("reset by i8042 did not happen, triple-faulting").end();
     triple_fault()
 }
 
