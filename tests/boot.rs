@@ -140,7 +140,9 @@ fn boot_with_initrd_hands_the_guest_its_exact_bytes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let initrd = dir.path().join("initrd.img");
     // Not a multiple of 4 KiB, with bytes that differ across the file.
-    let bytes: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 251).to_le_bytes()[0]).collect();
+    let bytes: Vec<u8> = (0..5000u32)
+        .map(|i| (i * 7 + i / 251).to_le_bytes()[0])
+        .collect();
     std::fs::write(&initrd, &bytes).expect("write initrd");
     let run = boot_guest(
         "64M",

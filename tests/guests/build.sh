@@ -40,7 +40,7 @@ trap 'rm -rf "$tmp"' EXIT
 log=$tmp/rustc.log
 if ! rustc --edition 2021 --crate-type bin --crate-name "guest_$name" \
     --target x86_64-unknown-linux-gnu \
-    -C panic=abort -C opt-level=s -C debuginfo=0 \
+    -C panic=abort -C opt-level=s -C debuginfo=0 -C strip=debuginfo \
     -C relocation-model=static -C code-model=small \
     -C target-feature=-sse,-sse2,-avx,+crt-static \
     -C link-arg=-nostartfiles -C link-arg=-nostdlib -C link-arg=-static \

@@ -59,7 +59,9 @@ pub fn reset() -> ! {
     out::line().s("reset").end();
     // SAFETY: port 0x64 is the i8042 command port; 0xfe pulses the reset line.
     unsafe { outb(0x64, 0xfe) };
-    out::line().s("reset by i8042 did not happen, triple-faulting").end();
+    out::line()
+        .s("reset by i8042 did not happen, triple-faulting")
+        .end();
     triple_fault()
 }
 
