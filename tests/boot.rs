@@ -133,6 +133,24 @@ fn boot_guest_memory_map_follows_the_mem_flag() {
 }
 
 #[test]
+fn boot_guest_runs_no_further_once_it_resets() {
+    if !have_kvm() {
+        return;
+    }
+    // Right after its i8042 write the guest prints another line and triple-faults (what it does
+    // on machines without an i8042); mvm must stop the vCPU at the write itself.
+    for _ in 0..3 {
+        let run = boot_guest("32M", 1, "mvm_test=no_smp", &[]);
+        assert_clean_run(&run);
+        assert!(
+            run.stdout.ends_with("mvm-test-guest: reset\n"),
+            "the guest ran on after its reset request:\n{}",
+            run.dump()
+        );
+    }
+}
+
+#[test]
 fn boot_with_initrd_hands_the_guest_its_exact_bytes() {
     if !have_kvm() {
         return;
