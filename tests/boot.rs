@@ -45,8 +45,12 @@ fn assert_clean_run(run: &Finished) -> GuestReport {
     report
 }
 
-/// Asserts the e820 map is sorted, free of overlaps, and that its RAM is `mem_bytes` (below the
-/// 3 GiB MMIO gap) less at most the legacy hole under 1 MiB.
+/// Start of the MMIO gap below 4 GiB: RAM beyond it continues at 4 GiB.
+const GAP_START: u64 = 3 << 30;
+const FOUR_GIB: u64 = 4 << 30;
+
+/// Asserts the e820 map is sorted, free of overlaps, and that its RAM is `mem_bytes` less at most
+/// the legacy hole under 1 MiB: up to 3 GiB from 1 MiB on, the rest from 4 GiB on.
 fn assert_memory_map_fits(report: &GuestReport, mem_bytes: u64, dump: &str) {
     assert!(!report.e820.is_empty(), "no e820 entries\n{dump}");
     for pair in report.e820.windows(2) {
@@ -63,7 +67,18 @@ fn assert_memory_map_fits(report: &GuestReport, mem_bytes: u64, dump: &str) {
         .map(|e| e.addr + e.size)
         .max()
         .unwrap_or(0);
-    assert_eq!(top, mem_bytes, "highest RAM byte != --mem\n{dump}");
+    let want_top = if mem_bytes <= GAP_START {
+        mem_bytes
+    } else {
+        FOUR_GIB + mem_bytes - GAP_START
+    };
+    assert_eq!(top, want_top, "highest RAM byte does not fit --mem\n{dump}");
+    assert!(
+        report
+            .ram_regions()
+            .all(|e| e.addr + e.size <= GAP_START || e.addr >= FOUR_GIB),
+        "RAM in the MMIO gap\n{dump}"
+    );
     assert!(
         ram <= mem_bytes && ram >= mem_bytes - MIB,
         "RAM {ram} does not match --mem {mem_bytes}\n{dump}"
@@ -125,7 +140,7 @@ fn boot_guest_memory_map_follows_the_mem_flag() {
     if !have_kvm() {
         return;
     }
-    for (flag, bytes) in [("32M", 32 * MIB), ("1G", 1024 * MIB)] {
+    for (flag, bytes) in [("32M", 32 * MIB), ("1G", 1024 * MIB), ("4G", 4096 * MIB)] {
         let run = boot_guest(flag, 1, "mvm_test=no_smp", &[]);
         let report = assert_clean_run(&run);
         assert_memory_map_fits(&report, bytes, &run.dump());
