@@ -64,7 +64,7 @@ pub fn find_mp_table() -> Option<MpInfo> {
         (0xf0000, 0x10000),
     ];
     for (start, len) in candidates {
-        if start < 0x400 || start >= 0x10_0000 {
+        if !(0x400..0x10_0000).contains(&start) {
             continue;
         }
         let mut p = start;
