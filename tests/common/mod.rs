@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod guests;
+
 /// Path of the `mvm` binary under test.
 pub const MVM: &str = env!("CARGO_BIN_EXE_mvm");
 

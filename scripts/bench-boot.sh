@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Boot-time benchmark: `mvm boot` against QEMU's microvm machine on the same freestanding guest.
+#
+# Usage: scripts/bench-boot.sh [RUNS] (default 10; env CPUS=1, MEM=256M)
+#
+# Builds mvm (release) and the boot test guest (tests/guests/boot.rs), then alternates runs of
+#   mvm boot --kernel boot.elf                      (Linux 64-bit boot protocol)
+#   qemu-system-x86_64 -M microvm -accel kvm ...    (PVH entry note; tcg if KVM is refused)
+# and times, from just before the process is spawned, (a) the guest's first serial line,
+# (b) its last line (just before it resets: the guest's own work is done) and (c) the process's
+# exit after the guest resets through the i8042 (QEMU gets `-device i8042`, so
+# both take the same reset path). Prints medians, minima and maxima, and the QEMU/mvm ratio.
+set -euo pipefail
+
+runs=${1:-10}
+cpus=${CPUS:-1}
+mem=${MEM:-256M}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+echo "building mvm (release) and the boot guest..." >&2
+cargo build --release -p vmm --bin mvm >&2
+target=${CARGO_TARGET_DIR:-$root/target}
+mvm=$target/release/mvm
+guest=$(tests/guests/build.sh boot "$target/test-guests")
+qemu=$(command -v qemu-system-x86_64) || { echo "bench-boot: qemu-system-x86_64 not installed" >&2; exit 1; }
+cmdline="console=ttyS0"
+
+# One timed run: prints "<first line ms> <reset line ms> <exit ms>"; fails if the guest did not finish cleanly.
+timer='
+import os, subprocess, sys, time
+cmd = sys.argv[1:]
+t0 = time.perf_counter_ns()
+p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+first = None
+last = None
+buf = b""
+fd = p.stdout.fileno()
+while True:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        break
+    buf += chunk
+    if first is None and b"mvm-test-guest: " in buf and b"\n" in buf[buf.index(b"mvm-test-guest: "):]:
+        first = time.perf_counter_ns()
+    if last is None and b"mvm-test-guest: reset\n" in buf:
+        last = time.perf_counter_ns()
+rc = p.wait()
+t_exit = time.perf_counter_ns()
+err = p.stderr.read()
+if rc != 0 or first is None or last is None:
+    sys.stderr.write("run failed (exit %d): %s\n%s%s" % (rc, " ".join(cmd), buf.decode(errors="replace")[-2000:], err.decode(errors="replace")))
+    sys.exit(1)
+print("%.3f %.3f %.3f" % ((first - t0) / 1e6, (last - t0) / 1e6, (t_exit - t0) / 1e6))
+'
+time_run() { python3 -c "$timer" "$@"; }
+
+mvm_cmd=("$mvm" boot --kernel "$guest" --mem "$mem" --cpus "$cpus" --cmdline "$cmdline")
+qemu_base=("$qemu" -M microvm -m "$mem" -smp "$cpus" -nodefaults -no-reboot -display none
+    -serial stdio -device i8042 -kernel "$guest" -append "$cmdline")
+accel=kvm
+if ! time_run "${qemu_base[@]}" -accel kvm >/dev/null 2>&1; then
+    echo "note: QEMU refused -accel kvm here; falling back to -accel tcg (emulation)" >&2
+    accel=tcg
+fi
+qemu_cmd=("${qemu_base[@]}" -accel "$accel")
+
+# Warm up both (page cache, first-run costs), then alternate.
+time_run "${mvm_cmd[@]}" >/dev/null
+time_run "${qemu_cmd[@]}" >/dev/null
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+for ((i = 0; i < runs; i++)); do
+    echo "mvm $(time_run "${mvm_cmd[@]}")" >>"$results"
+    echo "qemu $(time_run "${qemu_cmd[@]}")" >>"$results"
+done
+
+python3 - "$results" "$runs" "$cpus" "$mem" "$accel" "$guest" <<'PY'
+import statistics, sys
+path, runs, cpus, mem, accel, guest = sys.argv[1:]
+rows = {"mvm": ([], [], []), "qemu": ([], [], [])}
+for line in open(path):
+    who, *times = line.split()
+    for col, t in zip(rows[who], times):
+        col.append(float(t))
+def cell(v):
+    return "%7.1f %6.1f %6.1f" % (statistics.median(v), min(v), max(v))
+print("boot guest %s, --mem %s, %s vCPU(s), %s runs each, alternating" % (guest, mem, cpus, runs))
+print("times in ms from spawn  %-22s %-22s %-22s" % ("first serial line", "last line (reset)", "process exit"))
+print("%-22s " % "" + "  ".join(["%7s %6s %6s" % ("median", "min", "max")] * 3))
+names = {"mvm": "mvm boot", "qemu": "qemu microvm (%s)" % accel}
+for who in ("mvm", "qemu"):
+    print("%-22s %s" % (names[who], "  ".join(cell(c) for c in rows[who])))
+m, q = rows["mvm"], rows["qemu"]
+print("%-22s %s" % ("ratio qemu/mvm", "  ".join(
+    "%6.2fx %13s" % (statistics.median(b) / statistics.median(a), "") for a, b in zip(m, q))))
+PY
