@@ -1,3 +1,5 @@
 //! mvm images: OCI references, registry pulls, the content-addressed store, safe layer unpacking,
 //! root filesystem disk images and the agent's initramfs.
 #![deny(missing_docs)]
+
+pub mod unpack;
