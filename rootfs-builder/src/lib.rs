@@ -2,4 +2,6 @@
 //! root filesystem disk images and the agent's initramfs.
 #![deny(missing_docs)]
 
+pub mod disk;
+pub mod rootfs;
 pub mod unpack;

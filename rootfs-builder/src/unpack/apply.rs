@@ -499,10 +499,23 @@ impl EntryMeta {
     fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Self> {
         let h = entry.header();
         let mut meta = EntryMeta {
-            mode: h.mode()?,
-            uid: u32::try_from(h.uid()?).unwrap_or(u32::MAX),
-            gid: u32::try_from(h.gid()?).unwrap_or(u32::MAX),
-            mtime: i64::try_from(h.mtime()?).unwrap_or(0),
+            // Like Go's archive/tar (which wrote most layers), an empty numeric field reads as 0.
+            mode: h.mode().unwrap_or(0o644),
+            uid: h
+                .uid()
+                .ok()
+                .and_then(|u| u32::try_from(u).ok())
+                .unwrap_or(0),
+            gid: h
+                .gid()
+                .ok()
+                .and_then(|g| u32::try_from(g).ok())
+                .unwrap_or(0),
+            mtime: h
+                .mtime()
+                .ok()
+                .and_then(|t| i64::try_from(t).ok())
+                .unwrap_or(0),
             dev: (
                 h.device_major().ok().flatten().unwrap_or(0),
                 h.device_minor().ok().flatten().unwrap_or(0),
