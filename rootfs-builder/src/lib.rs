@@ -3,5 +3,6 @@
 #![deny(missing_docs)]
 
 pub mod disk;
+pub mod oci_writer;
 pub mod rootfs;
 pub mod unpack;
