@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod disk;
+pub mod examples;
 pub mod oci_writer;
 pub mod rootfs;
 pub mod unpack;
