@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod example;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -41,6 +42,8 @@ pub struct Cli {
 enum Command {
     /// Print mvm's version and the versions of its parts.
     Version(version::VersionArgs),
+    /// Build an example OCI image (busybox or nginx) from Debian packages.
+    BuildExample(example::BuildExampleArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -63,6 +66,7 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
+        Command::BuildExample(args) => example::run(&args, cli.root),
     };
     match result {
         Ok(code) => code,
@@ -117,7 +121,11 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("mvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "mvm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
