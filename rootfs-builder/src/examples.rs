@@ -135,7 +135,8 @@ fn busybox_rootfs(
     staging: &Path,
     rootfs: &Path,
 ) -> Result<ImageConfig, ExampleError> {
-    let debs = download(&["busybox-static".to_string()], deb_cache)?;
+    let info = apt_show("busybox-static")?.ok_or_else(|| no_package("busybox-static"))?;
+    let debs = download(&[("busybox-static".to_string(), info)], deb_cache)?;
     let extract = staging.join("extract");
     for deb in &debs {
         dpkg_extract(deb, &extract)?;
@@ -204,8 +205,7 @@ pub const NGINX_INDEX: &str =
     "<!DOCTYPE html>\n<html><body><h1>Hello from mvm</h1></body></html>\n";
 
 fn nginx_rootfs(deb_cache: &Path, rootfs: &Path) -> Result<ImageConfig, ExampleError> {
-    let packages = library_closure("nginx")?;
-    let debs = download(&packages, deb_cache)?;
+    let debs = download(&closure_infos("nginx")?, deb_cache)?;
     for deb in &debs {
         dpkg_extract(deb, rootfs)?;
     }
@@ -349,18 +349,23 @@ fn apt_show(pkg: &str) -> Result<Option<PackageInfo>, ExampleError> {
 /// `root` and, recursively, every dependency in Debian's `libs` section: the shared libraries
 /// a program needs, without the maintainer-script machinery (debconf, perl) around it.
 pub fn library_closure(root: &str) -> Result<Vec<String>, ExampleError> {
+    Ok(closure_infos(root)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
+}
+
+fn closure_infos(root: &str) -> Result<Vec<(String, PackageInfo)>, ExampleError> {
     let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
     let mut queue = VecDeque::from([root.to_string()]);
     while let Some(pkg) = queue.pop_front() {
-        if seen.contains(&pkg) {
+        if !seen.insert(pkg.clone()) {
             continue;
         }
         let Some(info) = apt_show(&pkg)? else {
             if pkg == root {
-                return Err(tool_err(
-                    "apt-cache show",
-                    &format!("no package {root} (run apt-get update)"),
-                ));
+                return Err(no_package(root));
             }
             log::debug!("dependency {pkg} is virtual or unknown; skipped");
             continue;
@@ -373,23 +378,28 @@ pub fn library_closure(root: &str) -> Result<Vec<String>, ExampleError> {
         if pkg != root && !is_lib {
             continue;
         }
-        queue.extend(info.depends.into_iter().filter(|d| !seen.contains(d)));
-        seen.insert(pkg);
+        queue.extend(info.depends.iter().filter(|d| !seen.contains(*d)).cloned());
+        found.push((pkg, info));
     }
-    Ok(seen.into_iter().collect())
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
+fn no_package(pkg: &str) -> ExampleError {
+    tool_err(
+        "apt-cache show",
+        &format!("no package {pkg} (run apt-get update)"),
+    )
 }
 
 /// Downloads the candidate version of each package into `cache` unless it is there already.
-fn download(packages: &[String], cache: &Path) -> Result<Vec<PathBuf>, ExampleError> {
+fn download(
+    packages: &[(String, PackageInfo)],
+    cache: &Path,
+) -> Result<Vec<PathBuf>, ExampleError> {
     let mut debs = Vec::new();
     let mut missing = Vec::new();
-    for pkg in packages {
-        let info = apt_show(pkg)?.ok_or_else(|| {
-            tool_err(
-                "apt-cache show",
-                &format!("no package {pkg} (run apt-get update)"),
-            )
-        })?;
+    for (pkg, info) in packages {
         let file = cache.join(format!(
             "{pkg}_{}_{}.deb",
             info.version.replace(':', "%3a"),
