@@ -177,13 +177,15 @@ impl<'a> Applier<'a> {
             let path: PathBuf = rel.iter().collect();
             match self.lookup(rel, false) {
                 Ok(fd) => return Ok(fd),
-                Err(Errno::XDEV) | Err(Errno::LOOP) => return Err(UnpackError::Escape {
-                    entry: name.to_string(),
-                    reason: format!(
+                Err(Errno::XDEV) | Err(Errno::LOOP) => {
+                    return Err(UnpackError::Escape {
+                        entry: name.to_string(),
+                        reason: format!(
                         "its parent {:?} goes through a symlink that leaves the root (or loops)",
                         path.display().to_string()
                     ),
-                }),
+                    })
+                }
                 Err(Errno::NOTDIR) => {
                     return Err(bad(name, "a parent component is not a directory"));
                 }

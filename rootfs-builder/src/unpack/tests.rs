@@ -500,3 +500,55 @@ fn unpack_layers_is_all_or_nothing() {
         "{again:?}"
     );
 }
+
+#[test]
+fn a_directory_swapped_for_an_escaping_symlink_is_not_written_through() {
+    let f = fixture();
+    let outside = f.outside.to_str().unwrap();
+    let r = f.apply(&[
+        E::Dir("a", 0o755),
+        E::File("a/inner", b"x", 0o644),
+        E::Link("a", outside),
+        E::File("a/secret", b"pwned", 0o644),
+    ]);
+    assert_escape(r, "a/secret");
+    f.assert_outside_untouched();
+}
+
+#[test]
+fn a_hard_link_to_an_escaping_symlink_links_the_symlink_itself() {
+    let f = fixture();
+    let secret = f.outside.join("secret");
+    f.apply(&[E::Link("s", secret.to_str().unwrap()), E::Hard("h", "s")])
+        .unwrap();
+    let h = f.root.join("h").symlink_metadata().unwrap();
+    assert!(h.file_type().is_symlink());
+    assert_eq!(fs::metadata(&secret).unwrap().nlink(), 1);
+    f.assert_outside_untouched();
+}
+
+#[test]
+fn long_names_and_the_root_entry_are_applied() {
+    let f = fixture();
+    let long = format!("{}/{}", "d".repeat(120), "f".repeat(150));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o711);
+    h.set_size(0);
+    h.set_mtime(42);
+    h.set_cksum();
+    b.append_data(&mut h, "./", std::io::empty()).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, &long, &b"long"[..]).unwrap();
+    let layer = f.base.join("long.tar");
+    fs::write(&layer, b.into_inner().unwrap()).unwrap();
+    apply_layer(&f.root, &layer, LayerMediaType::Tar).unwrap();
+    assert_eq!(fs::read(f.root.join(&long)).unwrap(), b"long");
+    let root = fs::metadata(&f.root).unwrap();
+    assert_eq!(root.permissions().mode() & 0o7777, 0o711);
+    assert_eq!(root.mtime(), 42);
+}
