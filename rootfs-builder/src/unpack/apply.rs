@@ -37,6 +37,7 @@ struct DirFixup {
     mode: u32,
     owner: Option<(u32, u32)>,
     mtime: i64,
+    xattrs: Vec<(OsString, Vec<u8>)>,
 }
 
 pub(super) struct Applier<'a> {
@@ -275,22 +276,12 @@ impl<'a> Applier<'a> {
         let n = io::copy(entry, &mut file)?;
         if self.is_root {
             rustix::fs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))?;
-            self.set_xattrs(file.as_fd(), meta);
+            set_xattrs(file.as_fd(), &meta.xattrs);
         }
         // After chown, which clears set-user-ID and set-group-ID bits.
         rustix::fs::fchmod(&file, Mode::from_raw_mode(meta.mode & 0o7777))?;
         rustix::fs::futimens(&file, &times(meta.mtime))?;
         Ok(n)
-    }
-
-    fn set_xattrs(&self, fd: BorrowedFd<'_>, meta: &EntryMeta) {
-        for (key, value) in &meta.xattrs {
-            if let Err(e) =
-                rustix::fs::fsetxattr(fd, key.as_os_str(), value, rustix::fs::XattrFlags::empty())
-            {
-                log::warn!("cannot set xattr {key:?}: {e}");
-            }
-        }
     }
 
     /// Ownership and mtime for an entry without an open descriptor (symlinks, device nodes).
@@ -474,6 +465,7 @@ impl<'a> Applier<'a> {
                 if let Some((u, g)) = fix.owner {
                     rustix::fs::fchown(&fd, Some(uid(u)), Some(gid(g)))?;
                 }
+                set_xattrs(fd.as_fd(), &fix.xattrs);
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(fix.mode & 0o7777))?;
                 rustix::fs::futimens(&fd, &times(fix.mtime))?;
                 Ok(())
@@ -552,6 +544,22 @@ impl EntryMeta {
             mode: self.mode,
             owner: is_root.then_some((self.uid, self.gid)),
             mtime: self.mtime,
+            xattrs: if is_root {
+                self.xattrs.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Sets pax `SCHILY.xattr.*` attributes; failures (unsupported, not permitted) are warnings.
+fn set_xattrs(fd: BorrowedFd<'_>, xattrs: &[(OsString, Vec<u8>)]) {
+    for (key, value) in xattrs {
+        if let Err(e) =
+            rustix::fs::fsetxattr(fd, key.as_os_str(), value, rustix::fs::XattrFlags::empty())
+        {
+            log::warn!("cannot set xattr {key:?}: {e}");
         }
     }
 }

@@ -552,3 +552,49 @@ fn long_names_and_the_root_entry_are_applied() {
     assert_eq!(root.permissions().mode() & 0o7777, 0o711);
     assert_eq!(root.mtime(), 42);
 }
+
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len += 1;
+    }
+    format!("{len}{body}")
+}
+
+#[test]
+fn pax_xattrs_uid_and_mtime_are_applied_as_root() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: xattrs and ownership are applied only as root");
+        return;
+    }
+    let f = fixture();
+    let mut b = tar::Builder::new(Vec::new());
+    let pax = pax_record("SCHILY.xattr.user.mvm", "yes")
+        + &pax_record("uid", "70000")
+        + &pax_record("mtime", "1234.5");
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(pax.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "PaxHeaders/file", pax.as_bytes())
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    h.set_cksum();
+    b.append_data(&mut h, "file", &b"x"[..]).unwrap();
+    let layer = f.base.join("pax.tar");
+    fs::write(&layer, b.into_inner().unwrap()).unwrap();
+    apply_layer(&f.root, &layer, LayerMediaType::Tar).unwrap();
+    let meta = fs::metadata(f.root.join("file")).unwrap();
+    assert_eq!(meta.uid(), 70000);
+    assert_eq!(meta.mtime(), 1234);
+    let mut buf = [0u8; 16];
+    match rustix::fs::getxattr(f.root.join("file"), "user.mvm", &mut buf[..]) {
+        Ok(n) => assert_eq!(&buf[..n], b"yes"),
+        Err(e) => eprintln!("filesystem without user xattrs ({e}); ownership and mtime checked"),
+    }
+}
