@@ -2,3 +2,8 @@
 //! root filesystem disk images and the agent's initramfs.
 #![deny(missing_docs)]
 pub mod initramfs;
+pub mod disk;
+pub mod examples;
+pub mod oci_writer;
+pub mod rootfs;
+pub mod unpack;

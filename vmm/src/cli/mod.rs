@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod boot;
 mod info;
+mod example;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -47,6 +48,8 @@ enum Command {
     Boot(boot::BootArgs),
     /// Show what this host's KVM offers.
     Info(info::InfoArgs),
+    /// Build an example OCI image (busybox or nginx) from Debian packages.
+    BuildExample(example::BuildExampleArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -71,6 +74,7 @@ pub fn main() -> i32 {
         Command::Version(args) => version::run(&args),
         Command::Boot(args) => boot::run(&args),
         Command::Info(args) => info::run(&args),
+        Command::BuildExample(args) => example::run(&args, cli.root),
     };
     match result {
         Ok(code) => code,
