@@ -368,65 +368,85 @@ impl Container {
     }
 
     /// Waits for the container while forwarding SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to
-    /// this process to the container's PID 1. A second such signal kills the container (for a
-    /// PID 1 that ignores the first). Call [`block_forwarded_signals`] before
-    /// [`Container::start`] so no signal is lost in between.
+    /// this process to the container's PID 1 (see [`wait_forwarding_signals`]).
     pub fn wait_forwarding_signals(&mut self) -> Result<ContainerExit, ContainerError> {
-        let set = forwarded_set();
-        // SAFETY: a valid sigset; -1 asks for a new signalfd.
-        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if sfd < 0 {
-            return Err(ContainerError::Os("signalfd", std::io::Error::last_os_error()));
+        if let Some(e) = self.exit {
+            return Ok(e);
         }
-        // SAFETY: the fd was just created and is owned here.
-        let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
-        let pidfd = i32::try_from(pidfd)
-            .ok()
-            .filter(|fd| *fd >= 0)
-            // SAFETY: a new fd owned here.
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut forwarded = 0;
-        loop {
-            if let Some(e) = self.try_wait()? {
-                return Ok(e);
-            }
-            let mut fds = vec![libc::pollfd {
-                fd: sfd.as_raw_fd(),
+        let status = wait_forwarding_signals(self.pid, &self.id)?;
+        Ok(self.finish(status))
+    }
+}
+
+/// Waits for child `pid` while forwarding [`FORWARDED_SIGNALS`] sent to this process to it; a
+/// second such signal sends SIGKILL (for a PID 1 that ignored the first). Returns the raw wait
+/// status. Call [`block_forwarded_signals`] before starting the child so none is lost.
+pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, ContainerError> {
+    let set = forwarded_set();
+    // SAFETY: a valid sigset; -1 asks for a new signalfd.
+    let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sfd < 0 {
+        return Err(ContainerError::Os("signalfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the fd was just created and is owned here.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let pidfd = i32::try_from(pidfd)
+        .ok()
+        .filter(|fd| *fd >= 0)
+        // SAFETY: a new fd owned here.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut forwarded = 0;
+    loop {
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child; status is valid storage.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r == pid {
+            return Ok(status);
+        }
+        if r < 0 && errno() != libc::EINTR {
+            return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+        }
+        let mut fds = vec![libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(p) = &pidfd {
+            fds.push(libc::pollfd {
+                fd: p.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            }];
-            if let Some(p) = &pidfd {
-                fds.push(libc::pollfd {
-                    fd: p.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+            });
+        }
+        // Without a pidfd (kernels before 5.3) look at the child every 50 ms.
+        let timeout = if pidfd.is_some() { -1 } else { 50 };
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(1);
+        // SAFETY: fds is a valid array of pollfd of length nfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
+        loop {
+            // SAFETY: zeroed signalfd_siginfo is valid storage for one record.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most one record into `info`.
+            let n = unsafe {
+                libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size)
+            };
+            if usize::try_from(n).ok() != Some(size) {
+                break;
             }
-            // Without a pidfd (kernels before 5.3) poll the exit every 50 ms.
-            let timeout = if pidfd.is_some() { -1 } else { 50 };
-            // SAFETY: fds is a valid array of pollfd of the given length.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            loop {
-                // SAFETY: zeroed signalfd_siginfo is valid storage for one record.
-                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                let size = std::mem::size_of::<libc::signalfd_siginfo>();
-                // SAFETY: reads one record into `info`.
-                let n = unsafe { libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size) };
-                if usize::try_from(n).ok() != Some(size) {
-                    break;
-                }
-                let sig = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
-                forwarded += 1;
-                if forwarded == 1 {
-                    log::debug!("forwarding signal {sig} to container {}", self.id);
-                    let _ = self.signal(sig);
-                } else {
-                    log::warn!("signal {sig} again: killing container {}", self.id);
-                    let _ = self.kill();
-                }
-            }
+            let sig = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
+            forwarded += 1;
+            let sent = if forwarded == 1 {
+                log::debug!("forwarding signal {sig} to {label}");
+                sig
+            } else {
+                log::warn!("signal {sig} again: killing {label}");
+                libc::SIGKILL
+            };
+            // SAFETY: kill has no memory preconditions; pid is our unreaped child.
+            unsafe { libc::kill(pid, sent) };
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod run;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -41,6 +42,8 @@ pub struct Cli {
 enum Command {
     /// Print mvm's version and the versions of its parts.
     Version(version::VersionArgs),
+    /// Run a command from an image in a microVM, a container or a plain process.
+    Run(Box<run::RunArgs>),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -63,11 +66,15 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
+        Command::Run(args) => run::run(&root_dir(cli.root), &args),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("mvm: {err:#}");
+            if let Some(run::CommandExit(code, _)) = err.downcast_ref::<run::CommandExit>() {
+                return *code;
+            }
             if err.chain().any(|e| e.is::<BadInput>()) {
                 EXIT_BAD_INPUT
             } else {
