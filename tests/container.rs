@@ -24,7 +24,9 @@ fn fixture() -> Option<Fixture> {
     let static_ok = Command::new("ldd")
         .arg(busybox)
         .output()
-        .map(|o| !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic"))
+        .map(|o| {
+            !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic")
+        })
         .unwrap_or(true);
     if !busybox.exists() || !static_ok {
         eprintln!("skipping: needs a static /bin/busybox (apt-get install busybox-static)");
@@ -35,10 +37,14 @@ fn fixture() -> Option<Fixture> {
     std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
     std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
     std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
-    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink");
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+                .expect("symlink");
         }
     }
     std::fs::write(
@@ -83,7 +89,11 @@ fn stderr(o: &Output) -> String {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{:x}", std::process::id(), Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32()))
+    format!(
+        "{prefix}-{}-{:x}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
+    )
 }
 
 fn rand_u32() -> u32 {
@@ -99,7 +109,9 @@ fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
     while let Some((d, depth)) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 if e.file_name() == name {
@@ -134,10 +146,29 @@ fn run_prints_output_and_exits_with_the_containers_code() {
 fn run_applies_env_workdir_user_and_hostname() {
     let Some(f) = fixture() else { return };
     let o = f.run(
-        &["--rm", "-e", "GREETING=hello", "-w", "/srv/app", "--hostname", "box1", "-u", "app"],
-        &["sh", "-c", "echo $GREETING $PWD $(hostname) $(id -u):$(id -g) $HOME"],
+        &[
+            "--rm",
+            "-e",
+            "GREETING=hello",
+            "-w",
+            "/srv/app",
+            "--hostname",
+            "box1",
+            "-u",
+            "app",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo $GREETING $PWD $(hostname) $(id -u):$(id -g) $HOME",
+        ],
     );
-    assert_eq!(stdout(&o), "hello /srv/app box1 1000:1000 /home/app\n", "stderr: {}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "hello /srv/app box1 1000:1000 /home/app\n",
+        "stderr: {}",
+        stderr(&o)
+    );
     assert_eq!(o.status.code(), Some(0));
 }
 
@@ -157,15 +188,30 @@ fn container_sees_itself_as_pid_1_with_its_own_hostname() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
     assert_ne!(lines[1], host.trim());
     // Only the shell and the `ls` it runs are visible.
-    assert!(lines[2].parse::<u32>().expect("count") <= 3, "processes: {}", lines[2]);
+    assert!(
+        lines[2].parse::<u32>().expect("count") <= 3,
+        "processes: {}",
+        lines[2]
+    );
 }
 
 #[test]
 fn network_none_has_only_loopback_up() {
     let Some(f) = fixture() else { return };
-    let o = f.run(&["--rm"], &["sh", "-c", "ls /sys/class/net; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags"]);
+    let o = f.run(
+        &["--rm"],
+        &[
+            "sh",
+            "-c",
+            "ls /sys/class/net; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+        ],
+    );
     let out = stdout(&o);
-    assert!(out.starts_with("lo\n"), "stdout: {out} stderr: {}", stderr(&o));
+    assert!(
+        out.starts_with("lo\n"),
+        "stdout: {out} stderr: {}",
+        stderr(&o)
+    );
     // IFF_UP is bit 0 of the flags.
     let flags = out.lines().last().expect("flags").trim_start_matches("0x");
     assert_eq!(u32::from_str_radix(flags, 16).expect("hex") & 1, 1);
@@ -176,11 +222,19 @@ fn memory_limit_kills_a_process_that_exceeds_it() {
     let Some(f) = fixture() else { return };
     let o = f.run(
         &["--rm", "--mem", "16M"],
-        &["sh", "-c", "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
     );
     assert!(!stdout(&o).contains("survived"));
     assert_eq!(o.status.code(), Some(137), "stderr: {}", stderr(&o));
-    assert!(stderr(&o).contains("out of memory"), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("out of memory"),
+        "stderr: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -188,7 +242,11 @@ fn memory_within_the_limit_is_fine() {
     let Some(f) = fixture() else { return };
     let o = f.run(
         &["--rm", "--mem", "64M"],
-        &["sh", "-c", "x=$(head -c 4000000 /dev/zero | tr '\\0' a); echo ${#x}"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 4000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
     );
     assert_eq!(stdout(&o), "4000000\n", "stderr: {}", stderr(&o));
     assert_eq!(o.status.code(), Some(0));
@@ -197,7 +255,8 @@ fn memory_within_the_limit_is_fine() {
 #[test]
 fn pids_limit_stops_forks_beyond_it() {
     let Some(f) = fixture() else { return };
-    let script = "n=0; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & n=$((n+1)); done; echo started $n";
+    let script =
+        "n=0; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & n=$((n+1)); done; echo started $n";
     let o = f.run(&["--rm", "--pids-limit", "4"], &["sh", "-c", script]);
     assert!(stderr(&o).contains("can't fork"), "stderr: {}", stderr(&o));
     assert!(!stdout(&o).contains("started 10"));
@@ -223,12 +282,26 @@ fn run_leaves_no_mounts_cgroups_or_temp_dirs() {
     let name = unique("clean");
     let before = mounts();
     let o = f.run(
-        &["--rm", "--name", &name, "--mem", "64M", "--pids-limit", "32", "--cpus", "0.5"],
+        &[
+            "--rm",
+            "--name",
+            &name,
+            "--mem",
+            "64M",
+            "--pids-limit",
+            "32",
+            "--cpus",
+            "0.5",
+        ],
         &["sh", "-c", "mount | grep -c . ; exit 0"],
     );
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert_eq!(mounts(), before);
-    assert!(cgroup_dirs_named(&name).is_empty(), "left: {:?}", cgroup_dirs_named(&name));
+    assert!(
+        cgroup_dirs_named(&name).is_empty(),
+        "left: {:?}",
+        cgroup_dirs_named(&name)
+    );
     let left: Vec<_> = std::fs::read_dir(f.state.join("containers"))
         .expect("containers dir")
         .flatten()
@@ -244,12 +317,19 @@ fn run_without_rm_keeps_only_the_writable_layer() {
     let o = f.run(&["--name", &name], &["sh", "-c", "echo x > /kept"]);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     let dir = f.state.join("containers").join(&name);
-    assert_eq!(std::fs::read_to_string(dir.join("upper/kept")).expect("kept"), "x\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("upper/kept")).expect("kept"),
+        "x\n"
+    );
     assert!(dir.join("spec.json").exists());
     assert!(!dir.join("work").exists());
     let o = f.run(&["--name", &name], &["true"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("already in use"), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already in use"),
+        "stderr: {}",
+        stderr(&o)
+    );
 }
 
 fn wait_for(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -270,7 +350,11 @@ fn sigterm_to_mvm_reaches_the_container() {
     let mut child = f
         .cmd(
             &["--rm"],
-            &["sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait"],
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait",
+            ],
         )
         .stdout(Stdio::piped())
         .spawn()
@@ -295,7 +379,11 @@ fn init_forwards_sigterm_and_reaps_zombies() {
     // The command is PID 2 under the init; an orphaned zombie would show up as "Z" in ps.
     let o = f.run(
         &["--rm", "--init"],
-        &["sh", "-c", "echo $$; (sleep 0 &) ; sleep 0.3; ps -o stat | grep -c Z"],
+        &[
+            "sh",
+            "-c",
+            "echo $$; (sleep 0 &) ; sleep 0.3; ps -o stat | grep -c Z",
+        ],
     );
     assert_eq!(stdout(&o), "2\n0\n", "stderr: {}", stderr(&o));
     let mut child = f
@@ -326,7 +414,12 @@ fn missing_command_exits_127_with_one_line() {
 #[test]
 fn bad_flags_exit_2_and_create_nothing() {
     let Some(f) = fixture() else { return };
-    for flags in [&["--mem", "lots"][..], &["--cpus", "0"], &["--name", "../x"], &["-u", "ghost"]] {
+    for flags in [
+        &["--mem", "lots"][..],
+        &["--cpus", "0"],
+        &["--name", "../x"],
+        &["-u", "ghost"],
+    ] {
         let o = f.run(flags, &["true"]);
         assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", stderr(&o));
         assert_eq!(stderr(&o).lines().count(), 1, "{flags:?}: {}", stderr(&o));
@@ -341,7 +434,16 @@ fn isolation_process_runs_the_command_on_the_host() {
     let o = Command::new(MVM)
         .args(["run", "--isolation", "process", "--rootfs"])
         .arg(&f.rootfs)
-        .args(["-e", "X=42", "-w", "/", "--", "/bin/sh", "-c", "echo $X $PWD; exit 5"])
+        .args([
+            "-e",
+            "X=42",
+            "-w",
+            "/",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $X $PWD; exit 5",
+        ])
         .output()
         .expect("run");
     assert_eq!(stdout(&o), "42 /\n", "stderr: {}", stderr(&o));

@@ -166,7 +166,11 @@ impl Cgroup {
     /// Creates the cgroup `parent/id` (parent defaults to [`DEFAULT_PARENT`]) and writes the
     /// limits. Returns `None` when the host has no usable cgroup hierarchy and no limit was asked
     /// for.
-    pub fn create(id: &str, parent: Option<&str>, limits: &Limits) -> Result<Option<Cgroup>, CgroupError> {
+    pub fn create(
+        id: &str,
+        parent: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Option<Cgroup>, CgroupError> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| CgroupError::Proc("/proc/self/mountinfo", e))?;
         let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup")
@@ -204,7 +208,12 @@ impl Cgroup {
         Self::create_v1(&v1, &proc_cgroup, parent, id, limits).map(Some)
     }
 
-    fn create_v2(h: &Hierarchy, parent: &str, id: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
+    fn create_v2(
+        h: &Hierarchy,
+        parent: &str,
+        id: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, CgroupError> {
         let available =
             std::fs::read_to_string(h.mountpoint.join("cgroup.controllers")).unwrap_or_default();
         let enable: Vec<&str> = ["memory", "cpu", "pids"]
@@ -452,7 +461,10 @@ mod tests {
 
     #[test]
     fn own_path_matches_controller_lists() {
-        assert_eq!(own_path(PROC_CGROUP, "memory").as_deref(), Some("/process_api/1117"));
+        assert_eq!(
+            own_path(PROC_CGROUP, "memory").as_deref(),
+            Some("/process_api/1117")
+        );
         assert_eq!(own_path(PROC_CGROUP, "cpu").as_deref(), Some("/"));
         assert_eq!(own_path(PROC_CGROUP, "").as_deref(), Some("/user.slice"));
         assert_eq!(own_path(PROC_CGROUP, "hugetlb"), None);
@@ -483,7 +495,10 @@ mod tests {
     #[test]
     fn v2_dir_is_under_the_hierarchy_root() {
         let h = parse_mountinfo("1 0 0:1 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
-        assert_eq!(v2_dir(&h[0], "mvm", "c1"), Path::new("/sys/fs/cgroup/mvm/c1"));
+        assert_eq!(
+            v2_dir(&h[0], "mvm", "c1"),
+            Path::new("/sys/fs/cgroup/mvm/c1")
+        );
     }
 
     #[test]
@@ -495,6 +510,12 @@ mod tests {
         };
         let n: Vec<_> = needed_controllers(&l).into_iter().map(|(c, _)| c).collect();
         assert_eq!(n, ["memory", "pids"]);
-        assert_eq!(cpu_quota(&Limits { cpus: Some(0.5), ..Limits::default() }), Some(50_000));
+        assert_eq!(
+            cpu_quota(&Limits {
+                cpus: Some(0.5),
+                ..Limits::default()
+            }),
+            Some(50_000)
+        );
     }
 }

@@ -45,7 +45,10 @@ impl RootMount {
 
 fn check(r: libc::c_int, step: Step) -> Result<(), Fail> {
     if r < 0 {
-        Err(Fail { step, errno: errno() })
+        Err(Fail {
+            step,
+            errno: errno(),
+        })
     } else {
         Ok(())
     }
@@ -76,7 +79,10 @@ fn mount(
 fn mkdir(path: &CStr, mode: libc::mode_t, step: Step) -> Result<(), Fail> {
     // SAFETY: path is a valid C string.
     if unsafe { libc::mkdir(path.as_ptr(), mode) } < 0 && errno() != libc::EEXIST {
-        return Err(Fail { step, errno: errno() });
+        return Err(Fail {
+            step,
+            errno: errno(),
+        });
     }
     Ok(())
 }
@@ -145,7 +151,13 @@ fn make_device(path: &CStr, host: &CStr, major: u32, minor: u32) -> Result<(), F
         });
     }
     // SAFETY: path is a valid C string; the new file is closed at once.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666) };
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o666,
+        )
+    };
     check(fd, Step::Devices)?;
     // SAFETY: fd was just opened.
     unsafe { libc::close(fd) };
@@ -166,11 +178,25 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     )?;
     let (target, readonly) = match root {
         RootMount::Overlay { options, target } => {
-            mount(c"overlay", target, Some(c"overlay"), 0, Some(options), Step::RootMount)?;
+            mount(
+                c"overlay",
+                target,
+                Some(c"overlay"),
+                0,
+                Some(options),
+                Step::RootMount,
+            )?;
             (target.as_c_str(), false)
         }
         RootMount::Bind { path, readonly } => {
-            mount(path, path, None, libc::MS_BIND | libc::MS_REC, None, Step::RootMount)?;
+            mount(
+                path,
+                path,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+                Step::RootMount,
+            )?;
             (path.as_c_str(), *readonly)
         }
     };
@@ -179,7 +205,14 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
 
     let nodev_nosuid_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mkdir(c"proc", 0o555, Step::Proc)?;
-    mount(c"proc", c"proc", Some(c"proc"), nodev_nosuid_noexec, None, Step::Proc)?;
+    mount(
+        c"proc",
+        c"proc",
+        Some(c"proc"),
+        nodev_nosuid_noexec,
+        None,
+        Step::Proc,
+    )?;
     mkdir(c"sys", 0o555, Step::Sys)?;
     mount(
         c"sysfs",
@@ -221,7 +254,8 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     )?;
     for (link, to) in DEV_LINKS {
         // SAFETY: both are valid C strings.
-        check(unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) }, Step::Dev)?;
+        let r = unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) };
+        check(r, Step::Dev)?;
     }
     if readonly {
         mount(
@@ -244,7 +278,8 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
         });
     }
     // SAFETY: valid C string.
-    check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) }, Step::PivotRoot)?;
+    let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+    check(r, Step::PivotRoot)?;
     // SAFETY: valid C string.
     check(unsafe { libc::chdir(c"/".as_ptr()) }, Step::PivotRoot)
 }

@@ -107,8 +107,7 @@ pub fn loopback_up() -> Result<(), i32> {
 
 /// The calling thread's errno.
 pub fn errno() -> i32 {
-    // SAFETY: __errno_location always returns a valid pointer to this thread's errno.
-    unsafe { *libc::__errno_location() }
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -119,7 +118,12 @@ mod tests {
     fn network_none_adds_a_network_namespace() {
         assert_ne!(clone_flags(Network::None) & libc::CLONE_NEWNET, 0);
         assert_eq!(clone_flags(Network::Host) & libc::CLONE_NEWNET, 0);
-        for f in [libc::CLONE_NEWNS, libc::CLONE_NEWPID, libc::CLONE_NEWUTS, libc::CLONE_NEWIPC] {
+        for f in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+        ] {
             assert_ne!(clone_flags(Network::Host) & f, 0);
         }
     }

@@ -11,8 +11,8 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::child::{self, ChildPlan, Fail, Step};
 use super::cgroups::Cgroup;
+use super::child::{self, ChildPlan, Fail, Step};
 use super::command::env_value;
 use super::mounts::RootMount;
 use super::namespaces::{self, errno};
@@ -91,8 +91,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(ContainerError::Os("pipe", std::io::Error::last_os_error()));
     }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((r, w))
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ContainerError> {
@@ -154,7 +157,10 @@ impl Container {
         let mut parent_ends: [Option<File>; 3] = [None, None, None];
         let mut child_ends: Vec<OwnedFd> = Vec::new();
         let mut stdio_fds: [Option<RawFd>; 3] = [None; 3];
-        for (i, mode) in [stdio.stdin, stdio.stdout, stdio.stderr].into_iter().enumerate() {
+        for (i, mode) in [stdio.stdin, stdio.stdout, stdio.stderr]
+            .into_iter()
+            .enumerate()
+        {
             match mode {
                 StdioMode::Inherit => {}
                 StdioMode::Null => {
@@ -233,7 +239,11 @@ impl Container {
         while got < buf.len() {
             // SAFETY: reads into the unfilled part of a local buffer.
             let n = unsafe {
-                libc::read(err_r.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got)
+                libc::read(
+                    err_r.as_raw_fd(),
+                    buf[got..].as_mut_ptr().cast(),
+                    buf.len() - got,
+                )
             };
             if n < 0 && errno() == libc::EINTR {
                 continue;
@@ -255,7 +265,9 @@ impl Container {
         Err(match (fail.step, fail.errno) {
             (Step::Exec, libc::ENOENT) => ContainerError::CommandNotFound(spec.args[0].clone()),
             (Step::Exec, libc::EACCES) => ContainerError::NotExecutable(spec.args[0].clone()),
-            (step, e) => ContainerError::Setup(step.describe(), std::io::Error::from_raw_os_error(e)),
+            (step, e) => {
+                ContainerError::Setup(step.describe(), std::io::Error::from_raw_os_error(e))
+            }
         })
     }
 
@@ -322,7 +334,10 @@ impl Container {
                 break;
             }
             if r < 0 && errno() != libc::EINTR {
-                return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+                return Err(ContainerError::Os(
+                    "waitpid",
+                    std::io::Error::last_os_error(),
+                ));
             }
         }
         Ok(self.finish(status))
@@ -337,7 +352,10 @@ impl Container {
         // SAFETY: non-blocking wait for our own child.
         let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
         if r < 0 {
-            return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+            return Err(ContainerError::Os(
+                "waitpid",
+                std::io::Error::last_os_error(),
+            ));
         }
         if r == 0 {
             return Ok(None);
@@ -386,7 +404,10 @@ pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, Con
     // SAFETY: a valid sigset; -1 asks for a new signalfd.
     let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if sfd < 0 {
-        return Err(ContainerError::Os("signalfd", std::io::Error::last_os_error()));
+        return Err(ContainerError::Os(
+            "signalfd",
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: the fd was just created and is owned here.
     let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
@@ -406,7 +427,10 @@ pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, Con
             return Ok(status);
         }
         if r < 0 && errno() != libc::EINTR {
-            return Err(ContainerError::Os("waitpid", std::io::Error::last_os_error()));
+            return Err(ContainerError::Os(
+                "waitpid",
+                std::io::Error::last_os_error(),
+            ));
         }
         let mut fds = vec![libc::pollfd {
             fd: sfd.as_raw_fd(),
@@ -430,9 +454,8 @@ pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, Con
             let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
             let size = std::mem::size_of::<libc::signalfd_siginfo>();
             // SAFETY: reads at most one record into `info`.
-            let n = unsafe {
-                libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size)
-            };
+            let n =
+                unsafe { libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size) };
             if usize::try_from(n).ok() != Some(size) {
                 break;
             }
@@ -452,15 +475,7 @@ pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, Con
 }
 
 fn forwarded_set() -> libc::sigset_t {
-    // SAFETY: zeroed storage, then initialised by sigemptyset/sigaddset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in FORWARDED_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
+    child::signal_set(false, &FORWARDED_SIGNALS)
 }
 
 /// Blocks [`FORWARDED_SIGNALS`] in the calling thread so they queue for
@@ -470,7 +485,10 @@ pub fn block_forwarded_signals() -> Result<(), ContainerError> {
     let set = forwarded_set();
     // SAFETY: a valid set; the old mask is not needed.
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
-        return Err(ContainerError::Os("sigprocmask", std::io::Error::last_os_error()));
+        return Err(ContainerError::Os(
+            "sigprocmask",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

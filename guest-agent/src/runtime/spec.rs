@@ -298,7 +298,8 @@ pub fn validate_id(id: &str) -> Result<(), SpecError> {
 pub fn validate_hostname(h: &str) -> Result<(), SpecError> {
     let ok = !h.is_empty()
         && h.len() <= MAX_HOSTNAME_LEN
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -445,7 +446,15 @@ mod tests {
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("16mb"), Ok(16 << 20));
-        for bad in ["", "M", "12X", "1.2.3G", ".5G", "-1M", "99999999999999999999T"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "1.2.3G",
+            ".5G",
+            "-1M",
+            "99999999999999999999T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} should not parse");
         }
     }

@@ -234,8 +234,11 @@ mod tests {
         let lower = rootfs();
         let upper = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(upper.path().join("etc")).expect("mkdir");
-        std::fs::write(upper.path().join("etc/passwd"), "app:x:2000:2000::/a:/bin/sh\n")
-            .expect("write");
+        std::fs::write(
+            upper.path().join("etc/passwd"),
+            "app:x:2000:2000::/a:/bin/sh\n",
+        )
+        .expect("write");
         let id = resolve(
             Some("app"),
             &[upper.path().to_path_buf(), lower.path().to_path_buf()],

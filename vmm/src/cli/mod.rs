@@ -124,7 +124,11 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("mvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "mvm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}

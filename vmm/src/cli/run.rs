@@ -85,7 +85,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "vm")]
     pub isolation: Isolation,
     /// Command and arguments (after `--`); replace the image's Cmd.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 
@@ -107,7 +111,9 @@ pub fn resolve_source(_root: &Path, args: &RunArgs) -> anyhow::Result<Source> {
             let dir = std::fs::canonicalize(dir)
                 .ok()
                 .filter(|d| d.is_dir())
-                .ok_or_else(|| bad_input(format!("--rootfs {}: no such directory", dir.display())))?;
+                .ok_or_else(|| {
+                    bad_input(format!("--rootfs {}: no such directory", dir.display()))
+                })?;
             Ok(Source {
                 lower: vec![dir],
                 config: ImageConfig::default(),
@@ -311,7 +317,11 @@ fn run_process(args: &RunArgs, limits: &Limits, process: &command::Process) -> a
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CommandExit(127, format!("{}: executable file not found", process.args[0])).into())
+            return Err(CommandExit(
+                127,
+                format!("{}: executable file not found", process.args[0]),
+            )
+            .into())
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             return Err(CommandExit(126, format!("{}: permission denied", process.args[0])).into())

@@ -9,6 +9,10 @@ pub struct VersionArgs {}
 /// Prints the version of mvm and of the guest agent protocol.
 pub fn run(_args: &VersionArgs) -> anyhow::Result<i32> {
     println!("mvm {}", env!("CARGO_PKG_VERSION"));
-    println!("target: {}-{}", std::env::consts::ARCH, std::env::consts::OS);
+    println!(
+        "target: {}-{}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
     Ok(0)
 }
