@@ -501,3 +501,93 @@ impl Drop for Container {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::runtime::spec::Limits;
+
+    /// A read-only busybox root, or None (with the reason printed) where the test cannot run.
+    fn busybox_root() -> Option<tempfile::TempDir> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/bin/busybox").exists() {
+            eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
+            return None;
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        for sub in ["bin", "proc", "sys", "dev"] {
+            std::fs::create_dir(d.path().join(sub)).expect("mkdir");
+        }
+        std::fs::copy("/bin/busybox", d.path().join("bin/busybox")).expect("copy");
+        for a in ["sh", "cat", "echo", "touch"] {
+            std::os::unix::fs::symlink("busybox", d.path().join("bin").join(a)).expect("link");
+        }
+        Some(d)
+    }
+
+    fn spec(root: &std::path::Path, args: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            id: format!("unit-{}", std::process::id()),
+            rootfs: Rootfs::Dir {
+                path: root.to_path_buf(),
+                readonly: true,
+            },
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: None,
+            hostname: None,
+            limits: Limits::default(),
+            terminal: false,
+            network: Network::None,
+            init: false,
+            cgroup_parent: None,
+        }
+    }
+
+    #[test]
+    fn piped_stdio_streams_through_a_read_only_dir_root() {
+        let Some(root) = busybox_root() else { return };
+        let s = spec(
+            root.path(),
+            &[
+                "sh",
+                "-c",
+                "cat; echo err >&2; touch /x 2>/dev/null || exit 4",
+            ],
+        );
+        let mut c = Container::start(&s, &StdioConfig::piped()).expect("start");
+        let mut stdin = c.take_stdin().expect("stdin pipe");
+        let mut stdout = c.take_stdout().expect("stdout pipe");
+        let mut stderr = c.take_stderr().expect("stderr pipe");
+        stdin.write_all(b"through the pipe").expect("write");
+        drop(stdin);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).expect("read stdout");
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).expect("read stderr");
+        let exit = c.wait().expect("wait");
+        assert_eq!(out, "through the pipe");
+        assert_eq!(err, "err\n");
+        // The root is read-only: touch failed.
+        assert_eq!(exit.code, 4);
+        assert!(!root.path().join("x").exists());
+    }
+
+    #[test]
+    fn signal_kills_and_reports_128_plus_signal() {
+        let Some(root) = busybox_root() else { return };
+        let mut s = spec(root.path(), &["sh", "-c", "echo up; exec cat"]);
+        s.id = format!("unit-kill-{}", std::process::id());
+        let mut c = Container::start(&s, &StdioConfig::piped()).expect("start");
+        let mut stdout = c.take_stdout().expect("stdout");
+        let mut buf = [0u8; 3];
+        stdout.read_exact(&mut buf).expect("up");
+        c.kill().expect("kill");
+        let exit = c.wait().expect("wait");
+        assert_eq!((exit.code, exit.signal), (137, Some(libc::SIGKILL)));
+        assert!(!exit.oom_killed);
+    }
+}
