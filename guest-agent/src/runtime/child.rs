@@ -185,11 +185,10 @@ pub(crate) struct ChildPlan {
 
 fn report(fd: RawFd, f: Fail) -> ! {
     let b = f.encode();
-    // SAFETY: writes 8 bytes from a local buffer; _exit ends the process without unwinding.
-    unsafe {
-        libc::write(fd, b.as_ptr().cast(), b.len());
-        libc::_exit(127)
-    }
+    // SAFETY: writes 8 bytes from a local buffer.
+    unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+    // SAFETY: ends the process without unwinding or running the parent's exit handlers.
+    unsafe { libc::_exit(127) }
 }
 
 fn fail(step: Step) -> Fail {
@@ -210,11 +209,10 @@ pub(crate) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
-    // SAFETY: closing our copies of the parent's pipe ends; the fds are valid.
-    unsafe {
-        libc::close(plan.sync_write);
-        libc::close(plan.err_read);
-    }
+    // SAFETY: closing our copy of the parent's pipe end; the fd is valid.
+    unsafe { libc::close(plan.sync_write) };
+    // SAFETY: as above.
+    unsafe { libc::close(plan.err_read) };
     // Die with the runtime, so a killed runtime never leaves a container behind.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -324,23 +322,38 @@ fn reset_signals() {
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
     }
-    // SAFETY: an empty set is valid; the old mask is not wanted.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    set_mask(&signal_set(false, &[]));
+}
+
+/// A signal set: all signals when `fill`, else just `signals`.
+pub(crate) fn signal_set(fill: bool, signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: zeroed memory is valid storage for a sigset_t; it is initialised right below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    if fill {
+        // SAFETY: `set` is valid storage.
+        unsafe { libc::sigfillset(&mut set) };
+    } else {
+        // SAFETY: `set` is valid storage.
+        unsafe { libc::sigemptyset(&mut set) };
     }
+    for s in signals {
+        // SAFETY: `set` is an initialised set.
+        unsafe { libc::sigaddset(&mut set, *s) };
+    }
+    set
+}
+
+/// Replaces the calling thread's signal mask.
+pub(crate) fn set_mask(set: &libc::sigset_t) {
+    // SAFETY: a valid set; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, set, std::ptr::null_mut()) };
 }
 
 /// PID 1 with `init`: start the command, forward signals, reap, exit with its status.
 fn run_init(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
-    // SAFETY: a zeroed sigset_t is valid storage; sigfillset fills it.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: blocking every signal so they queue for sigwaitinfo below.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-    }
+    // Block every signal so they queue for sigwaitinfo below.
+    let all = signal_set(true, &[]);
+    set_mask(&all);
     // SAFETY: fork in a process that has only this thread; the child only makes syscalls.
     let pid = unsafe { libc::fork() };
     if pid < 0 {

@@ -25,7 +25,8 @@ use std::path::PathBuf;
 pub use child::{Fail, Step};
 pub use command::{ImageConfig, Overrides};
 pub use process::{
-    block_forwarded_signals, Container, ContainerExit, StdioConfig, StdioMode, FORWARDED_SIGNALS,
+    block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, StdioConfig,
+    StdioMode, FORWARDED_SIGNALS,
 };
 pub use spec::{ContainerSpec, Limits, Network, Rootfs};
 

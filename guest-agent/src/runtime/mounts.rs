@@ -254,10 +254,8 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     )?;
     for (link, to) in DEV_LINKS {
         // SAFETY: both are valid C strings.
-        check(
-            unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) },
-            Step::Dev,
-        )?;
+        let r = unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) };
+        check(r, Step::Dev)?;
     }
     if readonly {
         mount(
@@ -280,10 +278,8 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
         });
     }
     // SAFETY: valid C string.
-    check(
-        unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) },
-        Step::PivotRoot,
-    )?;
+    let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+    check(r, Step::PivotRoot)?;
     // SAFETY: valid C string.
     check(unsafe { libc::chdir(c"/".as_ptr()) }, Step::PivotRoot)
 }

@@ -107,8 +107,7 @@ pub fn loopback_up() -> Result<(), i32> {
 
 /// The calling thread's errno.
 pub fn errno() -> i32 {
-    // SAFETY: __errno_location always returns a valid pointer to this thread's errno.
-    unsafe { *libc::__errno_location() }
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -91,8 +91,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(ContainerError::Os("pipe", std::io::Error::last_os_error()));
     }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((r, w))
 }
 
 fn cstring(s: &str, what: &'static str) -> Result<CString, ContainerError> {
@@ -383,84 +386,96 @@ impl Container {
     }
 
     /// Waits for the container while forwarding SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to
-    /// this process to the container's PID 1. A second such signal kills the container (for a
-    /// PID 1 that ignores the first). Call [`block_forwarded_signals`] before
-    /// [`Container::start`] so no signal is lost in between.
+    /// this process to the container's PID 1 (see [`wait_forwarding_signals`]).
     pub fn wait_forwarding_signals(&mut self) -> Result<ContainerExit, ContainerError> {
-        let set = forwarded_set();
-        // SAFETY: a valid sigset; -1 asks for a new signalfd.
-        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if sfd < 0 {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        let status = wait_forwarding_signals(self.pid, &self.id)?;
+        Ok(self.finish(status))
+    }
+}
+
+/// Waits for child `pid` while forwarding [`FORWARDED_SIGNALS`] sent to this process to it; a
+/// second such signal sends SIGKILL (for a PID 1 that ignored the first). Returns the raw wait
+/// status. Call [`block_forwarded_signals`] before starting the child so none is lost.
+pub fn wait_forwarding_signals(pid: libc::pid_t, label: &str) -> Result<i32, ContainerError> {
+    let set = forwarded_set();
+    // SAFETY: a valid sigset; -1 asks for a new signalfd.
+    let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sfd < 0 {
+        return Err(ContainerError::Os(
+            "signalfd",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the fd was just created and is owned here.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let pidfd = i32::try_from(pidfd)
+        .ok()
+        .filter(|fd| *fd >= 0)
+        // SAFETY: a new fd owned here.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut forwarded = 0;
+    loop {
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child; status is valid storage.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r == pid {
+            return Ok(status);
+        }
+        if r < 0 && errno() != libc::EINTR {
             return Err(ContainerError::Os(
-                "signalfd",
+                "waitpid",
                 std::io::Error::last_os_error(),
             ));
         }
-        // SAFETY: the fd was just created and is owned here.
-        let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
-        let pidfd = i32::try_from(pidfd)
-            .ok()
-            .filter(|fd| *fd >= 0)
-            // SAFETY: a new fd owned here.
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut forwarded = 0;
-        loop {
-            if let Some(e) = self.try_wait()? {
-                return Ok(e);
-            }
-            let mut fds = vec![libc::pollfd {
-                fd: sfd.as_raw_fd(),
+        let mut fds = vec![libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(p) = &pidfd {
+            fds.push(libc::pollfd {
+                fd: p.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            }];
-            if let Some(p) = &pidfd {
-                fds.push(libc::pollfd {
-                    fd: p.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+            });
+        }
+        // Without a pidfd (kernels before 5.3) look at the child every 50 ms.
+        let timeout = if pidfd.is_some() { -1 } else { 50 };
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(1);
+        // SAFETY: fds is a valid array of pollfd of length nfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
+        loop {
+            // SAFETY: zeroed signalfd_siginfo is valid storage for one record.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most one record into `info`.
+            let n =
+                unsafe { libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size) };
+            if usize::try_from(n).ok() != Some(size) {
+                break;
             }
-            // Without a pidfd (kernels before 5.3) poll the exit every 50 ms.
-            let timeout = if pidfd.is_some() { -1 } else { 50 };
-            // SAFETY: fds is a valid array of pollfd of the given length.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            loop {
-                // SAFETY: zeroed signalfd_siginfo is valid storage for one record.
-                let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                let size = std::mem::size_of::<libc::signalfd_siginfo>();
-                // SAFETY: reads one record into `info`.
-                let n = unsafe {
-                    libc::read(sfd.as_raw_fd(), std::ptr::from_mut(&mut info).cast(), size)
-                };
-                if usize::try_from(n).ok() != Some(size) {
-                    break;
-                }
-                let sig = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
-                forwarded += 1;
-                if forwarded == 1 {
-                    log::debug!("forwarding signal {sig} to container {}", self.id);
-                    let _ = self.signal(sig);
-                } else {
-                    log::warn!("signal {sig} again: killing container {}", self.id);
-                    let _ = self.kill();
-                }
-            }
+            let sig = i32::try_from(info.ssi_signo).unwrap_or(libc::SIGTERM);
+            forwarded += 1;
+            let sent = if forwarded == 1 {
+                log::debug!("forwarding signal {sig} to {label}");
+                sig
+            } else {
+                log::warn!("signal {sig} again: killing {label}");
+                libc::SIGKILL
+            };
+            // SAFETY: kill has no memory preconditions; pid is our unreaped child.
+            unsafe { libc::kill(pid, sent) };
         }
     }
 }
 
 fn forwarded_set() -> libc::sigset_t {
-    // SAFETY: zeroed storage, then initialised by sigemptyset/sigaddset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in FORWARDED_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
+    child::signal_set(false, &FORWARDED_SIGNALS)
 }
 
 /// Blocks [`FORWARDED_SIGNALS`] in the calling thread so they queue for
@@ -484,5 +499,95 @@ impl Drop for Container {
             let _ = self.kill();
             let _ = self.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::runtime::spec::Limits;
+
+    /// A read-only busybox root, or None (with the reason printed) where the test cannot run.
+    fn busybox_root() -> Option<tempfile::TempDir> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/bin/busybox").exists() {
+            eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
+            return None;
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        for sub in ["bin", "proc", "sys", "dev"] {
+            std::fs::create_dir(d.path().join(sub)).expect("mkdir");
+        }
+        std::fs::copy("/bin/busybox", d.path().join("bin/busybox")).expect("copy");
+        for a in ["sh", "cat", "echo", "touch"] {
+            std::os::unix::fs::symlink("busybox", d.path().join("bin").join(a)).expect("link");
+        }
+        Some(d)
+    }
+
+    fn spec(root: &std::path::Path, args: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            id: format!("unit-{}", std::process::id()),
+            rootfs: Rootfs::Dir {
+                path: root.to_path_buf(),
+                readonly: true,
+            },
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: None,
+            hostname: None,
+            limits: Limits::default(),
+            terminal: false,
+            network: Network::None,
+            init: false,
+            cgroup_parent: None,
+        }
+    }
+
+    #[test]
+    fn piped_stdio_streams_through_a_read_only_dir_root() {
+        let Some(root) = busybox_root() else { return };
+        let s = spec(
+            root.path(),
+            &[
+                "sh",
+                "-c",
+                "cat; echo err >&2; touch /x 2>/dev/null || exit 4",
+            ],
+        );
+        let mut c = Container::start(&s, &StdioConfig::piped()).expect("start");
+        let mut stdin = c.take_stdin().expect("stdin pipe");
+        let mut stdout = c.take_stdout().expect("stdout pipe");
+        let mut stderr = c.take_stderr().expect("stderr pipe");
+        stdin.write_all(b"through the pipe").expect("write");
+        drop(stdin);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).expect("read stdout");
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).expect("read stderr");
+        let exit = c.wait().expect("wait");
+        assert_eq!(out, "through the pipe");
+        assert_eq!(err, "err\n");
+        // The root is read-only: touch failed.
+        assert_eq!(exit.code, 4);
+        assert!(!root.path().join("x").exists());
+    }
+
+    #[test]
+    fn signal_kills_and_reports_128_plus_signal() {
+        let Some(root) = busybox_root() else { return };
+        let mut s = spec(root.path(), &["sh", "-c", "echo up; exec cat"]);
+        s.id = format!("unit-kill-{}", std::process::id());
+        let mut c = Container::start(&s, &StdioConfig::piped()).expect("start");
+        let mut stdout = c.take_stdout().expect("stdout");
+        let mut buf = [0u8; 3];
+        stdout.read_exact(&mut buf).expect("up");
+        c.kill().expect("kill");
+        let exit = c.wait().expect("wait");
+        assert_eq!((exit.code, exit.signal), (137, Some(libc::SIGKILL)));
+        assert!(!exit.oom_killed);
     }
 }

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod boot;
 mod info;
 mod example;
+mod run;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -50,6 +51,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Build an example OCI image (busybox or nginx) from Debian packages.
     BuildExample(example::BuildExampleArgs),
+    /// Run a command from an image in a microVM, a container or a plain process.
+    Run(Box<run::RunArgs>),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -75,11 +78,15 @@ pub fn main() -> i32 {
         Command::Boot(args) => boot::run(&args),
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
+        Command::Run(args) => run::run(&root_dir(cli.root), &args),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("mvm: {err:#}");
+            if let Some(run::CommandExit(code, _)) = err.downcast_ref::<run::CommandExit>() {
+                return *code;
+            }
             if err.chain().any(|e| e.is::<BadInput>()) {
                 EXIT_BAD_INPUT
             } else {

@@ -1,0 +1,451 @@
+//! `mvm run --isolation container` end to end, on a real root filesystem made from Debian's
+//! busybox-static. Needs root (namespaces, mounts, cgroups); skips with a reason otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MVM: &str = env!("CARGO_BIN_EXE_mvm");
+
+/// A busybox root filesystem and a throwaway `--root` for mvm.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    rootfs: PathBuf,
+    state: PathBuf,
+}
+
+fn fixture() -> Option<Fixture> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: containers need root");
+        return None;
+    }
+    let busybox = Path::new("/bin/busybox");
+    let static_ok = Command::new("ldd")
+        .arg(busybox)
+        .output()
+        .map(|o| {
+            !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic")
+        })
+        .unwrap_or(true);
+    if !busybox.exists() || !static_ok {
+        eprintln!("skipping: needs a static /bin/busybox (apt-get install busybox-static)");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+                .expect("symlink");
+        }
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\n").expect("group");
+    let state = dir.path().join("state");
+    Some(Fixture {
+        _dir: dir,
+        rootfs,
+        state,
+    })
+}
+
+impl Fixture {
+    fn cmd(&self, flags: &[&str], command: &[&str]) -> Command {
+        let mut c = Command::new(MVM);
+        c.arg("run")
+            .arg("--root")
+            .arg(&self.state)
+            .args(["--isolation", "container", "--rootfs"])
+            .arg(&self.rootfs)
+            .args(flags)
+            .arg("--")
+            .args(command);
+        c
+    }
+
+    fn run(&self, flags: &[&str], command: &[&str]) -> Output {
+        self.cmd(flags, command).output().expect("run mvm")
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{:x}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
+    )
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Every directory named `name` under /sys/fs/cgroup (a few levels deep).
+fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if e.file_name() == name {
+                    found.push(e.path());
+                }
+                if depth < 6 {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .map(|l| l.split(' ').skip(3).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn run_prints_output_and_exits_with_the_containers_code() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(&["--rm"], &["sh", "-c", "echo hi; exit 3"]);
+    assert_eq!(stdout(&o), "hi\n", "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(3));
+}
+
+#[test]
+fn run_applies_env_workdir_user_and_hostname() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &[
+            "--rm",
+            "-e",
+            "GREETING=hello",
+            "-w",
+            "/srv/app",
+            "--hostname",
+            "box1",
+            "-u",
+            "app",
+        ],
+        &[
+            "sh",
+            "-c",
+            "echo $GREETING $PWD $(hostname) $(id -u):$(id -g) $HOME",
+        ],
+    );
+    assert_eq!(
+        stdout(&o),
+        "hello /srv/app box1 1000:1000 /home/app\n",
+        "stderr: {}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn container_sees_itself_as_pid_1_with_its_own_hostname() {
+    let Some(f) = fixture() else { return };
+    let name = unique("pid1");
+    let o = f.run(
+        &["--rm", "--name", &name],
+        &["sh", "-c", "echo $$; hostname; ls /proc | grep -c '^[0-9]'"],
+    );
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "stdout: {out} stderr: {}", stderr(&o));
+    assert_eq!(lines[0], "1");
+    assert_eq!(lines[1], name);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    assert_ne!(lines[1], host.trim());
+    // Only the shell and the `ls` it runs are visible.
+    assert!(
+        lines[2].parse::<u32>().expect("count") <= 3,
+        "processes: {}",
+        lines[2]
+    );
+}
+
+#[test]
+fn network_none_has_only_loopback_up() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &["--rm"],
+        &[
+            "sh",
+            "-c",
+            "ls /sys/class/net; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+        ],
+    );
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("lo\n"),
+        "stdout: {out} stderr: {}",
+        stderr(&o)
+    );
+    // IFF_UP is bit 0 of the flags.
+    let flags = out.lines().last().expect("flags").trim_start_matches("0x");
+    assert_eq!(u32::from_str_radix(flags, 16).expect("hex") & 1, 1);
+}
+
+#[test]
+fn memory_limit_kills_a_process_that_exceeds_it() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &["--rm", "--mem", "16M"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    assert!(!stdout(&o).contains("survived"));
+    assert_eq!(o.status.code(), Some(137), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("out of memory"),
+        "stderr: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn memory_within_the_limit_is_fine() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &["--rm", "--mem", "64M"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 4000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+    );
+    assert_eq!(stdout(&o), "4000000\n", "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn pids_limit_stops_forks_beyond_it() {
+    let Some(f) = fixture() else { return };
+    let script =
+        "n=0; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 3 & n=$((n+1)); done; echo started $n";
+    let o = f.run(&["--rm", "--pids-limit", "4"], &["sh", "-c", script]);
+    assert!(stderr(&o).contains("can't fork"), "stderr: {}", stderr(&o));
+    assert!(!stdout(&o).contains("started 10"));
+    let o = f.run(&["--rm", "--pids-limit", "64"], &["sh", "-c", script]);
+    assert!(stdout(&o).contains("started 10"), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn files_written_in_the_container_do_not_reach_the_rootfs() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &["--rm"],
+        &["sh", "-c", "echo data > /written; rm /bin/ls; cat /written"],
+    );
+    assert_eq!(stdout(&o), "data\n", "stderr: {}", stderr(&o));
+    assert!(!f.rootfs.join("written").exists());
+    assert!(f.rootfs.join("bin/ls").symlink_metadata().is_ok());
+}
+
+#[test]
+fn run_leaves_no_mounts_cgroups_or_temp_dirs() {
+    let Some(f) = fixture() else { return };
+    let name = unique("clean");
+    let before = mounts();
+    let o = f.run(
+        &[
+            "--rm",
+            "--name",
+            &name,
+            "--mem",
+            "64M",
+            "--pids-limit",
+            "32",
+            "--cpus",
+            "0.5",
+        ],
+        &["sh", "-c", "mount | grep -c . ; exit 0"],
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(mounts(), before);
+    assert!(
+        cgroup_dirs_named(&name).is_empty(),
+        "left: {:?}",
+        cgroup_dirs_named(&name)
+    );
+    let left: Vec<_> = std::fs::read_dir(f.state.join("containers"))
+        .expect("containers dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
+}
+
+#[test]
+fn run_without_rm_keeps_only_the_writable_layer() {
+    let Some(f) = fixture() else { return };
+    let name = unique("keep");
+    let o = f.run(&["--name", &name], &["sh", "-c", "echo x > /kept"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let dir = f.state.join("containers").join(&name);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("upper/kept")).expect("kept"),
+        "x\n"
+    );
+    assert!(dir.join("spec.json").exists());
+    assert!(!dir.join("work").exists());
+    let o = f.run(&["--name", &name], &["true"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("already in use"),
+        "stderr: {}",
+        stderr(&o)
+    );
+}
+
+fn wait_for(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    None
+}
+
+#[test]
+fn sigterm_to_mvm_reaches_the_container() {
+    let Some(f) = fixture() else { return };
+    let mut child = f
+        .cmd(
+            &["--rm"],
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got TERM; exit 7' TERM; echo ready; sleep 30 & wait",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).expect("ready");
+    assert_eq!(&buf, b"ready\n");
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling the mvm process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = wait_for(&mut child, Duration::from_secs(10)).expect("mvm exits");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("read");
+    assert_eq!(rest, "got TERM\n");
+    assert_eq!(status.code(), Some(7));
+}
+
+#[test]
+fn init_forwards_sigterm_and_reaps_zombies() {
+    let Some(f) = fixture() else { return };
+    // The command is PID 2 under the init; an orphaned zombie would show up as "Z" in ps.
+    let o = f.run(
+        &["--rm", "--init"],
+        &[
+            "sh",
+            "-c",
+            "echo $$; (sleep 0 &) ; sleep 0.3; ps -o stat | grep -c Z",
+        ],
+    );
+    assert_eq!(stdout(&o), "2\n0\n", "stderr: {}", stderr(&o));
+    let mut child = f
+        .cmd(&["--rm", "--init"], &["sh", "-c", "echo ready; sleep 30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).expect("ready");
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling the mvm process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = wait_for(&mut child, Duration::from_secs(10)).expect("mvm exits");
+    // sh has no TERM handler: it dies of the signal, which only reaches it through the init.
+    assert_eq!(status.code(), Some(143));
+}
+
+#[test]
+fn missing_command_exits_127_with_one_line() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(&["--rm"], &["no-such-command"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert_eq!(stderr(&o).lines().count(), 1, "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("no-such-command"));
+}
+
+#[test]
+fn bad_flags_exit_2_and_create_nothing() {
+    let Some(f) = fixture() else { return };
+    for flags in [
+        &["--mem", "lots"][..],
+        &["--cpus", "0"],
+        &["--name", "../x"],
+        &["-u", "ghost"],
+    ] {
+        let o = f.run(flags, &["true"]);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{flags:?}: {}", stderr(&o));
+    }
+    let left = std::fs::read_dir(f.state.join("containers")).map_or(0, |d| d.count());
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn isolation_process_runs_the_command_on_the_host() {
+    let Some(f) = fixture() else { return };
+    let o = Command::new(MVM)
+        .args(["run", "--isolation", "process", "--rootfs"])
+        .arg(&f.rootfs)
+        .args([
+            "-e",
+            "X=42",
+            "-w",
+            "/",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $X $PWD; exit 5",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(stdout(&o), "42 /\n", "stderr: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(5));
+}
