@@ -19,7 +19,12 @@ fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
     }
     let root = dir.join("rootfs");
     std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    // A hard link, not a copy: a copy's write descriptor can leak into a child another test
+    // thread forks, and exec then fails with ETXTBSY.
+    let dst = root.join("bin/busybox");
+    std::fs::hard_link(busybox, &dst)
+        .or_else(|_| std::fs::copy(busybox, &dst).map(drop))
+        .unwrap();
     for applet in ["sh", "echo", "cat", "sleep", "hostname", "true"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }

@@ -36,7 +36,12 @@ fn fixture() -> Option<Fixture> {
     let rootfs = dir.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
     std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
-    std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+    // A hard link, not a copy: a copy's write descriptor can leak into a child another test
+    // thread forks, and exec then fails with ETXTBSY.
+    let dst = rootfs.join("bin/busybox");
+    std::fs::hard_link(busybox, &dst)
+        .or_else(|_| std::fs::copy(busybox, &dst).map(drop))
+        .expect("copy busybox");
     let list = Command::new(busybox)
         .arg("--list")
         .output()

@@ -173,6 +173,10 @@ impl Vcpu {
                 if !shared.pio.write(u64::from(port), data) {
                     log::trace!("unhandled port write {port:#x}");
                 }
+                // A reset through the i8042 ends this vCPU at once: no guest code runs after it.
+                if shared.exit.reset_requested() {
+                    return Step::Exit(VmExit::Reset);
+                }
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

@@ -252,6 +252,14 @@ impl Agent {
             Err(e) => return error(&format!("invalid container spec: {e}")),
         };
         spec.id.clone_from(&id);
+        if let crate::runtime::Rootfs::Overlay { upper, work, .. } = &spec.rootfs {
+            // Fresh upper and work directories (on the guest's tmpfs in a VM).
+            for dir in [upper, work] {
+                if let Err(e) = fs::create_dir_all(dir) {
+                    return error(&format!("cannot create {}: {e}", dir.display()));
+                }
+            }
+        }
         if let Err(e) = spec.validate() {
             return error(&e.to_string());
         }

@@ -520,7 +520,12 @@ mod tests {
         for sub in ["bin", "proc", "sys", "dev"] {
             std::fs::create_dir(d.path().join(sub)).expect("mkdir");
         }
-        std::fs::copy("/bin/busybox", d.path().join("bin/busybox")).expect("copy");
+        // A hard link, not a copy: a copy's write descriptor can leak into a child another test
+        // thread forks at that moment, and exec then fails with ETXTBSY.
+        let dst = d.path().join("bin/busybox");
+        std::fs::hard_link("/bin/busybox", &dst)
+            .or_else(|_| std::fs::copy("/bin/busybox", &dst).map(drop))
+            .expect("copy");
         for a in ["sh", "cat", "echo", "touch"] {
             std::os::unix::fs::symlink("busybox", d.path().join("bin").join(a)).expect("link");
         }

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod boot;
-mod info;
 mod example;
+mod info;
 mod run;
+mod run_vm;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.

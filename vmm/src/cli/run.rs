@@ -84,6 +84,21 @@ pub struct RunArgs {
     /// Isolation: vm, container or process.
     #[arg(long, value_enum, default_value = "vm")]
     pub isolation: Isolation,
+    /// Guest kernel for --isolation vm (default: <root>/kernel/vmlinux from scripts/build-kernel.sh).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Extra guest kernel arguments, appended to mvm's own (--isolation vm).
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub kernel_args: Option<String>,
+    /// Guest network for --isolation vm: user, tap, tap:NAME[,IP/PREFIX] or none.
+    #[arg(long = "vm-network", value_name = "MODE", default_value = "none")]
+    pub vm_network: String,
+    /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
+    pub publish: Vec<String>,
+    /// Stop after this long (e.g. 30s, 5m) and exit 124 (--isolation vm).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
     /// Command and arguments (after `--`); replace the image's Cmd.
     #[arg(
         trailing_var_arg = true,
@@ -125,10 +140,6 @@ pub fn resolve_source(_root: &Path, args: &RunArgs) -> anyhow::Result<Source> {
 
 /// Runs `mvm run`; returns the command's exit code.
 pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
-    if args.isolation == Isolation::Vm {
-        eprintln!("mvm: --isolation vm needs the VM runtime (not built yet)");
-        return Ok(super::EXIT_BAD_INPUT);
-    }
     let limits = limits(args)?;
     if let Some(n) = &args.name {
         spec::validate_id(n).map_err(|e| bad_input(e.to_string()))?;
@@ -150,7 +161,8 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     }
     match args.isolation {
         Isolation::Process => run_process(args, &limits, &process),
-        _ => run_container(root, args, limits, source, process),
+        Isolation::Vm => super::run_vm::run_vm(root, args, limits, source, process),
+        Isolation::Container => run_container(root, args, limits, source, process),
     }
 }
 

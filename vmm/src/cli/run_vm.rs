@@ -1,0 +1,219 @@
+//! `mvm run --isolation vm`: the root filesystem becomes a read-only ext4 disk, the static guest
+//! agent becomes the initramfs's `/init`, and [`crate::microvm`] boots the guest kernel, starts the
+//! container through the agent and streams its output.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use guest_agent::agent::client::InheritOutput;
+use guest_agent::runtime::{command, ContainerSpec, Limits, Network, Rootfs};
+use rootfs_builder::initramfs::Initramfs;
+
+use super::bad_input;
+use super::run::{RunArgs, Source};
+use crate::microvm::{MicroVm, MicroVmSpec};
+use crate::portfwd::PortMapping;
+use crate::virtio_devices::NetworkMode;
+
+/// Where the guest agent mounts the image disk (see `mvm-agent`).
+const GUEST_ROOTFS: &str = "/mnt/rootfs";
+
+/// Parses `--timeout`: seconds, or a number with s, m or h.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (num, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| format!("invalid duration '{text}': use e.g. 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration '{text}': use e.g. 30s, 5m or 1h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The static guest agent: `MVM_AGENT`, or the one `scripts/build-agent.sh` builds next to mvm.
+fn find_agent() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MVM_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot find mvm's own path")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.join("mvm-agent-static"),
+        dir.join("../x86_64-unknown-linux-gnu/release/mvm-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/mvm-agent"),
+        dir.join("../x86_64-unknown-linux-gnu/debug/mvm-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/debug/mvm-agent"),
+        PathBuf::from("/usr/local/lib/mvm/mvm-agent"),
+    ];
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        bad_input(
+            "the static guest agent was not found: run scripts/build-agent.sh (or set MVM_AGENT)",
+        )
+    })
+}
+
+/// The agent's initramfs, cached under the mvm root by the agent binary's size and mtime.
+fn agent_initramfs(root: &Path, agent: &Path) -> anyhow::Result<PathBuf> {
+    let meta =
+        std::fs::metadata(agent).with_context(|| format!("guest agent {}", agent.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let dir = root.join("cache");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = dir.join(format!("agent-{}-{mtime}.cpio", meta.len()));
+    if !out.exists() {
+        let mut cpio = Initramfs::new();
+        cpio.dir("dev", 0o755)?
+            .char_dev("dev/console", 0o600, 5, 1)?
+            .dir("proc", 0o555)?
+            .dir("sys", 0o555)?
+            .dir("run", 0o755)?
+            .dir("tmp", 0o1777)?
+            .dir("mnt/rootfs", 0o755)?
+            .host_file("init", 0o755, agent)?;
+        cpio.write_file(&out)?;
+    }
+    Ok(out)
+}
+
+/// Runs the container in a microVM; returns its exit code.
+pub fn run_vm(
+    root: &Path,
+    args: &RunArgs,
+    limits: Limits,
+    source: Source,
+    process: command::Process,
+) -> anyhow::Result<i32> {
+    let [rootfs_dir] = source.lower.as_slice() else {
+        return Err(bad_input("a VM runs one root filesystem directory"));
+    };
+    let kernel = match &args.kernel {
+        Some(k) => k.clone(),
+        None => root.join("kernel/vmlinux"),
+    };
+    if !kernel.is_file() {
+        return Err(bad_input(format!(
+            "no guest kernel at {}: build it with scripts/build-kernel.sh or pass --kernel PATH",
+            kernel.display()
+        )));
+    }
+    let network: NetworkMode = args
+        .vm_network
+        .parse()
+        .map_err(|e: crate::virtio_devices::DeviceSetupError| bad_input(e.to_string()))?;
+    let ports = args
+        .publish
+        .iter()
+        .map(|p| {
+            p.parse::<PortMapping>()
+                .map_err(|e| bad_input(e.to_string()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(bad_input)?;
+    let agent = find_agent()?;
+    let initrd = agent_initramfs(root, &agent)?;
+
+    let id = args.name.clone().unwrap_or_else(crate::state::new_id);
+    let run_dir = root.join("run").join(&id);
+    if run_dir.exists() {
+        return Err(bad_input(format!("container name {id} is already in use")));
+    }
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let _cleanup = RemoveOnDrop(run_dir.clone());
+    let disk = run_dir.join("rootfs.ext4");
+    rootfs_builder::disk::disk_from_dir(rootfs_dir, &disk, true)
+        .with_context(|| format!("cannot make a disk image of {}", rootfs_dir.display()))?;
+
+    // The VM gets the memory limit (256M by default); the container inside may use all of it.
+    let mem_bytes = limits.memory_bytes.unwrap_or(256 << 20).max(64 << 20);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let vcpus = args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u8);
+    let container = ContainerSpec {
+        id: "main".into(),
+        rootfs: Rootfs::Overlay {
+            lower: vec![PathBuf::from(GUEST_ROOTFS)],
+            upper: PathBuf::from("/run/mvm/upper"),
+            work: PathBuf::from("/run/mvm/work"),
+        },
+        args: process.args,
+        env: process.env,
+        cwd: process.cwd,
+        user: process.user,
+        hostname: args.hostname.clone(),
+        limits: Limits {
+            memory_bytes: None,
+            cpus: None,
+            pids_max: limits.pids_max,
+        },
+        terminal: false,
+        network: Network::Host,
+        init: args.init,
+        cgroup_parent: None,
+    };
+    let spec = MicroVmSpec {
+        kernel,
+        kernel_args: args.kernel_args.clone().unwrap_or_default(),
+        initrd,
+        rootfs_disk: disk,
+        volumes: Vec::new(),
+        mem_bytes,
+        vcpus,
+        network,
+        ports,
+        run_dir,
+        container: serde_json::to_value(&container)?,
+        stdin: false,
+        timeout,
+        boot_timeout: Duration::from_secs(
+            std::env::var("MVM_BOOT_TIMEOUT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(300),
+        ),
+    };
+    let vm = MicroVm::start(&spec)?;
+    Ok(vm.wait(&mut InheritOutput)?)
+}
+
+/// Removes a directory when dropped (every exit path of a run).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "0", "-1s", "1d", "abc", "1.5.2s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
