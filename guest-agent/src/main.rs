@@ -16,9 +16,10 @@ use guest_agent::protocol::AGENT_VSOCK_PORT;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As PID 1 the kernel passes the boot words it did not understand as arguments: ignore them.
     let result = match args.as_slice() {
+        _ if init::is_pid1() => guest_main(),
         [flag, path] if flag == "--socket" => serve_unix(PathBuf::from(path)),
-        [] if init::is_pid1() => guest_main(),
         [flag] if flag == "--version" => {
             println!("mvm-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -272,10 +272,32 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     // SAFETY: both arguments are valid C strings.
     let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
     if r < 0 {
-        return Err(Fail {
-            step: Step::PivotRoot,
-            errno: errno(),
-        });
+        let e = errno();
+        if e != libc::EINVAL {
+            return Err(Fail {
+                step: Step::PivotRoot,
+                errno: e,
+            });
+        }
+        // The current root is the initial ramfs (the guest agent as PID 1), which cannot be
+        // pivoted away: move the new root over `/` and chroot into it instead, as
+        // switch_root does. The old root stays reachable only to this mount namespace's root
+        // user through its open descriptors, and the container holds none.
+        // SAFETY: valid C strings; null fstype and data are allowed for MS_MOVE.
+        let r = unsafe {
+            libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            )
+        };
+        check(r, Step::PivotRoot)?;
+        // SAFETY: valid C string.
+        check(unsafe { libc::chroot(c".".as_ptr()) }, Step::PivotRoot)?;
+        // SAFETY: valid C string.
+        return check(unsafe { libc::chdir(c"/".as_ptr()) }, Step::PivotRoot);
     }
     // SAFETY: valid C string.
     let r = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
