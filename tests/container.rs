@@ -454,3 +454,20 @@ fn isolation_process_runs_the_command_on_the_host() {
     assert_eq!(stdout(&o), "42 /\n", "stderr: {}", stderr(&o));
     assert_eq!(o.status.code(), Some(5));
 }
+
+#[test]
+fn container_cannot_change_host_kernel_settings() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(
+        &["--rm"],
+        &["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches && echo wrote; cat /proc/kcore | wc -c; mount -t tmpfs t /mnt || echo no-mount"],
+    );
+    let out = stdout(&o);
+    assert!(!out.contains("wrote"), "stdout: {out}");
+    assert!(out.contains("no-mount"), "stdout: {out}");
+    assert_eq!(
+        out.lines().next().map(str::trim),
+        Some("0"),
+        "stdout: {out}"
+    );
+}

@@ -129,6 +129,55 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
     (c"dev/stderr", c"/proc/self/fd/2"),
 ];
 
+/// Parts of /proc that reach host-wide kernel settings: made read-only (as Docker does).
+const PROC_READONLY: [&CStr; 5] = [
+    c"proc/sys",
+    c"proc/sysrq-trigger",
+    c"proc/irq",
+    c"proc/bus",
+    c"proc/fs",
+];
+
+/// Files in /proc that leak host information: covered with /dev/null (as Docker does).
+const PROC_MASKED_FILES: [&CStr; 5] = [
+    c"proc/kcore",
+    c"proc/keys",
+    c"proc/timer_list",
+    c"proc/sched_debug",
+    c"proc/latency_stats",
+];
+
+/// Makes the host-wide parts of the container's /proc read-only and masks the leaky files.
+/// Paths this kernel does not have are skipped.
+fn protect_proc() -> Result<(), Fail> {
+    for p in PROC_READONLY {
+        match mount(p, p, None, libc::MS_BIND | libc::MS_REC, None, Step::Proc) {
+            Err(f) if f.errno == libc::ENOENT => continue,
+            r => r?,
+        }
+        mount(
+            p,
+            p,
+            None,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            None,
+            Step::Proc,
+        )?;
+    }
+    for p in PROC_MASKED_FILES {
+        match mount(c"dev/null", p, None, libc::MS_BIND, None, Step::Proc) {
+            Err(f) if f.errno == libc::ENOENT => {}
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes one device node; where mknod is not allowed, bind-mounts the host's node instead.
 fn make_device(path: &CStr, host: &CStr, major: u32, minor: u32) -> Result<(), Fail> {
     // SAFETY: path is a valid C string; makedev has no preconditions.
@@ -257,6 +306,7 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
         let r = unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) };
         check(r, Step::Dev)?;
     }
+    protect_proc()?;
     if readonly {
         mount(
             c"none",
