@@ -3,7 +3,6 @@
 #![deny(missing_docs)]
 
 pub mod digest;
-pub mod load;
 pub mod manifest;
 pub mod reference;
 pub mod registry;

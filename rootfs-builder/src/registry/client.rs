@@ -1,6 +1,9 @@
 //! HTTP for one repository on one registry: retries, the token dance, error bodies, manifests,
 //! blob downloads and uploads.
 
+// The request closures return `ureq::Error`, whose size is ureq's choice, not ours.
+#![allow(clippy::result_large_err)]
+
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
