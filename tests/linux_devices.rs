@@ -1,6 +1,6 @@
 //! A real Linux guest (the test kernel) uses mvm's virtio devices: it mounts a read-only ext4
-//! disk the test wrote and reads a file from it, reads the entropy device, and talks to the host
-//! over vsock in both directions. One boot (tens of seconds on a PVM host).
+//! disk the test wrote and reads a file from it, reads the entropy device, reaches a TCP server on
+//! the host side of a tap device, and talks to the host over vsock in both directions. One boot (tens of seconds on a PVM host).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -75,7 +75,7 @@ fn initramfs(dir: &Path) -> PathBuf {
 }
 
 #[test]
-fn linux_guest_uses_block_rng_and_vsock_devices() {
+fn linux_guest_uses_block_tap_net_rng_and_vsock_devices() {
     if !Path::new("/dev/kvm").exists() {
         eprintln!("skipping: no /dev/kvm on this host");
         return;
@@ -121,6 +121,26 @@ fn linux_guest_uses_block_rng_and_vsock_devices() {
         line
     });
 
+    // The host side of the tap: mvm creates `mvmtest0` with 172.30.99.1/30; the guest is .2.
+    let tap_server = std::thread::spawn(|| {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let listener = loop {
+            match std::net::TcpListener::bind("172.30.99.1:7000") {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => panic!("cannot listen on the tap address: {e}"),
+            }
+        };
+        let (conn, peer) = listener.accept().unwrap();
+        let mut reader = BufReader::new(conn);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        reader.get_mut().write_all(b"tap pong\n").unwrap();
+        (line, peer.ip().to_string())
+    });
+
     let metrics = dir.path().join("metrics.json");
     let mut child = Command::new(MVM)
         .arg("boot")
@@ -133,6 +153,7 @@ fn linux_guest_uses_block_rng_and_vsock_devices() {
         .arg(format!("{},ro", disk.display()))
         .arg("--vsock")
         .arg(&sock)
+        .args(["--network", "tap:mvmtest0,172.30.99.1/30"])
         .arg("--metrics")
         .arg(&metrics)
         .stdin(Stdio::null())
@@ -202,10 +223,24 @@ fn linux_guest_uses_block_rng_and_vsock_devices() {
     );
     assert_eq!(guest_answer, "HELLO GUEST\n", "{context}");
 
+    assert!(
+        console.contains("MVM-DEV net host-replied=tap pong"),
+        "{context}"
+    );
+    let (line, peer) = tap_server.join().unwrap();
+    assert_eq!(
+        (line.as_str(), peer.as_str()),
+        ("hello over the tap\n", "172.30.99.2")
+    );
+
     // The counters saw the traffic.
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     assert!(m["block_vda"]["reads"].as_u64().unwrap() > 0, "{m}");
     assert!(m["rng"]["bytes"].as_u64().unwrap() >= 32, "{m}");
     // Nothing left behind: the vsock socket is removed when mvm exits.
     assert!(!sock.exists(), "mvm left its vsock socket behind");
+    assert!(
+        !Path::new("/sys/class/net/mvmtest0").exists(),
+        "mvm left its tap device behind"
+    );
 }

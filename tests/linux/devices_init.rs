@@ -35,6 +35,7 @@ extern "C" {
     fn listen(fd: i32, backlog: i32) -> i32;
     fn accept(fd: i32, addr: *mut u8, len: *mut u32) -> i32;
     fn reboot(cmd: i32) -> i32;
+    fn ioctl(fd: i32, req: u64, arg: *mut IfReq) -> i32;
     fn sync();
 }
 
@@ -91,6 +92,49 @@ fn vsock_accept_one(port: u32) -> Option<File> {
     }
 }
 
+/// `struct ifreq` with the address/flags union as 16 raw bytes.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+const SIOCSIFADDR: u64 = 0x8916;
+const SIOCSIFNETMASK: u64 = 0x891c;
+const SIOCSIFFLAGS: u64 = 0x8914;
+
+fn ifreq(name: &str) -> IfReq {
+    let mut r = IfReq {
+        name: [0; 16],
+        data: [0; 24],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    r
+}
+
+fn sockaddr_in(r: &mut IfReq, ip: [u8; 4]) {
+    r.data[..2].copy_from_slice(&2u16.to_ne_bytes()); // AF_INET
+    r.data[4..8].copy_from_slice(&ip);
+}
+
+/// Gives `eth0` an address and brings it up.
+fn eth0_up(ip: [u8; 4], mask: [u8; 4]) -> bool {
+    // SAFETY: ioctls on a datagram socket with a valid ifreq we own.
+    unsafe {
+        let fd = socket(2, 2, 0);
+        let mut r = ifreq("eth0");
+        sockaddr_in(&mut r, ip);
+        let a = ioctl(fd, SIOCSIFADDR, &mut r);
+        let mut r = ifreq("eth0");
+        sockaddr_in(&mut r, mask);
+        let m = ioctl(fd, SIOCSIFNETMASK, &mut r);
+        let mut r = ifreq("eth0");
+        r.data[..2].copy_from_slice(&0x1i16.to_ne_bytes()); // IFF_UP
+        let u = ioctl(fd, SIOCSIFFLAGS, &mut r);
+        a == 0 && m == 0 && u == 0
+    }
+}
+
 fn main() {
     mnt("proc", "/proc", "proc", 0);
     mnt("sysfs", "/sys", "sysfs", 0);
@@ -103,6 +147,25 @@ fn main() {
         say(&format!("block write-refused={refused}"));
     } else {
         say("block mount-failed");
+    }
+
+    if eth0_up([172, 30, 99, 2], [255, 255, 255, 252]) {
+        let reply = std::net::TcpStream::connect_timeout(
+            &"172.30.99.1:7000".parse().expect("address"),
+            std::time::Duration::from_secs(20),
+        )
+        .and_then(|mut c| {
+            c.write_all(b"hello over the tap\n")?;
+            let mut line = String::new();
+            BufReader::new(c).read_line(&mut line)?;
+            Ok(line)
+        });
+        match reply {
+            Ok(line) => say(&format!("net host-replied={}", line.trim())),
+            Err(e) => say(&format!("net error={e}")),
+        }
+    } else {
+        say("net eth0-setup-failed");
     }
 
     let mut rng = [0u8; 32];
