@@ -13,6 +13,16 @@ pub const DESC_TABLE: u64 = 0x0;
 /// Used ring address (written by the device only).
 pub const USED_RING: u64 = 0x8000;
 
+/// An interrupt line that goes nowhere (the fuzz targets only check the device side).
+#[derive(Debug)]
+pub struct NoInterrupt;
+
+impl devices::virtio::VirtioInterrupt for NoInterrupt {
+    fn trigger(&self, _kind: devices::virtio::InterruptKind) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A queue over fuzzer-filled guest memory, plus the control bytes left for the target.
 pub struct QueueInput {
     /// Guest memory filled from the input.
