@@ -191,8 +191,14 @@ impl MicroVm {
                 ));
             }
         };
-        let stop_on_error = |e: ClientError| {
+        // On a failure, stop the VM and wait for its vCPUs to end before returning, so the
+        // process never exits while a vCPU is still inside KVM_RUN.
+        let stop_and_wait = || {
             handle.stop();
+            let _ = exit_rx.recv_timeout(Duration::from_secs(15));
+        };
+        let stop_on_error = |e: ClientError| {
+            stop_and_wait();
             MicroVmError::Agent(e)
         };
         let mut client = AgentClient::open(conn).map_err(stop_on_error)?;
@@ -205,7 +211,7 @@ impl MicroVm {
             .iter()
             .map(|m| PortForwarder::start(*m, &vsock))
             .collect::<Result<Vec<_>, _>>()
-            .inspect_err(|_| handle.stop())?;
+            .inspect_err(|_| stop_and_wait())?;
         let timed_out = Arc::new(AtomicBool::new(false));
         if let Some(limit) = spec.timeout {
             let (handle, flag) = (handle.clone(), timed_out.clone());
