@@ -252,6 +252,9 @@ impl VmBuilder {
             em,
             serial,
         };
+        // From here on SIGINT/SIGTERM end the VM: the guest may print (and a user may press
+        // Ctrl-C) before `wait` runs the loop; the signal then sits in the exit eventfd.
+        event_loop::wake_on_signals(&running.exit);
         for vcpu in vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", running.threads.len()))
@@ -317,7 +320,6 @@ impl RunningVm {
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
     /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended.
     pub fn wait(mut self) -> VmExit {
-        event_loop::wake_on_signals(&self.exit);
         let exit = event_loop::run(&mut self.em, &self.exit);
         event_loop::stop_waking_on_signals();
         self.stop_vcpus();
@@ -352,6 +354,7 @@ impl RunningVm {
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
+        event_loop::stop_waking_on_signals();
         self.stop_vcpus();
     }
 }
