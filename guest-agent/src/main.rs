@@ -9,13 +9,15 @@
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
-use guest_agent::agent::init;
 use guest_agent::agent::server::{Agent, Listener};
 use guest_agent::agent::vsock::VsockListener;
+use guest_agent::agent::{init, logger};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let level = std::env::var("MVM_AGENT_LOG").unwrap_or_default();
+    logger::init(logger::parse_level(&level));
     // As PID 1 the kernel passes the boot words it did not understand as arguments: ignore them.
     let result = match args.as_slice() {
         _ if init::is_pid1() => guest_main(),
@@ -59,6 +61,9 @@ fn guest_main() -> Result<(), String> {
     if let Some(dev) = param("rootfs") {
         init::mount(&dev, "/mnt/rootfs", "ext4", libc::MS_RDONLY, None)
             .map_err(|e| format!("{e} ({dev})"))?;
+    }
+    if let Some(level) = param("log") {
+        logger::init(logger::parse_level(&level));
     }
     let port = param("port")
         .and_then(|p| p.parse().ok())

@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod init;
+pub mod logger;
 pub mod server;
 pub mod vsock;

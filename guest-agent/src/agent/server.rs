@@ -229,6 +229,7 @@ impl Agent {
     }
 
     fn handle(self: &Arc<Self>, req: Request, writer: &Writer) -> (Response, Next) {
+        log::debug!("request: {req:?}");
         let resp = match req {
             Request::Hello { .. } => error("hello was already sent"),
             Request::Create { id, spec } => self.create(id, spec),

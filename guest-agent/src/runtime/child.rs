@@ -198,6 +198,37 @@ fn fail(step: Step) -> Fail {
     }
 }
 
+/// Where the cloned process writes each setup step it enters (-1: nowhere). Set by the parent
+/// when debug logging is on: the agent's console then shows where a container start stops.
+pub(crate) static TRACE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Sends the setup steps of containers started from now on to this process's stderr (a
+/// close-on-exec copy: the child's own fd 2 becomes the container's stderr).
+pub(crate) fn trace_to_stderr() {
+    use std::sync::atomic::Ordering;
+    if TRACE_FD.load(Ordering::Relaxed) < 0 {
+        // SAFETY: duplicates fd 2 with integer arguments only.
+        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+        TRACE_FD.store(fd, Ordering::Relaxed);
+    }
+}
+
+/// Writes `step` to [`TRACE_FD`] (no allocation: runs in the cloned process).
+pub(crate) fn trace(step: Step) {
+    let fd = TRACE_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    for part in [
+        b"mvm-agent: container setup: ".as_slice(),
+        step.describe().as_bytes(),
+        b"\n",
+    ] {
+        // SAFETY: writes a valid byte slice to an fd the parent keeps open.
+        unsafe { libc::write(fd, part.as_ptr().cast(), part.len()) };
+    }
+}
+
 /// Entry point of the cloned process. `arg` is a `*const ChildPlan`.
 pub(crate) extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: the parent passes a pointer to a ChildPlan that lives in our copy of its memory.
@@ -240,6 +271,7 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     }
 
     mounts::enter_rootfs(&plan.root)?;
+    trace(Step::Hostname);
     namespaces::set_hostname(&plan.hostname).map_err(|e| Fail {
         step: Step::Hostname,
         errno: e,
@@ -259,6 +291,7 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         return Err(fail(Step::Cwd));
     }
 
+    trace(Step::Exec);
     if plan.init {
         run_init(plan)
     } else {

@@ -62,6 +62,7 @@ fn mount(
     data: Option<&CStr>,
     step: Step,
 ) -> Result<(), Fail> {
+    super::child::trace(step);
     // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) expects.
     let r = unsafe {
         libc::mount(
@@ -320,6 +321,7 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
     // new root alone (the method runc uses, no put_old directory needed).
     // SAFETY: both arguments are valid C strings.
+    super::child::trace(Step::PivotRoot);
     let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
     if r < 0 {
         let e = errno();

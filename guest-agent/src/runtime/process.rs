@@ -150,6 +150,9 @@ impl Container {
             .map(|c| cstring(c, "the command"))
             .collect::<Result<Vec<_>, _>>()?;
 
+        if log::log_enabled!(log::Level::Debug) {
+            super::child::trace_to_stderr();
+        }
         let cgroup = Cgroup::create(&spec.id, spec.cgroup_parent.as_deref(), &spec.limits)?;
 
         let (sync_r, sync_w) = pipe()?;
