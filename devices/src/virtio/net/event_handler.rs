@@ -1,16 +1,15 @@
 //! Event-loop glue for virtio-net: which fds to watch and what to run when they fire.
 //!
-//! The device sits in the event loop as `Arc<Mutex<Net>>`. Its queue eventfds only exist after
-//! the driver activated it on a vCPU thread, so `activate`/`reset` write `activate_evt` and the
-//! event loop (re)registers the queue eventfds and the backend fd here. The backend fd is only
-//! watched while the guest has receive buffers, so a full receive queue never spins the loop.
+//! The device sits in the event loop as `Arc<Mutex<Net>>`; the queue eventfds are (re)registered
+//! by the shared glue (`virtio/glue.rs`) when the driver activates or resets the device. The
+//! backend fd is only watched while the guest has receive buffers, so a full receive queue never
+//! spins the loop.
 
-use std::os::fd::AsRawFd;
-
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 
 use super::queues::RxStop;
 use super::{Net, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Net {
     fn watch_backend(&mut self, ops: &mut EventOps, on: bool) {
@@ -30,30 +29,9 @@ impl Net {
         }
     }
 
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for evt in self.retired_evts.drain(..) {
-            let _ = ops.remove(Events::new(&evt, EventSet::IN));
-        }
-        if let (Some(active), false) = (&self.active, self.queues_registered) {
-            for evt in &active.queue_evts {
-                if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                    log::error!("virtio-net: cannot watch a queue eventfd: {e:?}");
-                }
-            }
-            self.queues_registered = true;
-        }
-        if self.active.is_none() {
-            self.watch_backend(ops, false);
-            return;
-        }
-        self.run_tx();
-        self.run_rx(ops);
-    }
-
     fn run_tx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_tx(&mut *self.backend);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_tx(&mut *self.backend);
         }
     }
 
@@ -61,11 +39,10 @@ impl Net {
         if self.backend_failed {
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(queues) = self.active.as_mut() else {
             return;
         };
-        let stop = active.queues.process_rx(&mut *self.backend);
-        match stop {
+        match queues.process_rx(&mut *self.backend) {
             RxStop::Drained => self.watch_backend(ops, true),
             RxStop::NoBuffers => self.watch_backend(ops, false),
             RxStop::BackendFailed => {
@@ -76,37 +53,42 @@ impl Net {
     }
 }
 
-impl MutEventSubscriber for Net {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            log::error!("virtio-net: cannot watch the activate eventfd: {e:?}");
+impl EventDevice for Net {
+    const NAME: &'static str = "virtio-net";
+
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        &mut self.events
+    }
+
+    fn on_activation(&mut self, ops: &mut EventOps) {
+        if self.active.is_none() {
+            self.watch_backend(ops, false);
+            return;
+        }
+        self.run_tx();
+        self.run_rx(ops);
+    }
+
+    fn on_queue(&mut self, index: usize, ops: &mut EventOps) {
+        match index {
+            RX_INDEX => self.run_rx(ops),
+            TX_INDEX => self.run_tx(),
+            _ => {}
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            self.on_activate(ops);
-            return;
+    fn on_other(&mut self, events: &Events, ops: &mut EventOps) -> bool {
+        if events.fd() != self.backend.raw_fd() {
+            return false;
         }
-        if self.backend_registered && fd == self.backend.raw_fd() {
+        if self.backend_registered {
             self.run_rx(ops);
-            return;
         }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        let which = active.queue_evts.iter().position(|e| e.as_raw_fd() == fd);
-        if let Some(i) = which {
-            let _ = active.queue_evts[i].read();
-            match i {
-                RX_INDEX => self.run_rx(ops),
-                TX_INDEX => self.run_tx(),
-                _ => {}
-            }
-        }
+        true
     }
 }
+
+event_subscriber!(Net);
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
@@ -124,7 +106,7 @@ mod tests {
     use crate::virtio::net::passt::tests::{arp_request, passt_installed};
     use crate::virtio::net::tap::tests::in_netns;
     use crate::virtio::net::{
-        features, NetBackendConfig, NetConfig, NetMetrics, PasstConfig, TapConfig, VNET_HDR_LEN,
+        features, NetBackendConfig, NetConfig, PasstConfig, TapConfig, VNET_HDR_LEN,
     };
     use crate::virtio::testing::{guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue};
     use crate::virtio::{ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -304,8 +286,8 @@ mod tests {
                 .expect("host receives the guest's reply");
             assert_eq!(&buf[..n], b"pong");
             assert_eq!(from, (guest_ip, 5000).into());
-            assert!(NetMetrics::get(&metrics.tx_frames) >= 2);
-            assert!(NetMetrics::get(&metrics.rx_frames) >= 2);
+            assert!(metrics.tx_frames.get() >= 2);
+            assert!(metrics.rx_frames.get() >= 2);
         });
     }
 
@@ -345,7 +327,7 @@ mod tests {
         pkt.extend_from_slice(&arp_request(GUEST_MAC));
         peer.send(&pkt).expect("host frame");
         guest.em.run_with_timeout(50).expect("run");
-        assert_eq!(NetMetrics::get(&metrics.rx_no_buffers), 1);
+        assert_eq!(metrics.rx_no_buffers.get(), 1);
         // The frame waits; the backend is no longer watched, so the loop stays idle.
         for _ in 0..3 {
             assert_eq!(
@@ -358,7 +340,7 @@ mod tests {
         guest.rx_evt.write(1).expect("notify");
         let frame = guest.recv_until(|_| true);
         assert_eq!(frame, arp_request(GUEST_MAC));
-        assert_eq!(NetMetrics::get(&metrics.rx_frames), 1);
+        assert_eq!(metrics.rx_frames.get(), 1);
         // Reading resumed: the next frame goes straight through.
         peer.send(&pkt).expect("host frame");
         guest.recv_until(|_| true);

@@ -2,79 +2,68 @@
 //!
 //! The device sits in the event loop as `Arc<Mutex<Vsock>>`. The muxer's epoll fd (all host
 //! sockets) is watched from the start, so host programs can connect before the guest driver is
-//! up; the queue eventfds are (re)registered when `activate`/`reset` write `activate_evt`.
+//! up; the queue eventfds are (re)registered by the shared glue (`virtio/glue.rs`) when the
+//! driver activates or resets the device.
 
-use std::os::fd::AsRawFd;
-
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 
 use super::{Vsock, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Vsock {
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for evt in self.retired_evts.drain(..) {
-            let _ = ops.remove(Events::new(&evt, EventSet::IN));
-        }
-        if let (Some(active), false) = (&self.active, self.queues_registered) {
-            for evt in &active.queue_evts {
-                if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                    log::error!("vsock: cannot watch a queue eventfd: {e:?}");
-                }
-            }
-            self.queues_registered = true;
-        }
-        self.run_tx();
-        self.run_rx();
-    }
-
     fn run_tx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_tx(&mut self.muxer);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_tx(&mut self.muxer);
         }
     }
 
     fn run_rx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_rx(&mut self.muxer);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_rx(&mut self.muxer);
         }
     }
 }
 
-impl MutEventSubscriber for Vsock {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.activate_evt.as_raw_fd(), self.muxer.epoll_fd()] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("vsock: cannot register with the event loop: {e:?}");
-            }
+impl EventDevice for Vsock {
+    const NAME: &'static str = "vsock";
+
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        &mut self.events
+    }
+
+    fn init_other(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.muxer.epoll_fd(), EventSet::IN)) {
+            log::error!("vsock: cannot register with the event loop: {e:?}");
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            return self.on_activate(ops);
-        }
-        if fd == self.muxer.epoll_fd() {
-            self.muxer.process_host_events();
-            return self.run_rx();
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if let Some(i) = active.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
-            let _ = active.queue_evts[i].read();
-            match i {
-                RX_INDEX => self.run_rx(),
-                TX_INDEX => {
-                    self.run_tx();
-                    self.run_rx();
-                }
-                _ => {}
+    fn on_activation(&mut self, _ops: &mut EventOps) {
+        self.run_tx();
+        self.run_rx();
+    }
+
+    fn on_queue(&mut self, index: usize, _ops: &mut EventOps) {
+        match index {
+            RX_INDEX => self.run_rx(),
+            TX_INDEX => {
+                self.run_tx();
+                self.run_rx();
             }
+            _ => {}
         }
     }
+
+    fn on_other(&mut self, events: &Events, _ops: &mut EventOps) -> bool {
+        if events.fd() != self.muxer.epoll_fd() {
+            return false;
+        }
+        self.muxer.process_host_events();
+        self.run_rx();
+        true
+    }
 }
+
+event_subscriber!(Vsock);
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
@@ -92,7 +81,7 @@ mod tests {
     use crate::virtio::testing::{guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue};
     use crate::virtio::vsock::muxer::listener_path;
     use crate::virtio::vsock::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
-    use crate::virtio::vsock::{VsockMetrics, HOST_CID};
+    use crate::virtio::vsock::HOST_CID;
     use crate::virtio::{ActivateContext, VirtioDevice};
 
     const CID: u64 = 42;
@@ -242,8 +231,8 @@ mod tests {
         assert_eq!(&buf, b"pong from guest");
         guest.send(op::RST, 1024, req.src_port, &[], 0);
         assert_eq!(host.read(&mut buf).expect("eof after RST"), 0);
-        assert_eq!(VsockMetrics::get(&metrics.rx_bytes), 14);
-        assert_eq!(VsockMetrics::get(&metrics.tx_bytes), 15);
+        assert_eq!(metrics.rx_bytes.get(), 14);
+        assert_eq!(metrics.tx_bytes.get(), 15);
     }
 
     #[test]
