@@ -14,8 +14,9 @@ use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::glue::DeviceEvents;
 use super::metrics::Counter;
-use super::{InterruptKind, VirtioInterrupt};
+use super::{ActivateContext, ActivateError, InterruptKind, VirtioInterrupt};
 
 /// A chain popped from a queue of guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
@@ -149,6 +150,20 @@ impl RequestQueue {
             interrupt,
             broken: false,
         }
+    }
+
+    /// Takes the one queue of `ctx`, counts the activation and hands the queue eventfd to the
+    /// event loop through `events`.
+    pub fn activate(
+        ctx: ActivateContext,
+        events: &mut DeviceEvents,
+        metrics: &QueueMetrics,
+    ) -> Result<Self, ActivateError> {
+        let a = ctx.expect_queues::<1>()?;
+        let [queue] = a.queues;
+        metrics.activations.inc();
+        events.activated(a.queue_evts);
+        Ok(Self::new(a.mem, queue, a.interrupt))
     }
 
     /// Runs `process` (usually a device's `process_queue`) over the queue and interrupts the

@@ -262,6 +262,14 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// `VirtioDevice::write_config` of a device without writable configuration fields.
+pub fn ignore_config_write(device: &str, offset: u64, data: &[u8]) {
+    debug!(
+        "{device}: ignoring config write of {} bytes at {offset:#x}",
+        data.len()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

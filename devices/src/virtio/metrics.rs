@@ -1,5 +1,6 @@
 //! The one shape every device's metrics take: a serde struct of [`Counter`]s, shared as
-//! `Arc<XMetrics>` between the device and readers, and read as JSON through [`DeviceMetrics`].
+//! `Arc<XMetrics>` between the device and readers, marked [`Counters`] and so read as JSON
+//! through [`DeviceMetrics`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,9 +39,13 @@ pub trait DeviceMetrics: Send + Sync + std::fmt::Debug {
     fn to_json(&self) -> serde_json::Value;
 }
 
-/// [`DeviceMetrics::to_json`] for any serde struct of counters.
-pub fn counters_json<T: Serialize>(metrics: &T) -> serde_json::Value {
-    serde_json::to_value(metrics).unwrap_or_default()
+/// Marks a serde struct of [`Counter`]s as a device's metrics; it then is a [`DeviceMetrics`].
+pub trait Counters: Serialize + Send + Sync + std::fmt::Debug {}
+
+impl<T: Counters> DeviceMetrics for T {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -53,13 +58,15 @@ mod tests {
         b: Counter,
     }
 
+    impl Counters for Two {}
+
     #[test]
     fn counters_serialise_as_numbers_under_their_field_names() {
         let m = Two::default();
         m.a.add(40);
         m.a.inc();
         m.a.inc();
-        assert_eq!(counters_json(&m), serde_json::json!({"a": 42, "b": 0}));
+        assert_eq!(m.to_json(), serde_json::json!({"a": 42, "b": 0}));
         m.b.set(7);
         assert_eq!(m.b.get(), 7);
     }

@@ -16,11 +16,11 @@ use super::disk::Disk;
 use super::metrics::BlockMetrics;
 use super::request::Request;
 use super::{
-    features, BlockError, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SEG_MAX,
+    features, BlockError, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, NAME, QUEUE_SIZE, SEG_MAX,
     SIZE_MAX,
 };
 use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
-use crate::virtio::glue::{read_config_bytes, DeviceEvents};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -28,8 +28,6 @@ use crate::virtio::{
 
 /// Length of the configuration space this device implements (up to write_zeroes_may_unmap).
 const CONFIG_LEN: usize = 60;
-/// Prefix of log lines.
-pub(super) const NAME: &str = "virtio-blk";
 
 /// How the VMM asks for a block device (`--disk PATH[,ro]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,18 +231,12 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-blk: ignoring config write of {} bytes at {offset:#x}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let a = ctx.expect_queues::<1>()?;
-        let [queue] = a.queues;
-        self.active = Some(RequestQueue::new(a.mem, queue, a.interrupt));
-        self.metrics.queue.activations.inc();
-        self.events.activated(a.queue_evts);
+        let queue = RequestQueue::activate(ctx, &mut self.events, &self.metrics.queue)?;
+        self.active = Some(queue);
         Ok(())
     }
 

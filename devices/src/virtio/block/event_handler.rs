@@ -1,6 +1,6 @@
 //! Connects a [`Block`] device to the VMM's event loop (see `virtio/glue.rs` for the pattern).
 
-use super::device::{Block, NAME};
+use super::{Block, NAME};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, RequestDevice};
 
 impl RequestDevice for Block {

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::queues::NetQueues;
 use super::{
-    features, NetBackend, NetError, NetMetrics, Passt, PasstConfig, Tap, TapConfig, QUEUE_SIZE,
-    RX_INDEX, TX_INDEX,
+    features, NetBackend, NetError, NetMetrics, Passt, PasstConfig, Tap, TapConfig, NAME,
+    QUEUE_SIZE, RX_INDEX, TX_INDEX,
 };
-use crate::virtio::glue::{read_config_bytes, DeviceEvents};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -157,10 +157,7 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
-            "virtio-net: ignored config write of {} bytes at {offset}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -8,7 +8,7 @@
 use event_manager::{EventOps, EventSet, Events};
 
 use super::queues::RxStop;
-use super::{Net, RX_INDEX, TX_INDEX};
+use super::{Net, NAME, RX_INDEX, TX_INDEX};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Net {
@@ -25,7 +25,7 @@ impl Net {
         };
         match res {
             Ok(()) => self.backend_registered = on,
-            Err(e) => log::error!("virtio-net: cannot (un)watch the backend: {e:?}"),
+            Err(e) => log::error!("{NAME}: cannot (un)watch the backend: {e:?}"),
         }
     }
 
@@ -54,7 +54,7 @@ impl Net {
 }
 
 impl EventDevice for Net {
-    const NAME: &'static str = "virtio-net";
+    const NAME: &'static str = NAME;
 
     fn device_events(&mut self) -> &mut DeviceEvents {
         &mut self.events

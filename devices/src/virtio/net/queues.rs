@@ -11,7 +11,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{NetBackend, NetMetrics, MAX_FRAME_LEN, VNET_HDR_LEN};
+use super::{NetBackend, NetMetrics, MAX_FRAME_LEN, NAME, VNET_HDR_LEN};
 use crate::virtio::chains::{drain_queue, notify_guest, Chain, QueueIrq};
 use crate::virtio::VirtioInterrupt;
 
@@ -266,7 +266,7 @@ fn irq<'a>(interrupt: &'a dyn VirtioInterrupt, metrics: &'a NetMetrics) -> Queue
     QueueIrq {
         interrupt,
         counter: Some(&metrics.interrupts),
-        device: "virtio-net",
+        device: NAME,
     }
 }
 

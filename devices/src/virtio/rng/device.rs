@@ -9,16 +9,13 @@ use virtio_queue::{Queue, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::metrics::RngMetrics;
-use super::{RngError, MAX_REQUEST_BYTES, QUEUE_SIZE};
+use super::{RngError, MAX_REQUEST_BYTES, NAME, QUEUE_SIZE};
 use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
-use crate::virtio::glue::DeviceEvents;
+use crate::virtio::glue::{ignore_config_write, DeviceEvents};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
-
-/// Prefix of log lines.
-pub(super) const NAME: &str = "virtio-rng";
 
 /// Fills `buf` from the host kernel's entropy pool.
 pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
@@ -154,18 +151,12 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-rng: ignoring config write of {} bytes at {offset:#x}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let a = ctx.expect_queues::<1>()?;
-        let [queue] = a.queues;
-        self.active = Some(RequestQueue::new(a.mem, queue, a.interrupt));
-        self.metrics.queue.activations.inc();
-        self.events.activated(a.queue_evts);
+        let queue = RequestQueue::activate(ctx, &mut self.events, &self.metrics.queue)?;
+        self.active = Some(queue);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! Connects an [`Rng`] device to the VMM's event loop (see `virtio/glue.rs` for the pattern).
 
-use super::device::{Rng, NAME};
+use super::{Rng, NAME};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, RequestDevice};
 
 impl RequestDevice for Rng {

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::queues::VsockQueues;
-use super::{Muxer, VsockError, VsockMetrics, EVT_INDEX, QUEUE_SIZE, RX_INDEX, TX_INDEX};
-use crate::virtio::glue::{read_config_bytes, DeviceEvents};
+use super::{Muxer, VsockError, VsockMetrics, EVT_INDEX, NAME, QUEUE_SIZE, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -77,10 +77,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
-            "vsock: ignored config write of {} bytes at {offset}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -7,7 +7,7 @@
 
 use event_manager::{EventOps, EventSet, Events};
 
-use super::{Vsock, RX_INDEX, TX_INDEX};
+use super::{Vsock, NAME, RX_INDEX, TX_INDEX};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Vsock {
@@ -25,7 +25,7 @@ impl Vsock {
 }
 
 impl EventDevice for Vsock {
-    const NAME: &'static str = "vsock";
+    const NAME: &'static str = NAME;
 
     fn device_events(&mut self) -> &mut DeviceEvents {
         &mut self.events
@@ -33,7 +33,7 @@ impl EventDevice for Vsock {
 
     fn init_other(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new_raw(self.muxer.epoll_fd(), EventSet::IN)) {
-            log::error!("vsock: cannot register with the event loop: {e:?}");
+            log::error!("{NAME}: cannot register with the event loop: {e:?}");
         }
     }
 

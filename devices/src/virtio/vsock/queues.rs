@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::packet::{VsockHeader, HDR_LEN};
-use super::{Muxer, VsockMetrics, MAX_PKT_DATA};
+use super::{Muxer, VsockMetrics, MAX_PKT_DATA, NAME};
 use crate::virtio::chains::{drain_queue, notify_guest, QueueIrq};
 use crate::virtio::VirtioInterrupt;
 
@@ -127,7 +127,7 @@ fn irq(interrupt: &dyn VirtioInterrupt) -> QueueIrq<'_> {
     QueueIrq {
         interrupt,
         counter: None,
-        device: "vsock",
+        device: NAME,
     }
 }
 
