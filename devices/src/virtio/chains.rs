@@ -7,6 +7,7 @@
 //! - [`drain_queue`]: transmit queues (net, vsock): best effort, every chain back with a length.
 //! - [`notify_guest`] / [`raise_queue_interrupt`]: the used ring changed, tell the guest.
 
+use std::io;
 use std::sync::Arc;
 
 use log::warn;
@@ -132,53 +133,82 @@ pub struct QueueMetrics {
     pub interrupts: Counter,
 }
 
-/// The one queue of an activated request/response device (block, rng).
+/// The one queue of a request/response device (block, rng) and its event registrations.
 #[derive(Debug)]
 pub struct RequestQueue {
+    events: DeviceEvents,
+    active: Option<ActiveQueue>,
+}
+
+/// The queue while a driver has the device activated.
+#[derive(Debug)]
+struct ActiveQueue {
     mem: GuestMemoryMmap,
     queue: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// The rings were unusable; the queue is left alone until the driver resets the device.
     broken: bool,
 }
 
 impl RequestQueue {
-    /// Serves `queue` in `mem`, interrupting through `interrupt`.
-    pub fn new(mem: GuestMemoryMmap, queue: Queue, interrupt: Arc<dyn VirtioInterrupt>) -> Self {
-        Self {
-            mem,
-            queue,
-            interrupt,
-            broken: false,
-        }
+    /// Not active; creates the activation eventfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            events: DeviceEvents::new()?,
+            active: None,
+        })
+    }
+
+    /// The activation and queue eventfds, for the event loop.
+    pub fn events(&mut self) -> &mut DeviceEvents {
+        &mut self.events
+    }
+
+    /// Whether a driver activated the device and has not reset it since.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
     }
 
     /// Takes the one queue of `ctx`, counts the activation and hands the queue eventfd to the
-    /// event loop through `events`.
+    /// event loop.
     pub fn activate(
+        &mut self,
         ctx: ActivateContext,
-        events: &mut DeviceEvents,
         metrics: &QueueMetrics,
-    ) -> Result<Self, ActivateError> {
+    ) -> Result<(), ActivateError> {
         let a = ctx.expect_queues::<1>()?;
         let [queue] = a.queues;
+        self.active = Some(ActiveQueue {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+            broken: false,
+        });
         metrics.activations.inc();
-        events.activated(a.queue_evts);
-        Ok(Self::new(a.mem, queue, a.interrupt))
+        self.events.activated(a.queue_evts);
+        Ok(())
     }
 
-    /// Runs `process` (usually a device's `process_queue`) over the queue and interrupts the
-    /// driver if it needs to know. After a queue error the queue is left alone.
+    /// The driver reset the device: forget the queue.
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.events.deactivated();
+    }
+
+    /// Runs `process` (usually a device's `process_queue`) over the queue, if active and usable,
+    /// and interrupts the driver if it needs to know. After a queue error the queue is left
+    /// alone until the next activation.
     pub fn serve<F>(&mut self, device: &str, metrics: &QueueMetrics, process: F)
     where
         F: FnOnce(&mut Queue, &GuestMemoryMmap) -> Result<bool, virtio_queue::Error>,
     {
-        if self.broken {
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
             return;
-        }
+        };
         metrics.queue_events.inc();
-        match process(&mut self.queue, &self.mem) {
+        match process(&mut active.queue, &active.mem) {
             Ok(true) => raise_queue_interrupt(QueueIrq {
-                interrupt: &*self.interrupt,
+                interrupt: &*active.interrupt,
                 counter: Some(&metrics.interrupts),
                 device,
             }),
@@ -186,7 +216,7 @@ impl RequestQueue {
             Err(e) => {
                 warn!("{device}: request queue unusable, waiting for a reset: {e}");
                 metrics.queue_errors.inc();
-                self.broken = true;
+                active.broken = true;
             }
         }
     }
@@ -196,6 +226,7 @@ impl RequestQueue {
 mod tests {
     use super::*;
     use crate::virtio::testing::{guest_memory, interrupt, Desc, GuestQueue, DATA_START};
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn drain_queue_returns_every_chain_and_interrupts_once() {
@@ -224,12 +255,26 @@ mod tests {
     }
 
     #[test]
-    fn request_queue_stops_after_a_queue_error() {
+    fn request_queue_serves_only_while_active_and_usable() {
         let mem = guest_memory();
         let gq = GuestQueue::new(&mem, 0, 16);
         let irq = interrupt();
-        let mut rq = RequestQueue::new(mem.clone(), gq.queue(), irq.clone());
+        let mut rq = RequestQueue::new().expect("eventfd");
         let m = QueueMetrics::default();
+        rq.serve("test", &m, |_, _| Ok(true));
+        assert_eq!(m.queue_events.get(), 0, "not active");
+        let ctx = |queues: Vec<Queue>| ActivateContext {
+            mem: mem.clone(),
+            queue_evts: queues
+                .iter()
+                .map(|_| EventFd::new(0).expect("evt"))
+                .collect(),
+            queues,
+            interrupt: irq.clone(),
+        };
+        assert!(rq.activate(ctx(vec![]), &m).is_err());
+        rq.activate(ctx(vec![gq.queue()]), &m).expect("activate");
+        assert!(rq.is_active());
         rq.serve("test", &m, |_, _| Ok(true));
         rq.serve("test", &m, |_, _| {
             Err(virtio_queue::Error::InvalidAvailRingIndex)
@@ -244,5 +289,8 @@ mod tests {
             ),
             (2, 1, 1)
         );
+        assert_eq!(m.activations.get(), 1);
+        rq.reset();
+        assert!(!rq.is_active());
     }
 }

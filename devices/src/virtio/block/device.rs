@@ -20,7 +20,7 @@ use super::{
     SIZE_MAX,
 };
 use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
-use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -113,13 +113,12 @@ fn execute_chain(
 /// A virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
-    disk: Disk,
+    pub(super) disk: Disk,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
-    active: Option<RequestQueue>,
-    pub(super) events: DeviceEvents,
-    metrics: Arc<BlockMetrics>,
+    pub(super) queue: RequestQueue,
+    pub(super) metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
@@ -155,8 +154,7 @@ impl Block {
             disk,
             avail_features,
             acked_features: 0,
-            active: None,
-            events: DeviceEvents::new().map_err(BlockError::EventFd)?,
+            queue: RequestQueue::new().map_err(BlockError::EventFd)?,
             metrics: Arc::new(BlockMetrics::default()),
         })
     }
@@ -173,18 +171,7 @@ impl Block {
 
     /// Whether a driver activated the device and has not reset it since.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// Serves the request queue and interrupts the driver if it needs to know.
-    pub fn process_request_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let (disk, m) = (&mut self.disk, &*self.metrics);
-        active.serve(NAME, &m.queue, |queue, mem| {
-            process_queue(queue, mem, disk, m)
-        });
+        self.queue.is_active()
     }
 }
 
@@ -235,16 +222,13 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = RequestQueue::activate(ctx, &mut self.events, &self.metrics.queue)?;
-        self.active = Some(queue);
-        Ok(())
+        self.queue.activate(ctx, &self.metrics.queue)
     }
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
         self.disk.set_negotiated(false, false);
-        self.active = None;
-        self.events.deactivated();
+        self.queue.reset();
         true
     }
 }
@@ -256,6 +240,7 @@ mod tests {
     use crate::virtio::block::request_type as rt;
     use crate::virtio::block::status;
     use crate::virtio::block::test_support::*;
+    use crate::virtio::glue::RequestDevice;
     use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::test_utils::*;
     use crate::virtio::testing::interrupt;

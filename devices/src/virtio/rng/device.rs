@@ -11,7 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use super::metrics::RngMetrics;
 use super::{RngError, MAX_REQUEST_BYTES, NAME, QUEUE_SIZE};
 use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
-use crate::virtio::glue::{ignore_config_write, DeviceEvents};
+use crate::virtio::glue::ignore_config_write;
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -88,10 +88,9 @@ pub fn process_queue(
 #[derive(Debug)]
 pub struct Rng {
     acked_features: u64,
-    active: Option<RequestQueue>,
-    pub(super) events: DeviceEvents,
-    metrics: Arc<RngMetrics>,
-    buf: Vec<u8>,
+    pub(super) queue: RequestQueue,
+    pub(super) metrics: Arc<RngMetrics>,
+    pub(super) buf: Vec<u8>,
 }
 
 impl Rng {
@@ -99,8 +98,7 @@ impl Rng {
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
             acked_features: 0,
-            active: None,
-            events: DeviceEvents::new().map_err(RngError::EventFd)?,
+            queue: RequestQueue::new().map_err(RngError::EventFd)?,
             metrics: Arc::new(RngMetrics::default()),
             buf: vec![0; MAX_REQUEST_BYTES],
         })
@@ -113,18 +111,7 @@ impl Rng {
 
     /// Whether a driver activated the device and has not reset it since.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// Serves the request queue and interrupts the driver if it needs to know.
-    pub fn process_request_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let (buf, m) = (&mut self.buf, &*self.metrics);
-        active.serve(NAME, &m.queue, |queue, mem| {
-            process_queue(queue, mem, buf, m)
-        });
+        self.queue.is_active()
     }
 }
 
@@ -155,31 +142,24 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = RequestQueue::activate(ctx, &mut self.events, &self.metrics.queue)?;
-        self.active = Some(queue);
-        Ok(())
+        self.queue.activate(ctx, &self.metrics.queue)
     }
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
-        self.active = None;
-        self.events.deactivated();
+        self.queue.reset();
         true
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
     use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::test_utils::*;
-    use crate::virtio::testing::interrupt;
-    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use crate::virtio::testing::{guest_memory, Desc, LoopRig, DATA_START};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn run(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) -> RngMetrics {
         let mut queue: Queue = q.create_queue().unwrap();
@@ -243,27 +223,14 @@ mod tests {
 
     #[test]
     fn event_loop_serves_requests_after_activation() {
-        let dev = Arc::new(Mutex::new(Rng::new().unwrap()));
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(dev.clone());
-        let mem = guest_mem();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let notify = evt.try_clone().unwrap();
-        let irq = interrupt();
-        let ctx = ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.create_queue().unwrap()],
-            queue_evts: vec![evt],
-            interrupt: irq.clone(),
-        };
-        dev.lock().unwrap().activate(ctx).unwrap();
-        assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-        add_chain(&q, 0, &[(0x2_0000, 16, true)]);
-        notify.write(1).unwrap();
-        assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-        assert_eq!(used(&q), vec![(0, 16)]);
-        assert_eq!(irq.queue_count(), 1);
-        assert_eq!(dev.lock().unwrap().metrics().to_json()["requests"], 1);
+        let mem = guest_memory();
+        let mut rig = LoopRig::activate(&mem, Rng::new().unwrap(), 0);
+        assert_eq!(rig.run(100), 1);
+        rig.queues[0].add(&[Desc::w(DATA_START, 16)]);
+        rig.notify(0);
+        assert_eq!(rig.run(100), 1);
+        assert_eq!(rig.queues[0].take_used(), vec![(0, 16)]);
+        assert_eq!(rig.irq.queue_count(), 1);
+        assert_eq!(rig.dev.lock().unwrap().metrics().to_json()["requests"], 1);
     }
 }

@@ -70,35 +70,21 @@ event_subscriber!(Vsock);
 mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestMemoryMmap;
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::virtio::testing::{guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue};
+    use crate::virtio::testing::{guest_memory, GuestDriver};
     use crate::virtio::vsock::muxer::listener_path;
     use crate::virtio::vsock::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
     use crate::virtio::vsock::HOST_CID;
-    use crate::virtio::{ActivateContext, VirtioDevice};
 
     const CID: u64 = 42;
-    const RX_BUF: u64 = 0x20_0000;
-    const TX_BUF: u64 = 0x40_0000;
     const BUF_LEN: u32 = 4096;
 
     /// Plays the guest's vsock driver over the queues, with the device in a real event loop.
-    struct Guest<'a> {
-        mem: &'a GuestMemoryMmap,
-        rxq: GuestQueue<'a>,
-        txq: GuestQueue<'a>,
-        rx_evt: EventFd,
-        tx_evt: EventFd,
-        em: EventManager<Arc<Mutex<Vsock>>>,
-        tx_slot: u64,
-    }
+    struct Guest<'a>(GuestDriver<'a, Vsock>);
 
     impl<'a> Guest<'a> {
         fn start(mem: &'a GuestMemoryMmap, dev: Vsock) -> Self {
@@ -106,39 +92,7 @@ mod tests {
         }
 
         fn start_with(mem: &'a GuestMemoryMmap, dev: Vsock, rx_buffers: u64) -> Self {
-            let dev = Arc::new(Mutex::new(dev));
-            let mut em = EventManager::new().expect("event manager");
-            em.add_subscriber(Arc::clone(&dev));
-            let mut rxq = GuestQueue::new(mem, 0, 16);
-            let txq = GuestQueue::new(mem, 0x1_0000, 16);
-            let evq = GuestQueue::new(mem, 0x2_0000, 16);
-            for i in 0..rx_buffers {
-                rxq.add(&[Desc::w(RX_BUF + i * u64::from(BUF_LEN), BUF_LEN)]);
-            }
-            let evts: Vec<EventFd> = (0..3).map(|_| EventFd::new(0).expect("eventfd")).collect();
-            let rx_evt = evts[0].try_clone().expect("clone");
-            let tx_evt = evts[1].try_clone().expect("clone");
-            {
-                let mut d = dev.lock().expect("lock");
-                let f = d.avail_features();
-                d.ack_features(f);
-                d.activate(ActivateContext {
-                    mem: mem.clone(),
-                    queues: vec![rxq.queue(), txq.queue(), evq.queue()],
-                    queue_evts: evts,
-                    interrupt: interrupt(),
-                })
-                .expect("activate");
-            }
-            Self {
-                mem,
-                rxq,
-                txq,
-                rx_evt,
-                tx_evt,
-                em,
-                tx_slot: 0,
-            }
+            Self(GuestDriver::start(mem, dev, u64::MAX, rx_buffers, BUF_LEN))
         }
 
         fn send(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8], fwd_cnt: u32) {
@@ -154,38 +108,15 @@ mod tests {
                 buf_alloc: 64 * 1024,
                 fwd_cnt,
             };
-            let addr = TX_BUF + (self.tx_slot % 16) * 0x1_0000;
-            self.tx_slot += 1;
-            write_mem(self.mem, addr, &hdr.to_bytes());
-            write_mem(self.mem, addr + HDR_LEN as u64, data);
             // Header and payload in separate descriptors, as Linux does.
-            let mut chain = vec![Desc::r(addr, HDR_LEN as u32)];
-            if !data.is_empty() {
-                chain.push(Desc::r(addr + HDR_LEN as u64, data.len() as u32));
-            }
-            self.txq.add(&chain);
-            self.tx_evt.write(1).expect("notify tx");
-            self.em.run_with_timeout(50).expect("run");
+            self.0.send(&[&hdr.to_bytes(), data]);
         }
 
         fn recv(&mut self) -> (VsockHeader, Vec<u8>) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Some((head, len)) = self.rxq.take_used().into_iter().next() {
-                    let addr = self.rxq.desc_addr(head as u16);
-                    let pkt = read_mem(self.mem, addr, len as usize);
-                    self.rxq.add(&[Desc::w(addr, BUF_LEN)]);
-                    self.rx_evt.write(1).expect("notify rx");
-                    let mut h = [0u8; HDR_LEN];
-                    h.copy_from_slice(&pkt[..HDR_LEN]);
-                    return (VsockHeader::from_bytes(&h), pkt[HDR_LEN..].to_vec());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "no packet for the guest within 5 s"
-                );
-                self.em.run_with_timeout(50).expect("run");
-            }
+            let pkt = self.0.recv();
+            let mut h = [0u8; HDR_LEN];
+            h.copy_from_slice(&pkt[..HDR_LEN]);
+            (VsockHeader::from_bytes(&h), pkt[HDR_LEN..].to_vec())
         }
     }
 
@@ -304,22 +235,17 @@ mod tests {
         let path = dev.socket_path().to_path_buf();
         let mem = guest_memory();
         let mut guest = Guest::start_with(&mem, dev, 0);
-        guest.em.run_with_timeout(50).expect("run"); // activation
+        guest.0.run(50); // activation
         let mut host = UnixStream::connect(&path).expect("connect");
         host.write_all(b"CONNECT 8\n").expect("write");
         // Accept and read the line; the REQUEST then waits for a buffer.
         for _ in 0..5 {
-            guest.em.run_with_timeout(20).expect("run");
+            guest.0.run(20);
         }
         for _ in 0..3 {
-            assert_eq!(
-                guest.em.run_with_timeout(20).expect("run"),
-                0,
-                "event loop spins"
-            );
+            assert_eq!(guest.0.run(20), 0, "event loop spins");
         }
-        guest.rxq.add(&[Desc::w(RX_BUF, BUF_LEN)]);
-        guest.rx_evt.write(1).expect("notify");
+        guest.0.give_rx_buffer();
         let (req, _) = guest.recv();
         assert_eq!((req.op, req.dst_port), (op::REQUEST, 8));
     }
@@ -347,7 +273,7 @@ mod tests {
         let (req, _) = guest.recv();
         guest.send(op::RST, 1026, req.src_port, &[], 0);
         for _ in 0..5 {
-            guest.em.run_with_timeout(10).expect("run");
+            guest.0.run(10);
         }
         let err = refused.join().expect("thread").expect_err("refused");
         assert!(err.to_string().contains("guest port 1026"), "{err}");
