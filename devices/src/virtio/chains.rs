@@ -4,7 +4,8 @@
 //! - [`serve_queue`]: request queues (block, rng). Notifications are suppressed while the queue
 //!   is served (EVENT_IDX aware) and a ring the device cannot read is an error, after which
 //!   [`RequestQueue`] leaves the queue alone until the driver resets the device.
-//! - [`drain_queue`]: transmit queues (net, vsock): best effort, every chain back with a length.
+//! - [`drain_queue`]: transmit queues (net, vsock): best effort, every chain consumed and returned
+//!   with used length 0.
 //! - [`notify_guest`] / [`raise_queue_interrupt`]: the used ring changed, tell the guest.
 
 use std::io;

@@ -4,7 +4,7 @@
 //! `Arc<Mutex<Device>>` where `Device: event_manager::MutEventSubscriber`. The queue eventfds only
 //! reach the device when a vCPU thread calls [`VirtioDevice::activate`](super::VirtioDevice), and
 //! a vCPU thread cannot touch the event loop's epoll set. So each device owns a [`DeviceEvents`]
-//! and implements [`EventDevice`]; [`event_subscriber!`] then makes it an
+//! and implements [`EventDevice`]; `event_subscriber!` then makes it an
 //! event-loop subscriber:
 //!
 //! 1. `activate(ctx)` (vCPU thread): check the queues with [`ActivateContext::expect_queues`],
@@ -16,6 +16,10 @@
 //!    have queued work before the loop saw the activation).
 //! 4. A queue eventfd fires: the glue consumes it and calls [`EventDevice::on_queue`].
 //! 5. Any fd the device registered itself (a tap, a socket): [`EventDevice::on_other`].
+//!
+//! Devices with one request queue (block, rng) keep a
+//! [`RequestQueue`](super::chains::RequestQueue), which does steps 1 and 2, and implement the
+//! shorter [`RequestDevice`].
 //!
 //! Queue processing itself stays out of this glue: each device has plain functions over
 //! `&mut Queue` and guest memory (built on `virtio/chains.rs`), unit-tested through
