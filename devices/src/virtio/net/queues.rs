@@ -337,10 +337,6 @@ mod tests {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
-    fn get(c: &crate::virtio::metrics::Counter) -> u64 {
-        c.get()
-    }
-
     #[test]
     fn tx_frame_with_split_header_reaches_backend() {
         let mem = guest_memory();
@@ -362,8 +358,8 @@ mod tests {
         let n = r.peer.recv(&mut buf).expect("frame on backend");
         assert_eq!(&buf[..n], &pkt[..]);
         assert_eq!(r.txq.take_used(), vec![(0, 0)]);
-        assert_eq!(get(&r.metrics.tx_frames), 1);
-        assert_eq!(get(&r.metrics.tx_bytes), 100);
+        assert_eq!(r.metrics.tx_frames.get(), 1);
+        assert_eq!(r.metrics.tx_bytes.get(), 100);
         assert_eq!(r.irq.queue_count(), 1);
     }
 
@@ -386,7 +382,7 @@ mod tests {
         }
         r.queues.process_tx(&mut r.backend);
         assert_eq!(r.txq.take_used().len(), hostile.len());
-        assert_eq!(get(&r.metrics.tx_dropped), hostile.len() as u64);
+        assert_eq!(r.metrics.tx_dropped.get(), hostile.len() as u64);
         let mut buf = [0u8; 64];
         assert!(r.peer.set_nonblocking(true).is_ok());
         assert!(
@@ -444,7 +440,7 @@ mod tests {
         got.extend(read_mem(r.mem, DATA_START + 0x1000, 1500));
         got.extend(read_mem(r.mem, DATA_START + 0x2000, 12));
         assert_eq!(got, f);
-        assert_eq!(get(&r.metrics.rx_frames), 1);
+        assert_eq!(r.metrics.rx_frames.get(), 1);
         assert_eq!(r.irq.queue_count(), 1);
     }
 
@@ -464,7 +460,7 @@ mod tests {
         r.rxq.add(&[Desc::w(DATA_START + 0x2000, 1500)]);
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         assert_eq!(r.rxq.take_used().len(), 3);
-        assert_eq!(get(&r.metrics.rx_frames), 1);
+        assert_eq!(r.metrics.rx_frames.get(), 1);
     }
 
     #[test]
@@ -481,7 +477,7 @@ mod tests {
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         let used = r.rxq.take_used();
         assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, 212)]);
-        assert_eq!(get(&r.metrics.rx_bad_buffers), 3);
+        assert_eq!(r.metrics.rx_bad_buffers.get(), 3);
         assert_eq!(read_mem(r.mem, DATA_START + 0x4000 + 12, 200), f);
     }
 
@@ -499,7 +495,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
         got[10] = 0;
         assert_eq!(got, small);
-        assert_eq!(get(&r.metrics.rx_dropped), 1);
+        assert_eq!(r.metrics.rx_dropped.get(), 1);
     }
 
     #[test]
@@ -514,6 +510,6 @@ mod tests {
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         let used = r.rxq.take_used();
         assert!(used.is_empty(), "{used:?} {}", r.metrics.to_json());
-        assert_eq!(get(&r.metrics.rx_dropped), 2);
+        assert_eq!(r.metrics.rx_dropped.get(), 2);
     }
 }
