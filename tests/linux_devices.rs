@@ -2,49 +2,19 @@
 //! disk the test wrote and reads a file from it, reads the entropy device, reaches a TCP server on
 //! the host side of a tap device, and talks to the host over vsock in both directions. One boot (tens of seconds on a PVM host).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::kernel::{repo_root, test_kernel};
 use devices::virtio::vsock::{host_connect, listener_path};
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("vmm/ has a parent")
-        .to_path_buf()
-}
-
-/// The test kernel and its arguments, or why the test cannot run here.
-fn test_kernel() -> Result<(PathBuf, String), String> {
-    let shared = [repo_root().join("../shared"), PathBuf::from("/work/shared")]
-        .into_iter()
-        .find(|d| d.join("test-kernel/build.sh").is_file())
-        .ok_or("no shared/test-kernel next to the repository")?;
-    let cmdline = std::fs::read_to_string(shared.join("test-kernel/cmdline"))
-        .map_err(|e| format!("test-kernel/cmdline: {e}"))?;
-    if let Some(k) = std::env::var_os("MVM_TEST_KERNEL") {
-        return Ok((PathBuf::from(k), cmdline.trim().to_string()));
-    }
-    let out = Command::new("bash")
-        .arg(shared.join("test-kernel/build.sh"))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run test-kernel/build.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "test-kernel/build.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    Ok((kernel, cmdline.trim().to_string()))
-}
 
 /// Compiles tests/linux/devices_init.rs (static) and packs it as the initramfs's /init.
 fn initramfs(dir: &Path) -> PathBuf {

@@ -6,12 +6,15 @@
 //! Where no kernel can be had, or there is no /dev/kvm, the tests print why and skip.
 //! Boots run one at a time (each is 15-30 s of emulated kernel work on a PVM host).
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::kernel::{repo_root, test_kernel};
 use rootfs_builder::initramfs::Initramfs;
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
@@ -30,60 +33,6 @@ struct Guest {
 /// Boots are serialized; the guest is prepared once per test binary.
 static BOOT_LOCK: Mutex<()> = Mutex::new(());
 static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("vmm/ has a parent")
-        .to_path_buf()
-}
-
-/// `<repo>/../shared`, or /work/shared where the repository is not next to it.
-fn shared_dir() -> Option<PathBuf> {
-    [repo_root().join("../shared"), PathBuf::from("/work/shared")]
-        .into_iter()
-        .find(|d| d.join("test-kernel/build.sh").is_file())
-}
-
-fn test_kernel() -> Result<(PathBuf, String), String> {
-    let shared = shared_dir();
-    let cmdline_file = shared.as_ref().map(|s| s.join("test-kernel/cmdline"));
-    let cmdline = match &cmdline_file {
-        Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read {}: {e}", f.display()))?
-            .trim()
-            .to_string(),
-        None => return Err("no shared/test-kernel next to the repository or in /work".into()),
-    };
-    if let Some(k) = std::env::var_os("MVM_TEST_KERNEL") {
-        return Ok((PathBuf::from(k), cmdline));
-    }
-    let script = shared
-        .map(|s| s.join("test-kernel/build.sh"))
-        .ok_or("no test-kernel/build.sh")?;
-    eprintln!(
-        "getting the test kernel from {} (first build: about 5 minutes)",
-        script.display()
-    );
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}): {}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !kernel.is_file() {
-        return Err(format!("build.sh printed {kernel:?}, which is not a file"));
-    }
-    Ok((kernel, cmdline))
-}
 
 /// Compiles tests/linux/init.rs into a static binary and packs it as `/init` with
 /// `/dev/console` and the mount points it needs.

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::SharedBusDevice;
-use devices::virtio::block::{Block, BlockConfig, BlockMetrics};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::metrics::DeviceMetrics;
 use devices::virtio::mmio::MmioTransport;
-use devices::virtio::net::{Net, NetBackendConfig, NetConfig, NetMetrics, PasstConfig, TapConfig};
-use devices::virtio::rng::{Rng, RngMetrics};
-use devices::virtio::vsock::{Vsock, VsockMetrics};
+use devices::virtio::net::{Net, NetBackendConfig, NetConfig, PasstConfig, TapConfig};
+use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use serde::{Deserialize, Serialize};
 
@@ -138,16 +139,10 @@ pub struct DevicesConfig {
     pub rng: bool,
 }
 
-enum Metrics {
-    Block(String, Arc<BlockMetrics>),
-    Net(Arc<NetMetrics>),
-    Vsock(Arc<VsockMetrics>),
-    Rng(Arc<RngMetrics>),
-}
-
 /// The devices attached to a VM: their metrics, and what the caller may need to know (the tap).
 pub struct AttachedDevices {
-    metrics: Vec<Metrics>,
+    /// Each device's counters under its key in the metrics JSON (`block_vda`, `net`, ...).
+    metrics: Vec<(String, Arc<dyn DeviceMetrics>)>,
     /// Name of the tap interface, with `--network tap`.
     pub tap_name: Option<String>,
     /// Guest MAC address, when there is a network device.
@@ -166,17 +161,11 @@ impl std::fmt::Debug for AttachedDevices {
 impl AttachedDevices {
     /// Every device's counters, as one JSON object keyed by device.
     pub fn metrics_json(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for m in &self.metrics {
-            let (key, value) = match m {
-                Metrics::Block(id, m) => (format!("block_{id}"), m.to_json()),
-                Metrics::Net(m) => ("net".to_string(), parse(&m.to_json())),
-                Metrics::Vsock(m) => ("vsock".to_string(), parse(&m.to_json())),
-                Metrics::Rng(m) => ("rng".to_string(), m.to_json()),
-            };
-            out.insert(key, value);
-        }
-        serde_json::Value::Object(out)
+        let out = self
+            .metrics
+            .iter()
+            .map(|(key, m)| (key.clone(), m.to_json()));
+        serde_json::Value::Object(out.collect())
     }
 
     /// Writes [`AttachedDevices::metrics_json`] to `path` (atomically: temp file, then rename).
@@ -185,10 +174,6 @@ impl AttachedDevices {
         std::fs::write(&tmp, serde_json::to_vec_pretty(&self.metrics_json())?)?;
         std::fs::rename(tmp, path)
     }
-}
-
-fn parse(json: &str) -> serde_json::Value {
-    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
 }
 
 /// Builds every device of `config` and attaches it to the VM being built.
@@ -209,7 +194,7 @@ pub fn attach(
         let id = char::from(b'a' + u8::try_from(i % 26).unwrap_or(0));
         attached
             .metrics
-            .push(Metrics::Block(format!("vd{id}"), block.metrics()));
+            .push((format!("block_vd{id}"), block.metrics()));
         attach_one(builder, Arc::new(Mutex::new(block)))?;
     }
     let backend = match &config.network {
@@ -235,7 +220,7 @@ pub fn attach(
         let net = Net::new(&NetConfig { mac: None, backend }).map_err(DeviceSetupError::Net)?;
         attached.tap_name = net.tap_name().map(str::to_string);
         attached.mac = Some(net.mac());
-        attached.metrics.push(Metrics::Net(net.metrics()));
+        attached.metrics.push(("net".to_string(), net.metrics()));
         attach_one(builder, Arc::new(Mutex::new(net)))?;
     }
     if let Some(path) = &config.vsock {
@@ -243,12 +228,14 @@ pub fn attach(
             path: path.clone(),
             source,
         })?;
-        attached.metrics.push(Metrics::Vsock(vsock.metrics()));
+        attached
+            .metrics
+            .push(("vsock".to_string(), vsock.metrics()));
         attach_one(builder, Arc::new(Mutex::new(vsock)))?;
     }
     if config.rng {
         let rng = Rng::new().map_err(DeviceSetupError::Rng)?;
-        attached.metrics.push(Metrics::Rng(rng.metrics()));
+        attached.metrics.push(("rng".to_string(), rng.metrics()));
         attach_one(builder, Arc::new(Mutex::new(rng)))?;
     }
     Ok(attached)
@@ -286,6 +273,87 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_json_has_one_object_of_counters_per_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 4096]).expect("image");
+        let block = Block::new(&BlockConfig {
+            path: img,
+            read_only: false,
+            serial: None,
+        })
+        .expect("block");
+        let vsock = Vsock::new(&dir.path().join("v.sock"), GUEST_CID).expect("vsock");
+        let rng = Rng::new().expect("rng");
+        let attached = AttachedDevices {
+            metrics: vec![
+                ("block_vda".to_string(), block.metrics()),
+                ("vsock".to_string(), vsock.metrics()),
+                ("rng".to_string(), rng.metrics()),
+            ],
+            tap_name: None,
+            mac: None,
+        };
+        let json = attached.metrics_json();
+        let keys = |dev: &str| -> Vec<String> {
+            let obj = json[dev].as_object().expect("an object per device");
+            assert!(obj.values().all(|v| v.as_u64() == Some(0)), "{obj:?}");
+            obj.keys().cloned().collect()
+        };
+        assert_eq!(json.as_object().map(|o| o.len()), Some(3));
+        assert_eq!(
+            keys("block_vda"),
+            [
+                "activations",
+                "discards",
+                "flushes",
+                "get_ids",
+                "interrupts",
+                "invalid_chains",
+                "io_errors",
+                "queue_errors",
+                "queue_events",
+                "read_bytes",
+                "reads",
+                "unsupported",
+                "write_bytes",
+                "write_zeroes",
+                "writes"
+            ]
+        );
+        assert_eq!(
+            keys("rng"),
+            [
+                "activations",
+                "bytes",
+                "entropy_errors",
+                "interrupts",
+                "invalid_chains",
+                "queue_errors",
+                "queue_events",
+                "requests"
+            ]
+        );
+        assert_eq!(
+            keys("vsock"),
+            [
+                "bad_buffers",
+                "bad_packets",
+                "connections",
+                "guest_connects",
+                "host_connects",
+                "limit_refused",
+                "refused",
+                "resets_sent",
+                "rx_bytes",
+                "rx_packets",
+                "tx_bytes",
+                "tx_packets"
+            ]
+        );
+    }
 
     #[test]
     fn network_modes_parse() {

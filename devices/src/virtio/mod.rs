@@ -5,12 +5,13 @@
 //! when the driver sets DRIVER_OK. The VMM wires each transport's queue eventfds to KVM
 //! ioeventfds on the QueueNotify register and its interrupt eventfd to a KVM irqfd.
 //!
-//! Every device follows the same shape (see `block/` and `rng/`): one folder with `mod.rs`
-//! (errors, constants), `device.rs` (the [`VirtioDevice`] impl plus a pure `process_queue`
-//! function over `&mut Queue` and guest memory), `event_handler.rs` (the
-//! `event_manager::MutEventSubscriber` glue, built on [`glue::DeviceEvents`], whose docs describe
-//! the activation handshake) and `metrics.rs` (serde counters). Unit tests drive `process_queue`
-//! through `virtio_queue::mock::MockSplitQueue`; `test_utils.rs` builds hostile chains.
+//! Every device follows the same shape: one folder with `mod.rs` (errors, constants),
+//! `device.rs` (the [`VirtioDevice`] impl), queue processing as plain functions over `&mut Queue`
+//! and guest memory (built on [`chains`]: pop, complete, interrupt), `event_handler.rs` (an
+//! [`glue::EventDevice`] impl, whose docs describe the activation handshake) and `metrics.rs` (a
+//! serde struct of [`metrics::Counter`]s behind [`metrics::DeviceMetrics`]). Unit tests drive the
+//! queue functions through `virtio_queue::mock::MockSplitQueue`; `test_utils.rs` and `testing.rs`
+//! build hostile chains and play the guest driver.
 
 use std::io;
 use std::sync::Arc;
@@ -20,7 +21,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+pub mod chains;
 pub mod glue;
+pub mod metrics;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -4,7 +4,9 @@
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub(crate) use super::testing::{read_mem, write_mem};
 
 /// Size of the test guest memory (one region at address 0).
 pub const MEM_SIZE: usize = 0x10_0000;
@@ -79,18 +81,4 @@ pub fn used(q: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
             (e.id(), e.len())
         })
         .collect()
-}
-
-/// Reads `len` bytes of guest memory at `addr`.
-pub fn read_mem(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    mem.read_slice(&mut v, GuestAddress(addr))
-        .expect("read guest memory");
-    v
-}
-
-/// Writes `data` to guest memory at `addr`.
-pub fn write_mem(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
-    mem.write_slice(data, GuestAddress(addr))
-        .expect("write guest memory");
 }

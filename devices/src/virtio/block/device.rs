@@ -6,26 +6,24 @@
 
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events};
-use log::{debug, warn};
+use log::debug;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{DiskBackend, RawFile};
 use super::disk::Disk;
 use super::metrics::BlockMetrics;
 use super::request::Request;
 use super::{
-    features, BlockError, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SEG_MAX,
+    features, BlockError, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, NAME, QUEUE_SIZE, SEG_MAX,
     SIZE_MAX,
 };
-use crate::virtio::glue::{DeviceEvent, DeviceEvents};
+use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
-    device_type, ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Length of the configuration space this device implements (up to write_zeroes_may_unmap).
@@ -84,60 +82,43 @@ pub fn process_queue(
     disk: &mut Disk,
     metrics: &BlockMetrics,
 ) -> Result<bool, virtio_queue::Error> {
-    let mut used_any = false;
-    loop {
-        queue.disable_notification(mem)?;
-        let mut popped = false;
-        while let Some(chain) = queue.iter(mem)?.next() {
-            popped = true;
-            let head = chain.head_index();
-            let used_len = match Request::parse(chain, mem, usize::from(QUEUE_SIZE)) {
-                Ok(mut req) => {
-                    let status = disk.execute(&mut req, metrics);
-                    req.complete(status)
-                }
-                Err(e) => {
-                    debug!("virtio-blk: dropping chain {head}: {e}");
-                    BlockMetrics::inc(&metrics.invalid_chains);
-                    0
-                }
-            };
-            match queue.add_used(mem, head, used_len) {
-                Ok(()) => used_any = true,
-                // A head index past the queue cannot be returned; the driver loses that entry.
-                // (Its chain was empty, so it is already counted as invalid.)
-                Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        // enable_notification reports pending work; if none could be popped the avail ring is
-        // lying, so stop rather than spin.
-        if !queue.enable_notification(mem)? || !popped {
-            break;
-        }
-    }
-    Ok(used_any && queue.needs_notification(mem)?)
+    // A head index past the queue cannot be returned; its chain was empty, so it is already
+    // counted as invalid.
+    serve_queue(queue, mem, None, |chain| {
+        execute_chain(chain, mem, disk, metrics)
+    })
 }
 
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    broken: bool,
+/// Parses and executes one request; returns the used length.
+fn execute_chain(
+    chain: Chain<'_>,
+    mem: &GuestMemoryMmap,
+    disk: &mut Disk,
+    m: &BlockMetrics,
+) -> u32 {
+    let head = chain.head_index();
+    match Request::parse(chain, mem, usize::from(QUEUE_SIZE)) {
+        Ok(mut req) => {
+            let status = disk.execute(&mut req, m);
+            req.complete(status)
+        }
+        Err(e) => {
+            debug!("virtio-blk: dropping chain {head}: {e}");
+            m.invalid_chains.inc();
+            0
+        }
+    }
 }
 
 /// A virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
-    disk: Disk,
+    pub(super) disk: Disk,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
-    active: Option<Active>,
-    events: DeviceEvents,
-    metrics: Arc<BlockMetrics>,
+    pub(super) queue: RequestQueue,
+    pub(super) metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
@@ -173,8 +154,7 @@ impl Block {
             disk,
             avail_features,
             acked_features: 0,
-            active: None,
-            events: DeviceEvents::new().map_err(BlockError::EventFd)?,
+            queue: RequestQueue::new().map_err(BlockError::EventFd)?,
             metrics: Arc::new(BlockMetrics::default()),
         })
     }
@@ -191,48 +171,7 @@ impl Block {
 
     /// Whether a driver activated the device and has not reset it since.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// Registers the activation eventfd with the event loop.
-    pub(super) fn init_events(&self, ops: &mut EventOps) {
-        self.events.init(ops);
-    }
-
-    /// Consumes an event-loop event and says what it was (see `virtio/glue.rs`).
-    pub(super) fn dispatch(&mut self, events: &Events, ops: &mut EventOps) -> DeviceEvent {
-        let queue_evts = self.active.as_ref().map(|a| a.queue_evts.as_slice());
-        self.events.dispatch(events, ops, queue_evts)
-    }
-
-    /// Serves the request queue and interrupts the driver if it needs to know.
-    pub fn process_request_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        BlockMetrics::inc(&self.metrics.queue_events);
-        match process_queue(
-            &mut active.queue,
-            &active.mem,
-            &mut self.disk,
-            &self.metrics,
-        ) {
-            Ok(true) => {
-                BlockMetrics::inc(&self.metrics.interrupts);
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                    warn!("virtio-blk: raising the queue interrupt failed: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                warn!("virtio-blk: request queue unusable, waiting for a reset: {e}");
-                BlockMetrics::inc(&self.metrics.queue_errors);
-                active.broken = true;
-            }
-        }
+        self.queue.is_active()
     }
 }
 
@@ -275,48 +214,21 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
-            *b = at.and_then(|a| self.config.get(a)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-blk: ignoring config write of {} bytes at {offset:#x}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Some(queue), Some(evt)) = (
-            ctx.queues.into_iter().next(),
-            ctx.queue_evts.into_iter().next(),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if got != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            queue_evts: vec![evt],
-            interrupt: ctx.interrupt,
-            broken: false,
-        });
-        BlockMetrics::inc(&self.metrics.activations);
-        self.events.signal();
-        Ok(())
+        self.queue.activate(ctx, &self.metrics.queue)
     }
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
         self.disk.set_negotiated(false, false);
-        if self.active.take().is_some() {
-            self.events.signal();
-        }
+        self.queue.reset();
         true
     }
 }
@@ -328,10 +240,13 @@ mod tests {
     use crate::virtio::block::request_type as rt;
     use crate::virtio::block::status;
     use crate::virtio::block::test_support::*;
+    use crate::virtio::glue::RequestDevice;
+    use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::test_utils::*;
-    use std::sync::Mutex;
+    use crate::virtio::testing::interrupt;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn write_then_read_round_trips_through_the_file() {
@@ -414,16 +329,6 @@ mod tests {
         assert!(process_queue(&mut queue, &mem, &mut disk, &m).is_err());
     }
 
-    #[derive(Debug, Default)]
-    struct CountingInterrupt(Mutex<Vec<InterruptKind>>);
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(kind);
-            Ok(())
-        }
-    }
-
     #[test]
     fn disk_spec_parses_path_ro_and_serial() {
         let c: BlockConfig = "/tmp/a.img,ro,serial=abc".parse().unwrap();
@@ -464,7 +369,7 @@ mod tests {
         let mem = guest_mem();
         let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let (st, _) = push_req(&q, &mem, 0, 0x2_0000, (rt::FLUSH, 0), &[]);
-        let irq = Arc::new(CountingInterrupt::default());
+        let irq = interrupt();
         let bad = ActivateContext {
             mem: mem.clone(),
             queues: vec![],
@@ -482,7 +387,8 @@ mod tests {
         assert!(dev.is_active());
         dev.process_request_queue();
         assert_eq!(status_at(&mem, st), status::OK);
-        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptKind::Queue]);
+        assert_eq!(irq.queue_count(), 1);
+        assert_eq!(irq.config.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert!(dev.reset());
         assert!(!dev.is_active());
         dev.process_request_queue();

@@ -70,7 +70,7 @@ impl Disk {
             RequestKind::Out => self.write(req, m),
             RequestKind::Flush => match self.backend.flush() {
                 Ok(()) => {
-                    BlockMetrics::inc(&m.flushes);
+                    m.flushes.inc();
                     status::OK
                 }
                 Err(e) => {
@@ -80,7 +80,7 @@ impl Disk {
             },
             RequestKind::GetId => {
                 let n = req.data.available_bytes().min(ID_LEN);
-                BlockMetrics::inc(&m.get_ids);
+                m.get_ids.inc();
                 match req.data.write_all(&self.id[..n]) {
                     Ok(()) => status::OK,
                     Err(_) => status::IOERR,
@@ -95,8 +95,8 @@ impl Disk {
             RequestKind::Malformed => status::IOERR,
         };
         match status {
-            status::IOERR => BlockMetrics::inc(&m.io_errors),
-            status::UNSUPP => BlockMetrics::inc(&m.unsupported),
+            status::IOERR => m.io_errors.inc(),
+            status::UNSUPP => m.unsupported.inc(),
             _ => {}
         }
         status
@@ -125,8 +125,8 @@ impl Disk {
             offset += n as u64;
             left -= n as u64;
         }
-        BlockMetrics::inc(&m.reads);
-        BlockMetrics::add(&m.read_bytes, len);
+        m.reads.inc();
+        m.read_bytes.add(len);
         status::OK
     }
 
@@ -152,8 +152,8 @@ impl Disk {
             offset += n as u64;
             left -= n as u64;
         }
-        BlockMetrics::inc(&m.writes);
-        BlockMetrics::add(&m.write_bytes, len);
+        m.writes.inc();
+        m.write_bytes.add(len);
         status::OK
     }
 
@@ -193,7 +193,7 @@ impl Disk {
                 return status::IOERR;
             }
         }
-        BlockMetrics::inc(if zero { &m.write_zeroes } else { &m.discards });
+        (if zero { &m.write_zeroes } else { &m.discards }).inc();
         status::OK
     }
 }
@@ -204,6 +204,7 @@ mod tests {
     use crate::virtio::block::device::process_queue;
     use crate::virtio::block::request_type as rt;
     use crate::virtio::block::test_support::*;
+    use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::test_utils::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;

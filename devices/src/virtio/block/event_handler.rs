@@ -1,27 +1,25 @@
 //! Connects a [`Block`] device to the VMM's event loop (see `virtio/glue.rs` for the pattern).
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
+use super::device::process_queue;
+use super::{Block, NAME};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, RequestDevice};
 
-use super::device::Block;
-use crate::virtio::glue::DeviceEvent;
+impl RequestDevice for Block {
+    const NAME: &'static str = NAME;
 
-impl MutEventSubscriber for Block {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.init_events(ops);
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        self.queue.events()
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.dispatch(&events, ops) {
-            DeviceEvent::Activated | DeviceEvent::Queue(0) => self.process_request_queue(),
-            DeviceEvent::Queue(n) => warn!("virtio-blk: event for unknown queue {n}"),
-            DeviceEvent::Other => {
-                warn!("virtio-blk: unexpected event on fd {}", events.fd());
-                let _ = ops.remove(events);
-            }
-        }
+    fn process_request_queue(&mut self) {
+        let (disk, m) = (&mut self.disk, &*self.metrics);
+        self.queue.serve(NAME, &m.queue, |queue, mem| {
+            process_queue(queue, mem, disk, m)
+        });
     }
 }
+
+event_subscriber!(Block);
 
 #[cfg(test)]
 mod tests {
@@ -35,18 +33,8 @@ mod tests {
     use super::*;
     use crate::virtio::block::{request_type, MemDisk};
     use crate::virtio::test_utils::*;
-    use crate::virtio::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt};
-
-    #[derive(Debug, Default)]
-    struct Irq(Mutex<u32>);
-
-    impl VirtioInterrupt for Irq {
-        fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
-            assert_eq!(kind, InterruptKind::Queue);
-            *self.0.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
+    use crate::virtio::testing::interrupt;
+    use crate::virtio::{ActivateContext, VirtioDevice};
 
     fn flush_request(
         mem: &vm_memory::GuestMemoryMmap,
@@ -75,7 +63,7 @@ mod tests {
         flush_request(&mem, &q, 0, 0x2_0000);
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let notify = evt.try_clone().unwrap();
-        let irq = Arc::new(Irq::default());
+        let irq = interrupt();
         let ctx = ActivateContext {
             mem: mem.clone(),
             queues: vec![q.create_queue().unwrap()],
@@ -88,7 +76,7 @@ mod tests {
         // The activation event registers the queue eventfd and serves what is already queued.
         assert_eq!(em.run_with_timeout(100).unwrap(), 1);
         assert_eq!(used(&q).len(), 1);
-        assert_eq!(*irq.0.lock().unwrap(), 1);
+        assert_eq!(irq.queue_count(), 1);
 
         // A notification through the queue eventfd is served.
         flush_request(&mem, &q, 2, 0x3_0000);

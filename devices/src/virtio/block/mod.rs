@@ -22,6 +22,8 @@ pub use device::{Block, BlockConfig};
 pub use disk::Disk;
 pub use metrics::BlockMetrics;
 
+/// Prefix of the device's log lines.
+pub const NAME: &str = "virtio-blk";
 /// Bytes per virtio-blk sector (fixed by the spec, independent of the disk's block size).
 pub const SECTOR_SIZE: u64 = 512;
 /// log2 of [`SECTOR_SIZE`].

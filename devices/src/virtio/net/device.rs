@@ -4,13 +4,13 @@ use std::io::Read;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queues::NetQueues;
 use super::{
-    features, NetBackend, NetError, NetMetrics, Passt, PasstConfig, Tap, TapConfig, QUEUE_SIZE,
-    RX_INDEX, TX_INDEX,
+    features, NetBackend, NetError, NetMetrics, Passt, PasstConfig, Tap, TapConfig, NAME,
+    QUEUE_SIZE, RX_INDEX, TX_INDEX,
 };
+use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -38,13 +38,6 @@ pub struct NetConfig {
     pub backend: NetBackendConfig,
 }
 
-/// State the event loop needs once the driver activated the device.
-#[derive(Debug)]
-pub(crate) struct Active {
-    pub(crate) queues: NetQueues,
-    pub(crate) queue_evts: Vec<EventFd>,
-}
-
 /// A virtio-net device and its backend.
 #[derive(Debug)]
 pub struct Net {
@@ -54,13 +47,10 @@ pub struct Net {
     avail_features: u64,
     acked_features: u64,
     pub(crate) metrics: Arc<NetMetrics>,
-    /// Written by `activate`/`reset` (vCPU thread) so the event loop (re)registers its fds.
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a previous activation, to unregister from the event loop.
-    pub(crate) retired_evts: Vec<EventFd>,
-    /// Whether the queue eventfds of `active` are registered with the event loop.
-    pub(crate) queues_registered: bool,
+    /// Activation and queue eventfds (see `virtio/glue.rs`).
+    pub(crate) events: DeviceEvents,
+    /// The queues, while a driver has the device activated.
+    pub(crate) active: Option<NetQueues>,
     /// Whether the backend fd is registered with the event loop.
     pub(crate) backend_registered: bool,
     /// The backend failed for good (e.g. passt exited); never read it again.
@@ -113,10 +103,8 @@ impl Net {
             avail_features,
             acked_features: 0,
             metrics: Arc::new(NetMetrics::default()),
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+            events: DeviceEvents::new().map_err(NetError::EventFd)?,
             active: None,
-            retired_evts: Vec::new(),
-            queues_registered: false,
             backend_registered: false,
             backend_failed: false,
         })
@@ -165,64 +153,33 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
-            "virtio-net: ignored config write of {} bytes at {offset}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 2 || ctx.queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
+        let a = ctx.expect_queues::<2>()?;
         self.backend
             .set_offloads(self.acked_features)
             .map_err(ActivateError::Io)?;
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: 0,
-            });
-        };
         debug_assert_eq!((RX_INDEX, TX_INDEX), (0, 1));
+        let [rx, tx] = a.queues;
         let mrg = self.acked_features & (1u64 << features::MRG_RXBUF) != 0;
-        let queues = NetQueues::new(ctx.mem, rx, tx, ctx.interrupt, mrg, self.metrics());
-        if let Some(old) = self.active.take() {
-            self.retired_evts.extend(old.queue_evts);
-        }
-        self.queues_registered = false;
-        self.active = Some(Active {
-            queues,
-            queue_evts: ctx.queue_evts,
-        });
-        self.activate_evt.write(1).map_err(ActivateError::Io)?;
+        let queues = NetQueues::new(a.mem, rx, tx, a.interrupt, mrg, self.metrics());
+        self.active = Some(queues);
+        self.events.activated(a.queue_evts);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(old) = self.active.take() {
-            self.retired_evts.extend(old.queue_evts);
-        }
-        self.queues_registered = false;
+        self.active = None;
         self.acked_features = 0;
         let _ = self.backend.set_offloads(0);
         // Let the event loop unregister the old queue eventfds and the backend.
-        let _ = self.activate_evt.write(1);
+        self.events.deactivated();
         true
     }
 }
@@ -234,6 +191,7 @@ mod tests {
     use crate::virtio::net::backend::tests::PairBackend;
     use crate::virtio::net::tap::tests::in_netns;
     use crate::virtio::testing::{guest_memory, interrupt, GuestQueue};
+    use vmm_sys_util::eventfd::EventFd;
 
     fn pair_net() -> Net {
         let (b, _peer) = PairBackend::new();
@@ -330,10 +288,5 @@ mod tests {
         assert!(net.reset());
         assert!(net.active.is_none());
         assert_eq!(net.acked_features, 0);
-        assert_eq!(
-            net.retired_evts.len(),
-            2,
-            "old eventfds wait to be unregistered"
-        );
     }
 }

@@ -1,16 +1,15 @@
 //! Event-loop glue for virtio-net: which fds to watch and what to run when they fire.
 //!
-//! The device sits in the event loop as `Arc<Mutex<Net>>`. Its queue eventfds only exist after
-//! the driver activated it on a vCPU thread, so `activate`/`reset` write `activate_evt` and the
-//! event loop (re)registers the queue eventfds and the backend fd here. The backend fd is only
-//! watched while the guest has receive buffers, so a full receive queue never spins the loop.
+//! The device sits in the event loop as `Arc<Mutex<Net>>`; the queue eventfds are (re)registered
+//! by the shared glue (`virtio/glue.rs`) when the driver activates or resets the device. The
+//! backend fd is only watched while the guest has receive buffers, so a full receive queue never
+//! spins the loop.
 
-use std::os::fd::AsRawFd;
-
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 
 use super::queues::RxStop;
-use super::{Net, RX_INDEX, TX_INDEX};
+use super::{Net, NAME, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Net {
     fn watch_backend(&mut self, ops: &mut EventOps, on: bool) {
@@ -26,34 +25,13 @@ impl Net {
         };
         match res {
             Ok(()) => self.backend_registered = on,
-            Err(e) => log::error!("virtio-net: cannot (un)watch the backend: {e:?}"),
+            Err(e) => log::error!("{NAME}: cannot (un)watch the backend: {e:?}"),
         }
-    }
-
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for evt in self.retired_evts.drain(..) {
-            let _ = ops.remove(Events::new(&evt, EventSet::IN));
-        }
-        if let (Some(active), false) = (&self.active, self.queues_registered) {
-            for evt in &active.queue_evts {
-                if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                    log::error!("virtio-net: cannot watch a queue eventfd: {e:?}");
-                }
-            }
-            self.queues_registered = true;
-        }
-        if self.active.is_none() {
-            self.watch_backend(ops, false);
-            return;
-        }
-        self.run_tx();
-        self.run_rx(ops);
     }
 
     fn run_tx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_tx(&mut *self.backend);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_tx(&mut *self.backend);
         }
     }
 
@@ -61,11 +39,10 @@ impl Net {
         if self.backend_failed {
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(queues) = self.active.as_mut() else {
             return;
         };
-        let stop = active.queues.process_rx(&mut *self.backend);
-        match stop {
+        match queues.process_rx(&mut *self.backend) {
             RxStop::Drained => self.watch_backend(ops, true),
             RxStop::NoBuffers => self.watch_backend(ops, false),
             RxStop::BackendFailed => {
@@ -76,74 +53,66 @@ impl Net {
     }
 }
 
-impl MutEventSubscriber for Net {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            log::error!("virtio-net: cannot watch the activate eventfd: {e:?}");
+impl EventDevice for Net {
+    const NAME: &'static str = NAME;
+
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        &mut self.events
+    }
+
+    fn on_activation(&mut self, ops: &mut EventOps) {
+        if self.active.is_none() {
+            self.watch_backend(ops, false);
+            return;
+        }
+        self.run_tx();
+        self.run_rx(ops);
+    }
+
+    fn on_queue(&mut self, index: usize, ops: &mut EventOps) {
+        match index {
+            RX_INDEX => self.run_rx(ops),
+            TX_INDEX => self.run_tx(),
+            _ => {}
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            self.on_activate(ops);
-            return;
+    fn on_other(&mut self, events: &Events, ops: &mut EventOps) -> bool {
+        if events.fd() != self.backend.raw_fd() {
+            return false;
         }
-        if self.backend_registered && fd == self.backend.raw_fd() {
+        if self.backend_registered {
             self.run_rx(ops);
-            return;
         }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        let which = active.queue_evts.iter().position(|e| e.as_raw_fd() == fd);
-        if let Some(i) = which {
-            let _ = active.queue_evts[i].read();
-            match i {
-                RX_INDEX => self.run_rx(ops),
-                TX_INDEX => self.run_tx(),
-                _ => {}
-            }
-        }
+        true
     }
 }
+
+event_subscriber!(Net);
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::net::{Ipv4Addr, UdpSocket};
-    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestMemoryMmap;
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::virtio::net::backend::tests::PairBackend;
     use crate::virtio::net::passt::tests::{arp_request, passt_installed};
     use crate::virtio::net::tap::tests::in_netns;
     use crate::virtio::net::{
-        features, NetBackendConfig, NetConfig, NetMetrics, PasstConfig, TapConfig, VNET_HDR_LEN,
+        features, NetBackendConfig, NetConfig, PasstConfig, TapConfig, VNET_HDR_LEN,
     };
-    use crate::virtio::testing::{guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue};
-    use crate::virtio::{ActivateContext, VirtioDevice, VIRTIO_F_VERSION_1};
+    use crate::virtio::testing::{guest_memory, GuestDriver};
+    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
     const GUEST_MAC: [u8; 6] = [0x02, 0x6d, 0x76, 0, 0, 1];
-    const RX_BUF: u64 = 0x20_0000;
-    const TX_BUF: u64 = 0x40_0000;
     const BUF_LEN: u32 = 2048;
 
     /// A guest driver for one virtio-net device inside a real event loop.
-    struct Guest<'a> {
-        mem: &'a GuestMemoryMmap,
-        rxq: GuestQueue<'a>,
-        txq: GuestQueue<'a>,
-        rx_evt: EventFd,
-        tx_evt: EventFd,
-        em: EventManager<Arc<Mutex<Net>>>,
-        tx_slot: u64,
-    }
+    struct Guest<'a>(GuestDriver<'a, Net>);
 
     impl<'a> Guest<'a> {
         fn start(mem: &'a GuestMemoryMmap, net: Net) -> Self {
@@ -151,70 +120,28 @@ mod tests {
         }
 
         fn start_with(mem: &'a GuestMemoryMmap, net: Net, rx_buffers: u64) -> Self {
-            let net = Arc::new(Mutex::new(net));
-            let mut em = EventManager::new().expect("event manager");
-            em.add_subscriber(Arc::clone(&net));
-            let mut rxq = GuestQueue::new(mem, 0, 16);
-            let txq = GuestQueue::new(mem, 0x1_0000, 16);
-            for i in 0..rx_buffers {
-                rxq.add(&[Desc::w(RX_BUF + i * u64::from(BUF_LEN), BUF_LEN)]);
-            }
-            let evts: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).expect("eventfd")).collect();
-            let rx_evt = evts[0].try_clone().expect("clone");
-            let tx_evt = evts[1].try_clone().expect("clone");
-            {
-                let mut dev = net.lock().expect("lock");
-                let wanted = (1u64 << VIRTIO_F_VERSION_1)
-                    | (1u64 << features::MAC)
-                    | (1u64 << features::STATUS)
-                    | (1u64 << features::MRG_RXBUF);
-                let avail = dev.avail_features();
-                dev.ack_features(avail & wanted);
-                dev.activate(ActivateContext {
-                    mem: mem.clone(),
-                    queues: vec![rxq.queue(), txq.queue()],
-                    queue_evts: evts,
-                    interrupt: interrupt(),
-                })
-                .expect("activate");
-            }
-            Self {
-                mem,
-                rxq,
-                txq,
-                rx_evt,
-                tx_evt,
-                em,
-                tx_slot: 0,
-            }
+            let wanted = (1u64 << VIRTIO_F_VERSION_1)
+                | (1u64 << features::MAC)
+                | (1u64 << features::STATUS)
+                | (1u64 << features::MRG_RXBUF);
+            Self(GuestDriver::start(mem, net, wanted, rx_buffers, BUF_LEN))
         }
 
         fn send(&mut self, frame: &[u8]) {
             let mut pkt = vec![0u8; VNET_HDR_LEN];
             pkt.extend_from_slice(frame);
-            let addr = TX_BUF + (self.tx_slot % 16) * 0x1_0000;
-            self.tx_slot += 1;
-            write_mem(self.mem, addr, &pkt);
-            self.txq.add(&[Desc::r(addr, pkt.len() as u32)]);
-            self.tx_evt.write(1).expect("notify tx");
-            self.em.run_with_timeout(50).expect("run");
+            self.0.send(&[&pkt]);
         }
 
-        /// Runs the event loop until a received frame satisfies `want`; reposts used buffers.
+        /// Runs the event loop until a received frame satisfies `want`.
         fn recv_until(&mut self, want: impl Fn(&[u8]) -> bool) -> Vec<u8> {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                self.em.run_with_timeout(50).expect("run");
-                for (head, len) in self.rxq.take_used() {
-                    let addr = self.rxq.desc_addr(head as u16);
-                    let data = read_mem(self.mem, addr, len as usize);
-                    self.rxq.add(&[Desc::w(addr, BUF_LEN)]);
-                    self.rx_evt.write(1).expect("notify rx");
-                    assert_eq!(u16::from_le_bytes([data[10], data[11]]), 1, "num_buffers");
-                    let frame = data[VNET_HDR_LEN..].to_vec();
-                    if want(&frame) {
-                        return frame;
-                    }
+                let data = self.0.recv();
+                assert_eq!(u16::from_le_bytes([data[10], data[11]]), 1, "num_buffers");
+                let frame = data[VNET_HDR_LEN..].to_vec();
+                if want(&frame) {
+                    return frame;
                 }
             }
             panic!("no matching frame within 5 s");
@@ -304,8 +231,8 @@ mod tests {
                 .expect("host receives the guest's reply");
             assert_eq!(&buf[..n], b"pong");
             assert_eq!(from, (guest_ip, 5000).into());
-            assert!(NetMetrics::get(&metrics.tx_frames) >= 2);
-            assert!(NetMetrics::get(&metrics.rx_frames) >= 2);
+            assert!(metrics.tx_frames.get() >= 2);
+            assert!(metrics.rx_frames.get() >= 2);
         });
     }
 
@@ -340,25 +267,20 @@ mod tests {
         let metrics = net.metrics();
         let mem = guest_memory();
         let mut guest = Guest::start_with(&mem, net, 0);
-        guest.em.run_with_timeout(50).expect("run"); // activation
+        guest.0.run(50); // activation
         let mut pkt = vec![0u8; VNET_HDR_LEN];
         pkt.extend_from_slice(&arp_request(GUEST_MAC));
         peer.send(&pkt).expect("host frame");
-        guest.em.run_with_timeout(50).expect("run");
-        assert_eq!(NetMetrics::get(&metrics.rx_no_buffers), 1);
+        guest.0.run(50);
+        assert_eq!(metrics.rx_no_buffers.get(), 1);
         // The frame waits; the backend is no longer watched, so the loop stays idle.
         for _ in 0..3 {
-            assert_eq!(
-                guest.em.run_with_timeout(20).expect("run"),
-                0,
-                "event loop spins"
-            );
+            assert_eq!(guest.0.run(20), 0, "event loop spins");
         }
-        guest.rxq.add(&[Desc::w(RX_BUF, BUF_LEN)]);
-        guest.rx_evt.write(1).expect("notify");
+        guest.0.give_rx_buffer();
         let frame = guest.recv_until(|_| true);
         assert_eq!(frame, arp_request(GUEST_MAC));
-        assert_eq!(NetMetrics::get(&metrics.rx_frames), 1);
+        assert_eq!(metrics.rx_frames.get(), 1);
         // Reading resumed: the next frame goes straight through.
         peer.send(&pkt).expect("host frame");
         guest.recv_until(|_| true);

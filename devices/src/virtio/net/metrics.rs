@@ -1,68 +1,48 @@
 //! Counters of one virtio-net device, readable as JSON while the device runs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::Serialize;
+
+use crate::virtio::metrics::{Counter, Counters};
 
 /// Counters of one virtio-net device. Shared (`Arc`) between the device and readers.
 #[derive(Debug, Default, Serialize)]
 pub struct NetMetrics {
     /// Frames the guest sent that reached the backend.
-    pub tx_frames: AtomicU64,
+    pub tx_frames: Counter,
     /// Bytes of those frames (without the virtio-net header).
-    pub tx_bytes: AtomicU64,
+    pub tx_bytes: Counter,
     /// Guest frames dropped: malformed chain, too short or larger than the maximum frame.
-    pub tx_dropped: AtomicU64,
+    pub tx_dropped: Counter,
     /// Frames the backend refused to send.
-    pub tx_backend_errors: AtomicU64,
+    pub tx_backend_errors: Counter,
     /// Frames delivered to the guest.
-    pub rx_frames: AtomicU64,
+    pub rx_frames: Counter,
     /// Bytes of those frames (without the virtio-net header).
-    pub rx_bytes: AtomicU64,
+    pub rx_bytes: Counter,
     /// Received frames dropped: larger than the guest's buffers or than the maximum frame.
-    pub rx_dropped: AtomicU64,
+    pub rx_dropped: Counter,
     /// Receive buffers the guest offered that the device could not use (unwritable, too small).
-    pub rx_bad_buffers: AtomicU64,
+    pub rx_bad_buffers: Counter,
     /// Receive errors from the backend other than "nothing to read".
-    pub rx_backend_errors: AtomicU64,
+    pub rx_backend_errors: Counter,
     /// Times the device ran out of receive buffers with a frame pending.
-    pub rx_no_buffers: AtomicU64,
+    pub rx_no_buffers: Counter,
     /// Interrupts raised towards the guest.
-    pub interrupts: AtomicU64,
+    pub interrupts: Counter,
 }
 
-impl NetMetrics {
-    /// Adds `n` to `counter`.
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Adds one to `counter`.
-    pub(crate) fn inc(counter: &AtomicU64) {
-        Self::add(counter, 1);
-    }
-
-    /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// All counters as a JSON object.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
-    }
-}
+impl Counters for NetMetrics {}
 
 #[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use crate::virtio::metrics::DeviceMetrics;
 
     #[test]
     fn metrics_serialise_as_json_numbers() {
         let m = NetMetrics::default();
-        NetMetrics::add(&m.tx_bytes, 42);
-        let v: serde_json::Value = serde_json::from_str(&m.to_json()).expect("json");
+        m.tx_bytes.add(42);
+        let v = m.to_json();
         assert_eq!(v["tx_bytes"], 42);
         assert_eq!(v["rx_frames"], 0);
     }

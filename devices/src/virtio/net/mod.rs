@@ -20,6 +20,8 @@ pub use metrics::NetMetrics;
 pub use passt::{Passt, PasstConfig, PortForward};
 pub use tap::{Tap, TapConfig};
 
+/// Prefix of the device's log lines.
+pub const NAME: &str = "virtio-net";
 /// Size of `struct virtio_net_hdr_v1` (with `num_buffers`), the header in front of every frame.
 pub const VNET_HDR_LEN: usize = 12;
 /// Largest Ethernet frame accepted in either direction (64 KiB GSO frame + headers); bigger

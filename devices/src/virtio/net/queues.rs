@@ -11,8 +11,9 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{NetBackend, NetMetrics, MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::virtio::{InterruptKind, VirtioInterrupt};
+use super::{NetBackend, NetMetrics, MAX_FRAME_LEN, NAME, VNET_HDR_LEN};
+use crate::virtio::chains::{drain_queue, notify_guest, Chain, QueueIrq};
+use crate::virtio::VirtioInterrupt;
 
 /// Smallest frame the device forwards: an Ethernet header.
 const MIN_FRAME_LEN: usize = 14;
@@ -77,51 +78,28 @@ impl NetQueues {
         }
     }
 
-    fn notify(&mut self, queue_is_rx: bool) {
-        let q = if queue_is_rx {
-            &mut self.rx
-        } else {
-            &mut self.tx
-        };
-        // A guest that scribbles over its ring gets its interrupt anyway.
-        if q.needs_notification(&self.mem).unwrap_or(true) {
-            NetMetrics::inc(&self.metrics.interrupts);
-            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue) {
-                log::warn!("virtio-net: interrupt failed: {e}");
-            }
-        }
-    }
-
     /// Sends every frame the guest queued for transmission to `backend`.
     pub fn process_tx(&mut self, backend: &mut dyn NetBackend) {
-        let m = Arc::clone(&self.metrics);
-        let mut used = 0;
-        while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            match read_tx_frame(&self.mem, chain, &mut self.tx_frame) {
-                Some(len) => {
-                    let (hdr, frame) = self.tx_frame[..len].split_at(VNET_HDR_LEN);
-                    match backend.send(hdr, frame) {
-                        Ok(()) => {
-                            NetMetrics::inc(&m.tx_frames);
-                            NetMetrics::add(&m.tx_bytes, frame.len() as u64);
-                        }
-                        Err(e) => {
-                            log::debug!("virtio-net: backend send failed: {e}");
-                            NetMetrics::inc(&m.tx_backend_errors);
-                        }
-                    }
+        let irq = irq(&*self.interrupt, &self.metrics);
+        let (m, frame_buf) = (&*self.metrics, &mut self.tx_frame);
+        let unreturned = drain_queue(&mut self.tx, &self.mem, irq, |chain| {
+            let Some(len) = read_tx_frame(&self.mem, chain, frame_buf) else {
+                m.tx_dropped.inc();
+                return;
+            };
+            let (hdr, frame) = frame_buf[..len].split_at(VNET_HDR_LEN);
+            match backend.send(hdr, frame) {
+                Ok(()) => {
+                    m.tx_frames.inc();
+                    m.tx_bytes.add(frame.len() as u64);
                 }
-                None => NetMetrics::inc(&m.tx_dropped),
+                Err(e) => {
+                    log::debug!("virtio-net: backend send failed: {e}");
+                    m.tx_backend_errors.inc();
+                }
             }
-            if self.tx.add_used(&self.mem, head, 0).is_err() {
-                NetMetrics::inc(&m.tx_dropped);
-            }
-            used += 1;
-        }
-        if used > 0 {
-            self.notify(false);
-        }
+        });
+        m.tx_dropped.add(unreturned);
     }
 
     /// Moves frames from `backend` into the guest's receive buffers until one side runs dry.
@@ -135,7 +113,7 @@ impl NetQueues {
                         if !(VNET_HDR_LEN + MIN_FRAME_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN)
                             .contains(&n) =>
                     {
-                        NetMetrics::inc(&m.rx_dropped);
+                        m.rx_dropped.inc();
                         continue;
                     }
                     Ok(n) => self.rx_pending = n,
@@ -143,7 +121,7 @@ impl NetQueues {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         log::warn!("virtio-net: backend receive failed, stopping receive: {e}");
-                        NetMetrics::inc(&m.rx_backend_errors);
+                        m.rx_backend_errors.inc();
                         break RxStop::BackendFailed;
                     }
                 }
@@ -156,24 +134,24 @@ impl NetQueues {
             };
             match outcome {
                 Deliver::Done => {
-                    NetMetrics::inc(&m.rx_frames);
-                    NetMetrics::add(&m.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                    m.rx_frames.inc();
+                    m.rx_bytes.add((len - VNET_HDR_LEN) as u64);
                     self.rx_pending = 0;
                     delivered = true;
                 }
                 Deliver::Dropped => {
-                    NetMetrics::inc(&m.rx_dropped);
+                    m.rx_dropped.inc();
                     self.rx_pending = 0;
                     delivered = true;
                 }
                 Deliver::NoBuffers => {
-                    NetMetrics::inc(&m.rx_no_buffers);
+                    m.rx_no_buffers.inc();
                     break RxStop::NoBuffers;
                 }
             }
         };
         if delivered {
-            self.notify(true);
+            notify_guest(&mut self.rx, &self.mem, irq(&*self.interrupt, &m));
         }
         stop
     }
@@ -185,7 +163,7 @@ impl NetQueues {
 
     /// Returns a chain the device cannot use to the guest, empty.
     fn give_back(&mut self, head: u16) {
-        NetMetrics::inc(&self.metrics.rx_bad_buffers);
+        self.metrics.rx_bad_buffers.inc();
         let _ = self.rx.add_used(&self.mem, head, 0);
     }
 
@@ -283,12 +261,17 @@ impl NetQueues {
     }
 }
 
+/// How the device interrupts the guest, counted in `interrupts`.
+fn irq<'a>(interrupt: &'a dyn VirtioInterrupt, metrics: &'a NetMetrics) -> QueueIrq<'a> {
+    QueueIrq {
+        interrupt,
+        counter: Some(&metrics.interrupts),
+        device: NAME,
+    }
+}
+
 /// Gathers a transmit chain (header + frame) into `buf`; `None` if the chain is unusable.
-fn read_tx_frame(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-) -> Option<usize> {
+fn read_tx_frame(mem: &GuestMemoryMmap, chain: Chain<'_>, buf: &mut [u8]) -> Option<usize> {
     let mut reader = chain.reader(mem).ok()?;
     let len = reader.available_bytes();
     if len < VNET_HDR_LEN + MIN_FRAME_LEN || len > buf.len() {
@@ -306,6 +289,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
 
     use super::*;
+    use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::net::backend::tests::PairBackend;
     use crate::virtio::testing::{
         guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue, TestInterrupt, DATA_START,
@@ -353,10 +337,6 @@ mod tests {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
-    fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
-        NetMetrics::get(c)
-    }
-
     #[test]
     fn tx_frame_with_split_header_reaches_backend() {
         let mem = guest_memory();
@@ -378,8 +358,8 @@ mod tests {
         let n = r.peer.recv(&mut buf).expect("frame on backend");
         assert_eq!(&buf[..n], &pkt[..]);
         assert_eq!(r.txq.take_used(), vec![(0, 0)]);
-        assert_eq!(get(&r.metrics.tx_frames), 1);
-        assert_eq!(get(&r.metrics.tx_bytes), 100);
+        assert_eq!(r.metrics.tx_frames.get(), 1);
+        assert_eq!(r.metrics.tx_bytes.get(), 100);
         assert_eq!(r.irq.queue_count(), 1);
     }
 
@@ -402,7 +382,7 @@ mod tests {
         }
         r.queues.process_tx(&mut r.backend);
         assert_eq!(r.txq.take_used().len(), hostile.len());
-        assert_eq!(get(&r.metrics.tx_dropped), hostile.len() as u64);
+        assert_eq!(r.metrics.tx_dropped.get(), hostile.len() as u64);
         let mut buf = [0u8; 64];
         assert!(r.peer.set_nonblocking(true).is_ok());
         assert!(
@@ -460,7 +440,7 @@ mod tests {
         got.extend(read_mem(r.mem, DATA_START + 0x1000, 1500));
         got.extend(read_mem(r.mem, DATA_START + 0x2000, 12));
         assert_eq!(got, f);
-        assert_eq!(get(&r.metrics.rx_frames), 1);
+        assert_eq!(r.metrics.rx_frames.get(), 1);
         assert_eq!(r.irq.queue_count(), 1);
     }
 
@@ -480,7 +460,7 @@ mod tests {
         r.rxq.add(&[Desc::w(DATA_START + 0x2000, 1500)]);
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         assert_eq!(r.rxq.take_used().len(), 3);
-        assert_eq!(get(&r.metrics.rx_frames), 1);
+        assert_eq!(r.metrics.rx_frames.get(), 1);
     }
 
     #[test]
@@ -497,7 +477,7 @@ mod tests {
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         let used = r.rxq.take_used();
         assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, 212)]);
-        assert_eq!(get(&r.metrics.rx_bad_buffers), 3);
+        assert_eq!(r.metrics.rx_bad_buffers.get(), 3);
         assert_eq!(read_mem(r.mem, DATA_START + 0x4000 + 12, 200), f);
     }
 
@@ -515,7 +495,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
         got[10] = 0;
         assert_eq!(got, small);
-        assert_eq!(get(&r.metrics.rx_dropped), 1);
+        assert_eq!(r.metrics.rx_dropped.get(), 1);
     }
 
     #[test]
@@ -530,6 +510,6 @@ mod tests {
         assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
         let used = r.rxq.take_used();
         assert!(used.is_empty(), "{used:?} {}", r.metrics.to_json());
-        assert_eq!(get(&r.metrics.rx_dropped), 2);
+        assert_eq!(r.metrics.rx_dropped.get(), 2);
     }
 }

@@ -4,19 +4,17 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events};
 use log::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{Queue, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::RngMetrics;
-use super::{RngError, MAX_REQUEST_BYTES, QUEUE_SIZE};
-use crate::virtio::glue::{DeviceEvent, DeviceEvents};
+use super::{RngError, MAX_REQUEST_BYTES, NAME, QUEUE_SIZE};
+use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
+use crate::virtio::glue::ignore_config_write;
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::{
-    device_type, ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Fills `buf` from the host kernel's entropy pool.
@@ -42,7 +40,7 @@ pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 
 /// Answers one chain; returns the used length.
 fn fill_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: Chain<'_>,
     mem: &GuestMemoryMmap,
     buf: &mut [u8],
     metrics: &RngMetrics,
@@ -50,25 +48,25 @@ fn fill_chain(
     let mut writer: Writer<'_, ()> = match Writer::new(mem, chain) {
         Ok(w) => w,
         Err(e) => {
-            debug!("virtio-rng: dropping chain: {e}");
-            RngMetrics::inc(&metrics.invalid_chains);
+            debug!("{NAME}: dropping chain: {e}");
+            metrics.invalid_chains.inc();
             return 0;
         }
     };
     let n = writer.available_bytes().min(buf.len());
     let bytes = &mut buf[..n];
     if let Err(e) = getrandom(bytes) {
-        warn!("virtio-rng: getrandom failed: {e}");
-        RngMetrics::inc(&metrics.entropy_errors);
+        warn!("{NAME}: getrandom failed: {e}");
+        metrics.entropy_errors.inc();
         return 0;
     }
     if writer.write_all(bytes).is_err() {
-        RngMetrics::inc(&metrics.invalid_chains);
+        metrics.invalid_chains.inc();
         return 0;
     }
     bytes.fill(0);
-    RngMetrics::inc(&metrics.requests);
-    RngMetrics::add(&metrics.bytes, n as u64);
+    metrics.requests.inc();
+    metrics.bytes.add(n as u64);
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -80,47 +78,19 @@ pub fn process_queue(
     buf: &mut [u8],
     metrics: &RngMetrics,
 ) -> Result<bool, virtio_queue::Error> {
-    let mut used_any = false;
-    loop {
-        queue.disable_notification(mem)?;
-        let mut popped = false;
-        while let Some(chain) = queue.iter(mem)?.next() {
-            popped = true;
-            let head = chain.head_index();
-            let len = fill_chain(chain, mem, buf, metrics);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                // A head index past the queue cannot be returned; the driver loses that entry.
-                Err(virtio_queue::Error::InvalidDescriptorIndex) => {
-                    RngMetrics::inc(&metrics.invalid_chains)
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if !queue.enable_notification(mem)? || !popped {
-            break;
-        }
-    }
-    Ok(used_any && queue.needs_notification(mem)?)
-}
-
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    broken: bool,
+    // A head index past the queue cannot be returned: the driver loses that entry.
+    serve_queue(queue, mem, Some(&metrics.invalid_chains), |chain| {
+        fill_chain(chain, mem, buf, metrics)
+    })
 }
 
 /// A virtio-rng device.
 #[derive(Debug)]
 pub struct Rng {
     acked_features: u64,
-    active: Option<Active>,
-    events: DeviceEvents,
-    metrics: Arc<RngMetrics>,
-    buf: Vec<u8>,
+    pub(super) queue: RequestQueue,
+    pub(super) metrics: Arc<RngMetrics>,
+    pub(super) buf: Vec<u8>,
 }
 
 impl Rng {
@@ -128,8 +98,7 @@ impl Rng {
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
             acked_features: 0,
-            active: None,
-            events: DeviceEvents::new().map_err(RngError::EventFd)?,
+            queue: RequestQueue::new().map_err(RngError::EventFd)?,
             metrics: Arc::new(RngMetrics::default()),
             buf: vec![0; MAX_REQUEST_BYTES],
         })
@@ -142,41 +111,7 @@ impl Rng {
 
     /// Whether a driver activated the device and has not reset it since.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    pub(super) fn init_events(&self, ops: &mut EventOps) {
-        self.events.init(ops);
-    }
-
-    pub(super) fn dispatch(&mut self, events: &Events, ops: &mut EventOps) -> DeviceEvent {
-        let queue_evts = self.active.as_ref().map(|a| a.queue_evts.as_slice());
-        self.events.dispatch(events, ops, queue_evts)
-    }
-
-    /// Serves the request queue and interrupts the driver if it needs to know.
-    pub fn process_request_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        if active.broken {
-            return;
-        }
-        RngMetrics::inc(&self.metrics.queue_events);
-        match process_queue(&mut active.queue, &active.mem, &mut self.buf, &self.metrics) {
-            Ok(true) => {
-                RngMetrics::inc(&self.metrics.interrupts);
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
-                    warn!("virtio-rng: raising the queue interrupt failed: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                warn!("virtio-rng: request queue unusable, waiting for a reset: {e}");
-                RngMetrics::inc(&self.metrics.queue_errors);
-                active.broken = true;
-            }
-        }
+        self.queue.is_active()
     }
 }
 
@@ -203,54 +138,28 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(
-            "virtio-rng: ignoring config write of {} bytes at {offset:#x}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Some(queue), Some(evt)) = (
-            ctx.queues.into_iter().next(),
-            ctx.queue_evts.into_iter().next(),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if got != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            queue_evts: vec![evt],
-            interrupt: ctx.interrupt,
-            broken: false,
-        });
-        RngMetrics::inc(&self.metrics.activations);
-        self.events.signal();
-        Ok(())
+        self.queue.activate(ctx, &self.metrics.queue)
     }
 
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
-        if self.active.take().is_some() {
-            self.events.signal();
-        }
+        self.queue.reset();
         true
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
+    use crate::virtio::metrics::DeviceMetrics;
     use crate::virtio::test_utils::*;
-    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use crate::virtio::testing::{guest_memory, Desc, LoopRig, DATA_START};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn run(q: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap) -> RngMetrics {
         let mut queue: Queue = q.create_queue().unwrap();
@@ -312,39 +221,16 @@ mod tests {
         assert_eq!(m.to_json()["invalid_chains"], 3);
     }
 
-    #[derive(Debug, Default)]
-    struct Irq(Mutex<u32>);
-
-    impl VirtioInterrupt for Irq {
-        fn trigger(&self, _kind: InterruptKind) -> io::Result<()> {
-            *self.0.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
-
     #[test]
     fn event_loop_serves_requests_after_activation() {
-        let dev = Arc::new(Mutex::new(Rng::new().unwrap()));
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(dev.clone());
-        let mem = guest_mem();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let notify = evt.try_clone().unwrap();
-        let irq = Arc::new(Irq::default());
-        let ctx = ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.create_queue().unwrap()],
-            queue_evts: vec![evt],
-            interrupt: irq.clone(),
-        };
-        dev.lock().unwrap().activate(ctx).unwrap();
-        assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-        add_chain(&q, 0, &[(0x2_0000, 16, true)]);
-        notify.write(1).unwrap();
-        assert_eq!(em.run_with_timeout(100).unwrap(), 1);
-        assert_eq!(used(&q), vec![(0, 16)]);
-        assert_eq!(*irq.0.lock().unwrap(), 1);
-        assert_eq!(dev.lock().unwrap().metrics().to_json()["requests"], 1);
+        let mem = guest_memory();
+        let mut rig = LoopRig::activate(&mem, Rng::new().unwrap(), 0);
+        assert_eq!(rig.run(100), 1);
+        rig.queues[0].add(&[Desc::w(DATA_START, 16)]);
+        rig.notify(0);
+        assert_eq!(rig.run(100), 1);
+        assert_eq!(rig.queues[0].take_used(), vec![(0, 16)]);
+        assert_eq!(rig.irq.queue_count(), 1);
+        assert_eq!(rig.dev.lock().unwrap().metrics().to_json()["requests"], 1);
     }
 }

@@ -1,24 +1,22 @@
 //! Connects an [`Rng`] device to the VMM's event loop (see `virtio/glue.rs` for the pattern).
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
+use super::device::process_queue;
+use super::{Rng, NAME};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, RequestDevice};
 
-use super::device::Rng;
-use crate::virtio::glue::DeviceEvent;
+impl RequestDevice for Rng {
+    const NAME: &'static str = NAME;
 
-impl MutEventSubscriber for Rng {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.init_events(ops);
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        self.queue.events()
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.dispatch(&events, ops) {
-            DeviceEvent::Activated | DeviceEvent::Queue(0) => self.process_request_queue(),
-            DeviceEvent::Queue(n) => warn!("virtio-rng: event for unknown queue {n}"),
-            DeviceEvent::Other => {
-                warn!("virtio-rng: unexpected event on fd {}", events.fd());
-                let _ = ops.remove(events);
-            }
-        }
+    fn process_request_queue(&mut self) {
+        let (buf, m) = (&mut self.buf, &*self.metrics);
+        self.queue.serve(NAME, &m.queue, |queue, mem| {
+            process_queue(queue, mem, buf, m)
+        });
     }
 }
+
+event_subscriber!(Rng);

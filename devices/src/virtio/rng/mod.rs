@@ -13,6 +13,8 @@ pub mod metrics;
 pub use device::Rng;
 pub use metrics::RngMetrics;
 
+/// Prefix of the device's log lines.
+pub const NAME: &str = "virtio-rng";
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request, however large the guest's buffers.

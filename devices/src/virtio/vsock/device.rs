@@ -3,20 +3,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
 use super::queues::VsockQueues;
-use super::{Muxer, VsockError, VsockMetrics, EVT_INDEX, QUEUE_SIZE, RX_INDEX, TX_INDEX};
+use super::{Muxer, VsockError, VsockMetrics, EVT_INDEX, NAME, QUEUE_SIZE, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
-
-/// State the event loop needs once the driver activated the device.
-#[derive(Debug)]
-pub(crate) struct Active {
-    pub(crate) queues: VsockQueues,
-    pub(crate) queue_evts: Vec<EventFd>,
-}
 
 /// A virtio-vsock device whose host side is a Unix socket.
 #[derive(Debug)]
@@ -25,13 +17,10 @@ pub struct Vsock {
     pub(crate) muxer: Muxer,
     acked_features: u64,
     pub(crate) metrics: Arc<VsockMetrics>,
-    /// Written by `activate`/`reset` (vCPU thread) so the event loop (re)registers its fds.
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// Queue eventfds of a previous activation, to unregister from the event loop.
-    pub(crate) retired_evts: Vec<EventFd>,
-    /// Whether the queue eventfds of `active` are registered with the event loop.
-    pub(crate) queues_registered: bool,
+    /// Activation and queue eventfds (see `virtio/glue.rs`).
+    pub(crate) events: DeviceEvents,
+    /// The queues, while a driver has the device activated.
+    pub(crate) active: Option<VsockQueues>,
 }
 
 impl Vsock {
@@ -45,10 +34,8 @@ impl Vsock {
             muxer,
             acked_features: 0,
             metrics,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::Setup)?,
+            events: DeviceEvents::new().map_err(VsockError::Setup)?,
             active: None,
-            retired_evts: Vec::new(),
-            queues_registered: false,
         })
     }
 
@@ -65,13 +52,6 @@ impl Vsock {
     /// The device's counters (shared; read them any time, e.g. `metrics().to_json()`).
     pub fn metrics(&self) -> Arc<VsockMetrics> {
         Arc::clone(&self.metrics)
-    }
-
-    fn retire(&mut self) {
-        if let Some(old) = self.active.take() {
-            self.retired_evts.extend(old.queue_evts);
-        }
-        self.queues_registered = false;
     }
 }
 
@@ -93,53 +73,28 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
-            "vsock: ignored config write of {} bytes at {offset}",
-            data.len()
-        );
+        ignore_config_write(NAME, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 3 || ctx.queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
-        }
+        let a = ctx.expect_queues::<3>()?;
         debug_assert_eq!((RX_INDEX, TX_INDEX, EVT_INDEX), (0, 1, 2));
-        let mut q = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), Some(ev)) = (q.next(), q.next(), q.next()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: 0,
-            });
-        };
-        self.retire();
-        let queues = VsockQueues::new(ctx.mem, rx, tx, ev, ctx.interrupt, self.metrics());
-        self.active = Some(Active {
-            queues,
-            queue_evts: ctx.queue_evts,
-        });
-        self.activate_evt.write(1).map_err(ActivateError::Io)?;
+        let [rx, tx, ev] = a.queues;
+        let queues = VsockQueues::new(a.mem, rx, tx, ev, a.interrupt, self.metrics());
+        self.active = Some(queues);
+        self.events.activated(a.queue_evts);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        self.retire();
+        self.active = None;
+        self.events.deactivated();
         self.muxer.reset();
         self.acked_features = 0;
-        let _ = self.activate_evt.write(1);
         true
     }
 }
@@ -151,6 +106,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::testing::{guest_memory, interrupt, GuestQueue};
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn config_space_is_the_guest_cid() {

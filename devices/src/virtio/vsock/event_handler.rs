@@ -2,114 +2,89 @@
 //!
 //! The device sits in the event loop as `Arc<Mutex<Vsock>>`. The muxer's epoll fd (all host
 //! sockets) is watched from the start, so host programs can connect before the guest driver is
-//! up; the queue eventfds are (re)registered when `activate`/`reset` write `activate_evt`.
+//! up; the queue eventfds are (re)registered by the shared glue (`virtio/glue.rs`) when the
+//! driver activates or resets the device.
 
-use std::os::fd::AsRawFd;
+use event_manager::{EventOps, EventSet, Events};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-
-use super::{Vsock, RX_INDEX, TX_INDEX};
+use super::{Vsock, NAME, RX_INDEX, TX_INDEX};
+use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Vsock {
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        for evt in self.retired_evts.drain(..) {
-            let _ = ops.remove(Events::new(&evt, EventSet::IN));
-        }
-        if let (Some(active), false) = (&self.active, self.queues_registered) {
-            for evt in &active.queue_evts {
-                if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                    log::error!("vsock: cannot watch a queue eventfd: {e:?}");
-                }
-            }
-            self.queues_registered = true;
-        }
-        self.run_tx();
-        self.run_rx();
-    }
-
     fn run_tx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_tx(&mut self.muxer);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_tx(&mut self.muxer);
         }
     }
 
     fn run_rx(&mut self) {
-        if let Some(active) = self.active.as_mut() {
-            active.queues.process_rx(&mut self.muxer);
+        if let Some(queues) = self.active.as_mut() {
+            queues.process_rx(&mut self.muxer);
         }
     }
 }
 
-impl MutEventSubscriber for Vsock {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.activate_evt.as_raw_fd(), self.muxer.epoll_fd()] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("vsock: cannot register with the event loop: {e:?}");
-            }
+impl EventDevice for Vsock {
+    const NAME: &'static str = NAME;
+
+    fn device_events(&mut self) -> &mut DeviceEvents {
+        &mut self.events
+    }
+
+    fn init_other(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.muxer.epoll_fd(), EventSet::IN)) {
+            log::error!("{NAME}: cannot register with the event loop: {e:?}");
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            return self.on_activate(ops);
-        }
-        if fd == self.muxer.epoll_fd() {
-            self.muxer.process_host_events();
-            return self.run_rx();
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if let Some(i) = active.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
-            let _ = active.queue_evts[i].read();
-            match i {
-                RX_INDEX => self.run_rx(),
-                TX_INDEX => {
-                    self.run_tx();
-                    self.run_rx();
-                }
-                _ => {}
+    fn on_activation(&mut self, _ops: &mut EventOps) {
+        self.run_tx();
+        self.run_rx();
+    }
+
+    fn on_queue(&mut self, index: usize, _ops: &mut EventOps) {
+        match index {
+            RX_INDEX => self.run_rx(),
+            TX_INDEX => {
+                self.run_tx();
+                self.run_rx();
             }
+            _ => {}
         }
     }
+
+    fn on_other(&mut self, events: &Events, _ops: &mut EventOps) -> bool {
+        if events.fd() != self.muxer.epoll_fd() {
+            return false;
+        }
+        self.muxer.process_host_events();
+        self.run_rx();
+        true
+    }
 }
+
+event_subscriber!(Vsock);
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestMemoryMmap;
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::virtio::testing::{guest_memory, interrupt, read_mem, write_mem, Desc, GuestQueue};
+    use crate::virtio::testing::{guest_memory, GuestDriver};
     use crate::virtio::vsock::muxer::listener_path;
     use crate::virtio::vsock::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
-    use crate::virtio::vsock::{VsockMetrics, HOST_CID};
-    use crate::virtio::{ActivateContext, VirtioDevice};
+    use crate::virtio::vsock::HOST_CID;
 
     const CID: u64 = 42;
-    const RX_BUF: u64 = 0x20_0000;
-    const TX_BUF: u64 = 0x40_0000;
     const BUF_LEN: u32 = 4096;
 
     /// Plays the guest's vsock driver over the queues, with the device in a real event loop.
-    struct Guest<'a> {
-        mem: &'a GuestMemoryMmap,
-        rxq: GuestQueue<'a>,
-        txq: GuestQueue<'a>,
-        rx_evt: EventFd,
-        tx_evt: EventFd,
-        em: EventManager<Arc<Mutex<Vsock>>>,
-        tx_slot: u64,
-    }
+    struct Guest<'a>(GuestDriver<'a, Vsock>);
 
     impl<'a> Guest<'a> {
         fn start(mem: &'a GuestMemoryMmap, dev: Vsock) -> Self {
@@ -117,39 +92,7 @@ mod tests {
         }
 
         fn start_with(mem: &'a GuestMemoryMmap, dev: Vsock, rx_buffers: u64) -> Self {
-            let dev = Arc::new(Mutex::new(dev));
-            let mut em = EventManager::new().expect("event manager");
-            em.add_subscriber(Arc::clone(&dev));
-            let mut rxq = GuestQueue::new(mem, 0, 16);
-            let txq = GuestQueue::new(mem, 0x1_0000, 16);
-            let evq = GuestQueue::new(mem, 0x2_0000, 16);
-            for i in 0..rx_buffers {
-                rxq.add(&[Desc::w(RX_BUF + i * u64::from(BUF_LEN), BUF_LEN)]);
-            }
-            let evts: Vec<EventFd> = (0..3).map(|_| EventFd::new(0).expect("eventfd")).collect();
-            let rx_evt = evts[0].try_clone().expect("clone");
-            let tx_evt = evts[1].try_clone().expect("clone");
-            {
-                let mut d = dev.lock().expect("lock");
-                let f = d.avail_features();
-                d.ack_features(f);
-                d.activate(ActivateContext {
-                    mem: mem.clone(),
-                    queues: vec![rxq.queue(), txq.queue(), evq.queue()],
-                    queue_evts: evts,
-                    interrupt: interrupt(),
-                })
-                .expect("activate");
-            }
-            Self {
-                mem,
-                rxq,
-                txq,
-                rx_evt,
-                tx_evt,
-                em,
-                tx_slot: 0,
-            }
+            Self(GuestDriver::start(mem, dev, u64::MAX, rx_buffers, BUF_LEN))
         }
 
         fn send(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8], fwd_cnt: u32) {
@@ -165,38 +108,15 @@ mod tests {
                 buf_alloc: 64 * 1024,
                 fwd_cnt,
             };
-            let addr = TX_BUF + (self.tx_slot % 16) * 0x1_0000;
-            self.tx_slot += 1;
-            write_mem(self.mem, addr, &hdr.to_bytes());
-            write_mem(self.mem, addr + HDR_LEN as u64, data);
             // Header and payload in separate descriptors, as Linux does.
-            let mut chain = vec![Desc::r(addr, HDR_LEN as u32)];
-            if !data.is_empty() {
-                chain.push(Desc::r(addr + HDR_LEN as u64, data.len() as u32));
-            }
-            self.txq.add(&chain);
-            self.tx_evt.write(1).expect("notify tx");
-            self.em.run_with_timeout(50).expect("run");
+            self.0.send(&[&hdr.to_bytes(), data]);
         }
 
         fn recv(&mut self) -> (VsockHeader, Vec<u8>) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Some((head, len)) = self.rxq.take_used().into_iter().next() {
-                    let addr = self.rxq.desc_addr(head as u16);
-                    let pkt = read_mem(self.mem, addr, len as usize);
-                    self.rxq.add(&[Desc::w(addr, BUF_LEN)]);
-                    self.rx_evt.write(1).expect("notify rx");
-                    let mut h = [0u8; HDR_LEN];
-                    h.copy_from_slice(&pkt[..HDR_LEN]);
-                    return (VsockHeader::from_bytes(&h), pkt[HDR_LEN..].to_vec());
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "no packet for the guest within 5 s"
-                );
-                self.em.run_with_timeout(50).expect("run");
-            }
+            let pkt = self.0.recv();
+            let mut h = [0u8; HDR_LEN];
+            h.copy_from_slice(&pkt[..HDR_LEN]);
+            (VsockHeader::from_bytes(&h), pkt[HDR_LEN..].to_vec())
         }
     }
 
@@ -242,8 +162,8 @@ mod tests {
         assert_eq!(&buf, b"pong from guest");
         guest.send(op::RST, 1024, req.src_port, &[], 0);
         assert_eq!(host.read(&mut buf).expect("eof after RST"), 0);
-        assert_eq!(VsockMetrics::get(&metrics.rx_bytes), 14);
-        assert_eq!(VsockMetrics::get(&metrics.tx_bytes), 15);
+        assert_eq!(metrics.rx_bytes.get(), 14);
+        assert_eq!(metrics.tx_bytes.get(), 15);
     }
 
     #[test]
@@ -315,22 +235,17 @@ mod tests {
         let path = dev.socket_path().to_path_buf();
         let mem = guest_memory();
         let mut guest = Guest::start_with(&mem, dev, 0);
-        guest.em.run_with_timeout(50).expect("run"); // activation
+        guest.0.run(50); // activation
         let mut host = UnixStream::connect(&path).expect("connect");
         host.write_all(b"CONNECT 8\n").expect("write");
         // Accept and read the line; the REQUEST then waits for a buffer.
         for _ in 0..5 {
-            guest.em.run_with_timeout(20).expect("run");
+            guest.0.run(20);
         }
         for _ in 0..3 {
-            assert_eq!(
-                guest.em.run_with_timeout(20).expect("run"),
-                0,
-                "event loop spins"
-            );
+            assert_eq!(guest.0.run(20), 0, "event loop spins");
         }
-        guest.rxq.add(&[Desc::w(RX_BUF, BUF_LEN)]);
-        guest.rx_evt.write(1).expect("notify");
+        guest.0.give_rx_buffer();
         let (req, _) = guest.recv();
         assert_eq!((req.op, req.dst_port), (op::REQUEST, 8));
     }
@@ -358,7 +273,7 @@ mod tests {
         let (req, _) = guest.recv();
         guest.send(op::RST, 1026, req.src_port, &[], 0);
         for _ in 0..5 {
-            guest.em.run_with_timeout(10).expect("run");
+            guest.0.run(10);
         }
         let err = refused.join().expect("thread").expect_err("refused");
         assert!(err.to_string().contains("guest port 1026"), "{err}");

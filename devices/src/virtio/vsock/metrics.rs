@@ -1,69 +1,50 @@
 //! Counters of one virtio-vsock device, readable as JSON while the device runs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::Serialize;
+
+use crate::virtio::metrics::{Counter, Counters};
 
 /// Counters of one virtio-vsock device. Shared (`Arc`) between the device and readers.
 #[derive(Debug, Default, Serialize)]
 pub struct VsockMetrics {
     /// Packets taken from the guest's transmit queue and handled.
-    pub tx_packets: AtomicU64,
+    pub tx_packets: Counter,
     /// Payload bytes the guest sent to host sockets.
-    pub tx_bytes: AtomicU64,
+    pub tx_bytes: Counter,
     /// Packets delivered to the guest.
-    pub rx_packets: AtomicU64,
+    pub rx_packets: Counter,
     /// Payload bytes delivered to the guest.
-    pub rx_bytes: AtomicU64,
+    pub rx_bytes: Counter,
     /// Guest packets dropped as malformed (bad chain, header, CID or length).
-    pub bad_packets: AtomicU64,
+    pub bad_packets: Counter,
     /// Receive buffers the guest offered that the device could not use.
-    pub bad_buffers: AtomicU64,
+    pub bad_buffers: Counter,
     /// Connections a host program opened with `CONNECT <port>`.
-    pub host_connects: AtomicU64,
+    pub host_connects: Counter,
     /// Connections the guest opened to a host listener.
-    pub guest_connects: AtomicU64,
+    pub guest_connects: Counter,
     /// Guest connections refused because no host program listens on the port.
-    pub refused: AtomicU64,
+    pub refused: Counter,
     /// Connections refused because the connection limit was reached.
-    pub limit_refused: AtomicU64,
+    pub limit_refused: Counter,
     /// RST packets sent to the guest.
-    pub resets_sent: AtomicU64,
+    pub resets_sent: Counter,
     /// Connections open now.
-    pub connections: AtomicU64,
+    pub connections: Counter,
 }
 
-impl VsockMetrics {
-    /// Adds `n` to `counter`.
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Adds one to `counter`.
-    pub(crate) fn inc(counter: &AtomicU64) {
-        Self::add(counter, 1);
-    }
-
-    /// Reads a counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// All counters as a JSON object.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
-    }
-}
+impl Counters for VsockMetrics {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::metrics::DeviceMetrics;
 
     #[test]
     fn vsock_metrics_serialise_as_json() {
         let m = VsockMetrics::default();
-        VsockMetrics::inc(&m.refused);
-        let v: serde_json::Value = serde_json::from_str(&m.to_json()).expect("json");
+        m.refused.inc();
+        let v = m.to_json();
         assert_eq!(v["refused"], 1);
     }
 }

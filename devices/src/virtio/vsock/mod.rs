@@ -22,6 +22,8 @@ pub use device::Vsock;
 pub use metrics::VsockMetrics;
 pub use muxer::{host_connect, listener_path, Muxer};
 
+/// Prefix of the device's log lines.
+pub const NAME: &str = "vsock";
 /// The host's context id.
 pub const HOST_CID: u64 = 2;
 /// Smallest context id a guest may have.

@@ -166,10 +166,7 @@ impl Muxer {
     fn insert(&mut self, key: Key, conn: Connection) {
         self.by_fd.insert(conn.stream.as_raw_fd(), key);
         self.conns.insert(key, conn);
-        self.metrics.connections.store(
-            self.conns.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.metrics.connections.set(self.conns.len() as u64);
         self.update_interest(key);
     }
 
@@ -179,10 +176,7 @@ impl Muxer {
             let _ = epoll_ctl(&self.epoll, fd, conn.registered, 0);
             self.by_fd.remove(&fd);
         }
-        self.metrics.connections.store(
-            self.conns.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.metrics.connections.set(self.conns.len() as u64);
     }
 
     /// Removes the connection and tells the guest with RST.
@@ -195,7 +189,7 @@ impl Muxer {
     }
 
     fn push_rst(&mut self, rst: VsockHeader) {
-        VsockMetrics::inc(&self.metrics.resets_sent);
+        self.metrics.resets_sent.inc();
         self.rxq.push_back(RxItem::Ctrl(rst));
     }
 
@@ -338,7 +332,7 @@ impl Muxer {
     /// Handles one packet from the guest.
     pub fn send_pkt(&mut self, hdr: &VsockHeader, data: &[u8]) {
         if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid {
-            VsockMetrics::inc(&self.metrics.bad_packets);
+            self.metrics.bad_packets.inc();
             return;
         }
         let key = (hdr.dst_port, hdr.src_port);
@@ -378,7 +372,7 @@ impl Muxer {
                 if conn.push_guest_data(data).is_err() {
                     return self.reset_conn(key);
                 }
-                VsockMetrics::add(&self.metrics.tx_bytes, data.len() as u64);
+                self.metrics.tx_bytes.add(data.len() as u64);
                 if conn.needs_credit_update() {
                     let h = conn.credit_update();
                     self.rxq.push_back(RxItem::Ctrl(h));
@@ -415,7 +409,7 @@ impl Muxer {
             ..VsockHeader::default()
         };
         if self.conns.len() + self.pending.len() >= self.max_connections {
-            VsockMetrics::inc(&self.metrics.limit_refused);
+            self.metrics.limit_refused.inc();
             return self.push_rst(rst);
         }
         let target = listener_path(&self.path, hdr.dst_port);
@@ -423,7 +417,7 @@ impl Muxer {
             Ok(s) => s,
             _ => {
                 log::debug!("vsock: guest connect to {} refused", target.display());
-                VsockMetrics::inc(&self.metrics.refused);
+                self.metrics.refused.inc();
                 return self.push_rst(rst);
             }
         };
@@ -431,7 +425,7 @@ impl Muxer {
             Connection::new(stream, ConnState::Established, key.0, key.1, self.guest_cid);
         conn.update_peer_credit(hdr);
         let resp = conn.header(op::RESPONSE, 0, 0);
-        VsockMetrics::inc(&self.metrics.guest_connects);
+        self.metrics.guest_connects.inc();
         self.insert(key, conn);
         self.rxq.push_back(RxItem::Ctrl(resp));
     }
@@ -555,7 +549,7 @@ mod tests {
         r.m.send_pkt(&guest_hdr(op::RST, 1234, local, 0), &[]);
         assert_eq!(host.read(&mut buf).expect("eof"), 0);
         assert_eq!(r.m.connection_count(), 0);
-        assert_eq!(VsockMetrics::get(&r.metrics.host_connects), 1);
+        assert_eq!(r.metrics.host_connects.get(), 1);
     }
 
     #[test]
@@ -596,7 +590,7 @@ mod tests {
             (h.op, h.src_port, h.dst_port, h.dst_cid),
             (op::RST, 6000, 40001, CID)
         );
-        assert_eq!(VsockMetrics::get(&r.metrics.refused), 1);
+        assert_eq!(r.metrics.refused.get(), 1);
         assert_eq!(r.m.connection_count(), 0);
     }
 
@@ -615,7 +609,7 @@ mod tests {
         elsewhere.dst_cid = 7;
         r.m.send_pkt(&elsewhere, &[]);
         no_pkt(&mut r.m);
-        assert_eq!(VsockMetrics::get(&r.metrics.bad_packets), 2);
+        assert_eq!(r.metrics.bad_packets.get(), 2);
         let mut dgram = guest_hdr(op::REQUEST, 1, 2, 0);
         dgram.type_ = 2;
         r.m.send_pkt(&dgram, &[]);
@@ -678,7 +672,7 @@ mod tests {
         }
         let ops: Vec<u16> = (0..3).map(|_| next_pkt(&mut r.m).0.op).collect();
         assert_eq!(ops, [op::RESPONSE, op::RESPONSE, op::RST]);
-        assert_eq!(VsockMetrics::get(&r.metrics.limit_refused), 1);
+        assert_eq!(r.metrics.limit_refused.get(), 1);
         let mut host = UnixStream::connect(&r.path).expect("connect");
         r.m.process_host_events();
         let mut buf = [0u8; 1];

@@ -12,8 +12,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::packet::{VsockHeader, HDR_LEN};
-use super::{Muxer, VsockMetrics, MAX_PKT_DATA};
-use crate::virtio::{InterruptKind, VirtioInterrupt};
+use super::{Muxer, VsockMetrics, MAX_PKT_DATA, NAME};
+use crate::virtio::chains::{drain_queue, notify_guest, QueueIrq};
+use crate::virtio::VirtioInterrupt;
 
 /// The queues of an activated vsock device.
 #[derive(Debug)]
@@ -49,21 +50,11 @@ impl VsockQueues {
         }
     }
 
-    fn notify(&mut self, rx: bool) {
-        let q = if rx { &mut self.rx } else { &mut self.tx };
-        if q.needs_notification(&self.mem).unwrap_or(true) {
-            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue) {
-                log::warn!("vsock: interrupt failed: {e}");
-            }
-        }
-    }
-
     /// Hands every packet the guest queued to the muxer.
     pub fn process_tx(&mut self, muxer: &mut Muxer) {
-        let mut used = false;
-        while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let pkt = chain.reader(&self.mem).ok().and_then(|mut r| {
+        let (mem, buf, m) = (&self.mem, &mut self.buf, &*self.metrics);
+        drain_queue(&mut self.tx, mem, irq(&*self.interrupt), |chain| {
+            let pkt = chain.reader(mem).ok().and_then(|mut r| {
                 let mut hdr = [0u8; HDR_LEN];
                 r.read_exact(&mut hdr).ok()?;
                 let hdr = VsockHeader::from_bytes(&hdr);
@@ -71,22 +62,17 @@ impl VsockQueues {
                 if len > MAX_PKT_DATA || len > r.available_bytes() {
                     return None;
                 }
-                r.read_exact(&mut self.buf[..len]).ok()?;
+                r.read_exact(&mut buf[..len]).ok()?;
                 Some((hdr, len))
             });
             match pkt {
                 Some((hdr, len)) => {
-                    VsockMetrics::inc(&self.metrics.tx_packets);
-                    muxer.send_pkt(&hdr, &self.buf[..len]);
+                    m.tx_packets.inc();
+                    muxer.send_pkt(&hdr, &buf[..len]);
                 }
-                None => VsockMetrics::inc(&self.metrics.bad_packets),
+                None => m.bad_packets.inc(),
             }
-            let _ = self.tx.add_used(&self.mem, head, 0);
-            used = true;
-        }
-        if used {
-            self.notify(false);
-        }
+        });
     }
 
     /// Moves the muxer's packets into the guest's receive buffers. Returns true if packets
@@ -103,7 +89,7 @@ impl VsockQueues {
             let mut writer = match chain.writer(&self.mem) {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
-                    VsockMetrics::inc(&self.metrics.bad_buffers);
+                    self.metrics.bad_buffers.inc();
                     let _ = self.rx.add_used(&self.mem, head, 0);
                     used = true;
                     continue;
@@ -119,10 +105,10 @@ impl VsockQueues {
                 && writer.write_all(&self.buf[..n]).is_ok();
             let len = if ok { HDR_LEN + n } else { 0 };
             if ok {
-                VsockMetrics::inc(&self.metrics.rx_packets);
-                VsockMetrics::add(&self.metrics.rx_bytes, n as u64);
+                self.metrics.rx_packets.inc();
+                self.metrics.rx_bytes.add(n as u64);
             } else {
-                VsockMetrics::inc(&self.metrics.bad_buffers);
+                self.metrics.bad_buffers.inc();
             }
             let _ = self
                 .rx
@@ -130,9 +116,18 @@ impl VsockQueues {
             used = true;
         }
         if used {
-            self.notify(true);
+            notify_guest(&mut self.rx, &self.mem, irq(&*self.interrupt));
         }
         starved
+    }
+}
+
+/// How the device interrupts the guest (vsock counts no interrupts).
+fn irq(interrupt: &dyn VirtioInterrupt) -> QueueIrq<'_> {
+    QueueIrq {
+        interrupt,
+        counter: None,
+        device: NAME,
     }
 }
 
@@ -256,10 +251,7 @@ mod tests {
         }
         r.q.process_tx(&mut r.muxer);
         assert_eq!(r.txq.take_used().len(), chains.len());
-        assert_eq!(
-            VsockMetrics::get(&r.metrics.bad_packets),
-            chains.len() as u64
-        );
+        assert_eq!(r.metrics.bad_packets.get(), chains.len() as u64);
         assert!(!r.muxer.has_pending_rx(), "no connection was opened");
         assert_eq!(r.muxer.connection_count(), 0);
     }
@@ -280,7 +272,7 @@ mod tests {
             "RST still waits for a usable buffer"
         );
         assert_eq!(r.rxq.take_used(), vec![(0, 0), (1, 0), (2, 0)]);
-        assert_eq!(VsockMetrics::get(&r.metrics.bad_buffers), 3);
+        assert_eq!(r.metrics.bad_buffers.get(), 3);
         r.rxq.add(&[Desc::w(DATA_START + 0x2000, 44)]);
         assert!(!r.q.process_rx(&mut r.muxer));
         assert_eq!(r.rxq.take_used(), vec![(3, 44)]);

@@ -11,7 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{epoll_ctl, ConnState, Connection, Muxer, RxItem, FIRST_LOCAL_PORT};
 use crate::virtio::vsock::packet::op;
-use crate::virtio::vsock::{VsockError, VsockMetrics};
+use crate::virtio::vsock::VsockError;
 
 /// Longest `CONNECT <port>\n` line accepted from a host program.
 const MAX_LINE: usize = 32;
@@ -135,7 +135,7 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.conns.len() + self.pending.len() >= self.max_connections {
-                        VsockMetrics::inc(&self.metrics.limit_refused);
+                        self.metrics.limit_refused.inc();
                         log::warn!("vsock: connection limit reached, closing a host connection");
                         continue;
                     }
@@ -213,7 +213,7 @@ impl Muxer {
             self.guest_cid,
         );
         let req = conn.header(op::REQUEST, 0, 0);
-        VsockMetrics::inc(&self.metrics.host_connects);
+        self.metrics.host_connects.inc();
         self.insert(key, conn);
         self.rxq.push_back(RxItem::Ctrl(req));
     }
