@@ -6,9 +6,13 @@
 //! compiles it. No floating point and no `core::fmt`: the code is built without SSE so that an
 //! instruction emulator that only knows the general-purpose instructions can run all of it.
 
+#[allow(dead_code)]
 pub mod boot_info;
 pub mod out;
+#[allow(dead_code)]
 pub mod smp;
+#[allow(dead_code)]
+pub mod virtio;
 
 use core::arch::{asm, global_asm};
 
