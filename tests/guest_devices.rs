@@ -1,0 +1,698 @@
+//! `mvm boot` with the freestanding virtio guest (`tests/guests/virtio.rs`): the guest's own
+//! minimal virtio-mmio drivers use every device mvm offers, through real KVM exits (register
+//! accesses, ioeventfd-backed queue notifies), and these tests check the results on the host
+//! side: bytes in disk files, frames on a tap in a network namespace, data on vsock Unix
+//! sockets, and random bytes. Each boot takes well under a second here.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guests::{field, fnv1a, test_guest, wait_with_deadline, Finished, PREFIX};
+use common::{have_kvm, MVM};
+use devices::virtio::vsock::{host_connect, listener_path};
+
+/// Generous for guests that need well under a second, even on a busy emulated host.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Starts `mvm boot` on the virtio guest (stdout and stderr piped); `prefix` runs mvm through
+/// another program (e.g. `ip netns exec NS`).
+fn start_guest(prefix: &[&str], cmdline: &str, extra: &[&str]) -> (Child, Instant) {
+    let guest = test_guest("virtio");
+    let mut argv: Vec<&str> = prefix.to_vec();
+    argv.extend_from_slice(&[MVM, "boot", "--mem", "64M", "--cmdline", cmdline]);
+    argv.extend_from_slice(&["--kernel", guest.to_str().expect("utf-8 path")]);
+    argv.extend_from_slice(extra);
+    let child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mvm");
+    (child, Instant::now())
+}
+
+/// Waits for the guest and checks it ran to its reset without errors; prints the boot-to-exit
+/// time.
+fn finish(child: Child, started: Instant, what: &str) -> Finished {
+    let run = wait_with_deadline(child, DEADLINE, what);
+    eprintln!("{what}: boot to exit {:?}", started.elapsed());
+    let dump = run.dump();
+    assert_eq!(run.code, Some(0), "{dump}");
+    assert!(run.stderr.is_empty(), "mvm complained:\n{dump}");
+    assert!(
+        !run.stdout.contains(&format!("{PREFIX}error")),
+        "the guest reported an error:\n{dump}"
+    );
+    assert!(
+        run.stdout.contains(&format!("{PREFIX}done"))
+            && run.stdout.ends_with(&format!("{PREFIX}reset\n")),
+        "the guest did not finish:\n{dump}"
+    );
+    run
+}
+
+/// Boots the guest with `cmdline` and device flags `extra`, and waits for it.
+fn boot(cmdline: &str, extra: &[&str], what: &str) -> Finished {
+    let (child, started) = start_guest(&[], cmdline, extra);
+    finish(child, started, what)
+}
+
+/// The guest's lines starting with `topic` (without the prefix).
+fn lines<'a>(run: &'a Finished, topic: &str) -> Vec<&'a str> {
+    run.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(PREFIX))
+        .filter(|l| l.starts_with(topic))
+        .collect()
+}
+
+/// The one guest line starting with `topic`.
+fn one_line<'a>(run: &'a Finished, topic: &str) -> &'a str {
+    match lines(run, topic).as_slice() {
+        [l] => l,
+        other => panic!("{} lines '{topic}':\n{}", other.len(), run.dump()),
+    }
+}
+
+/// The text of `key="..."` (running to the line's last quote).
+fn quoted<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = line.rfind('"')?;
+    (end >= start).then(|| &line[start..end])
+}
+
+/// Bytes as the guest prints them: printable ASCII as is, everything else (and `\`) as `\xNN`.
+fn escaped(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) && b != b'\\' {
+                char::from(b).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
+}
+
+/// The bytes the guest writes to disk `dev` for `mvm_seed=seed`: xorshift64 words from
+/// `(seed + dev) | 1`, little endian (tests/guests/virtio/blk.rs computes the same).
+fn guest_pattern(seed: u64, dev: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_add(dev) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A value different in every test run.
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            d.as_secs().wrapping_mul(1_000_000_007) ^ u64::from(d.subsec_nanos())
+        });
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+fn read_metrics(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read metrics")).expect("metrics JSON")
+}
+
+fn metric(m: &serde_json::Value, device: &str, name: &str) -> u64 {
+    m[device][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no metric {device}.{name} in {m}"))
+}
+
+#[test]
+fn guest_reads_a_disk_the_host_wrote_and_its_flushed_writes_land_in_the_file() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = dir.path().join("disk.img");
+    let seed = nonce();
+    let original = guest_pattern(seed ^ 0xa5a5, 7, 1 << 20);
+    std::fs::write(&disk, &original).expect("write disk");
+    let serial = format!("gv-{:x}", seed & 0xffff_ffff);
+    let metrics = dir.path().join("metrics.json");
+    let run = boot(
+        &format!("mvm_test=blk mvm_seed={seed:#x}"),
+        &[
+            "--disk",
+            &format!("{},serial={serial}", disk.display()),
+            "--metrics",
+            metrics.to_str().expect("utf-8 path"),
+        ],
+        "blk read/write",
+    );
+    let dump = run.dump();
+
+    assert_eq!(
+        one_line(&run, "blk dev=0 capacity"),
+        "blk dev=0 capacity=2048 ro=0 flush=1",
+        "{dump}"
+    );
+    let id = one_line(&run, "blk dev=0 get-id");
+    assert_eq!(field(id, "status"), Some("0"), "{dump}");
+    assert_eq!(quoted(id, "id"), Some(serial.as_str()), "GET_ID\n{dump}");
+
+    let read = one_line(&run, "blk dev=0 read sector=0");
+    assert_eq!(field(read, "status"), Some("0"), "{dump}");
+    let want_hash = format!("{:#010x}", fnv1a(&original[..4096]));
+    assert_eq!(field(read, "fnv1a"), Some(want_hash.as_str()), "{dump}");
+    assert_eq!(
+        quoted(read, "head"),
+        Some(escaped(&original[..16]).as_str()),
+        "{dump}"
+    );
+
+    assert_eq!(
+        field(one_line(&run, "blk dev=0 write"), "status"),
+        Some("0"),
+        "{dump}"
+    );
+    assert_eq!(
+        one_line(&run, "blk dev=0 flush"),
+        "blk dev=0 flush status=0",
+        "{dump}"
+    );
+    assert_eq!(
+        one_line(&run, "blk dev=0 readback"),
+        "blk dev=0 readback sector=8 status=0 match=1",
+        "{dump}"
+    );
+    // Past the end: IOERR.
+    assert_eq!(
+        one_line(&run, "blk dev=0 read-past-end"),
+        "blk dev=0 read-past-end sector=2048 status=1",
+        "{dump}"
+    );
+
+    // The file holds the guest's pattern at sectors 8..16 and nothing else changed.
+    let after = std::fs::read(&disk).expect("read disk");
+    assert_eq!(after.len(), original.len());
+    assert!(
+        after[4096..8192] == guest_pattern(seed, 0, 4096)[..],
+        "the guest's write is not in the file"
+    );
+    assert!(after[..4096] == original[..4096] && after[8192..] == original[8192..]);
+
+    let m = read_metrics(&metrics);
+    for (name, want) in [
+        ("reads", 2),
+        ("writes", 1),
+        ("flushes", 1),
+        ("get_ids", 1),
+        ("io_errors", 1),
+        ("invalid_chains", 0),
+    ] {
+        assert_eq!(metric(&m, "block_vda", name), want, "{name}: {m}");
+    }
+    assert!(metric(&m, "block_vda", "queue_events") >= 1, "{m}");
+}
+
+#[test]
+fn guest_writes_to_a_read_only_disk_fail_and_leave_the_file_unchanged() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = dir.path().join("ro.img");
+    let original = guest_pattern(nonce(), 3, 64 * 1024);
+    std::fs::write(&disk, &original).expect("write disk");
+    let run = boot(
+        "mvm_test=blk mvm_seed=42",
+        &["--disk", &format!("{},ro", disk.display())],
+        "blk read-only",
+    );
+    let dump = run.dump();
+    assert_eq!(
+        one_line(&run, "blk dev=0 capacity"),
+        "blk dev=0 capacity=128 ro=1 flush=1",
+        "{dump}"
+    );
+    let read = one_line(&run, "blk dev=0 read sector=0");
+    let want_hash = format!("{:#010x}", fnv1a(&original[..4096]));
+    assert_eq!(field(read, "status"), Some("0"), "{dump}");
+    assert_eq!(field(read, "fnv1a"), Some(want_hash.as_str()), "{dump}");
+    let id = one_line(&run, "blk dev=0 get-id");
+    assert_eq!(field(id, "status"), Some("0"), "{dump}");
+    assert!(
+        quoted(id, "id").is_some_and(|s| !s.is_empty()),
+        "no default serial\n{dump}"
+    );
+    // IOERR (1) or UNSUPP (2), never OK; no flush or read back follows a failed write.
+    let write = field(one_line(&run, "blk dev=0 write"), "status");
+    assert!(
+        matches!(write, Some("1" | "2")),
+        "write status {write:?}\n{dump}"
+    );
+    assert!(lines(&run, "blk dev=0 flush").is_empty(), "{dump}");
+    assert_eq!(std::fs::read(&disk).expect("read disk"), original);
+}
+
+/// A network namespace for one test, deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    /// Creates `mvmgv<pid>`; `None` (after saying why) where that is not possible.
+    fn create() -> Option<NetNs> {
+        let name = format!("mvmgv{}", std::process::id());
+        match Command::new("ip").args(["netns", "add", &name]).output() {
+            Ok(out) if out.status.success() => Some(NetNs(name)),
+            Ok(out) => {
+                eprintln!(
+                    "skipping: cannot create a network namespace: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipping: cannot run ip (iproute2): {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+mod packet {
+    //! The host end of the tap: a raw AF_PACKET socket in the test's network namespace.
+
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    /// The size of `T` for a socket call.
+    fn socklen<T>() -> libc::socklen_t {
+        libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
+    }
+
+    /// Puts the calling thread into network namespace `ns` (from `ip netns add`).
+    pub fn enter_netns(ns: &str) -> io::Result<()> {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+        // SAFETY: setns on an open namespace file only changes this thread's network namespace.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until interface `name` exists; returns its index.
+    pub fn wait_for_interface(name: &str, timeout: Duration) -> Option<u32> {
+        let c = std::ffi::CString::new(name).ok()?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+            let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if index != 0 {
+                return Some(index);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// A raw socket for frames of `ethertype` on interface `index`.
+    pub struct Socket(OwnedFd);
+
+    impl Socket {
+        pub fn open(index: u32, ethertype: u16) -> io::Result<Socket> {
+            let proto = i32::from(ethertype.to_be());
+            // SAFETY: plain socket(2) call; the result is checked before use.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            let sock = Socket(unsafe { OwnedFd::from_raw_fd(fd) });
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = u16::try_from(libc::AF_PACKET).map_err(io::Error::other)?;
+            addr.sll_protocol = ethertype.to_be();
+            addr.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
+            let len = socklen::<libc::sockaddr_ll>();
+            // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes that outlives the call.
+            let r = unsafe {
+                libc::bind(
+                    sock.0.as_raw_fd(),
+                    (&raw const addr).cast::<libc::sockaddr>(),
+                    len,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            // SAFETY: SO_RCVTIMEO takes a timeval, passed with its size; it is only read.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.0.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast::<libc::c_void>(),
+                    socklen::<libc::timeval>(),
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(sock)
+        }
+
+        /// One frame, or `None` after the 200 ms receive timeout.
+        pub fn recv(&self) -> io::Result<Option<Vec<u8>>> {
+            let mut buf = vec![0u8; 2048];
+            // SAFETY: `buf` is writable for its whole length during the call.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast::<libc::c_void>(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                    _ => Err(e),
+                };
+            }
+            buf.truncate(n.unsigned_abs());
+            Ok(Some(buf))
+        }
+
+        /// Sends one complete Ethernet frame out of the interface (into the tap, to the guest).
+        pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+            // SAFETY: `frame` is readable for its whole length during the call.
+            let n = unsafe {
+                libc::send(
+                    self.0.as_raw_fd(),
+                    frame.as_ptr().cast::<libc::c_void>(),
+                    frame.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+    }
+
+    /// The hardware address of interface `name` in the current namespace.
+    pub fn mac_of(name: &str) -> io::Result<[u8; 6]> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // struct ifreq: 16-byte name, then a struct sockaddr whose sa_data holds the address.
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `req` is a 40-byte struct ifreq, writable; SIOCGIFHWADDR fills its union.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, req.as_mut_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req[18..24]);
+        Ok(mac)
+    }
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// EtherType the virtio guest uses for its test frames (IEEE 802 local experimental).
+const ETHERTYPE_TEST: u16 = 0x88b5;
+
+#[test]
+fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let Some(ns) = NetNs::create() else {
+        return;
+    };
+    let tap = "gvtap0";
+    let guest_nonce = format!("{:x}", nonce());
+    let host_nonce = format!("{:x}", nonce().rotate_left(17));
+    let cmdline =
+        format!("mvm_test=net mvm_nonce={guest_nonce} mvm_ip=10.201.0.2 mvm_peer=10.201.0.1");
+    let (child, started) = start_guest(
+        &["ip", "netns", "exec", &ns.0],
+        &cmdline,
+        &["--network", &format!("tap:{tap},10.201.0.1/30")],
+    );
+
+    // The host end: wait for mvm's tap in the namespace, catch the guest's hello, answer it.
+    let ns_name = ns.0.clone();
+    let reply = format!("mvm-host-reply {host_nonce}");
+    let host = std::thread::spawn(move || -> Result<(Vec<u8>, [u8; 6]), String> {
+        packet::enter_netns(&ns_name).map_err(|e| format!("setns: {e}"))?;
+        let index = packet::wait_for_interface(tap, DEADLINE).ok_or("the tap never appeared")?;
+        let sock = packet::Socket::open(index, ETHERTYPE_TEST).map_err(|e| e.to_string())?;
+        let tap_mac = packet::mac_of(tap).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let hello = loop {
+            if start.elapsed() > DEADLINE {
+                return Err("no hello frame from the guest".into());
+            }
+            match sock.recv().map_err(|e| e.to_string())? {
+                Some(f) if f.len() >= 14 && f[..6] == [0xff; 6] => break f,
+                _ => {}
+            }
+        };
+        let mut frame = hello[6..12].to_vec();
+        frame.extend_from_slice(&tap_mac);
+        frame.extend_from_slice(&ETHERTYPE_TEST.to_be_bytes());
+        frame.extend_from_slice(reply.as_bytes());
+        frame.resize(60, 0);
+        sock.send(&frame).map_err(|e| e.to_string())?;
+        Ok((hello, tap_mac))
+    });
+    let run = finish(child, started, "net tap");
+    let dump = run.dump();
+    let (hello, tap_mac) = host
+        .join()
+        .expect("host thread")
+        .unwrap_or_else(|e| panic!("{e}\n{dump}"));
+
+    // The guest's frame arrived on the tap, from the MAC the device gave it.
+    let guest_mac = field(one_line(&run, "net mac="), "mac").expect("mac field");
+    assert_eq!(mac_text(&hello[6..12]), guest_mac, "{dump}");
+    assert_eq!(hello[12..14], ETHERTYPE_TEST.to_be_bytes());
+    let text = format!("mvm-guest-hello {guest_nonce}");
+    assert_eq!(&hello[14..14 + text.len()], text.as_bytes(), "{dump}");
+    // The host's frame reached the guest.
+    let got = one_line(&run, "net got");
+    assert_eq!(
+        field(got, "src"),
+        Some(mac_text(&tap_mac).as_str()),
+        "{dump}"
+    );
+    assert_eq!(
+        quoted(got, "payload"),
+        Some(format!("mvm-host-reply {host_nonce}").as_str()),
+        "{dump}"
+    );
+    // The host kernel answered the guest's ARP request for its tap address.
+    assert_eq!(
+        field(one_line(&run, "net arp"), "mac"),
+        Some(mac_text(&tap_mac).as_str()),
+        "{dump}"
+    );
+    // The tap went away with mvm.
+    let gone = Command::new("ip")
+        .args(["-n", &ns.0, "link", "show", tap])
+        .output()
+        .expect("run ip");
+    assert!(!gone.status.success(), "mvm left its tap behind");
+}
+
+/// Reads one line from a host-side vsock stream, with a timeout.
+fn read_line(stream: &std::os::unix::net::UnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("read line");
+    line
+}
+
+#[test]
+fn host_program_connects_to_a_guest_vsock_port_and_both_sides_exchange_data() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("vsock.sock");
+    let (child, started) = start_guest(
+        &[],
+        "mvm_test=vsock mvm_listen=5000",
+        &["--vsock", sock.to_str().expect("utf-8 path")],
+    );
+    // Until the guest's driver is up, the device refuses (a connection made before the driver
+    // resets the device is closed): retry like any host program would.
+    let deadline = Instant::now() + DEADLINE;
+    let mut stream = loop {
+        match host_connect(&sock, 5000, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot reach guest port 5000: {e}"),
+        }
+    };
+    let text = format!("hello guest {:x}", nonce());
+    stream
+        .write_all(format!("{text}\n").as_bytes())
+        .expect("write to guest");
+    let answer = read_line(&stream);
+    drop(stream);
+    let run = finish(child, started, "vsock host connect");
+    let dump = run.dump();
+    assert_eq!(answer, format!("echo: {text}\n"), "{dump}");
+    assert_eq!(one_line(&run, "vsock cid="), "vsock cid=3", "{dump}");
+    let accepted = one_line(&run, "vsock accepted");
+    assert_eq!(field(accepted, "port"), Some("5000"), "{dump}");
+    assert_eq!(
+        quoted(one_line(&run, "vsock got"), "line"),
+        Some(text.as_str()),
+        "{dump}"
+    );
+    // The host closing its end reached the guest as SHUTDOWN.
+    assert!(!lines(&run, "vsock host-shutdown").is_empty(), "{dump}");
+    assert!(!sock.exists(), "mvm left its vsock socket behind");
+}
+
+#[test]
+fn guest_connects_to_a_host_vsock_listener_and_both_sides_exchange_data() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("vsock.sock");
+    let listener = UnixListener::bind(listener_path(&sock, 5001)).expect("bind listener");
+    let guest_nonce = format!("{:x}", nonce());
+    let host_text = format!("pong {:x}", nonce().rotate_left(9));
+    let reply = host_text.clone();
+    let host = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let line = read_line(&conn);
+        conn.write_all(format!("{reply}\n").as_bytes())
+            .expect("answer");
+        // The guest's SHUTDOWN ends the stream: end of file.
+        let mut rest = Vec::new();
+        let eof = conn.read_to_end(&mut rest).is_ok();
+        (line, eof, rest)
+    });
+    let (child, started) = start_guest(
+        &[],
+        &format!("mvm_test=vsock mvm_connect=5001 mvm_nonce={guest_nonce}"),
+        &["--vsock", sock.to_str().expect("utf-8 path")],
+    );
+    let run = finish(child, started, "vsock guest connect");
+    let dump = run.dump();
+    let (line, eof, rest) = host.join().expect("host listener");
+    assert_eq!(line, format!("ping {guest_nonce}\n"), "{dump}");
+    assert!(eof && rest.is_empty(), "no clean end of file: {rest:?}");
+    assert_eq!(
+        field(one_line(&run, "vsock connected"), "port"),
+        Some("5001")
+    );
+    assert_eq!(
+        quoted(one_line(&run, "vsock host-said"), "line"),
+        Some(host_text.as_str()),
+        "{dump}"
+    );
+    assert_eq!(
+        one_line(&run, "vsock closed"),
+        "vsock closed rst=1",
+        "{dump}"
+    );
+}
+
+#[test]
+fn guest_connect_to_a_vsock_port_nobody_listens_on_is_refused() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("vsock.sock");
+    let run = boot(
+        "mvm_test=vsock mvm_connect=5002",
+        &["--vsock", sock.to_str().expect("utf-8 path")],
+        "vsock refused",
+    );
+    assert_eq!(
+        one_line(&run, "vsock refused"),
+        "vsock refused port=5002",
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn guest_reads_random_bytes_from_the_entropy_device() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let metrics = dir.path().join("metrics.json");
+    let run = boot(
+        "mvm_test=rng",
+        &["--rng", "--metrics", metrics.to_str().expect("utf-8 path")],
+        "rng",
+    );
+    let dump = run.dump();
+    let reads = lines(&run, "rng read=");
+    assert_eq!(reads.len(), 2, "{dump}");
+    let hex: Vec<&str> = reads
+        .iter()
+        .map(|l| {
+            assert_eq!(field(l, "len"), Some("32"), "{dump}");
+            field(l, "hex").expect("hex field")
+        })
+        .collect();
+    for h in &hex {
+        assert_eq!(h.len(), 64, "{dump}");
+        assert_ne!(*h, "0".repeat(64), "all-zero entropy\n{dump}");
+    }
+    assert_ne!(hex[0], hex[1], "two reads returned the same bytes\n{dump}");
+    assert!(metric(&read_metrics(&metrics), "rng", "bytes") >= 64);
+}
