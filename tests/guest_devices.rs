@@ -102,9 +102,12 @@ fn escaped(bytes: &[u8]) -> String {
 }
 
 /// The bytes the guest writes to disk `dev` for `mvm_seed=seed`: xorshift64 words from
-/// `(seed + dev) | 1`, little endian (tests/guests/virtio/blk.rs computes the same).
+/// `(seed + dev) * 0x9e3779b97f4a7c15` (1 if that is 0), little endian (tests/guests/virtio/blk.rs computes the same).
 fn guest_pattern(seed: u64, dev: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_add(dev) | 1;
+    let mut x = match seed.wrapping_add(dev).wrapping_mul(0x9e37_79b9_7f4a_7c15) {
+        0 => 1,
+        x => x,
+    };
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         x ^= x << 13;
@@ -695,4 +698,56 @@ fn guest_reads_random_bytes_from_the_entropy_device() {
     }
     assert_ne!(hex[0], hex[1], "two reads returned the same bytes\n{dump}");
     assert!(metric(&read_metrics(&metrics), "rng", "bytes") >= 64);
+}
+
+#[test]
+fn guest_that_resets_and_reinitialises_its_devices_keeps_using_them() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, guest_pattern(nonce(), 1, 64 * 1024)).expect("write disk");
+    let sock = dir.path().join("vsock.sock");
+    let listener = UnixListener::bind(listener_path(&sock, 5001)).expect("bind listener");
+    let host = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().expect("accept");
+            lines.push(read_line(&conn));
+            conn.write_all(b"pong\n").expect("answer");
+        }
+        lines
+    });
+    let metrics = dir.path().join("metrics.json");
+    // `twice`: the guest runs every driver two times; each run starts with a device reset.
+    let run = boot(
+        "mvm_test=blk,vsock,rng,twice mvm_seed=7 mvm_connect=5001 mvm_nonce=again",
+        &[
+            "--disk",
+            disk.to_str().expect("utf-8 path"),
+            "--vsock",
+            sock.to_str().expect("utf-8 path"),
+            "--rng",
+            "--metrics",
+            metrics.to_str().expect("utf-8 path"),
+        ],
+        "reset and reinitialise",
+    );
+    let dump = run.dump();
+    assert_eq!(host.join().expect("host listener"), ["ping again\n"; 2]);
+    assert_eq!(lines(&run, "round ").len(), 2, "{dump}");
+    for (topic, want) in [
+        ("blk dev=0 readback sector=8 status=0 match=1", 2),
+        ("vsock closed rst=1", 2),
+        ("rng read=2 status=ok len=32", 2),
+    ] {
+        assert_eq!(lines(&run, topic).len(), want, "{topic}\n{dump}");
+    }
+    let m = read_metrics(&metrics);
+    assert_eq!(metric(&m, "block_vda", "activations"), 2, "{m}");
+    assert_eq!(metric(&m, "rng", "activations"), 2, "{m}");
+    assert_eq!(metric(&m, "vsock", "guest_connects"), 2, "{m}");
+    let pattern = guest_pattern(7, 0, 4096);
+    assert!(std::fs::read(&disk).expect("read disk")[4096..8192] == pattern[..]);
 }

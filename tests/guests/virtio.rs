@@ -2,13 +2,16 @@
 //! (`common/virtio.rs` plus one module per device in `virtio/`) and reports on serial what came
 //! back, so the host side can check it against what it put in.
 //!
-//! The command line chooses the work: `mvm_test=blk,net,vsock,rng` (any of them, in that order).
+//! The command line chooses the work: `mvm_test=blk,net,vsock,rng` (any of them, in that order);
+//! with the word `twice` the whole pass runs two times (each driver starts with a device reset,
+//! so the second pass checks that devices come back after a reset).
 //! Devices are found through the `virtio_mmio.device=SIZE@BASE:IRQ` arguments mvm adds.
 //! Other arguments a device module reads are documented there (`mvm_seed=`, `mvm_nonce=`,
 //! `mvm_ip=`, `mvm_peer=`, `mvm_listen=`, `mvm_connect=`).
 //!
 //! Serial lines (besides the common `hello`):
 //!   mvm-test-guest: virtio slot base=0x<hex> size=<dec> irq=<dec> id=<dec>   (one per device)
+//!   mvm-test-guest: round <1|2>                  (only with `twice`)
 //!   ... the device modules' lines ...
 //!   mvm-test-guest: done cycles=<dec>          (TSC ticks spent in the device work)
 //!   mvm-test-guest: reset
@@ -48,23 +51,34 @@ fn main(boot: &BootInfo) -> ! {
         }
     }
     let start = rdtsc();
-    if boot.has_test_word("blk") {
-        blk::run(boot, &slots);
-    }
-    if boot.has_test_word("net") {
-        net::run(boot, &slots);
-    }
-    if boot.has_test_word("vsock") {
-        vsock::run(boot, &slots);
-    }
-    if boot.has_test_word("rng") {
-        rng::run(&slots);
+    let rounds = if boot.has_test_word("twice") { 2 } else { 1 };
+    for round in 1..=rounds {
+        if rounds > 1 {
+            line().s("round ").dec(round).end();
+        }
+        run_devices(boot, &slots);
     }
     line()
         .s("done cycles=")
         .dec(rdtsc().wrapping_sub(start))
         .end();
     common::reset()
+}
+
+/// One pass over the devices the command line asks for; each driver starts with a reset.
+fn run_devices(boot: &BootInfo, slots: &Slots) {
+    if boot.has_test_word("blk") {
+        blk::run(boot, slots);
+    }
+    if boot.has_test_word("net") {
+        net::run(boot, slots);
+    }
+    if boot.has_test_word("vsock") {
+        vsock::run(boot, slots);
+    }
+    if boot.has_test_word("rng") {
+        rng::run(slots);
+    }
 }
 
 /// Prints `error <what>` and resets: a failed check ends the run at once.

@@ -1,5 +1,6 @@
 //! Shared runtime for the mvm test guests: entry code (Linux 64-bit boot protocol, PVH, AP
-//! trampoline), serial output, boot information, SMP start-up and reset.
+//! trampoline), serial output, boot information, SMP start-up, reset, and a minimal virtio-mmio
+//! driver core (`virtio`).
 //!
 //! A guest is one `NAME.rs` file next to this folder that declares `mod common;` and defines
 //! `fn main(boot: &common::boot_info::BootInfo) -> !` at the crate root; `build.sh NAME OUTDIR`

@@ -95,8 +95,16 @@ fn fnv1a(bytes: impl Iterator<Item = u8>) -> u32 {
     bytes.fold(0x811c_9dc5, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
-/// The pattern written to a disk: xorshift64 words from `seed`, little endian. The host test
-/// computes the same bytes.
+/// The xorshift64 state the pattern starts from: non-zero, and different for neighbouring seeds.
+fn pattern_start(seed: u64) -> u64 {
+    match seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) {
+        0 => 1,
+        x => x,
+    }
+}
+
+/// The pattern written to a disk: xorshift64 words from [`pattern_start`], little endian. The
+/// host test computes the same bytes.
 fn pattern_word(state: &mut u64) -> u64 {
     let mut x = *state;
     x ^= x << 13;
@@ -171,7 +179,7 @@ fn exercise(n: u64, t: &Transport, seed: u64) {
         .s("\"")
         .end();
 
-    let mut state = seed | 1;
+    let mut state = pattern_start(seed);
     for w in 0..u64::from(DATA_LEN / 8) {
         // SAFETY: DATA_LEN / 8 words fit in the data buffer.
         unsafe { write_phys(d.data + 8 * w, pattern_word(&mut state)) };

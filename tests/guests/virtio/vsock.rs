@@ -8,6 +8,7 @@
 //!    listener `<socket>_PORT`), send `ping <mvm_nonce>\n`, read one line back, then SHUTDOWN
 //!    both ways and wait for the device's RST.
 //!
+//! A connection request the guest is not waiting for is answered with RST (port closed).
 //! Every packet the guest sends carries its receive credit (`buf_alloc`, `fwd_cnt`); it sends
 //! data only within the credit the host gave it.
 //!
@@ -203,7 +204,7 @@ impl Vsock {
             }
             let (h, n) = self.recv(data, left)?;
             if h.dst_cid != self.cid || h.src_cid != HOST_CID || !c.matches(&h) {
-                ignored(&h);
+                self.refuse(&h);
                 continue;
             }
             c.update_credit(&h);
@@ -212,6 +213,20 @@ impl Vsock {
                 continue;
             }
             return Some((h, n));
+        }
+    }
+
+    /// Reports a packet for no connection of ours; a connection request gets an RST, as a
+    /// closed port answers.
+    fn refuse(&mut self, h: &Hdr) {
+        ignored(h);
+        if h.op == OP_REQUEST && h.src_cid == HOST_CID {
+            let mut c = Conn {
+                local_port: h.dst_port,
+                peer_port: h.src_port,
+                ..Conn::default()
+            };
+            self.send(&mut c, OP_RST, 0, &[]);
         }
     }
 
@@ -345,7 +360,7 @@ fn accept(v: &mut Vsock, port: u32) {
             c.update_credit(&h);
             break c;
         }
-        ignored(&h);
+        v.refuse(&h);
     };
     v.send(&mut c, OP_RESPONSE, 0, &[]);
     line()
@@ -382,7 +397,7 @@ fn accept(v: &mut Vsock, port: u32) {
             }
             OP_CREDIT_UPDATE => {}
             OP_RW => fail("vsock: unexpected data after the echo"),
-            _ => ignored(&h),
+            _ => v.refuse(&h),
         }
     }
 }
