@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::guests::{field, fnv1a, test_guest, wait_with_deadline, Finished, PREFIX};
+use common::netns::{self, NetNs};
 use common::{have_kvm, MVM};
 use devices::virtio::vsock::{host_connect, listener_path};
 
@@ -55,6 +56,16 @@ fn finish(child: Child, started: Instant, what: &str) -> Finished {
         "the guest did not finish:\n{dump}"
     );
     run
+}
+
+/// Asserts the guest laid out its buffers as `layout` says (it prints what it read).
+fn assert_layout(run: &Finished, layout: &str) {
+    assert_eq!(
+        one_line(run, "virtio layout"),
+        format!("virtio layout={layout}"),
+        "{}",
+        run.dump()
+    );
 }
 
 /// Boots the guest with `cmdline` and device flags `extra`, and waits for it.
@@ -141,9 +152,22 @@ fn metric(m: &serde_json::Value, device: &str, name: &str) -> u64 {
 
 #[test]
 fn guest_reads_a_disk_the_host_wrote_and_its_flushed_writes_land_in_the_file() {
-    if !have_kvm() {
-        return;
+    if have_kvm() {
+        disk_read_write("plain");
     }
+}
+
+#[test]
+fn guest_disk_requests_in_split_or_merged_descriptors_give_the_same_results() {
+    if have_kvm() {
+        disk_read_write("split");
+        disk_read_write("merged");
+    }
+}
+
+/// Boots the guest on a disk the test wrote; checks what it read, its GET_ID, and that its
+/// flushed write is in the file afterwards. `layout`: how the guest lays out its requests.
+fn disk_read_write(layout: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let disk = dir.path().join("disk.img");
     let seed = nonce();
@@ -152,15 +176,16 @@ fn guest_reads_a_disk_the_host_wrote_and_its_flushed_writes_land_in_the_file() {
     let serial = format!("gv-{:x}", seed & 0xffff_ffff);
     let metrics = dir.path().join("metrics.json");
     let run = boot(
-        &format!("mvm_test=blk mvm_seed={seed:#x}"),
+        &format!("mvm_test=blk mvm_seed={seed:#x} mvm_layout={layout}"),
         &[
             "--disk",
             &format!("{},serial={serial}", disk.display()),
             "--metrics",
             metrics.to_str().expect("utf-8 path"),
         ],
-        "blk read/write",
+        &format!("blk read/write ({layout})"),
     );
+    assert_layout(&run, layout);
     let dump = run.dump();
 
     assert_eq!(
@@ -267,189 +292,6 @@ fn guest_writes_to_a_read_only_disk_fail_and_leave_the_file_unchanged() {
     assert_eq!(std::fs::read(&disk).expect("read disk"), original);
 }
 
-/// A network namespace for one test, deleted on drop.
-struct NetNs(String);
-
-impl NetNs {
-    /// Creates `mvmgv<pid>`; `None` (after saying why) where that is not possible.
-    fn create() -> Option<NetNs> {
-        let name = format!("mvmgv{}", std::process::id());
-        match Command::new("ip").args(["netns", "add", &name]).output() {
-            Ok(out) if out.status.success() => Some(NetNs(name)),
-            Ok(out) => {
-                eprintln!(
-                    "skipping: cannot create a network namespace: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("skipping: cannot run ip (iproute2): {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-mod packet {
-    //! The host end of the tap: a raw AF_PACKET socket in the test's network namespace.
-
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::time::{Duration, Instant};
-
-    /// The size of `T` for a socket call.
-    fn socklen<T>() -> libc::socklen_t {
-        libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
-    }
-
-    /// Puts the calling thread into network namespace `ns` (from `ip netns add`).
-    pub fn enter_netns(ns: &str) -> io::Result<()> {
-        let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
-        // SAFETY: setns on an open namespace file only changes this thread's network namespace.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Waits until interface `name` exists; returns its index.
-    pub fn wait_for_interface(name: &str, timeout: Duration) -> Option<u32> {
-        let c = std::ffi::CString::new(name).ok()?;
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-            let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            if index != 0 {
-                return Some(index);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        None
-    }
-
-    /// A raw socket for frames of `ethertype` on interface `index`.
-    pub struct Socket(OwnedFd);
-
-    impl Socket {
-        pub fn open(index: u32, ethertype: u16) -> io::Result<Socket> {
-            let proto = i32::from(ethertype.to_be());
-            // SAFETY: plain socket(2) call; the result is checked before use.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            let sock = Socket(unsafe { OwnedFd::from_raw_fd(fd) });
-            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = u16::try_from(libc::AF_PACKET).map_err(io::Error::other)?;
-            addr.sll_protocol = ethertype.to_be();
-            addr.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
-            let len = socklen::<libc::sockaddr_ll>();
-            // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes that outlives the call.
-            let r = unsafe {
-                libc::bind(
-                    sock.0.as_raw_fd(),
-                    (&raw const addr).cast::<libc::sockaddr>(),
-                    len,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            // SAFETY: SO_RCVTIMEO takes a timeval, passed with its size; it is only read.
-            let r = unsafe {
-                libc::setsockopt(
-                    sock.0.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const tv).cast::<libc::c_void>(),
-                    socklen::<libc::timeval>(),
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(sock)
-        }
-
-        /// One frame, or `None` after the 200 ms receive timeout.
-        pub fn recv(&self) -> io::Result<Option<Vec<u8>>> {
-            let mut buf = vec![0u8; 2048];
-            // SAFETY: `buf` is writable for its whole length during the call.
-            let n = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buf.as_mut_ptr().cast::<libc::c_void>(),
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
-                    _ => Err(e),
-                };
-            }
-            buf.truncate(n.unsigned_abs());
-            Ok(Some(buf))
-        }
-
-        /// Sends one complete Ethernet frame out of the interface (into the tap, to the guest).
-        pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-            // SAFETY: `frame` is readable for its whole length during the call.
-            let n = unsafe {
-                libc::send(
-                    self.0.as_raw_fd(),
-                    frame.as_ptr().cast::<libc::c_void>(),
-                    frame.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        }
-    }
-
-    /// The hardware address of interface `name` in the current namespace.
-    pub fn mac_of(name: &str) -> io::Result<[u8; 6]> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // struct ifreq: 16-byte name, then a struct sockaddr whose sa_data holds the address.
-        let mut req = [0u8; 40];
-        req[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: `req` is a 40-byte struct ifreq, writable; SIOCGIFHWADDR fills its union.
-        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, req.as_mut_ptr()) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&req[18..24]);
-        Ok(mac)
-    }
-}
-
 fn mac_text(mac: &[u8]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -462,9 +304,21 @@ const ETHERTYPE_TEST: u16 = 0x88b5;
 
 #[test]
 fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
-    if !have_kvm() {
-        return;
+    if have_kvm() {
+        tap_exchange("plain");
     }
+}
+
+#[test]
+fn guest_frames_with_header_and_frame_in_separate_descriptors_cross_the_tap() {
+    if have_kvm() {
+        tap_exchange("split");
+    }
+}
+
+/// Boots the guest with a tap in a fresh network namespace; the test's raw socket there catches
+/// the guest's hello and answers it, and the host kernel answers the guest's ARP request.
+fn tap_exchange(layout: &str) {
     let Some(ns) = NetNs::create() else {
         return;
     };
@@ -472,7 +326,7 @@ fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
     let guest_nonce = format!("{:x}", nonce());
     let host_nonce = format!("{:x}", nonce().rotate_left(17));
     let cmdline =
-        format!("mvm_test=net mvm_nonce={guest_nonce} mvm_ip=10.201.0.2 mvm_peer=10.201.0.1");
+        format!("mvm_test=net mvm_nonce={guest_nonce} mvm_ip=10.201.0.2 mvm_peer=10.201.0.1 mvm_layout={layout}");
     let (child, started) = start_guest(
         &["ip", "netns", "exec", &ns.0],
         &cmdline,
@@ -483,10 +337,10 @@ fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
     let ns_name = ns.0.clone();
     let reply = format!("mvm-host-reply {host_nonce}");
     let host = std::thread::spawn(move || -> Result<(Vec<u8>, [u8; 6]), String> {
-        packet::enter_netns(&ns_name).map_err(|e| format!("setns: {e}"))?;
-        let index = packet::wait_for_interface(tap, DEADLINE).ok_or("the tap never appeared")?;
-        let sock = packet::Socket::open(index, ETHERTYPE_TEST).map_err(|e| e.to_string())?;
-        let tap_mac = packet::mac_of(tap).map_err(|e| e.to_string())?;
+        netns::enter_netns(&ns_name).map_err(|e| format!("setns: {e}"))?;
+        let index = netns::wait_for_interface(tap, DEADLINE).ok_or("the tap never appeared")?;
+        let sock = netns::Socket::open(index, ETHERTYPE_TEST).map_err(|e| e.to_string())?;
+        let tap_mac = netns::mac_of(tap).map_err(|e| e.to_string())?;
         let start = Instant::now();
         let hello = loop {
             if start.elapsed() > DEADLINE {
@@ -505,7 +359,8 @@ fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
         sock.send(&frame).map_err(|e| e.to_string())?;
         Ok((hello, tap_mac))
     });
-    let run = finish(child, started, "net tap");
+    let run = finish(child, started, &format!("net tap ({layout})"));
+    assert_layout(&run, layout);
     let dump = run.dump();
     let (hello, tap_mac) = host
         .join()
@@ -558,14 +413,27 @@ fn read_line(stream: &std::os::unix::net::UnixStream) -> String {
 
 #[test]
 fn host_program_connects_to_a_guest_vsock_port_and_both_sides_exchange_data() {
-    if !have_kvm() {
-        return;
+    if have_kvm() {
+        host_connects("plain");
     }
+}
+
+#[test]
+fn vsock_packets_with_header_and_payload_in_separate_descriptors_work_both_ways() {
+    if have_kvm() {
+        host_connects("split");
+        guest_connects("split");
+    }
+}
+
+/// A host program reaches the guest's port 5000 with `CONNECT 5000`, sends a line, reads the
+/// guest's echo and closes.
+fn host_connects(layout: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("vsock.sock");
     let (child, started) = start_guest(
         &[],
-        "mvm_test=vsock mvm_listen=5000",
+        &format!("mvm_test=vsock mvm_listen=5000 mvm_layout={layout}"),
         &["--vsock", sock.to_str().expect("utf-8 path")],
     );
     // Until the guest's driver is up, the device refuses (a connection made before the driver
@@ -586,7 +454,8 @@ fn host_program_connects_to_a_guest_vsock_port_and_both_sides_exchange_data() {
         .expect("write to guest");
     let answer = read_line(&stream);
     drop(stream);
-    let run = finish(child, started, "vsock host connect");
+    let run = finish(child, started, &format!("vsock host connect ({layout})"));
+    assert_layout(&run, layout);
     let dump = run.dump();
     assert_eq!(answer, format!("echo: {text}\n"), "{dump}");
     assert_eq!(one_line(&run, "vsock cid="), "vsock cid=3", "{dump}");
@@ -604,9 +473,14 @@ fn host_program_connects_to_a_guest_vsock_port_and_both_sides_exchange_data() {
 
 #[test]
 fn guest_connects_to_a_host_vsock_listener_and_both_sides_exchange_data() {
-    if !have_kvm() {
-        return;
+    if have_kvm() {
+        guest_connects("plain");
     }
+}
+
+/// The guest connects to the host listener `<socket>_5001`, sends a line, reads the answer and
+/// shuts the connection down; the listener sees end of file.
+fn guest_connects(layout: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(listener_path(&sock, 5001)).expect("bind listener");
@@ -626,10 +500,11 @@ fn guest_connects_to_a_host_vsock_listener_and_both_sides_exchange_data() {
     });
     let (child, started) = start_guest(
         &[],
-        &format!("mvm_test=vsock mvm_connect=5001 mvm_nonce={guest_nonce}"),
+        &format!("mvm_test=vsock mvm_connect=5001 mvm_nonce={guest_nonce} mvm_layout={layout}"),
         &["--vsock", sock.to_str().expect("utf-8 path")],
     );
-    let run = finish(child, started, "vsock guest connect");
+    let run = finish(child, started, &format!("vsock guest connect ({layout})"));
+    assert_layout(&run, layout);
     let dump = run.dump();
     let (line, eof, rest) = host.join().expect("host listener");
     assert_eq!(line, format!("ping {guest_nonce}\n"), "{dump}");

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod guests;
+pub mod netns;
 
 /// Path of the `mvm` binary under test.
 pub const MVM: &str = env!("CARGO_BIN_EXE_mvm");

@@ -11,6 +11,7 @@
 //!
 //! Serial lines (besides the common `hello`):
 //!   mvm-test-guest: virtio slot base=0x<hex> size=<dec> irq=<dec> id=<dec>   (one per device)
+//!   mvm-test-guest: virtio layout=<plain|split|merged>   (`mvm_layout=`, see common/virtio.rs)
 //!   mvm-test-guest: round <1|2>                  (only with `twice`)
 //!   ... the device modules' lines ...
 //!   mvm-test-guest: done cycles=<dec>          (TSC ticks spent in the device work)
@@ -32,7 +33,7 @@ mod vsock;
 use common::boot_info::BootInfo;
 use common::out::line;
 use common::rdtsc;
-use common::virtio::{Slots, Transport};
+use common::virtio::{Layout, Slots, Transport};
 
 fn main(boot: &BootInfo) -> ! {
     let slots = Slots::from_cmdline(boot);
@@ -50,6 +51,10 @@ fn main(boot: &BootInfo) -> ! {
             Err(why) => l.s("none error=").s(why).end(),
         }
     }
+    line()
+        .s("virtio layout=")
+        .s(Layout::from_cmdline(boot).name())
+        .end();
     let start = rdtsc();
     let rounds = if boot.has_test_word("twice") { 2 } else { 1 };
     for round in 1..=rounds {

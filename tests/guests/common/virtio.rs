@@ -120,6 +120,38 @@ pub fn copy_from(paddr: u64, dst: &mut [u8]) {
     }
 }
 
+/// How a driver spreads a request over descriptors (`mvm_layout=plain|split|merged`). Virtio 1
+/// devices must accept any layout (VIRTIO_F_ANY_LAYOUT is implied by VERSION_1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One descriptor per part (header, data, status).
+    Plain,
+    /// Parts cut into several descriptors (headers split, data in 512-byte pieces).
+    Split,
+    /// Neighbouring parts of the same direction share one descriptor.
+    Merged,
+}
+
+impl Layout {
+    /// The layout the command line asks for (`plain` when absent or unknown).
+    pub fn from_cmdline(boot: &BootInfo) -> Layout {
+        match boot.arg("mvm_layout") {
+            Some(b"split") => Layout::Split,
+            Some(b"merged") => Layout::Merged,
+            _ => Layout::Plain,
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Plain => "plain",
+            Layout::Split => "split",
+            Layout::Merged => "merged",
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding devices.
 

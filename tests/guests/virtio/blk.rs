@@ -1,7 +1,8 @@
 //! virtio-blk (virtio 1.2, section 5.2): for every block device, in command-line order (`dev=0`
 //! is vda): GET_ID, a read of the first [`SECTORS`] sectors, a write of a pattern derived from
 //! `mvm_seed=` (plus the device number) at sector [`WRITE_SECTOR`], FLUSH, a read back, and a
-//! read past the end.
+//! read past the end. `mvm_layout=split|merged` spreads every request differently over
+//! descriptors (see [`Layout`]); the results must not change.
 //!
 //! Serial lines, per device N (`status=` is the request's status byte: 0 OK, 1 IOERR, 2 UNSUPP):
 //!   mvm-test-guest: blk dev=N capacity=<sectors> ro=<0|1> flush=<0|1>
@@ -16,7 +17,7 @@
 use crate::common::boot_info::{parse_number, BootInfo};
 use crate::common::out::line;
 use crate::common::virtio::{
-    copy_from, dma_alloc, id, Buffer, Slots, Transport, Virtqueue, SECOND,
+    copy_from, dma_alloc, id, Buffer, Layout, Slots, Transport, Virtqueue, SECOND,
 };
 use crate::common::{read_phys, write_phys};
 use crate::{check, fail};
@@ -41,47 +42,94 @@ const NO_STATUS: u8 = 0xff;
 struct Disk {
     n: u64,
     q: Virtqueue,
+    layout: Layout,
+    /// Header (16 bytes), then data ([`DATA_LEN`]), then the status byte, back to back.
     hdr: u64,
     data: u64,
     status: u64,
 }
 
+/// Up to 16 buffers of one request.
+struct Chain {
+    bufs: [Buffer; 16],
+    n: usize,
+}
+
+impl Chain {
+    fn push(&mut self, addr: u64, len: u32, writable: bool) {
+        self.bufs[self.n] = Buffer {
+            addr,
+            len,
+            writable,
+        };
+        self.n += 1;
+    }
+}
+
 impl Disk {
-    /// One request: header, optional data of `len` bytes, status byte. Returns the status.
+    /// One request: header, optional data of `len` bytes, status byte, laid out in descriptors
+    /// as `self.layout` says. Returns the status.
     fn request(&mut self, kind: u32, sector: u64, len: u32, device_writes: bool) -> u8 {
-        // SAFETY: hdr (16 bytes) and status (1 byte) were handed out by the arena for this disk.
+        let merged_status = self.layout == Layout::Merged && len > 0 && device_writes;
+        // With data and status in one buffer, the status byte follows the data directly.
+        let status = if merged_status {
+            self.data + u64::from(len)
+        } else {
+            self.status
+        };
+        // SAFETY: hdr (16 bytes), data and status lie in this disk's arena block.
         unsafe {
             write_phys(self.hdr, kind);
             write_phys(self.hdr + 4, 0u32);
             write_phys(self.hdr + 8, sector);
-            write_phys(self.status, NO_STATUS);
+            write_phys(status, NO_STATUS);
         }
-        let header = Buffer {
-            addr: self.hdr,
-            len: 16,
-            writable: false,
+        let mut c = Chain {
+            bufs: [Buffer {
+                addr: 0,
+                len: 0,
+                writable: false,
+            }; 16],
+            n: 0,
         };
-        let data = Buffer {
-            addr: self.data,
-            len,
-            writable: device_writes,
-        };
-        let status = Buffer {
-            addr: self.status,
-            len: 1,
-            writable: true,
-        };
-        let answered = if len == 0 {
-            self.q.request(&[header, status], 5 * SECOND)
-        } else {
-            self.q.request(&[header, data, status], 5 * SECOND)
-        };
-        if answered.is_none() {
+        match self.layout {
+            Layout::Plain => {
+                c.push(self.hdr, 16, false);
+                if len > 0 {
+                    c.push(self.data, len, device_writes);
+                }
+                c.push(status, 1, true);
+            }
+            Layout::Split => {
+                c.push(self.hdr, 8, false);
+                c.push(self.hdr + 8, 8, false);
+                let mut off = 0;
+                while off < len {
+                    let piece = (len - off).min(512);
+                    c.push(self.data + u64::from(off), piece, device_writes);
+                    off += piece;
+                }
+                c.push(status, 1, true);
+            }
+            Layout::Merged => {
+                if len == 0 {
+                    c.push(self.hdr, 16, false);
+                    c.push(status, 1, true);
+                } else if device_writes {
+                    c.push(self.hdr, 16, false);
+                    c.push(self.data, len + 1, true);
+                } else {
+                    c.push(self.hdr, 16 + len, false);
+                    c.push(status, 1, true);
+                }
+            }
+        }
+        if self.q.request(&c.bufs[..c.n], 5 * SECOND).is_none() {
             line().s("blk dev=").dec(self.n).s(" request timed out").end();
             fail("blk: the device did not answer");
         }
-        // SAFETY: the status byte of this disk.
-        unsafe { read_phys(self.status) }
+        // SAFETY: the status byte of this request.
+        unsafe { read_phys(status) }
     }
 
     fn data_byte(&self, i: u32) -> u8 {
@@ -117,25 +165,28 @@ fn pattern_word(state: &mut u64) -> u64 {
 /// Exercises every block device.
 pub fn run(boot: &BootInfo, slots: &Slots) {
     let seed = boot.arg("mvm_seed").and_then(parse_number).unwrap_or(1);
+    let layout = Layout::from_cmdline(boot);
     let mut n = 0;
     for t in slots.with_id(id::BLOCK) {
-        exercise(n, &t, seed.wrapping_add(n));
+        exercise(n, &t, seed.wrapping_add(n), layout);
         n += 1;
     }
     line().s("blk devices=").dec(n).end();
 }
 
-fn exercise(n: u64, t: &Transport, seed: u64) {
+fn exercise(n: u64, t: &Transport, seed: u64, layout: Layout) {
     let (offered, _) = check(t.negotiate(F_RO | F_FLUSH), "blk negotiate");
     let capacity = t.config_u64(0);
-    let q = check(t.queue(0, 4), "blk queue");
+    let q = check(t.queue(0, 16), "blk queue");
     check(t.driver_ok(), "blk");
+    let block = dma_alloc(16 + DATA_LEN as usize + 1, 16);
     let mut d = Disk {
         n,
         q,
-        hdr: dma_alloc(16, 16),
-        data: dma_alloc(DATA_LEN as usize, 512),
-        status: dma_alloc(1, 1),
+        layout,
+        hdr: block,
+        data: block + 16,
+        status: block + 16 + u64::from(DATA_LEN),
     };
     line()
         .s("blk dev=")

@@ -7,7 +7,8 @@
 //!    and prints the answer; the host kernel answers for the address on its end of the tap.
 //!
 //! Frames are 12 bytes of `virtio_net_hdr_v1` (all zero: no offloads negotiated) and the frame,
-//! in one descriptor each way; [`RX_BUFFERS`] receive buffers stay posted.
+//! in one descriptor each way (two with `mvm_layout=split`: header, frame); [`RX_BUFFERS`]
+//! receive buffers stay posted.
 //!
 //! Serial lines:
 //!   mvm-test-guest: net mac=<xx:xx:xx:xx:xx:xx> link=<up|down>
@@ -18,7 +19,10 @@
 use crate::common::boot_info::{parse_number, BootInfo};
 use crate::common::out::{line, Line};
 use crate::common::rdtsc;
-use crate::common::virtio::{copy_from, copy_to, dma_alloc, id, Buffer, Slots, Virtqueue, SECOND};
+use crate::common::virtio::{
+    copy_from, copy_to, dma_alloc, id, Buffer, Layout, Slots, Virtqueue, DESC_F_NEXT,
+    DESC_F_WRITE, SECOND,
+};
 use crate::{check, fail};
 
 const F_MAC: u64 = 1 << 5;
@@ -43,6 +47,8 @@ struct Nic {
     tx: Virtqueue,
     rx_bufs: [u64; RX_BUFFERS as usize],
     tx_buf: u64,
+    /// Header and frame in separate descriptors (`mvm_layout=split`).
+    split: bool,
     rx_frames: u64,
     tx_frames: u64,
 }
@@ -59,12 +65,26 @@ impl Nic {
         f[14..14 + n].copy_from_slice(&payload[..n]);
         let len = VNET_HDR + (14 + n).max(MIN_FRAME);
         copy_to(self.tx_buf, &frame[..len]);
-        let b = Buffer {
+        let whole = Buffer {
             addr: self.tx_buf,
             len: len as u32,
             writable: false,
         };
-        if self.tx.request(&[b], 5 * SECOND).is_none() {
+        let header = Buffer {
+            len: VNET_HDR as u32,
+            ..whole
+        };
+        let rest = Buffer {
+            addr: self.tx_buf + VNET_HDR as u64,
+            len: (len - VNET_HDR) as u32,
+            writable: false,
+        };
+        let sent = if self.split {
+            self.tx.request(&[header, rest], 5 * SECOND)
+        } else {
+            self.tx.request(&[whole], 5 * SECOND)
+        };
+        if sent.is_none() {
             fail("net: the device did not take a frame");
         }
         self.tx_frames += 1;
@@ -74,8 +94,10 @@ impl Nic {
     /// into `out` and reposts the buffer. Returns the frame length.
     fn recv(&mut self, out: &mut [u8; 1514], timeout: u64) -> Option<usize> {
         let used = self.rx.wait(timeout)?;
-        let Some(&buf) = self.rx_bufs.get(used.id as usize) else {
-            fail("net: the device returned an unknown receive buffer");
+        let per = if self.split { 2 } else { 1 };
+        let buf = match self.rx_bufs.get((used.id / per) as usize) {
+            Some(&buf) if used.id % per == 0 => buf,
+            _ => fail("net: the device returned an unknown receive buffer"),
         };
         let len = (used.len as usize).saturating_sub(VNET_HDR).min(out.len());
         copy_from(buf + VNET_HDR as u64, &mut out[..len]);
@@ -156,13 +178,24 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
         *b = t.config_u8(i as u64);
     }
     let link_up = offered & F_STATUS == 0 || t.config_u8(6) & 1 != 0;
-    let mut rx = check(t.queue(0, RX_BUFFERS), "net rx queue");
+    let split = Layout::from_cmdline(boot) == Layout::Split;
+    let per: u16 = if split { 2 } else { 1 };
+    let mut rx = check(t.queue(0, RX_BUFFERS * per), "net rx queue");
     let tx = check(t.queue(1, 4), "net tx queue");
     let mut rx_bufs = [0u64; RX_BUFFERS as usize];
-    for (i, slot) in rx_bufs.iter_mut().enumerate().take(usize::from(rx.size())) {
+    let posted = usize::from(rx.size() / per);
+    for (i, slot) in rx_bufs.iter_mut().enumerate().take(posted) {
         *slot = dma_alloc(BUF_LEN, 64);
-        rx.set_desc(i as u16, *slot, BUF_LEN as u32, crate::common::virtio::DESC_F_WRITE, 0);
-        rx.publish(i as u16);
+        let head = i as u16 * per;
+        if split {
+            // Header and frame in two chained descriptors over the same memory.
+            rx.set_desc(head, *slot, VNET_HDR as u32, DESC_F_WRITE | DESC_F_NEXT, head + 1);
+            let rest = (BUF_LEN - VNET_HDR) as u32;
+            rx.set_desc(head + 1, *slot + VNET_HDR as u64, rest, DESC_F_WRITE, 0);
+        } else {
+            rx.set_desc(head, *slot, BUF_LEN as u32, DESC_F_WRITE, 0);
+        }
+        rx.publish(head);
     }
     check(t.driver_ok(), "net");
     rx.notify();
@@ -172,6 +205,7 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
         tx,
         rx_bufs,
         tx_buf: dma_alloc(VNET_HDR + 1514, 64),
+        split,
         rx_frames: 0,
         tx_frames: 0,
     };

@@ -9,6 +9,7 @@
 //!    both ways and wait for the device's RST.
 //!
 //! A connection request the guest is not waiting for is answered with RST (port closed).
+//! With `mvm_layout=split`, headers and payloads go in separate descriptors both ways.
 //! Every packet the guest sends carries its receive credit (`buf_alloc`, `fwd_cnt`); it sends
 //! data only within the credit the host gave it.
 //!
@@ -26,7 +27,8 @@ use crate::common::boot_info::{parse_number, BootInfo};
 use crate::common::out::line;
 use crate::common::rdtsc;
 use crate::common::virtio::{
-    copy_from, copy_to, dma_alloc, id, Buffer, Slots, Virtqueue, DESC_F_WRITE, SECOND,
+    copy_from, copy_to, dma_alloc, id, Buffer, Layout, Slots, Virtqueue, DESC_F_NEXT,
+    DESC_F_WRITE, SECOND,
 };
 use crate::{check, fail};
 
@@ -140,6 +142,8 @@ struct Vsock {
     tx: Virtqueue,
     rx_bufs: [u64; RX_BUFFERS as usize],
     tx_buf: u64,
+    /// Header and payload in separate descriptors (`mvm_layout=split`).
+    split: bool,
 }
 
 impl Vsock {
@@ -158,12 +162,26 @@ impl Vsock {
         };
         copy_to(self.tx_buf, &h.bytes());
         copy_to(self.tx_buf + HDR_LEN as u64, data);
-        let b = Buffer {
+        let whole = Buffer {
             addr: self.tx_buf,
             len: (HDR_LEN + data.len()) as u32,
             writable: false,
         };
-        if self.tx.request(&[b], 5 * SECOND).is_none() {
+        let header = Buffer {
+            len: HDR_LEN as u32,
+            ..whole
+        };
+        let payload = Buffer {
+            addr: self.tx_buf + HDR_LEN as u64,
+            len: data.len() as u32,
+            writable: false,
+        };
+        let sent = if self.split && !data.is_empty() {
+            self.tx.request(&[header, payload], 5 * SECOND)
+        } else {
+            self.tx.request(&[whole], 5 * SECOND)
+        };
+        if sent.is_none() {
             fail("vsock: the device did not take a packet");
         }
         if op == OP_RW {
@@ -175,8 +193,10 @@ impl Vsock {
     /// and the buffer reposted. Returns the header and the number of data bytes copied.
     fn recv(&mut self, data: &mut [u8], timeout: u64) -> Option<(Hdr, usize)> {
         let used = self.rx.wait(timeout)?;
-        let Some(&buf) = self.rx_bufs.get(used.id as usize) else {
-            fail("vsock: the device returned an unknown receive buffer");
+        let per = if self.split { 2 } else { 1 };
+        let buf = match self.rx_bufs.get((used.id / per) as usize) {
+            Some(&buf) if used.id % per == 0 => buf,
+            _ => fail("vsock: the device returned an unknown receive buffer"),
         };
         if (used.len as usize) < HDR_LEN {
             fail("vsock: received a packet shorter than its header");
@@ -307,14 +327,25 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
     };
     check(t.negotiate(0), "vsock negotiate");
     let cid = t.config_u64(0);
-    let mut rx = check(t.queue(0, RX_BUFFERS), "vsock rx queue");
+    let split = Layout::from_cmdline(boot) == Layout::Split;
+    let per: u16 = if split { 2 } else { 1 };
+    let mut rx = check(t.queue(0, RX_BUFFERS * per), "vsock rx queue");
     let tx = check(t.queue(1, 4), "vsock tx queue");
     let mut event = check(t.queue(2, 4), "vsock event queue");
     let mut rx_bufs = [0u64; RX_BUFFERS as usize];
-    for (i, slot) in rx_bufs.iter_mut().enumerate().take(usize::from(rx.size())) {
+    let posted = usize::from(rx.size() / per);
+    for (i, slot) in rx_bufs.iter_mut().enumerate().take(posted) {
         *slot = dma_alloc(BUF_LEN, 64);
-        rx.set_desc(i as u16, *slot, BUF_LEN as u32, DESC_F_WRITE, 0);
-        rx.publish(i as u16);
+        let head = i as u16 * per;
+        if split {
+            // Header and payload in two chained descriptors over the same memory.
+            rx.set_desc(head, *slot, HDR_LEN as u32, DESC_F_WRITE | DESC_F_NEXT, head + 1);
+            let rest = (BUF_LEN - HDR_LEN) as u32;
+            rx.set_desc(head + 1, *slot + HDR_LEN as u64, rest, DESC_F_WRITE, 0);
+        } else {
+            rx.set_desc(head, *slot, BUF_LEN as u32, DESC_F_WRITE, 0);
+        }
+        rx.publish(head);
     }
     // Event buffers (struct virtio_vsock_event, 4 bytes): posted as the driver must, unused.
     for i in 0..event.size() {
@@ -330,6 +361,7 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
         tx,
         rx_bufs,
         tx_buf: dma_alloc(BUF_LEN, 64),
+        split,
     };
     line().s("vsock cid=").dec(cid).end();
     if let Some(port) = boot.arg("mvm_listen").and_then(parse_number) {
