@@ -305,32 +305,51 @@ const ETHERTYPE_TEST: u16 = 0x88b5;
 #[test]
 fn guest_frames_reach_the_tap_and_host_frames_reach_the_guest() {
     if have_kvm() {
-        tap_exchange("plain");
+        tap_exchange("plain", 0, 16);
+    }
+}
+
+#[test]
+fn guest_with_two_receive_buffers_gets_every_frame_of_a_host_burst() {
+    if have_kvm() {
+        tap_exchange("plain", 40, 2);
     }
 }
 
 #[test]
 fn guest_frames_with_header_and_frame_in_separate_descriptors_cross_the_tap() {
     if have_kvm() {
-        tap_exchange("split");
+        tap_exchange("split", 0, 16);
     }
 }
 
 /// Boots the guest with a tap in a fresh network namespace; the test's raw socket there catches
 /// the guest's hello and answers it, and the host kernel answers the guest's ARP request.
-fn tap_exchange(layout: &str) {
+///
+/// With `burst` > 0 the host then sends that many frames back to back while the guest keeps
+/// only `rx_buffers` receive buffers posted; the guest must get every one.
+fn tap_exchange(layout: &str, burst: u64, rx_buffers: u64) {
     let Some(ns) = NetNs::create() else {
         return;
     };
     let tap = "gvtap0";
     let guest_nonce = format!("{:x}", nonce());
     let host_nonce = format!("{:x}", nonce().rotate_left(17));
-    let cmdline =
-        format!("mvm_test=net mvm_nonce={guest_nonce} mvm_ip=10.201.0.2 mvm_peer=10.201.0.1 mvm_layout={layout}");
+    let cmdline = format!(
+        "mvm_test=net mvm_nonce={guest_nonce} mvm_ip=10.201.0.2 mvm_peer=10.201.0.1 \
+         mvm_layout={layout} mvm_burst={burst} mvm_rx_buffers={rx_buffers}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let metrics = dir.path().join("metrics.json");
     let (child, started) = start_guest(
         &["ip", "netns", "exec", &ns.0],
         &cmdline,
-        &["--network", &format!("tap:{tap},10.201.0.1/30")],
+        &[
+            "--network",
+            &format!("tap:{tap},10.201.0.1/30"),
+            "--metrics",
+            metrics.to_str().expect("utf-8 path"),
+        ],
     );
 
     // The host end: wait for mvm's tap in the namespace, catch the guest's hello, answer it.
@@ -357,6 +376,12 @@ fn tap_exchange(layout: &str) {
         frame.extend_from_slice(reply.as_bytes());
         frame.resize(60, 0);
         sock.send(&frame).map_err(|e| e.to_string())?;
+        for i in 0..burst {
+            frame.truncate(14);
+            frame.extend_from_slice(format!("mvm-burst {i}").as_bytes());
+            frame.resize(60, 0);
+            sock.send(&frame).map_err(|e| e.to_string())?;
+        }
         Ok((hello, tap_mac))
     });
     let run = finish(child, started, &format!("net tap ({layout})"));
@@ -385,6 +410,18 @@ fn tap_exchange(layout: &str) {
         Some(format!("mvm-host-reply {host_nonce}").as_str()),
         "{dump}"
     );
+    let m = read_metrics(&metrics);
+    if burst > 0 {
+        assert_eq!(
+            one_line(&run, "net burst"),
+            format!("net burst got={burst} in-order=1"),
+            "{dump}"
+        );
+        // The device did run out of buffers on the way, and waited instead of dropping.
+        assert!(metric(&m, "net", "rx_no_buffers") > 0, "{m}");
+    }
+    assert_eq!(metric(&m, "net", "rx_dropped"), 0, "{m}");
+    assert_eq!(metric(&m, "net", "tx_dropped"), 0, "{m}");
     // The host kernel answered the guest's ARP request for its tap address.
     assert_eq!(
         field(one_line(&run, "net arp"), "mac"),

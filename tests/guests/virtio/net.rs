@@ -6,6 +6,10 @@
 //! 2. ARP (with `mvm_ip=A.B.C.D mvm_peer=E.F.G.H`): the guest asks who has the peer address
 //!    and prints the answer; the host kernel answers for the address on its end of the tap.
 //!
+//! 3. Burst (with `mvm_burst=N`): after the hello, the host sends N frames back to back; the
+//!    guest counts them (with `mvm_rx_buffers=K` only K receive buffers are ever posted, so the
+//!    device has to wait for the guest to return buffers).
+//!
 //! Frames are 12 bytes of `virtio_net_hdr_v1` (all zero: no offloads negotiated) and the frame,
 //! in one descriptor each way (two with `mvm_layout=split`: header, frame); [`RX_BUFFERS`]
 //! receive buffers stay posted.
@@ -13,6 +17,7 @@
 //! Serial lines:
 //!   mvm-test-guest: net mac=<xx:xx:xx:xx:xx:xx> link=<up|down>
 //!   mvm-test-guest: net got src=<mac> hellos=<sent> payload="<text>"
+//!   mvm-test-guest: net burst got=<N> in-order=<0|1>
 //!   mvm-test-guest: net arp ip=<peer> mac=<mac> requests=<sent>
 //!   mvm-test-guest: net frames rx=<dec> tx=<dec>
 
@@ -183,7 +188,8 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
     let mut rx = check(t.queue(0, RX_BUFFERS * per), "net rx queue");
     let tx = check(t.queue(1, 4), "net tx queue");
     let mut rx_bufs = [0u64; RX_BUFFERS as usize];
-    let posted = usize::from(rx.size() / per);
+    let limit = boot.arg("mvm_rx_buffers").and_then(parse_number).unwrap_or(16);
+    let posted = usize::from(rx.size() / per).min(limit as usize).max(1);
     for (i, slot) in rx_bufs.iter_mut().enumerate().take(posted) {
         *slot = dma_alloc(BUF_LEN, 64);
         let head = i as u16 * per;
@@ -213,6 +219,9 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
     l.s(" link=").s(if link_up { "up" } else { "down" }).end();
 
     hello(boot, &mut nic);
+    if let Some(n) = boot.arg("mvm_burst").and_then(parse_number).filter(|&n| n > 0) {
+        burst(&mut nic, n.min(64));
+    }
     if let (Some(ip), Some(peer)) = (
         boot.arg("mvm_ip").and_then(parse_ip),
         boot.arg("mvm_peer").and_then(parse_ip),
@@ -256,6 +265,49 @@ fn hello(boot: &BootInfo, nic: &mut Nic) {
         }
     }
     fail("net: no answer to 100 hello frames");
+}
+
+/// Receives `n` frames `mvm-burst <i>` (i = 0..n) that the host sends back to back, with
+/// perhaps fewer receive buffers posted than frames: the device must hold the rest until the
+/// guest returns buffers, not drop them.
+fn burst(nic: &mut Nic, n: u64) {
+    let mac = nic.mac;
+    let mut frame = [0u8; 1514];
+    let mut seen: u64 = 0;
+    let mut in_order = true;
+    let mut next = 0;
+    let mut got = 0;
+    while got < n {
+        let Some(len) = nic.recv_matching(&mut frame, 10 * SECOND, |f| {
+            ethertype(f) == ETHERTYPE_TEST && f[0..6] == mac && f[14..].starts_with(b"mvm-burst ")
+        }) else {
+            line()
+                .s("error net: burst frames missing, got ")
+                .dec(got)
+                .s(" of ")
+                .dec(n)
+                .end();
+            crate::common::reset();
+        };
+        let digits = &frame[24..len];
+        let end = digits.iter().position(|&b| b == 0).unwrap_or(digits.len());
+        let Some(i) = parse_number(&digits[..end]).filter(|&i| i < n) else {
+            fail("net: bad burst frame");
+        };
+        if seen & (1 << i) != 0 {
+            fail("net: a burst frame arrived twice");
+        }
+        seen |= 1 << i;
+        in_order &= i == next;
+        next = i + 1;
+        got += 1;
+    }
+    line()
+        .s("net burst got=")
+        .dec(got)
+        .s(" in-order=")
+        .dec(u64::from(in_order))
+        .end();
 }
 
 fn arp(nic: &mut Nic, ip: &[u8; 4], peer: &[u8; 4]) {
