@@ -463,6 +463,54 @@ fn vsock_packets_with_header_and_payload_in_separate_descriptors_work_both_ways(
     }
 }
 
+/// What a host program does to reach guest port `port`: `CONNECT` through mvm's socket until the
+/// guest accepts. Until the guest's driver is up the device refuses (a connection made before
+/// the driver resets the device is closed), so it retries like any host program would.
+fn connect_to_guest(sock: &Path, port: u32) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match host_connect(sock, port, Duration::from_secs(5)) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot reach guest port {port}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn host_bulk_data_to_a_guest_vsock_port_stays_within_the_guest_credit() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("vsock.sock");
+    // The guest offers 2 KiB of receive buffer and acknowledges only when the host pauses.
+    let (child, started) = start_guest(
+        &[],
+        "mvm_test=vsock mvm_listen=5000 mvm_bulk=20000 mvm_credit=2048",
+        &["--vsock", sock.to_str().expect("utf-8 path")],
+    );
+    let mut stream = connect_to_guest(&sock, 5000);
+    let data = guest_pattern(nonce(), 5, 20000);
+    stream.write_all(&data).expect("write to guest");
+    let answer = read_line(&stream);
+    drop(stream);
+    let run = finish(child, started, "vsock bulk with credit");
+    let dump = run.dump();
+    let hash = format!("{:#010x}", fnv1a(&data));
+    assert_eq!(answer, format!("fnv1a={hash}\n"), "{dump}");
+    let bulk = one_line(&run, "vsock bulk");
+    assert_eq!(field(bulk, "bytes"), Some("20000"), "{dump}");
+    assert_eq!(field(bulk, "fnv1a"), Some(hash.as_str()), "{dump}");
+    assert_eq!(field(bulk, "credit"), Some("2048"), "{dump}");
+    let most: u64 = field(bulk, "most-unacked")
+        .and_then(|v| v.parse().ok())
+        .expect("most-unacked");
+    assert!(most > 0 && most <= 2048, "{dump}");
+}
+
 /// A host program reaches the guest's port 5000 with `CONNECT 5000`, sends a line, reads the
 /// guest's echo and closes.
 fn host_connects(layout: &str) {
@@ -473,18 +521,7 @@ fn host_connects(layout: &str) {
         &format!("mvm_test=vsock mvm_listen=5000 mvm_layout={layout}"),
         &["--vsock", sock.to_str().expect("utf-8 path")],
     );
-    // Until the guest's driver is up, the device refuses (a connection made before the driver
-    // resets the device is closed): retry like any host program would.
-    let deadline = Instant::now() + DEADLINE;
-    let mut stream = loop {
-        match host_connect(&sock, 5000, Duration::from_secs(5)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("cannot reach guest port 5000: {e}"),
-        }
-    };
+    let mut stream = connect_to_guest(&sock, 5000);
     let text = format!("hello guest {:x}", nonce());
     stream
         .write_all(format!("{text}\n").as_bytes())

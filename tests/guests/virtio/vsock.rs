@@ -4,6 +4,9 @@
 //! 1. Accept (`mvm_listen=PORT`): wait for a REQUEST to PORT (a host program wrote
 //!    `CONNECT PORT` to the VM's socket), answer RESPONSE, read one line, send a CREDIT_UPDATE,
 //!    answer `echo: <line>`, then wait for the host to shut down and answer RST.
+//!    With `mvm_bulk=N` the guest reads N bytes instead of a line, acknowledging them (CREDIT_UPDATE)
+//!    only when the host pauses, checks the host never exceeds its credit (`mvm_credit=`
+//!    bytes of `buf_alloc`), and answers `fnv1a=0x<8 hex>` of the bytes.
 //! 2. Connect (`mvm_connect=PORT`): REQUEST to the host (CID 2) PORT (mvm connects to the host
 //!    listener `<socket>_PORT`), send `ping <mvm_nonce>\n`, read one line back, then SHUTDOWN
 //!    both ways and wait for the device's RST.
@@ -17,6 +20,7 @@
 //!   mvm-test-guest: vsock cid=<dec>
 //!   mvm-test-guest: vsock accepted port=<dec> host-port=<dec>
 //!   mvm-test-guest: vsock got line="<text>"
+//!   mvm-test-guest: vsock bulk bytes=<N> fnv1a=0x<8 hex> most-unacked=<dec> credit=<dec>
 //!   mvm-test-guest: vsock host-shutdown flags=<dec>
 //!   mvm-test-guest: vsock connected port=<dec> local-port=<dec>
 //!   mvm-test-guest: vsock host-said line="<text>"
@@ -48,7 +52,7 @@ const HDR_LEN: usize = 44;
 const BUF_LEN: usize = 4096;
 /// Receive buffers kept posted.
 const RX_BUFFERS: u16 = 8;
-/// What the guest says it can buffer per connection.
+/// What the guest says it can buffer per connection, unless `mvm_credit=` says otherwise.
 const BUF_ALLOC: u32 = 64 * 1024;
 /// Guest port for the guest-initiated connection.
 const LOCAL_PORT: u32 = 49152;
@@ -144,6 +148,8 @@ struct Vsock {
     tx_buf: u64,
     /// Header and payload in separate descriptors (`mvm_layout=split`).
     split: bool,
+    /// The receive buffer the guest advertises per connection.
+    buf_alloc: u32,
 }
 
 impl Vsock {
@@ -157,7 +163,7 @@ impl Vsock {
             type_: TYPE_STREAM,
             op,
             flags,
-            buf_alloc: BUF_ALLOC,
+            buf_alloc: self.buf_alloc,
             fwd_cnt: c.fwd_cnt,
         };
         copy_to(self.tx_buf, &h.bytes());
@@ -362,10 +368,15 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
         rx_bufs,
         tx_buf: dma_alloc(BUF_LEN, 64),
         split,
+        buf_alloc: boot
+            .arg("mvm_credit")
+            .and_then(parse_number)
+            .map_or(BUF_ALLOC, |c| c.clamp(1, u64::from(BUF_ALLOC)) as u32),
     };
     line().s("vsock cid=").dec(cid).end();
     if let Some(port) = boot.arg("mvm_listen").and_then(parse_number) {
-        accept(&mut v, port as u32);
+        let bulk = boot.arg("mvm_bulk").and_then(parse_number).unwrap_or(0);
+        accept(&mut v, port as u32, bulk as u32);
     }
     if let Some(port) = boot.arg("mvm_connect").and_then(parse_number) {
         let nonce = boot.arg("mvm_nonce").unwrap_or(b"none");
@@ -373,7 +384,61 @@ pub fn run(boot: &BootInfo, slots: &Slots) {
     }
 }
 
-fn accept(v: &mut Vsock, port: u32) {
+/// Reads `total` bytes of RW data, telling the host about consumed bytes only once it goes
+/// quiet, and checks the host never has more unacknowledged bytes in flight than the guest's
+/// `buf_alloc`. Returns (FNV-1a of the bytes, most bytes ever unacknowledged).
+fn read_bulk(v: &mut Vsock, c: &mut Conn, total: u32) -> (u32, u32) {
+    let mut data = [0u8; BUF_LEN];
+    let (mut got, mut unacked, mut most) = (0u32, 0u32, 0u32);
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut quiet_since = rdtsc();
+    while got < total {
+        match v.recv_for(c, &mut data, SECOND / 50) {
+            Some((h, n)) if h.op == OP_RW => {
+                if n != h.len as usize {
+                    fail("vsock: a data packet did not fit its buffer");
+                }
+                for &b in &data[..n] {
+                    hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+                }
+                got = got.wrapping_add(h.len);
+                unacked = unacked.wrapping_add(h.len);
+                most = most.max(unacked);
+                if unacked > v.buf_alloc {
+                    line()
+                        .s("error vsock: host overran the credit: unacked=")
+                        .dec(u64::from(unacked))
+                        .s(" credit=")
+                        .dec(u64::from(v.buf_alloc))
+                        .end();
+                    crate::common::reset();
+                }
+                quiet_since = rdtsc();
+            }
+            Some((h, _)) if h.op == OP_CREDIT_UPDATE => {}
+            Some(_) => fail("vsock: unexpected packet during the bulk transfer"),
+            None if unacked > 0 => {
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(unacked);
+                unacked = 0;
+                v.send(c, OP_CREDIT_UPDATE, 0, &[]);
+                quiet_since = rdtsc();
+            }
+            None if rdtsc().wrapping_sub(quiet_since) > 10 * SECOND => {
+                fail("vsock: the bulk data stopped coming");
+            }
+            None => {}
+        }
+    }
+    c.fwd_cnt = c.fwd_cnt.wrapping_add(unacked);
+    v.send(c, OP_CREDIT_UPDATE, 0, &[]);
+    (hash, most)
+}
+
+fn hex_digit(n: u32) -> u8 {
+    b"0123456789abcdef"[(n & 0xf) as usize]
+}
+
+fn accept(v: &mut Vsock, port: u32, bulk: u32) {
     let mut data = [0u8; BUF_LEN];
     let start = rdtsc();
     let mut c = loop {
@@ -401,14 +466,33 @@ fn accept(v: &mut Vsock, port: u32) {
         .s(" host-port=")
         .dec(u64::from(c.peer_port))
         .end();
-    let mut text = [0u8; MAX_LINE];
-    let n = v.read_line(&mut c, &mut text, "the host's line");
-    line().s("vsock got line=\"").bytes(&text[..n]).s("\"").end();
-    let mut reply = [0u8; MAX_LINE + 8];
-    reply[..6].copy_from_slice(b"echo: ");
-    reply[6..6 + n].copy_from_slice(&text[..n]);
-    reply[6 + n] = b'\n';
-    v.write_all(&mut c, &reply[..7 + n]);
+    if bulk > 0 {
+        let (hash, most) = read_bulk(v, &mut c, bulk);
+        line()
+            .s("vsock bulk bytes=")
+            .dec(u64::from(bulk))
+            .s(" fnv1a=")
+            .hex_digits(u64::from(hash), 8)
+            .s(" most-unacked=")
+            .dec(u64::from(most))
+            .s(" credit=")
+            .dec(u64::from(v.buf_alloc))
+            .end();
+        let mut reply = *b"fnv1a=0x00000000\n";
+        for i in 0..8 {
+            reply[8 + i] = hex_digit(hash >> (28 - 4 * i as u32));
+        }
+        v.write_all(&mut c, &reply);
+    } else {
+        let mut text = [0u8; MAX_LINE];
+        let n = v.read_line(&mut c, &mut text, "the host's line");
+        line().s("vsock got line=\"").bytes(&text[..n]).s("\"").end();
+        let mut reply = [0u8; MAX_LINE + 8];
+        reply[..6].copy_from_slice(b"echo: ");
+        reply[6..6 + n].copy_from_slice(&text[..n]);
+        reply[6 + n] = b'\n';
+        v.write_all(&mut c, &reply[..7 + n]);
+    }
     // The host closes its end: the device sends SHUTDOWN; the guest answers RST.
     loop {
         let Some((h, _)) = v.recv_for(&mut c, &mut data, 10 * SECOND) else {
