@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub mod guests;
 pub mod kernel;
+pub mod netns;
 
 /// Path of the `mvm` binary under test.
 pub const MVM: &str = env!("CARGO_BIN_EXE_mvm");

@@ -190,6 +190,22 @@ impl BootInfo {
         false
     }
 
+    /// The value of the first `key=value` argument on the command line.
+    pub fn arg(&self, key: &str) -> Option<&'static [u8]> {
+        self.cmdline().split(|&b| b == b' ').find_map(|arg| {
+            arg.strip_prefix(key.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+        })
+    }
+
+    /// Every value of `key=value` arguments on the command line, in order.
+    pub fn args(&self, key: &'static str) -> impl Iterator<Item = &'static [u8]> {
+        self.cmdline().split(|&b| b == b' ').filter_map(move |arg| {
+            arg.strip_prefix(key.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+        })
+    }
+
     /// Total bytes of usable RAM (type 1) in the memory map.
     pub fn ram_bytes(&self) -> u64 {
         self.regions()
@@ -215,4 +231,29 @@ fn c_string_len(paddr: u64) -> usize {
         n += 1;
     }
     n
+}
+
+/// Parses a number written in decimal or as `0x` hexadecimal.
+pub fn parse_number(text: &[u8]) -> Option<u64> {
+    let (digits, radix) = match text.strip_prefix(b"0x") {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &b in digits {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        if u32::from(d) >= radix {
+            return None;
+        }
+        value = value.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+    }
+    Some(value)
 }

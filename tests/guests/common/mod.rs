@@ -1,14 +1,19 @@
 //! Shared runtime for the mvm test guests: entry code (Linux 64-bit boot protocol, PVH, AP
-//! trampoline), serial output, boot information, SMP start-up and reset.
+//! trampoline), serial output, boot information, SMP start-up, reset, and a minimal virtio-mmio
+//! driver core (`virtio`).
 //!
 //! A guest is one `NAME.rs` file next to this folder that declares `mod common;` and defines
 //! `fn main(boot: &common::boot_info::BootInfo) -> !` at the crate root; `build.sh NAME OUTDIR`
 //! compiles it. No floating point and no `core::fmt`: the code is built without SSE so that an
 //! instruction emulator that only knows the general-purpose instructions can run all of it.
 
+#[allow(dead_code)]
 pub mod boot_info;
 pub mod out;
+#[allow(dead_code)]
 pub mod smp;
+#[allow(dead_code)]
+pub mod virtio;
 
 use core::arch::{asm, global_asm};
 

@@ -68,6 +68,16 @@ impl Line {
         self
     }
 
+    /// Appends every byte as two hexadecimal digits, without a prefix or separators.
+    #[allow(dead_code)]
+    pub fn hex_bytes(self, bytes: &[u8]) -> Self {
+        for &b in bytes {
+            put(hex_digit(b >> 4));
+            put(hex_digit(b & 0xf));
+        }
+        self
+    }
+
     /// Appends the value in decimal.
     pub fn dec(self, value: u64) -> Self {
         let mut buf = [0u8; 20];
