@@ -104,7 +104,10 @@ impl Env {
     fn publish(&self, layout: &Path, name: &str) {
         let builder = self.dir.path().join("builder");
         ok(
-            &mvm(&builder, &["load", "-i", layout.to_str().unwrap(), "-t", name]),
+            &mvm(
+                &builder,
+                &["load", "-i", layout.to_str().unwrap(), "-t", name],
+            ),
             "load",
         );
         ok(&mvm(&builder, &["push", "-q", name]), "push");
@@ -215,7 +218,10 @@ fn pull_lists_the_image_and_rmi_removes_it_with_its_blobs() {
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(row[..2], [env.busybox.as_str(), "latest"]);
-    assert!(row[2].starts_with("sha256:") && row[2].len() == 19, "{table}");
+    assert!(
+        row[2].starts_with("sha256:") && row[2].len() == 19,
+        "{table}"
+    );
     assert_eq!(lines.next(), None);
     let list = env.images_json();
     assert_eq!(list[0]["reference"], format!("{}:latest", env.busybox));
@@ -225,7 +231,10 @@ fn pull_lists_the_image_and_rmi_removes_it_with_its_blobs() {
 
     let o = env.user(&["rmi", &env.busybox]);
     let out = ok(&o, "rmi");
-    assert!(out.contains("Untagged:") && out.contains("Deleted:"), "{out}");
+    assert!(
+        out.contains("Untagged:") && out.contains("Deleted:"),
+        "{out}"
+    );
     assert_eq!(env.images_json(), serde_json::json!([]));
     assert!(env.blobs().is_empty(), "blobs left: {:?}", env.blobs());
     let o = env.user(&["rmi", &env.busybox]);
@@ -257,7 +266,14 @@ fn run_image_pulls_it_prints_output_and_exits_with_its_code() {
     // The second run uses the stored image and the cached root filesystem.
     let start = Instant::now();
     let o = env.user(&[
-        "run", "--isolation", "container", "--rm", "--image", &env.busybox, "--", "true",
+        "run",
+        "--isolation",
+        "container",
+        "--rm",
+        "--image",
+        &env.busybox,
+        "--",
+        "true",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(!text(&o.stderr).contains("Unable to find image"));
@@ -366,10 +382,15 @@ fn pull_rejects_a_blob_whose_digest_does_not_match() {
     let err = env.pull_fails_cleanly(&env.busybox);
     assert!(err.contains("failed verification"), "{err}");
     assert!(err.contains("digest mismatch"), "{err}");
-    assert!(!env.blobs().contains(&env.busybox_layers[0][7..].to_string()));
+    assert!(!env
+        .blobs()
+        .contains(&env.busybox_layers[0][7..].to_string()));
     // The store still works: the old image is there and a good pull succeeds.
     std::fs::write(&file, &good).unwrap();
-    ok(&env.user(&["pull", "-q", &env.busybox]), "pull after repair");
+    ok(
+        &env.user(&["pull", "-q", &env.busybox]),
+        "pull after repair",
+    );
     let list = env.images_json();
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert_eq!(list[1]["reference"], tiny);
@@ -385,7 +406,10 @@ fn pull_rejects_a_truncated_blob() {
     let err = env.pull_fails_cleanly(&env.busybox);
     assert!(err.contains("size mismatch"), "{err}");
     std::fs::write(&file, &good).unwrap();
-    ok(&env.user(&["pull", "-q", &env.busybox]), "pull after repair");
+    ok(
+        &env.user(&["pull", "-q", &env.busybox]),
+        "pull after repair",
+    );
 }
 
 #[test]
@@ -480,7 +504,10 @@ fn pull_killed_midway_completes_when_run_again() {
         "the download was not interrupted"
     );
     let hex = &big.descriptor.digest[7..];
-    assert!(!env.blobs().contains(&hex.to_string()), "partial blob stored");
+    assert!(
+        !env.blobs().contains(&hex.to_string()),
+        "partial blob stored"
+    );
     assert_eq!(env.images_json(), serde_json::json!([]));
 
     proxy.full_speed();
@@ -509,7 +536,8 @@ fn docker_save(layout: &Path, out: &Path, repo_tag: &str) {
     add(&config_name, &std::fs::read(blob(config_digest)).unwrap());
     let mut layers = Vec::new();
     for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
-        let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(blob(&layer["digest"])).unwrap());
+        let mut gz =
+            flate2::read::GzDecoder::new(std::fs::File::open(blob(&layer["digest"])).unwrap());
         let mut plain = Vec::new();
         gz.read_to_end(&mut plain).unwrap();
         let name = format!("layer{i}/layer.tar");
@@ -533,15 +561,24 @@ fn load_of_a_docker_save_archive_then_run_it() {
     let o = mvm(&root, &["load", "-i", archive.to_str().unwrap()]);
     assert_eq!(ok(&o, "load"), "Loaded image: mvm-test/busybox:saved\n");
     let images = ok(&mvm(&root, &["images"]), "images");
-    assert!(images.contains("mvm-test/busybox") && images.contains("saved"), "{images}");
+    assert!(
+        images.contains("mvm-test/busybox") && images.contains("saved"),
+        "{images}"
+    );
     // Loading the same archive again changes nothing; a corrupt one is refused.
-    ok(&mvm(&root, &["load", "-i", archive.to_str().unwrap()]), "load again");
+    ok(
+        &mvm(&root, &["load", "-i", archive.to_str().unwrap()]),
+        "load again",
+    );
     let mut data = std::fs::read(&archive).unwrap();
     let at = data.len() / 2;
     data[at] ^= 0xff;
     let corrupt = dir.path().join("corrupt.tar");
     std::fs::write(&corrupt, &data).unwrap();
-    let o = mvm(&root, &["load", "-i", corrupt.to_str().unwrap(), "-t", "other"]);
+    let o = mvm(
+        &root,
+        &["load", "-i", corrupt.to_str().unwrap(), "-t", "other"],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
     assert_eq!(text(&o.stderr).trim_end().lines().count(), 1);
     assert_eq!(ok(&mvm(&root, &["images"]), "images"), images);

@@ -258,7 +258,9 @@ fn read_limited(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>> {
 }
 
 fn layout_blob(root: &Path, digest: &Digest) -> PathBuf {
-    root.join("blobs").join(digest.algorithm()).join(digest.hex())
+    root.join("blobs")
+        .join(digest.algorithm())
+        .join(digest.hex())
 }
 
 /// Reads a small blob of a layout, checked against its descriptor.
@@ -332,30 +334,28 @@ fn load_oci_layout(store: &Store, root: &Path) -> Result<Vec<Staged>> {
             what: what.to_string(),
             source,
         };
-        let (body, digest, image) =
-            match manifest::parse_manifest(Some(&entry.media_type), &body)
-                .map_err(|e| unusable(&what, e))?
-            {
-                Manifest::Image(m) => (body, entry.digest.clone(), m),
-                Manifest::Index(inner) => {
-                    let pick = manifest::select_platform(&inner, "linux", "amd64")
-                        .map_err(|e| unusable(&what, e))?;
-                    let what = format!("manifest {}", pick.digest);
-                    let body =
-                        read_layout_blob(root, pick, "manifest", manifest::MAX_MANIFEST_BYTES)?;
-                    match manifest::parse_manifest(Some(&pick.media_type), &body)
-                        .map_err(|e| unusable(&what, e))?
-                    {
-                        Manifest::Image(m) => (body, pick.digest.clone(), m),
-                        Manifest::Index(_) => {
-                            return Err(unusable(
-                                &what,
-                                ManifestError::UnsupportedMediaType(manifest::OCI_INDEX.into()),
-                            ))
-                        }
+        let (body, digest, image) = match manifest::parse_manifest(Some(&entry.media_type), &body)
+            .map_err(|e| unusable(&what, e))?
+        {
+            Manifest::Image(m) => (body, entry.digest.clone(), m),
+            Manifest::Index(inner) => {
+                let pick = manifest::select_platform(&inner, "linux", "amd64")
+                    .map_err(|e| unusable(&what, e))?;
+                let what = format!("manifest {}", pick.digest);
+                let body = read_layout_blob(root, pick, "manifest", manifest::MAX_MANIFEST_BYTES)?;
+                match manifest::parse_manifest(Some(&pick.media_type), &body)
+                    .map_err(|e| unusable(&what, e))?
+                {
+                    Manifest::Image(m) => (body, pick.digest.clone(), m),
+                    Manifest::Index(_) => {
+                        return Err(unusable(
+                            &what,
+                            ManifestError::UnsupportedMediaType(manifest::OCI_INDEX.into()),
+                        ))
                     }
                 }
-            };
+            }
+        };
         let config = read_layout_blob(root, &image.config, "config", manifest::MAX_CONFIG_BYTES)?;
         serde_json::from_slice::<ImageConfigFile>(&config).map_err(|source| {
             LoadError::BadJson {
@@ -390,7 +390,10 @@ struct ArchiveEntry {
 fn digest_in_name(path: &str) -> Option<Digest> {
     let name = Path::new(path).file_name()?.to_str()?;
     let hex = name.strip_suffix(".json").unwrap_or(name);
-    let parent = Path::new(path).parent().and_then(Path::to_str).unwrap_or("");
+    let parent = Path::new(path)
+        .parent()
+        .and_then(Path::to_str)
+        .unwrap_or("");
     if hex.len() == 64 && (name.ends_with(".json") || parent.ends_with("sha256")) {
         Digest::parse(&format!("sha256:{hex}")).ok()
     } else {
@@ -478,9 +481,7 @@ fn import_archive_layer(
         Err(e) => Err(io_err("open", &path)(e)),
     };
     let mut magic = [0u8; 4];
-    let got = open()?
-        .read(&mut magic)
-        .map_err(io_err("read", &path))?;
+    let got = open()?.read(&mut magic).map_err(io_err("read", &path))?;
     let media_type = match &magic[..got] {
         [0x1f, 0x8b, ..] => manifest::OCI_LAYER_TAR_GZIP,
         [0x28, 0xb5, 0x2f, 0xfd] => manifest::OCI_LAYER_TAR_ZSTD,

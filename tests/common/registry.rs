@@ -174,8 +174,12 @@ impl Throttle {
         let stop = Arc::new(AtomicBool::new(false));
         let slow = Arc::new(AtomicBool::new(true));
         let forwarded = Arc::new(AtomicU64::new(0));
-        let (stop2, slow2, fwd2, target) =
-            (stop.clone(), slow.clone(), forwarded.clone(), target.to_string());
+        let (stop2, slow2, fwd2, target) = (
+            stop.clone(),
+            slow.clone(),
+            forwarded.clone(),
+            target.to_string(),
+        );
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let client = match listener.accept() {
@@ -220,8 +224,14 @@ impl Drop for Throttle {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, limit: Option<(Arc<AtomicBool>, Arc<AtomicU64>, u64)>) {
-    let chunk = limit.as_ref().map_or(64 << 10, |(_, _, rate)| (rate / 20).max(1) as usize);
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    limit: Option<(Arc<AtomicBool>, Arc<AtomicU64>, u64)>,
+) {
+    let chunk = limit
+        .as_ref()
+        .map_or(64 << 10, |(_, _, rate)| (rate / 20).max(1) as usize);
     let mut buf = vec![0u8; chunk];
     loop {
         let n = match from.read(&mut buf) {

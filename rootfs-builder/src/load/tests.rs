@@ -219,7 +219,10 @@ fn missing_blob_fails_and_tags_nothing() {
     std::fs::remove_file(first_layer_blob(&layout)).unwrap();
     let err = load(&s, &layout, Some("app")).unwrap_err();
     assert!(matches!(err, LoadError::Missing(_)), "{err}");
-    assert!(err.to_string().contains("missing from the archive"), "{err}");
+    assert!(
+        err.to_string().contains("missing from the archive"),
+        "{err}"
+    );
     assert!(s.list().unwrap().is_empty());
 }
 
@@ -230,7 +233,7 @@ fn blob_not_matching_its_digest_is_refused() {
     let layout = layout(dir.path());
     let blob = first_layer_blob(&layout);
     let len = std::fs::metadata(&blob).unwrap().len();
-    std::fs::write(&blob, vec![0x55u8; len as usize]).unwrap();
+    std::fs::write(&blob, vec![0x55u8; usize::try_from(len).unwrap()]).unwrap();
     let err = load(&s, &layout, Some("app")).unwrap_err();
     assert!(matches!(err, LoadError::Verify { .. }), "{err}");
     assert!(s.list().unwrap().is_empty());

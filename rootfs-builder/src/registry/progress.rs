@@ -44,7 +44,12 @@ impl Progress {
             if now.duration_since(last) >= LINE_EVERY {
                 self.last_draw = Some(now);
                 let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "{label}: downloading {} / {}", human(done), human(total));
+                let _ = writeln!(
+                    err,
+                    "{label}: downloading {} / {}",
+                    human(done),
+                    human(total)
+                );
             }
             return;
         }

@@ -205,7 +205,9 @@ pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
                 for digest in &removed.blobs {
                     println!("Deleted: {digest}");
                     // Only manifest digests have cached root filesystems; others are no-ops.
-                    if let Err(e) = rootfs::remove_rootfs(&rootfs_cache(root), &rootfs_key(digest.as_str())) {
+                    if let Err(e) =
+                        rootfs::remove_rootfs(&rootfs_cache(root), &rootfs_key(digest.as_str()))
+                    {
                         log::warn!("{e:#}");
                     }
                 }
@@ -270,7 +272,12 @@ pub fn image_rootfs(root: &Path, image: &Image) -> anyhow::Result<PathBuf> {
     let layers = image
         .layers
         .iter()
-        .map(|l| Ok((store.blob_path(&l.digest), LayerMediaType::parse(&l.media_type)?)))
+        .map(|l| {
+            Ok((
+                store.blob_path(&l.digest),
+                LayerMediaType::parse(&l.media_type)?,
+            ))
+        })
         .collect::<Result<Vec<_>, rootfs_builder::unpack::UnpackError>>()?;
     Ok(rootfs::prepare_rootfs(
         &layers,
@@ -348,7 +355,10 @@ mod tests {
             parse_rfc3339("2024-01-01T02:00:00.123456789+02:00"),
             Some(1_704_067_200)
         );
-        assert_eq!(parse_rfc3339("2024-02-29T12:30:15-01:00"), Some(1_709_213_415));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:30:15-01:00"),
+            Some(1_709_213_415)
+        );
         for bad in ["", "2024-01-01", "2024-13-01T00:00:00Z", "yesterday"] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
