@@ -225,6 +225,9 @@ fn pull_lists_the_image_and_rmi_removes_it_with_its_blobs() {
     assert_eq!(lines.next(), None);
     let list = env.images_json();
     assert_eq!(list[0]["reference"], format!("{}:latest", env.busybox));
+    // Push and pull kept the manifest byte for byte: the digest is the one the layout names.
+    let layout = json(&busybox_layout().unwrap().join("index.json"));
+    assert_eq!(list[0]["digest"], layout["manifests"][0]["digest"]);
     for layer in &env.busybox_layers {
         assert!(env.blobs().contains(&layer[7..].to_string()));
     }
@@ -367,6 +370,49 @@ fn run_image_whiteout_in_upper_layer_hides_a_lower_file() {
         "cat /data/kept; test -e /etc/secret && echo visible || echo hidden",
     ]);
     assert_eq!(ok(&o, "run"), "kept\nhidden\n");
+}
+
+#[test]
+fn pull_of_a_multi_platform_index_or_a_digest_gets_the_linux_amd64_image() {
+    let Some(env) = Env::new() else { return };
+    let layout = busybox_layout().unwrap();
+    let entry = &json(&layout.join("index.json"))["manifests"][0];
+    let digest = entry["digest"].as_str().unwrap();
+    // An index listing the same manifest as arm64 first, then as amd64.
+    let platform = |arch: &str| {
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": entry["size"], "platform": {"os": "linux", "architecture": arch}})
+    };
+    let index = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [platform("arm64"), platform("amd64")]});
+    let client = rootfs_builder::registry::Client::new(
+        &env.reg.host(),
+        "test/busybox",
+        &rootfs_builder::registry::PullOptions::default(),
+        true,
+    );
+    client
+        .put_manifest(
+            "multi",
+            "application/vnd.oci.image.index.v1+json",
+            &serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+    ok(
+        &env.user(&["pull", "-q", &format!("{}:multi", env.busybox)]),
+        "pull index",
+    );
+    assert_eq!(env.images_json()[0]["digest"], digest);
+    let by_digest = format!("{}@{digest}", env.busybox);
+    ok(&env.user(&["pull", "-q", &by_digest]), "pull by digest");
+    let list = env.images_json();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert!(list.as_array().unwrap().iter().any(|i| i["tag"].is_null()));
+    // Removing by digest removes every name of that repository pointing at it, and the blobs.
+    ok(&env.user(&["rmi", &by_digest]), "rmi by digest");
+    assert_eq!(env.images_json(), serde_json::json!([]));
+    assert!(env.blobs().is_empty());
 }
 
 #[test]
