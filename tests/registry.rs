@@ -289,16 +289,17 @@ fn run_image_pulls_it_prints_output_and_exits_with_its_code() {
 }
 
 #[test]
-fn run_image_applies_its_entrypoint_cmd_env_and_workdir() {
+fn run_image_applies_its_entrypoint_cmd_env_workdir_and_user() {
     if !is_root() {
         return;
     }
     let Some(env) = Env::new() else { return };
     let config = ImageConfig {
         entrypoint: vec!["sh".into(), "-c".into()],
-        cmd: vec!["echo \"$GREETING\"; pwd; cat note".into()],
+        cmd: vec!["echo \"$GREETING\"; pwd; cat note; id -u".into()],
         env: vec!["GREETING=hello from the image".into(), "PATH=/bin".into()],
         working_dir: "/srv/app".into(),
+        user: Some("1000:1000".into()),
         ..Default::default()
     };
     let upper = [
@@ -311,7 +312,7 @@ fn run_image_applies_its_entrypoint_cmd_env_and_workdir() {
     let o = env.user(&base);
     assert_eq!(
         ok(&o, "run"),
-        "hello from the image\n/srv/app\nnote\n",
+        "hello from the image\n/srv/app\nnote\n1000\n",
         "{}",
         text(&o.stderr)
     );
