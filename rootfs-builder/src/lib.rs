@@ -5,6 +5,7 @@ pub mod digest;
 pub mod disk;
 pub mod examples;
 pub mod initramfs;
+pub mod load;
 pub mod manifest;
 pub mod oci_writer;
 pub mod reference;

@@ -100,6 +100,8 @@ pub struct ImageConfig {
     pub exposed_ports: Vec<String>,
     /// Signal that stops the container gracefully, such as `SIGQUIT`.
     pub stop_signal: Option<String>,
+    /// `user[:group]` the process runs as (names or numbers); root when absent.
+    pub user: Option<String>,
 }
 
 /// Builds one OCI image layout directory.
@@ -359,6 +361,9 @@ fn config_json(c: &ImageConfig, layers: &[LayerBlob]) -> Vec<u8> {
     }
     if let Some(sig) = &c.stop_signal {
         cfg.insert("StopSignal".into(), sig.clone().into());
+    }
+    if let Some(user) = &c.user {
+        cfg.insert("User".into(), user.clone().into());
     }
     let diff_ids: Vec<_> = layers.iter().map(|l| l.diff_id.clone()).collect();
     let json = serde_json::json!({

@@ -533,7 +533,8 @@ impl Store {
         let mut removed = Removed::default();
         if index.images.remove(&key).is_some() {
             removed.references.push(key);
-        } else if let Some(digest) = reference.digest() {
+        }
+        if let Some(digest) = reference.digest() {
             let name = reference.name();
             let matching: Vec<String> = index
                 .images
@@ -699,6 +700,27 @@ mod tests {
             0
         );
         assert!(matches!(store.remove("b:1"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn remove_by_digest_removes_every_name_of_that_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = put_image(&store, "reg:5000/app:v1", &[b"layer"]);
+        put_image(&store, "reg:5000/app:v2", &[b"layer"]);
+        put_image(&store, "reg:5000/other:v1", &[b"layer"]);
+        let by_digest = Reference::parse(&format!("reg:5000/app@{digest}")).unwrap();
+        store.tag(&by_digest, &digest).unwrap();
+        let removed = store.remove(&by_digest).unwrap();
+        assert_eq!(removed.references.len(), 3, "{:?}", removed.references);
+        assert!(removed.blobs.is_empty(), "other still uses them");
+        let left: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.reference)
+            .collect();
+        assert_eq!(left, vec!["reg:5000/other:v1".to_string()]);
     }
 
     #[test]

@@ -281,14 +281,14 @@ fn open_root(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Reads a stream of concatenated zstd frames.
-struct ZstdReader<R: BufRead> {
+pub(crate) struct ZstdReader<R: BufRead> {
     src: R,
     dec: ruzstd::decoding::FrameDecoder,
     in_frame: bool,
 }
 
 impl<R: BufRead> ZstdReader<R> {
-    fn new(src: R) -> Self {
+    pub(crate) fn new(src: R) -> Self {
         ZstdReader {
             src,
             dec: ruzstd::decoding::FrameDecoder::new(),

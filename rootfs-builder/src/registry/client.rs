@@ -120,7 +120,7 @@ impl Client {
             }
             return Err(RegistryError::Unreachable {
                 host: self.host.clone(),
-                source: Box::new(err),
+                source: err.into(),
             });
         }
     }

@@ -52,6 +52,25 @@ impl Default for PullOptions {
     }
 }
 
+/// Why a connection failed, worded once (ureq's own message repeats its source).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(String);
+
+impl From<ureq::Transport> for TransportError {
+    fn from(t: ureq::Transport) -> Self {
+        use std::error::Error;
+        let text = match t.source() {
+            Some(cause) => cause.to_string(),
+            None => match t.message() {
+                Some(m) => format!("{}: {m}", t.kind()),
+                None => t.kind().to_string(),
+            },
+        };
+        TransportError(text)
+    }
+}
+
 /// Errors talking to a registry or storing what it sent.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -62,7 +81,7 @@ pub enum RegistryError {
         host: String,
         /// The last transport error.
         #[source]
-        source: Box<ureq::Transport>,
+        source: TransportError,
     },
     /// The registry says the thing does not exist.
     #[error("{what} not found in {host}/{repository}")]

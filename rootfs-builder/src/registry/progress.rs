@@ -1,9 +1,13 @@
-//! Pull/push progress on stderr: a line per finished blob; a live byte counter only on a tty.
+//! Pull/push progress on stderr: a line per finished blob; a live byte counter redrawn in place on
+//! a tty, or a plain `label: downloading X / Y` line every few seconds when stderr is a file or
+//! pipe (so logs show a long download is alive without filling up).
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 const REDRAW_EVERY: Duration = Duration::from_millis(200);
+/// How often a download in progress is reported when stderr is not a terminal.
+pub(crate) const LINE_EVERY: Duration = Duration::from_secs(2);
 
 /// Progress printer; does nothing when disabled.
 #[derive(Debug)]
@@ -12,6 +16,8 @@ pub(crate) struct Progress {
     tty: bool,
     last_draw: Option<Instant>,
     drawn: bool,
+    /// When the current blob's first bytes arrived (for periodic lines off a terminal).
+    started: Option<Instant>,
 }
 
 impl Progress {
@@ -21,15 +27,32 @@ impl Progress {
             tty: enabled && std::io::stderr().is_terminal(),
             last_draw: None,
             drawn: false,
+            started: None,
         }
     }
 
-    /// Redraws `label: done/total` in place, at most every 200 ms, only on a terminal.
+    /// Reports `label: done / total`: redrawn in place at most every 200 ms on a terminal,
+    /// otherwise as a new line every [`LINE_EVERY`].
     pub(crate) fn bytes(&mut self, label: &str, done: u64, total: u64) {
-        if !self.tty {
+        if !self.enabled {
             return;
         }
         let now = Instant::now();
+        if !self.tty {
+            let since = *self.started.get_or_insert(now);
+            let last = self.last_draw.unwrap_or(since);
+            if now.duration_since(last) >= LINE_EVERY {
+                self.last_draw = Some(now);
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(
+                    err,
+                    "{label}: downloading {} / {}",
+                    human(done),
+                    human(total)
+                );
+            }
+            return;
+        }
         if self
             .last_draw
             .is_some_and(|t| now.duration_since(t) < REDRAW_EVERY)
@@ -54,6 +77,7 @@ impl Progress {
             self.drawn = false;
         }
         self.last_draw = None;
+        self.started = None;
         let _ = writeln!(err, "{text}");
     }
 }

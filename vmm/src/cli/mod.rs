@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod boot;
 mod example;
+mod image;
 mod info;
 mod run;
 mod run_vm;
@@ -54,6 +55,16 @@ enum Command {
     BuildExample(example::BuildExampleArgs),
     /// Run a command from an image in a microVM, a container or a plain process.
     Run(Box<run::RunArgs>),
+    /// Pull an image from a registry into the local store.
+    Pull(image::PullArgs),
+    /// List the images in the local store.
+    Images(image::ImagesArgs),
+    /// Remove images from the local store (and the layers nothing else uses).
+    Rmi(image::RmiArgs),
+    /// Load images from an OCI layout or a `docker save` archive.
+    Load(image::LoadArgs),
+    /// Push an image from the local store to a registry.
+    Push(image::PushArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -80,6 +91,11 @@ pub fn main() -> i32 {
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
         Command::Run(args) => run::run(&root_dir(cli.root), &args),
+        Command::Pull(args) => image::pull(&root_dir(cli.root), &args),
+        Command::Images(args) => image::images(&root_dir(cli.root), &args),
+        Command::Rmi(args) => image::rmi(&root_dir(cli.root), &args),
+        Command::Load(args) => image::load(&root_dir(cli.root), &args),
+        Command::Push(args) => image::push(&root_dir(cli.root), &args),
     };
     match result {
         Ok(code) => code,
@@ -100,7 +116,8 @@ pub fn main() -> i32 {
 /// The store and state directory: `--root`, else the default for this user.
 pub fn root_dir(root: Option<PathBuf>) -> PathBuf {
     if let Some(root) = root {
-        return root;
+        // Absolute, so paths derived from it work as overlay and mount options.
+        return std::path::absolute(&root).unwrap_or(root);
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {

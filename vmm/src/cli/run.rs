@@ -119,9 +119,23 @@ pub struct Source {
 
 /// Resolves `--image` or `--rootfs` to a root filesystem and image config. The one place the
 /// image store plugs in.
-pub fn resolve_source(_root: &Path, args: &RunArgs) -> anyhow::Result<Source> {
+pub fn resolve_source(root: &Path, args: &RunArgs) -> anyhow::Result<Source> {
     match (&args.image, &args.rootfs) {
-        (Some(_), _) => Err(bad_input("image store not available yet: use --rootfs DIR")),
+        (Some(image), _) => {
+            let image = super::image::find_or_pull(root, image)?;
+            let dir = super::image::image_rootfs(root, &image)?;
+            let c = image.config;
+            Ok(Source {
+                lower: vec![dir],
+                config: ImageConfig {
+                    entrypoint: c.entrypoint.unwrap_or_default(),
+                    cmd: c.cmd.unwrap_or_default(),
+                    env: c.env.unwrap_or_default(),
+                    working_dir: c.working_dir,
+                    user: c.user,
+                },
+            })
+        }
         (None, Some(dir)) => {
             let dir = std::fs::canonicalize(dir)
                 .ok()
