@@ -320,8 +320,8 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
     }
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
     // new root alone (the method runc uses, no put_old directory needed).
-    // SAFETY: both arguments are valid C strings.
     super::child::trace(Step::PivotRoot);
+    // SAFETY: both arguments are valid C strings.
     let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
     if r < 0 {
         let e = errno();
