@@ -301,6 +301,7 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
 
 /// Drops capabilities, switches user, resets signals and executes the command.
 fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
+    trace(Step::Capabilities);
     for cap in 0..=plan.last_cap {
         if !KEPT_CAPS.contains(&cap) {
             // SAFETY: prctl with integer arguments.
@@ -311,19 +312,12 @@ fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
             }
         }
     }
-    // SAFETY: the groups vector outlives the call; setgroups copies it.
-    if unsafe { libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) } < 0 {
-        return Err(fail(Step::User));
-    }
-    // SAFETY: plain id-setting calls.
-    if unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } < 0 {
-        return Err(fail(Step::User));
-    }
-    // SAFETY: as above.
-    if unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } < 0 {
+    trace(Step::User);
+    if set_identity(&plan.groups, plan.gid, plan.uid).is_err() {
         return Err(fail(Step::User));
     }
     reset_signals();
+    trace(Step::Exec);
     let mut last = libc::ENOENT;
     let mut denied = false;
     for path in &plan.exec_candidates {
@@ -344,6 +338,31 @@ fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
             last
         },
     })
+}
+
+/// Sets the supplementary groups, then the gid, then the uid of this (single-threaded) process
+/// with raw system calls. glibc's wrappers would first signal every thread the parent had (its
+/// thread list is copied by clone(2)) and wait for them forever; in the guest, where the agent
+/// is PID 1, one of those stale thread ids is 1: the container's own PID in its new namespace.
+pub(crate) fn set_identity(
+    groups: &[libc::gid_t],
+    gid: libc::gid_t,
+    uid: libc::uid_t,
+) -> Result<(), i32> {
+    // SAFETY: the group list points at `groups.len()` valid gids; the kernel copies it.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if r < 0 {
+        return Err(errno());
+    }
+    // SAFETY: plain id-setting system calls with integer arguments.
+    if unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } < 0 {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } < 0 {
+        return Err(errno());
+    }
+    Ok(())
 }
 
 /// Puts every signal back to its default action and unblocks all of them (the runtime may

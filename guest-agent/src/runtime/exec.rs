@@ -321,12 +321,7 @@ fn command(plan: &Plan<'_>) -> ! {
             }
         }
     }
-    // SAFETY: the group list points at `groups.len()` valid gids; then gid, then uid.
-    let ids_ok = unsafe { libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) } == 0
-        // SAFETY: plain setgid call.
-        && unsafe { libc::setgid(plan.gid) } == 0
-        // SAFETY: plain setuid call.
-        && unsafe { libc::setuid(plan.uid) } == 0;
+    let ids_ok = super::child::set_identity(plan.groups, plan.gid, plan.uid).is_ok();
     if !ids_ok {
         die(126);
     }
