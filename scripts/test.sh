@@ -28,5 +28,12 @@ if [ -z "${MVM_TEST_KERNEL:-}" ]; then
   fi
 fi
 
+# The static guest agent: the initramfs /init of `mvm run --isolation vm`.
+if [ -z "${MVM_AGENT:-}" ]; then
+  echo "test: building the static guest agent" >&2
+  MVM_AGENT=$("$repo/scripts/build-agent.sh" release)
+  export MVM_AGENT
+fi
+
 cargo build --workspace --all-targets
 cargo test --workspace "$@"

@@ -26,15 +26,6 @@ pub enum Isolation {
     Process,
 }
 
-/// Network of a container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NetworkArg {
-    /// Only loopback.
-    None,
-    /// The host's network.
-    Host,
-}
-
 /// Flags of `mvm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -78,9 +69,10 @@ pub struct RunArgs {
     /// Run a tiny init as PID 1 that forwards signals and reaps zombies.
     #[arg(long)]
     pub init: bool,
-    /// Network: none (loopback only) or host.
-    #[arg(long, value_enum, default_value = "none")]
-    pub network: NetworkArg,
+    /// Network. VM: user (rootless, passt), tap, tap:NAME[,IP/PREFIX] or none (default none).
+    /// Container: none (loopback only, the default) or host.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
     /// Isolation: vm, container or process.
     #[arg(long, value_enum, default_value = "vm")]
     pub isolation: Isolation,
@@ -90,9 +82,6 @@ pub struct RunArgs {
     /// Extra guest kernel arguments, appended to mvm's own (--isolation vm).
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub kernel_args: Option<String>,
-    /// Guest network for --isolation vm: user, tap, tap:NAME[,IP/PREFIX] or none.
-    #[arg(long = "vm-network", value_name = "MODE", default_value = "none")]
-    pub vm_network: String,
     /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     pub publish: Vec<String>,
@@ -149,6 +138,17 @@ pub fn resolve_source(root: &Path, args: &RunArgs) -> anyhow::Result<Source> {
             })
         }
         (None, None) => Err(bad_input("give --image IMAGE or --rootfs DIR")),
+    }
+}
+
+/// The network of a container on the host: none (the default) or host.
+fn container_network(mode: Option<&str>) -> anyhow::Result<Network> {
+    match mode.unwrap_or("none") {
+        "none" => Ok(Network::None),
+        "host" => Ok(Network::Host),
+        other => Err(bad_input(format!(
+            "--network {other}: a container on the host takes none or host"
+        ))),
     }
 }
 
@@ -257,10 +257,7 @@ fn run_container(
         hostname: args.hostname.clone(),
         limits,
         terminal: false,
-        network: match args.network {
-            NetworkArg::None => Network::None,
-            NetworkArg::Host => Network::Host,
-        },
+        network: container_network(args.network.as_deref())?,
         init: args.init,
         cgroup_parent: None,
     };

@@ -19,6 +19,9 @@ use crate::virtio_devices::NetworkMode;
 /// Where the guest agent mounts the image disk (see `mvm-agent`).
 const GUEST_ROOTFS: &str = "/mnt/rootfs";
 
+/// The guest network when `--network` is not given.
+const DEFAULT_NETWORK: &str = "none";
+
 /// Parses `--timeout`: seconds, or a number with s, m or h.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (num, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -110,7 +113,9 @@ pub fn run_vm(
         )));
     }
     let network: NetworkMode = args
-        .vm_network
+        .network
+        .as_deref()
+        .unwrap_or(DEFAULT_NETWORK)
         .parse()
         .map_err(|e: crate::virtio_devices::DeviceSetupError| bad_input(e.to_string()))?;
     let ports = args

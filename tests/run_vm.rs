@@ -1,0 +1,372 @@
+//! `mvm run` in a microVM, in the foreground, as a CI system uses it: an image pushed to a real
+//! registry (Debian's `docker-registry` on 127.0.0.1) runs in its own VM with the Linux test
+//! kernel, its output streams to mvm's stdout and mvm exits with the command's exit code; the
+//! flags reach the container; `--timeout` ends a command that runs too long with 124; and every
+//! run leaves nothing behind (run directories, sockets, mounts, taps, passt processes).
+//!
+//! Each boot takes tens of seconds on this host (guest kernel mode is emulated), so the boots
+//! run one at a time and the tests are few. They skip with a reason without /dev/kvm, root, the
+//! test kernel, the static guest agent or Debian's package lists.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+#[path = "common/registry.rs"]
+mod registry_server;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::kernel::test_kernel;
+use registry_server::{busybox_layout, Registry};
+
+const MVM: &str = env!("CARGO_BIN_EXE_mvm");
+
+/// One guest boot at a time: two cores cannot run several emulated kernels usefully.
+fn boot_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The static guest agent (`MVM_AGENT`, else built by scripts/build-agent.sh).
+fn agent() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MVM_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let script = common::kernel::repo_root().join("scripts/build-agent.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/build-agent.sh failed: {}",
+            text(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(text(&out.stdout).trim()))
+}
+
+/// Everything a VM run needs, or None with the reason printed.
+struct Vm {
+    kernel: PathBuf,
+    kernel_args: String,
+    agent: PathBuf,
+}
+
+fn vm() -> Option<&'static Vm> {
+    static VM: OnceLock<Result<Vm, String>> = OnceLock::new();
+    let vm = VM.get_or_init(|| {
+        if !Path::new("/dev/kvm").exists() {
+            return Err("no /dev/kvm on this host".into());
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("VM runs need root (taps, mounts)".into());
+        }
+        let (kernel, kernel_args) = test_kernel()?;
+        Ok(Vm {
+            kernel,
+            kernel_args,
+            agent: agent()?,
+        })
+    });
+    match vm {
+        Ok(vm) => Some(vm),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+/// A registry with the busybox example pushed as `HOST/test/busybox`.
+struct Published {
+    _reg: Registry,
+    dir: tempfile::TempDir,
+    busybox: String,
+}
+
+fn published_busybox() -> Option<Published> {
+    let layout = busybox_layout()?;
+    let reg = Registry::start()?;
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = format!("{}/test/busybox", reg.host());
+    let builder = dir.path().join("builder");
+    for args in [
+        vec!["load", "-i", layout.to_str().unwrap(), "-t", &busybox],
+        vec!["push", "-q", &busybox],
+    ] {
+        let o = Command::new(MVM)
+            .arg("--root")
+            .arg(&builder)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    }
+    Some(Published {
+        _reg: reg,
+        dir,
+        busybox,
+    })
+}
+
+/// What a run may leave behind on the host, to compare before and after.
+#[derive(Debug, PartialEq)]
+struct HostTraces {
+    passt: usize,
+    taps: Vec<String>,
+    mounts: usize,
+}
+
+fn host_traces(root: &Path) -> HostTraces {
+    let passt = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "passt" || c.trim() == "passt.avx2")
+        .count();
+    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("mvm"))
+        .collect();
+    taps.sort();
+    let root = root.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .count();
+    HostTraces {
+        passt,
+        taps,
+        mounts,
+    }
+}
+
+/// Sockets, disks and run directories left under the mvm root (the image store and caches
+/// are meant to stay).
+fn leftovers(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() && !p.starts_with(root.join("images")) {
+                stack.push(p);
+            } else if ft.is_socket()
+                || name.ends_with(".sock")
+                || name == "rootfs.ext4"
+                || name == "console.log"
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+/// Runs `mvm --root ROOT run --isolation vm --kernel K --kernel-args A ARGS...`.
+fn run_vm(vm: &Vm, root: &Path, args: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = Command::new(MVM)
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--isolation", "vm", "--kernel"])
+        .arg(&vm.kernel)
+        .args(["--kernel-args", &vm.kernel_args])
+        .args(args)
+        .env("MVM_AGENT", &vm.agent)
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+#[test]
+fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
+    let Some(vm) = vm() else { return };
+    let Some(reg) = published_busybox() else {
+        return;
+    };
+    let _one = boot_lock();
+    let root = reg.dir.path().join("user");
+    let before = host_traces(&root);
+    let (out, took) = run_vm(
+        vm,
+        &root,
+        &[
+            "--rm",
+            "--image",
+            &reg.busybox,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 3",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    eprintln!("run took {took:?}");
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(stderr.contains("oops"), "{stderr}");
+    assert_eq!(host_traces(&root), before);
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn run_in_a_microvm_applies_env_workdir_hostname_and_memory_size() {
+    let Some(vm) = vm() else { return };
+    let Some(reg) = published_busybox() else {
+        return;
+    };
+    let _one = boot_lock();
+    let root = reg.dir.path().join("user");
+    let (out, _) = run_vm(
+        vm,
+        &root,
+        &[
+            "--rm",
+            "--mem",
+            "192M",
+            "-e",
+            "GREETING=from the guest",
+            "-w",
+            "/srv/work",
+            "--hostname",
+            "sandbox",
+            "--network",
+            "none",
+            "--image",
+            &reg.busybox,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; pwd; hostname; grep MemTotal /proc/meminfo; \
+             touch /new-file && echo writable; uname -r",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..3], ["from the guest", "/srv/work", "sandbox"]);
+    // The guest kernel sees about the VM's memory (minus what the kernel reserves), not the host's.
+    let kib: u64 = lines[3].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((100_000..=196_608).contains(&kib), "MemTotal {kib} kB");
+    // The root is an overlay over the read-only image disk: writes work.
+    assert_eq!(lines[4], "writable");
+    // It runs on the guest kernel, not the host's.
+    let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    assert_ne!(lines[5], host_release.trim());
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn run_in_a_microvm_with_timeout_stops_a_long_command_with_124() {
+    let Some(vm) = vm() else { return };
+    let Some(reg) = published_busybox() else {
+        return;
+    };
+    let _one = boot_lock();
+    let root = reg.dir.path().join("user");
+    let before = host_traces(&root);
+    let (out, took) = run_vm(
+        vm,
+        &root,
+        &[
+            "--rm",
+            "--timeout",
+            "5s",
+            "--image",
+            &reg.busybox,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 1000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "started\n");
+    // Boot (tens of seconds here) plus the 5 s limit, far from the 1000 s sleep.
+    assert!(took < Duration::from_secs(400), "took {took:?}");
+    assert_eq!(host_traces(&root), before);
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn run_in_a_microvm_whose_kernel_dies_fails_fast_with_one_line() {
+    let Some(vm) = vm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    // A "kernel" that executes an undefined instruction with no IDT: a triple fault.
+    let kernel = common::guest_file(dir.path(), "dies.elf", &[0x0f, 0x0b]);
+    let root = dir.path().join("root");
+    let started = Instant::now();
+    let out = Command::new(MVM)
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "run",
+            "--isolation",
+            "vm",
+            "--rm",
+            "--network",
+            "none",
+            "--kernel",
+        ])
+        .arg(&kernel)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--", "/bin/true"])
+        .env("MVM_AGENT", &vm.agent)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("mvm: "), "{stderr}");
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn run_in_a_microvm_without_a_kernel_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let root = dir.path().join("root");
+    let out = Command::new(MVM)
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "run",
+            "--isolation",
+            "vm",
+            "--kernel",
+            "/nonexistent/vmlinux",
+        ])
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+}
