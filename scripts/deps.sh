@@ -10,6 +10,8 @@ packages=(
   e2fsprogs erofs-utils busybox-static
   # networking
   iproute2 passt curl socat
+  # benchmarks
+  python3
   # tests and benchmarks: a real OCI registry, the peers we compare against
   docker-registry crun qemu-system-x86
   # kernels: Debian's linux-source-6.12 and what building it needs

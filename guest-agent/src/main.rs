@@ -14,6 +14,9 @@ use guest_agent::agent::vsock::VsockListener;
 use guest_agent::agent::{init, logger};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 
+/// Where volume disks are mounted in the guest (`guest_agent::protocol::GUEST_VOLUMES_DIR`).
+const VOLUMES_DIR: &str = guest_agent::protocol::GUEST_VOLUMES_DIR;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let level = std::env::var("MVM_AGENT_LOG").unwrap_or_default();
@@ -61,6 +64,22 @@ fn guest_main() -> Result<(), String> {
     if let Some(dev) = param("rootfs") {
         init::mount(&dev, "/mnt/rootfs", "ext4", libc::MS_RDONLY, None)
             .map_err(|e| format!("{e} ({dev})"))?;
+    }
+    // Volumes: `mvm.volume=vdb[:ro]`, each a disk mounted at /mnt/volumes/<dev> for containers
+    // to bind-mount.
+    for (_, value) in params.iter().filter(|(k, _)| k == "volume") {
+        let (dev, ro) = match value.split_once(':') {
+            Some((d, "ro")) => (d, true),
+            _ => (value.as_str(), false),
+        };
+        if dev.is_empty() || dev.contains('/') {
+            return Err(format!("invalid mvm.volume={value}"));
+        }
+        let target = format!("{VOLUMES_DIR}/{dev}");
+        std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {target}: {e}"))?;
+        let flags = if ro { libc::MS_RDONLY } else { 0 };
+        init::mount(&format!("/dev/{dev}"), &target, "ext4", flags, None)
+            .map_err(|e| format!("{e} (volume {dev})"))?;
     }
     if let Some(level) = param("log") {
         logger::init(logger::parse_level(&level));

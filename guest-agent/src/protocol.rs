@@ -20,6 +20,10 @@
 
 use std::io::{self, Read, Write};
 
+/// Where the agent mounts the volume disks named by `mvm.volume=<dev>[:ro]` in the guest: at
+/// `<dir>/<dev>`, for containers to bind-mount.
+pub const GUEST_VOLUMES_DIR: &str = "/mnt/volumes";
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken by this build. Bumped on incompatible changes.

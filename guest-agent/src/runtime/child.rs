@@ -56,10 +56,12 @@ pub enum Step {
     Fork,
     /// Executing the command.
     Exec,
+    /// Bind-mounting volumes.
+    Volumes,
 }
 
 impl Step {
-    const ALL: [Step; 18] = [
+    const ALL: [Step; 19] = [
         Step::Sync,
         Step::MakePrivate,
         Step::RootMount,
@@ -78,6 +80,7 @@ impl Step {
         Step::User,
         Step::Fork,
         Step::Exec,
+        Step::Volumes,
     ];
 
     /// The step with this wire number.
@@ -106,6 +109,7 @@ impl Step {
             Step::User => "switching user",
             Step::Fork => "starting the command under init",
             Step::Exec => "executing the command",
+            Step::Volumes => "mounting volumes",
         }
     }
 }
@@ -159,6 +163,8 @@ const KEPT_CAPS: [u32; 14] = [
 #[derive(Debug)]
 pub(crate) struct ChildPlan {
     pub root: RootMount,
+    /// Bind mounts made inside the new root.
+    pub mounts: Vec<mounts::VolumeMount>,
     pub hostname: CString,
     pub loopback: bool,
     pub cwd: CString,
@@ -270,7 +276,7 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         }
     }
 
-    mounts::enter_rootfs(&plan.root)?;
+    mounts::enter_rootfs(&plan.root, &plan.mounts)?;
     trace(Step::Hostname);
     namespaces::set_hostname(&plan.hostname).map_err(|e| Fail {
         step: Step::Hostname,

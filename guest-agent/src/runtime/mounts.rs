@@ -214,9 +214,119 @@ fn make_device(path: &CStr, host: &CStr, major: u32, minor: u32) -> Result<(), F
     mount(host, path, None, libc::MS_BIND, None, Step::Devices)
 }
 
+/// A bind mount prepared by the parent: `source` (absolute, outside the container) onto
+/// `target`, relative to the new root.
+#[derive(Debug)]
+pub(crate) struct VolumeMount {
+    pub source: CString,
+    pub target: CString,
+    /// The source is a directory (else a file: the mount point is an empty file).
+    pub dir: bool,
+    pub readonly: bool,
+}
+
+impl VolumeMount {
+    /// Prepares `m`; its source must exist.
+    pub(crate) fn prepare(m: &super::spec::BindMount) -> std::io::Result<VolumeMount> {
+        let meta = std::fs::metadata(&m.source)?;
+        let nul = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
+        Ok(VolumeMount {
+            source: CString::new(m.source.as_os_str().as_encoded_bytes()).map_err(nul)?,
+            target: CString::new(m.target.trim_start_matches('/')).map_err(nul)?,
+            dir: meta.is_dir(),
+            readonly: m.readonly,
+        })
+    }
+}
+
+/// Creates the mount point `target` (relative to the current directory, the new root) one
+/// component at a time, refusing symlinks: the image must not redirect a volume out of its root.
+fn volume_mount_point(target: &CStr, dir: bool) -> Result<(), Fail> {
+    let bytes = target.to_bytes();
+    let mut buf = [0u8; 4096];
+    let fail = |errno| Fail {
+        step: Step::Volumes,
+        errno,
+    };
+    if bytes.len() >= buf.len() {
+        return Err(fail(libc::ENAMETOOLONG));
+    }
+    buf[..bytes.len()].copy_from_slice(bytes);
+    for i in 1..=bytes.len() {
+        if i < bytes.len() && buf[i] != b'/' {
+            continue;
+        }
+        let last = i == bytes.len();
+        let saved = buf[i];
+        buf[i] = 0;
+        // SAFETY: all-zero is a valid stat buffer; buf holds a NUL-terminated prefix.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; lstat writes into st.
+        let r = unsafe { libc::lstat(buf.as_ptr().cast(), &raw mut st) };
+        if r == 0 {
+            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                return Err(fail(libc::ELOOP));
+            }
+        } else if errno() != libc::ENOENT {
+            return Err(fail(errno()));
+        } else if last && !dir {
+            // SAFETY: creates an empty file at a NUL-terminated path without following links.
+            let fd = unsafe {
+                libc::open(
+                    buf.as_ptr().cast(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
+            if fd < 0 {
+                return Err(fail(errno()));
+            }
+            // SAFETY: fd was just opened.
+            unsafe { libc::close(fd) };
+        } else {
+            // SAFETY: mkdir on a NUL-terminated path.
+            if unsafe { libc::mkdir(buf.as_ptr().cast(), 0o755) } < 0 && errno() != libc::EEXIST {
+                return Err(fail(errno()));
+            }
+        }
+        buf[i] = saved;
+    }
+    Ok(())
+}
+
+/// Bind-mounts every volume into the new root (the current directory).
+fn mount_volumes(volumes: &[VolumeMount]) -> Result<(), Fail> {
+    for v in volumes {
+        volume_mount_point(&v.target, v.dir)?;
+        mount(
+            &v.source,
+            &v.target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+            Step::Volumes,
+        )?;
+        if v.readonly {
+            mount(
+                c"none",
+                &v.target,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                None,
+                Step::Volumes,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds the root and pivots into it. Runs in the container's first process, inside its new
 /// mount (and PID) namespace.
-pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
+pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<(), Fail> {
     // Nothing below may reach the host: make every mount private first.
     mount(
         c"none",
@@ -307,6 +417,7 @@ pub(crate) fn enter_rootfs(root: &RootMount) -> Result<(), Fail> {
         let r = unsafe { libc::symlink(to.as_ptr(), link.as_ptr()) };
         check(r, Step::Dev)?;
     }
+    mount_volumes(volumes)?;
     protect_proc()?;
     if readonly {
         mount(

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use super::cgroups::Cgroup;
 use super::child::{self, ChildPlan, Fail, Step};
 use super::command::env_value;
-use super::mounts::RootMount;
+use super::mounts::{RootMount, VolumeMount};
 use super::namespaces::{self, errno};
 use super::spec::{ContainerSpec, Network, Rootfs};
 use super::{user, ContainerError};
@@ -150,6 +150,18 @@ impl Container {
             .map(|c| cstring(c, "the command"))
             .collect::<Result<Vec<_>, _>>()?;
 
+        let volumes = spec
+            .mounts
+            .iter()
+            .map(|m| {
+                VolumeMount::prepare(m).map_err(|e| {
+                    ContainerError::Os(
+                        "volume source",
+                        std::io::Error::new(e.kind(), format!("{}: {e}", m.source.display())),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if log::log_enabled!(log::Level::Debug) {
             super::child::trace_to_stderr();
         }
@@ -188,6 +200,7 @@ impl Container {
 
         let mut plan = ChildPlan {
             root,
+            mounts: volumes,
             hostname: cstring(spec.effective_hostname(), "the hostname")?,
             loopback: spec.network == Network::None,
             cwd: cstring(&spec.cwd, "the working directory")?,
@@ -552,6 +565,7 @@ mod tests {
             network: Network::None,
             init: false,
             cgroup_parent: None,
+            mounts: Vec::new(),
         }
     }
 

@@ -55,6 +55,10 @@ pub enum SpecError {
     /// A memory size that does not parse.
     #[error("invalid size {0:?}: use a number with an optional unit b, k, m, g or t (e.g. 256M)")]
     BadSize(String),
+    /// A bind mount's source is not absolute or its target is not an absolute path of plain
+    /// names.
+    #[error("invalid mount {0:?}: the source must be an absolute path and the target an absolute path without '..'")]
+    BadMount(String),
     /// The cgroup parent is not a relative path of plain names.
     #[error("invalid cgroup parent {0:?}: use a relative path such as \"mvm\"")]
     BadCgroupParent(String),
@@ -103,6 +107,63 @@ pub struct ContainerSpec {
     /// v1: the runtime's own cgroup in each hierarchy). Default `mvm`.
     #[serde(default)]
     pub cgroup_parent: Option<String>,
+    /// Directories or files bind-mounted into the container, in order, after its root.
+    #[serde(default)]
+    pub mounts: Vec<BindMount>,
+}
+
+/// A path of the runtime's filesystem made visible inside the container (`-v SRC:DST[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindMount {
+    /// Absolute path on the runtime's side (the host, or in a VM the mounted volume disk).
+    pub source: PathBuf,
+    /// Absolute path inside the container; created when missing.
+    pub target: String,
+    /// Read-only inside the container.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl BindMount {
+    /// Parses `SRC:DST[:ro|:rw]`; SRC must be absolute.
+    pub fn parse(text: &str) -> Result<BindMount, SpecError> {
+        let bad = || SpecError::BadMount(text.to_string());
+        let mut parts = text.split(':');
+        let (src, dst) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
+        let readonly = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        let m = BindMount {
+            source: PathBuf::from(src),
+            target: dst.to_string(),
+            readonly,
+        };
+        m.check().map_err(|_| bad())?;
+        Ok(m)
+    }
+
+    fn check(&self) -> Result<(), SpecError> {
+        let target_ok = self.target.starts_with('/')
+            && self.target != "/"
+            && self.target.split('/').all(|c| c != ".." && c != ".")
+            && !self.target.contains('\0');
+        let source_ok = self.source.is_absolute() && !self.source.to_string_lossy().contains('\0');
+        if target_ok && source_ok {
+            Ok(())
+        } else {
+            Err(SpecError::BadMount(format!(
+                "{}:{}",
+                self.source.display(),
+                self.target
+            )))
+        }
+    }
 }
 
 fn default_cwd() -> String {
@@ -244,6 +305,9 @@ impl ContainerSpec {
         if self.terminal {
             return Err(SpecError::TerminalUnsupported);
         }
+        for m in &self.mounts {
+            m.check()?;
+        }
         if let Some(p) = &self.cgroup_parent {
             let ok = !p.is_empty()
                 && !p.starts_with('/')
@@ -369,6 +433,7 @@ mod tests {
             network: Network::None,
             init: false,
             cgroup_parent: None,
+            mounts: Vec::new(),
         }
     }
 
@@ -456,6 +521,27 @@ mod tests {
             "99999999999999999999T",
         ] {
             assert!(parse_size(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn volume_flags_parse_and_bad_ones_are_refused() {
+        let m = BindMount::parse("/srv/data:/data:ro").unwrap();
+        assert_eq!(m.source, PathBuf::from("/srv/data"));
+        assert_eq!(m.target, "/data");
+        assert!(m.readonly);
+        assert!(!BindMount::parse("/srv/data:/data").unwrap().readonly);
+        assert!(!BindMount::parse("/srv/data:/data:rw").unwrap().readonly);
+        for bad in [
+            "relative:/data",
+            "/srv/data",
+            "/srv/data:data",
+            "/srv/data:/",
+            "/srv/data:/a/../etc",
+            "/srv/data:/data:rx",
+            "/srv/data:/data:ro:x",
+        ] {
+            assert!(BindMount::parse(bad).is_err(), "{bad}");
         }
     }
 }

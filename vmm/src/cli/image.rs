@@ -210,6 +210,13 @@ pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
                     {
                         log::warn!("{e:#}");
                     }
+                    let disk = super::run_vm::disk_cache(root)
+                        .join(format!("{}.ext4", rootfs_key(digest.as_str())));
+                    if let Err(e) = std::fs::remove_file(&disk) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            log::warn!("cannot remove {}: {e}", disk.display());
+                        }
+                    }
                 }
             }
             Err(e) => {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use guest_agent::runtime::spec::BindMount;
 use guest_agent::runtime::{
     self, command, spec, Container, ContainerError, ContainerSpec, ImageConfig, Limits, Network,
     Overrides, Rootfs, StdioConfig,
@@ -85,6 +86,10 @@ pub struct RunArgs {
     /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     pub publish: Vec<String>,
+    /// Make a host directory visible inside: HOSTPATH:PATH[:ro]. A container sees the host
+    /// directory itself; a VM gets a copy on a disk image made at start (never a live share).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:PATH[:ro]")]
+    pub volumes: Vec<String>,
     /// Stop after this long (e.g. 30s, 5m) and exit 124 (--isolation vm).
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
@@ -221,6 +226,20 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The `-v` flags, with each host path made absolute and checked to exist.
+pub fn volumes(args: &RunArgs) -> anyhow::Result<Vec<BindMount>> {
+    args.volumes
+        .iter()
+        .map(|v| {
+            let (host, rest) = v.split_once(':').unwrap_or((v, ""));
+            let host = std::fs::canonicalize(host)
+                .map_err(|e| bad_input(format!("-v {v}: {host}: {e}")))?;
+            BindMount::parse(&format!("{}:{rest}", host.display()))
+                .map_err(|e| bad_input(format!("-v {v}: {e}")))
+        })
+        .collect()
+}
+
 fn run_container(
     root: &Path,
     args: &RunArgs,
@@ -228,6 +247,8 @@ fn run_container(
     source: Source,
     process: command::Process,
 ) -> anyhow::Result<i32> {
+    let network = container_network(args.network.as_deref())?;
+    let mounts = volumes(args)?;
     let id = args.name.clone().unwrap_or_else(random_id);
     let dir = root.join("containers").join(&id);
     std::fs::create_dir_all(root.join("containers"))
@@ -257,9 +278,10 @@ fn run_container(
         hostname: args.hostname.clone(),
         limits,
         terminal: false,
-        network: container_network(args.network.as_deref())?,
+        network,
         init: args.init,
         cgroup_parent: None,
+        mounts,
     };
     let result = (|| {
         for d in ["upper", "work"] {

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use devices::virtio::block::BlockConfig;
 use guest_agent::agent::client::InheritOutput;
+use guest_agent::protocol::GUEST_VOLUMES_DIR;
+use guest_agent::runtime::spec::BindMount;
 use guest_agent::runtime::{command, ContainerSpec, Limits, Network, Rootfs};
 use rootfs_builder::initramfs::Initramfs;
 
@@ -143,9 +146,8 @@ pub fn run_vm(
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let _cleanup = RemoveOnDrop(run_dir.clone());
-    let disk = run_dir.join("rootfs.ext4");
-    rootfs_builder::disk::disk_from_dir(rootfs_dir, &disk, true)
-        .with_context(|| format!("cannot make a disk image of {}", rootfs_dir.display()))?;
+    let disk = rootfs_disk(root, rootfs_dir, &run_dir)?;
+    let (volume_disks, mounts, volume_args) = volume_disks(&super::run::volumes(args)?, &run_dir)?;
 
     // The VM gets the memory limit (256M by default); the container inside may use all of it.
     let mem_bytes = limits.memory_bytes.unwrap_or(256 << 20).max(64 << 20);
@@ -172,13 +174,17 @@ pub fn run_vm(
         network: Network::Host,
         init: args.init,
         cgroup_parent: None,
+        mounts,
     };
     let spec = MicroVmSpec {
         kernel,
-        kernel_args: args.kernel_args.clone().unwrap_or_default(),
+        kernel_args: format!(
+            "{volume_args} {}",
+            args.kernel_args.as_deref().unwrap_or_default()
+        ),
         initrd,
         rootfs_disk: disk,
-        volumes: Vec::new(),
+        volumes: volume_disks,
         mem_bytes,
         vcpus,
         network,
@@ -196,6 +202,83 @@ pub fn run_vm(
     };
     let vm = MicroVm::start(&spec)?;
     Ok(vm.wait(&mut InheritOutput)?)
+}
+
+/// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs
+/// cache) is converted once and cached by its digest; a `--rootfs DIR` is converted for this run.
+fn rootfs_disk(root: &Path, rootfs_dir: &Path, run_dir: &Path) -> anyhow::Result<PathBuf> {
+    let cache = super::image::rootfs_cache(root);
+    let cached_key = rootfs_dir
+        .strip_prefix(&cache)
+        .ok()
+        .and_then(|k| k.to_str())
+        .filter(|k| !k.contains('/'));
+    if let Some(key) = cached_key {
+        return rootfs_builder::disk::rootfs_disk(
+            rootfs_dir,
+            &disk_cache(root),
+            key,
+            rootfs_builder::disk::DiskFormat::Ext4,
+        )
+        .with_context(|| format!("cannot make a disk image of {}", rootfs_dir.display()));
+    }
+    let disk = run_dir.join("rootfs.ext4");
+    rootfs_builder::disk::disk_from_dir(rootfs_dir, &disk, true)
+        .with_context(|| format!("cannot make a disk image of {}", rootfs_dir.display()))?;
+    Ok(disk)
+}
+
+/// Most `-v` volumes of one VM (each is a virtio-blk device).
+const MAX_VOLUMES: usize = 8;
+
+/// Copies each `-v` directory onto a disk image in `run_dir` (the guest's /dev/vdb, vdc, ...):
+/// returns the disks, the container's bind mounts from where the agent mounts them, and the
+/// agent's `mvm.volume=` kernel arguments.
+fn volume_disks(
+    volumes: &[BindMount],
+    run_dir: &Path,
+) -> anyhow::Result<(Vec<BlockConfig>, Vec<BindMount>, String)> {
+    if volumes.len() > MAX_VOLUMES {
+        return Err(bad_input(format!(
+            "at most {MAX_VOLUMES} volumes (-v) per VM"
+        )));
+    }
+    let mut disks = Vec::new();
+    let mut mounts = Vec::new();
+    let mut kernel_args = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        if !v.source.is_dir() {
+            return Err(bad_input(format!(
+                "-v {}: a VM volume must be a directory",
+                v.source.display()
+            )));
+        }
+        // /dev/vda is the image; volumes follow in order.
+        let dev = format!("vd{}", char::from(b'b' + u8::try_from(i).unwrap_or(0)));
+        let path = run_dir.join(format!("volume-{i}.ext4"));
+        rootfs_builder::disk::disk_from_dir(&v.source, &path, v.readonly)
+            .with_context(|| format!("cannot copy {} onto a disk image", v.source.display()))?;
+        disks.push(BlockConfig {
+            path,
+            read_only: v.readonly,
+            serial: Some(format!("mvm-volume-{i}")),
+        });
+        kernel_args.push(format!(
+            "mvm.volume={dev}{}",
+            if v.readonly { ":ro" } else { "" }
+        ));
+        mounts.push(BindMount {
+            source: Path::new(GUEST_VOLUMES_DIR).join(&dev),
+            target: v.target.clone(),
+            readonly: v.readonly,
+        });
+    }
+    Ok((disks, mounts, kernel_args.join(" ")))
+}
+
+/// Where the disk images of image root filesystems are cached.
+pub fn disk_cache(root: &Path) -> PathBuf {
+    super::image::rootfs_cache(root).with_file_name("disks")
 }
 
 /// Removes a directory when dropped (every exit path of a run).
