@@ -313,10 +313,12 @@ fn pattern(i: usize) -> u8 {
     u8::try_from(i * 7 % 251).unwrap_or(0)
 }
 
-/// The host's TCP server on 127.0.0.1:`port`: reads the guest's hello line and bulk bytes,
+/// The host's TCP server on the loopback `listener`: reads the guest's hello line and bulk bytes,
 /// answers with a line and bulk bytes of its own. Returns (line, peer ip, bulk intact).
 fn loopback_server(listener: std::net::TcpListener, nonce: String) -> (String, String, bool) {
-    listener.set_nonblocking(true).unwrap();
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let (conn, peer) = loop {
         match listener.accept() {
@@ -325,8 +327,9 @@ fn loopback_server(listener: std::net::TcpListener, nonce: String) -> (String, S
             Err(e) => return (format!("no connection: {e}"), String::new(), false),
         }
     };
-    conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    conn.set_nonblocking(false).expect("blocking connection");
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     let mut bulk = vec![0u8; USER_BULK];
@@ -447,5 +450,9 @@ fn linux_guest_reaches_host_server_over_user_network() {
     for pid in passts {
         assert!(!passt_running(pid), "passt {pid} outlived mvm");
     }
-    assert_eq!(tmp_passt_entries(), tmp_before, "passt left files in the temp dir");
+    assert_eq!(
+        tmp_passt_entries(),
+        tmp_before,
+        "passt left files in the temp dir"
+    );
 }
