@@ -471,3 +471,55 @@ fn container_cannot_change_host_kernel_settings() {
         "stdout: {out}"
     );
 }
+
+#[test]
+fn volumes_show_the_host_directory_read_only_when_asked() {
+    let Some(f) = fixture() else { return };
+    let host = tempfile::tempdir().expect("temp dir");
+    std::fs::write(host.path().join("in.txt"), "host data\n").expect("write");
+    let rw = format!("{}:/work", host.path().display());
+    let ro = format!("{}:/srv/ro:ro", host.path().display());
+    let o = f.run(
+        &["--rm", "-v", &rw, "-v", &ro],
+        &[
+            "sh",
+            "-c",
+            "cat /work/in.txt; echo out > /work/out.txt; \
+             touch /srv/ro/x 2>/dev/null && echo ro-writable || echo ro-refused",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "host data\nro-refused\n");
+    // A container volume is the host directory itself (as with docker -v).
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out.txt")).expect("out.txt"),
+        "out\n"
+    );
+    assert!(!host.path().join("x").exists());
+    // The mount point was made in the writable layer, not in the image's root.
+    assert!(!f.rootfs.join("work").exists());
+}
+
+#[test]
+fn volume_through_a_symlink_in_the_image_is_refused() {
+    let Some(f) = fixture() else { return };
+    let host = tempfile::tempdir().expect("temp dir");
+    let outside = tempfile::tempdir().expect("temp dir");
+    let link = f.rootfs.join("escape");
+    std::os::unix::fs::symlink(outside.path(), &link).expect("symlink");
+    let v = format!("{}:/escape/mnt", host.path().display());
+    let o = f.run(&["--rm", "-v", &v], &["true"]);
+    std::fs::remove_file(&link).expect("remove symlink");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("mounting volumes"), "{}", stderr(&o));
+    assert!(!outside.path().join("mnt").exists());
+}
+
+#[test]
+fn volume_of_a_missing_host_path_is_refused_with_one_line() {
+    let Some(f) = fixture() else { return };
+    let o = f.run(&["--rm", "-v", "/nonexistent/dir:/data"], &["true"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/dir"), "{}", stderr(&o));
+}

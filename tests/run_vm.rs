@@ -169,6 +169,7 @@ fn leftovers(root: &Path) -> Vec<PathBuf> {
                 || name.ends_with(".sock")
                 || name == "rootfs.ext4"
                 || name == "console.log"
+                || name.starts_with("volume-")
             {
                 found.push(p);
             }
@@ -227,13 +228,20 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
 }
 
 #[test]
-fn run_in_a_microvm_applies_env_workdir_hostname_and_memory_size() {
+fn run_in_a_microvm_applies_env_workdir_hostname_memory_and_volumes() {
     let Some(vm) = vm() else { return };
     let Some(reg) = published_busybox() else {
         return;
     };
     let _one = boot_lock();
     let root = reg.dir.path().join("user");
+    let shared = reg.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("input.txt"), "from the host\n").unwrap();
+    let scratch = reg.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let volume_ro = format!("{}:/data:ro", shared.display());
+    let volume_rw = format!("{}:/scratch", scratch.display());
     let (out, _) = run_vm(
         vm,
         &root,
@@ -249,13 +257,19 @@ fn run_in_a_microvm_applies_env_workdir_hostname_and_memory_size() {
             "sandbox",
             "--network",
             "none",
+            "-v",
+            &volume_ro,
+            "-v",
+            &volume_rw,
             "--image",
             &reg.busybox,
             "--",
             "sh",
             "-c",
             "echo \"$GREETING\"; pwd; hostname; grep MemTotal /proc/meminfo; \
-             touch /new-file && echo writable; uname -r",
+             touch /new-file && echo writable; uname -r; cat /data/input.txt; \
+             touch /data/x 2>/dev/null && echo data-rw || echo data-ro; \
+             echo guest > /scratch/out && cat /scratch/out",
         ],
     );
     let stdout = text(&out.stdout);
@@ -270,6 +284,11 @@ fn run_in_a_microvm_applies_env_workdir_hostname_and_memory_size() {
     // It runs on the guest kernel, not the host's.
     let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
     assert_ne!(lines[5], host_release.trim());
+    // Volumes are copies on disk images: visible, read-only when asked, writable otherwise,
+    // and never a live share (the host directories are unchanged).
+    assert_eq!(lines[6..], ["from the host", "data-ro", "guest"]);
+    assert!(!shared.join("x").exists());
+    assert!(!scratch.join("out").exists());
     assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
 }
 

@@ -90,7 +90,9 @@ fn guest_main() -> Result<(), String> {
     let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
     std::thread::spawn(reap_orphans);
     eprintln!("mvm-agent: ready on vsock port {port}");
-    Agent::new()
+    let agent = Agent::new();
+    agent.on_shutdown(|| init::power_off());
+    agent
         .serve(Listener::Vsock(listener))
         .map_err(|e| e.to_string())?;
     init::power_off()

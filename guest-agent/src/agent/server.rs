@@ -125,11 +125,24 @@ struct Entry {
     cgroup_dirs: Vec<PathBuf>,
 }
 
+/// What the agent does once a shutdown request has been answered (the guest powers off).
+type ShutdownHook = Box<dyn FnOnce() + Send>;
+
 /// The agent's state: its containers.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Agent {
     containers: Mutex<HashMap<String, Entry>>,
     stopping: AtomicBool,
+    on_shutdown: Mutex<Option<ShutdownHook>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("containers", &lock(&self.containers).len())
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a connection's request loop should do next.
@@ -142,6 +155,13 @@ impl Agent {
     /// A new agent with no containers.
     pub fn new() -> Arc<Self> {
         Arc::new(Agent::default())
+    }
+
+    /// Runs `hook` on the session thread right after a shutdown request was answered and every
+    /// container killed (the accept loop of a vsock listener cannot be woken; in the guest the
+    /// hook powers the VM off).
+    pub fn on_shutdown(&self, hook: impl FnOnce() + Send + 'static) {
+        *lock(&self.on_shutdown) = Some(Box::new(hook));
     }
 
     /// Serves connections until a [`Request::Shutdown`] arrives; then every container is killed.
@@ -166,6 +186,10 @@ impl Agent {
                 }
                 // A shutdown request must also end the accept loop blocked in another thread.
                 if agent.stopping.load(Ordering::SeqCst) {
+                    let hook = lock(&agent.on_shutdown).take();
+                    if let Some(hook) = hook {
+                        hook();
+                    }
                     if let Some(path) = wake {
                         let _ = UnixStream::connect(path);
                     }
