@@ -196,6 +196,39 @@ fn run_vm(vm: &Vm, root: &Path, args: &[&str]) -> (Output, Duration) {
     (out, started.elapsed())
 }
 
+/// The gateway of the host's default route: with `--network user` (passt) the guest reaches the
+/// host's loopback through it.
+fn host_gateway() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-4", "route", "show", "default"])
+        .output()
+        .ok()?;
+    text(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "via")
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// Serves one HTTP request on 127.0.0.1 with `body`; returns the port.
+fn serve_once(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
 #[test]
 fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
     let Some(vm) = vm() else { return };
@@ -205,6 +238,18 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
     let _one = boot_lock();
     let root = reg.dir.path().join("user");
     let before = host_traces(&root);
+    // The default network is rootless user networking (passt): the guest reaches a server on
+    // the host's loopback through the gateway address.
+    let fetch = match host_gateway() {
+        Some(gw) => format!(
+            "wget -q -O- http://{gw}:{}/; echo",
+            serve_once("from the host")
+        ),
+        None => {
+            eprintln!("no IPv4 default route here: not checking the user network");
+            "echo from the host".to_string()
+        }
+    };
     let (out, took) = run_vm(
         vm,
         &root,
@@ -215,13 +260,13 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
             "--",
             "sh",
             "-c",
-            "echo hi; echo oops >&2; exit 3",
+            &format!("echo hi; echo oops >&2; {fetch}; exit 3"),
         ],
     );
     let stderr = text(&out.stderr);
     eprintln!("run took {took:?}");
     assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
-    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(text(&out.stdout), "hi\nfrom the host\n");
     assert!(stderr.contains("oops"), "{stderr}");
     assert_eq!(host_traces(&root), before);
     assert_eq!(leftovers(&root), Vec::<PathBuf>::new());

@@ -81,6 +81,13 @@ fn guest_main() -> Result<(), String> {
         init::mount(&format!("/dev/{dev}"), &target, "ext4", flags, None)
             .map_err(|e| format!("{e} (volume {dev})"))?;
     }
+    if let Some(net) = param("net") {
+        let net = init::NetConfig::parse(&net).ok_or(format!("invalid mvm.net={net}"))?;
+        if let Err(e) = init::configure_ipv4(&net) {
+            let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+            eprintln!("mvm-agent: {e}{why}");
+        }
+    }
     if let Some(level) = param("log") {
         logger::init(logger::parse_level(&level));
     }

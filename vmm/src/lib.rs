@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
 pub mod host;
+pub mod hostnet;
 pub mod memory;
 pub mod microvm;
 pub mod mptable;

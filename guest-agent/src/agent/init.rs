@@ -154,6 +154,133 @@ pub fn interface_up(name: &str) -> Result<(), InitError> {
     result
 }
 
+/// `struct rtentry` of the SIOCADDRT ioctl (glibc's libc crate does not define it).
+#[repr(C)]
+struct RtEntry {
+    pad1: libc::c_ulong,
+    dst: libc::sockaddr,
+    gateway: libc::sockaddr,
+    genmask: libc::sockaddr,
+    flags: libc::c_ushort,
+    pad2: libc::c_short,
+    pad3: libc::c_ulong,
+    pad4: *mut libc::c_void,
+    metric: libc::c_short,
+    dev: *mut libc::c_char,
+    mtu: libc::c_ulong,
+    window: libc::c_ulong,
+    irtt: libc::c_ushort,
+}
+
+/// An IPv4 socket address in a generic `sockaddr`.
+fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// The IPv4 settings of one interface, from `mvm.net=<dev>,<ip>/<prefix>[,<gateway>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Interface name.
+    pub dev: String,
+    /// Address.
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl NetConfig {
+    /// Parses `<dev>,<ip>/<prefix>[,<gateway>]`.
+    pub fn parse(text: &str) -> Option<NetConfig> {
+        let mut parts = text.split(',');
+        let dev = parts
+            .next()
+            .filter(|d| !d.is_empty() && d.len() < libc::IFNAMSIZ)?;
+        let (addr, prefix) = parts.next()?.split_once('/')?;
+        let gateway = parts.next().map(str::parse).transpose().ok()?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(NetConfig {
+            dev: dev.to_string(),
+            addr: addr.parse().ok()?,
+            prefix,
+            gateway,
+        })
+    }
+}
+
+/// Gives an interface its IPv4 address and netmask, brings it up and adds the default route.
+pub fn configure_ipv4(net: &NetConfig) -> Result<(), InitError> {
+    let err = |e| InitError::Interface(net.dev.clone(), e);
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(net.prefix))
+        .unwrap_or(0);
+    // SAFETY: plain socket(2) call; checked below and closed at the end.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let ifreq = |addr: std::net::Ipv4Addr| {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(net.dev.bytes()) {
+            *dst = libc::c_char::from_ne_bytes([src]);
+        }
+        req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+        req
+    };
+    let result = (|| {
+        for (req, what) in [
+            (libc::SIOCSIFADDR, ifreq(net.addr)),
+            (libc::SIOCSIFNETMASK, ifreq(std::net::Ipv4Addr::from(mask))),
+        ] {
+            // SAFETY: the request reads the valid ifreq we own.
+            if unsafe { libc::ioctl(sock, req, &raw const what) } < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+        interface_up(&net.dev)?;
+        if let Some(gw) = net.gateway {
+            let any = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+            let mut route = RtEntry {
+                pad1: 0,
+                dst: any,
+                gateway: sockaddr_v4(gw),
+                genmask: any,
+                flags: libc::RTF_UP | libc::RTF_GATEWAY,
+                pad2: 0,
+                pad3: 0,
+                pad4: std::ptr::null_mut(),
+                metric: 0,
+                dev: std::ptr::null_mut(),
+                mtu: 0,
+                window: 0,
+                irtt: 0,
+            };
+            // SAFETY: SIOCADDRT reads the valid rtentry we own (no device name pointer).
+            if unsafe { libc::ioctl(sock, libc::SIOCADDRT, &raw mut route) } < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    })();
+    // SAFETY: closing the socket opened above, once.
+    unsafe { libc::close(sock) };
+    result
+}
+
 /// Reaps exited children that `managed` does not claim, without blocking. Children it claims
 /// are left for the thread that waits for them. Returns the pids reaped.
 pub fn reap_unmanaged(managed: &dyn Fn(i32) -> bool) -> Vec<i32> {
@@ -227,5 +354,26 @@ mod tests {
             interface_up("mvm-no-such-if"),
             Err(InitError::Interface(_, _))
         ));
+    }
+
+    #[test]
+    fn net_parameters_parse_and_bad_ones_are_refused() {
+        let n = NetConfig::parse("eth0,192.0.2.2/24,192.0.2.1").unwrap();
+        assert_eq!(n.dev, "eth0");
+        assert_eq!(n.addr, std::net::Ipv4Addr::new(192, 0, 2, 2));
+        assert_eq!(n.prefix, 24);
+        assert_eq!(n.gateway, Some(std::net::Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(NetConfig::parse("eth0,10.0.0.2/30").unwrap().gateway, None);
+        for bad in [
+            "",
+            "eth0",
+            "eth0,10.0.0.2",
+            "eth0,10.0.0.2/33",
+            "eth0,1.2.3/8",
+            "eth0,1.2.3.4/8,x",
+            "eth0,1.2.3.4/8,1.1.1.1,z",
+        ] {
+            assert!(NetConfig::parse(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -22,8 +22,18 @@ use crate::virtio_devices::NetworkMode;
 /// Where the guest agent mounts the image disk (see `mvm-agent`).
 const GUEST_ROOTFS: &str = "/mnt/rootfs";
 
-/// The guest network when `--network` is not given.
-const DEFAULT_NETWORK: &str = "none";
+/// The guest network when `--network` is not given: rootless user networking where passt is
+/// installed, else none.
+fn default_network() -> &'static str {
+    if devices::virtio::net::passt_available() {
+        "user"
+    } else {
+        log::info!(
+            "passt is not installed: the guest has no network (install passt for --network user)"
+        );
+        "none"
+    }
+}
 
 /// Parses `--timeout`: seconds, or a number with s, m or h.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -118,8 +128,7 @@ pub fn run_vm(
     let network: NetworkMode = args
         .network
         .as_deref()
-        .unwrap_or(DEFAULT_NETWORK)
-        .parse()
+        .map_or_else(|| default_network().parse(), str::parse)
         .map_err(|e: crate::virtio_devices::DeviceSetupError| bad_input(e.to_string()))?;
     let ports = args
         .publish
@@ -147,6 +156,9 @@ pub fn run_vm(
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let _cleanup = RemoveOnDrop(run_dir.clone());
     let disk = rootfs_disk(root, rootfs_dir, &run_dir)?;
+    let net_arg = crate::hostnet::guest_net_param(&network)
+        .map(|p| format!("mvm.net={p}"))
+        .unwrap_or_default();
     let (volume_disks, mounts, volume_args) = volume_disks(&super::run::volumes(args)?, &run_dir)?;
 
     // The VM gets the memory limit (256M by default); the container inside may use all of it.
@@ -179,7 +191,7 @@ pub fn run_vm(
     let spec = MicroVmSpec {
         kernel,
         kernel_args: format!(
-            "{volume_args} {}",
+            "{volume_args} {net_arg} {}",
             args.kernel_args.as_deref().unwrap_or_default()
         ),
         initrd,

@@ -17,7 +17,7 @@ use std::io;
 pub use backend::NetBackend;
 pub use device::{Net, NetBackendConfig, NetConfig};
 pub use metrics::NetMetrics;
-pub use passt::{Passt, PasstConfig, PortForward};
+pub use passt::{passt_available, Passt, PasstConfig, PortForward};
 pub use tap::{Tap, TapConfig};
 
 /// Prefix of the device's log lines.

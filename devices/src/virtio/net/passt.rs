@@ -207,6 +207,12 @@ impl Drop for Passt {
     }
 }
 
+/// Whether passt is installed (found on `PATH`).
+pub fn passt_available() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(PASST_BIN).is_file()))
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
@@ -215,9 +221,7 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn passt_installed() -> bool {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(PASST_BIN).exists()))
-            .unwrap_or(false);
+        let found = passt_available();
         if !found {
             eprintln!("skipping: passt is not installed (Debian package 'passt')");
         }
