@@ -117,6 +117,32 @@ fn published_busybox() -> Option<Published> {
     })
 }
 
+/// A test's VM prerequisites, a registry with busybox, the boot lock and the user's `--root`.
+struct Setup {
+    vm: &'static Vm,
+    reg: Published,
+    _one: MutexGuard<'static, ()>,
+    root: PathBuf,
+}
+
+fn setup() -> Option<Setup> {
+    let vm = vm()?;
+    let reg = published_busybox()?;
+    let root = reg.dir.path().join("user");
+    Some(Setup {
+        vm,
+        reg,
+        _one: boot_lock(),
+        root,
+    })
+}
+
+/// Asserts that a finished run left nothing on the host that was not there `before`.
+fn assert_nothing_left(root: &Path, before: &HostTraces) {
+    assert_eq!(&host_traces(root), before);
+    assert_eq!(leftovers(root), Vec::<PathBuf>::new());
+}
+
 /// What a run may leave behind on the host, to compare before and after.
 #[derive(Debug, PartialEq)]
 struct HostTraces {
@@ -231,12 +257,15 @@ fn serve_once(body: &'static str) -> u16 {
 
 #[test]
 fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
-    let Some(vm) = vm() else { return };
-    let Some(reg) = published_busybox() else {
+    let Some(Setup {
+        vm,
+        reg,
+        _one,
+        root,
+    }) = setup()
+    else {
         return;
     };
-    let _one = boot_lock();
-    let root = reg.dir.path().join("user");
     let before = host_traces(&root);
     // The default network is rootless user networking (passt): the guest reaches a server on
     // the host's loopback through the gateway address.
@@ -268,18 +297,20 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
     assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
     assert_eq!(text(&out.stdout), "hi\nfrom the host\n");
     assert!(stderr.contains("oops"), "{stderr}");
-    assert_eq!(host_traces(&root), before);
-    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+    assert_nothing_left(&root, &before);
 }
 
 #[test]
 fn run_in_a_microvm_applies_env_workdir_hostname_memory_and_volumes() {
-    let Some(vm) = vm() else { return };
-    let Some(reg) = published_busybox() else {
+    let Some(Setup {
+        vm,
+        reg,
+        _one,
+        root,
+    }) = setup()
+    else {
         return;
     };
-    let _one = boot_lock();
-    let root = reg.dir.path().join("user");
     let shared = reg.dir.path().join("shared");
     std::fs::create_dir_all(&shared).unwrap();
     std::fs::write(shared.join("input.txt"), "from the host\n").unwrap();
@@ -339,12 +370,15 @@ fn run_in_a_microvm_applies_env_workdir_hostname_memory_and_volumes() {
 
 #[test]
 fn run_in_a_microvm_with_timeout_stops_a_long_command_with_124() {
-    let Some(vm) = vm() else { return };
-    let Some(reg) = published_busybox() else {
+    let Some(Setup {
+        vm,
+        reg,
+        _one,
+        root,
+    }) = setup()
+    else {
         return;
     };
-    let _one = boot_lock();
-    let root = reg.dir.path().join("user");
     let before = host_traces(&root);
     let (out, took) = run_vm(
         vm,
@@ -365,8 +399,7 @@ fn run_in_a_microvm_with_timeout_stops_a_long_command_with_124() {
     assert_eq!(text(&out.stdout), "started\n");
     // Boot (tens of seconds here) plus the 5 s limit, far from the 1000 s sleep.
     assert!(took < Duration::from_secs(400), "took {took:?}");
-    assert_eq!(host_traces(&root), before);
-    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
+    assert_nothing_left(&root, &before);
 }
 
 #[test]
