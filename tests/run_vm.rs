@@ -467,3 +467,40 @@ fn run_in_a_microvm_without_a_kernel_is_refused_and_changes_nothing() {
     assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
     assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn ctrl_c_during_a_microvm_run_exits_130_and_leaves_nothing() {
+    use std::io::BufRead;
+    let Some(s) = setup() else { return };
+    let before = host_traces(&s.root);
+    let mut child = Command::new(MVM)
+        .arg("--root")
+        .arg(&s.root)
+        .args(["run", "--rm", "--kernel"])
+        .arg(&s.vm.kernel)
+        .args(["--kernel-args", &s.vm.kernel_args])
+        .args([
+            "--image",
+            &s.reg.busybox,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 1000",
+        ])
+        .env("MVM_AGENT", &s.vm.agent)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: sends SIGINT to the mvm process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert_nothing_left(&s.root, &before);
+}
