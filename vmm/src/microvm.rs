@@ -107,6 +107,7 @@ pub struct MicroVm {
     _ports: Vec<PortForwarder>,
     timed_out: Arc<AtomicBool>,
     console: PathBuf,
+    tap_name: Option<String>,
 }
 
 impl std::fmt::Debug for MicroVm {
@@ -154,7 +155,7 @@ impl MicroVm {
         }];
         disks.extend(spec.volumes.iter().cloned());
         let vsock = spec.vsock_path();
-        virtio_devices::attach(
+        let attached = virtio_devices::attach(
             &mut builder,
             &DevicesConfig {
                 disks,
@@ -232,7 +233,13 @@ impl MicroVm {
             _ports: ports,
             timed_out,
             console: spec.console_path(),
+            tap_name: attached.tap_name,
         })
+    }
+
+    /// The host tap device of the VM's network, with `--vm-network tap`.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.tap_name.as_deref()
     }
 
     /// A handle that stops the VM from another thread.
@@ -310,7 +317,7 @@ fn wait_for_agent(
 }
 
 /// Copies this process's stdin to the container's stdin over a second agent session.
-fn forward_stdin(vsock: &std::path::Path, stream: u32) {
+pub fn forward_stdin(vsock: &std::path::Path, stream: u32) {
     let Ok(conn) =
         devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(5))
     else {

@@ -100,6 +100,15 @@ pub struct ContainerRecord {
     /// Control socket of the running container, if any.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Seconds since the epoch when the container started running.
+    #[serde(default)]
+    pub started: Option<u64>,
+    /// Seconds since the epoch when it ended (None when the runner died without recording it).
+    #[serde(default)]
+    pub finished: Option<u64>,
+    /// Tap devices the VM uses, removed by `rm` when the runner died without cleaning up.
+    #[serde(default)]
+    pub taps: Vec<String>,
 }
 
 impl ContainerRecord {
@@ -312,6 +321,9 @@ mod tests {
             pid: Some(i32::try_from(std::process::id()).unwrap()),
             pid_start: process_start_time(i32::try_from(std::process::id()).unwrap()),
             control_socket: None,
+            started: None,
+            finished: None,
+            taps: vec![],
         }
     }
 
