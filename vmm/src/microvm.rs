@@ -134,6 +134,15 @@ impl MicroVm {
     /// Boots the VM, waits for its agent and starts the container.
     pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
         let mut cmdline = format!("{BASE_CMDLINE} mvm.rootfs=/dev/vda mvm.port={AGENT_VSOCK_PORT}");
+        if !spec.ports.is_empty() {
+            // The agent relays these vsock ports to the guest's TCP ports (its portfwd module).
+            let ports: Vec<String> = spec
+                .ports
+                .iter()
+                .map(|p| p.guest_port.to_string())
+                .collect();
+            cmdline.push_str(&format!(" mvm.ports={}", ports.join(",")));
+        }
         if !spec.kernel_args.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(spec.kernel_args.trim());

@@ -27,8 +27,12 @@ use crate::state::{process_alive, ContainerRecord, StateError, StateStore, Statu
 /// The container id inside the VM's agent (see `run_vm`).
 const AGENT_CONTAINER: &str = "main";
 
-/// How long a runner may take to tear its VM down after the container ended.
-const TEARDOWN: Duration = Duration::from_secs(30);
+/// How long `stop` waits for the runner after SIGKILL reached the container, before it stops the
+/// VM itself (SIGTERM to the runner: the VM ends, the runner still records the exit).
+const AFTER_KILL: Duration = Duration::from_secs(15);
+
+/// How long a runner may take to end after SIGTERM.
+const RUNNER_TERM: Duration = Duration::from_secs(30);
 
 /// Flags of `mvm ps`.
 #[derive(Debug, Args)]
@@ -345,13 +349,13 @@ fn signal_runner(r: &ContainerRecord, sig: i32) {
 }
 
 /// Stops a live container: SIGTERM to its process through the agent, SIGKILL after `grace`,
-/// then the runner itself if the agent did not help; returns once the runner has ended.
+/// then SIGTERM and at last SIGKILL to the runner if it has not ended; returns once it has.
 fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> anyhow::Result<()> {
     if !is_live(r) {
         return Ok(());
     }
     let mut client = agent(store, r).ok();
-    for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, TEARDOWN)] {
+    for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, AFTER_KILL)] {
         match client.as_mut() {
             Some(c) if r.live_status() == Status::Running => {
                 if let Err(e) = c.signal(AGENT_CONTAINER, 1, sig) {
@@ -365,6 +369,10 @@ fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> a
         if wait_gone(r, wait) {
             return Ok(());
         }
+    }
+    signal_runner(r, libc::SIGTERM);
+    if wait_gone(r, RUNNER_TERM) {
+        return Ok(());
     }
     signal_runner(r, libc::SIGKILL);
     if !wait_gone(r, Duration::from_secs(5)) {
