@@ -214,8 +214,9 @@ fn host_traces(root: &Path) -> HostTraces {
             if ft.is_dir() && !p.starts_with(root.join("images")) {
                 stack.push(p.clone());
             }
-            let in_containers =
-                p.starts_with(root.join("containers")) && p != root.join("containers/names");
+            let in_containers = p.starts_with(root.join("containers"))
+                && p != root.join("containers")
+                && p != root.join("containers/names");
             if ft.is_socket() || in_containers {
                 files.push(p);
             }
