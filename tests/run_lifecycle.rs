@@ -1,6 +1,7 @@
 //! The docker-like lifecycle of a container in a microVM: `mvm run -d` starts nginx in its own VM
 //! with a published port, and `ps`, `logs`, `exec`, `stop`, `rm` and `inspect` work on it from
-//! other processes; a runner killed with `kill -9` shows as exited and `rm` cleans up after it.
+//! other processes; `exec -i` feeds stdin to a command in a busybox VM, whose runner, killed with
+//! `kill -9`, shows as exited and `rm` cleans up after it.
 //! Afterwards no process, socket, tap, mount, listening port or container directory is left.
 //!
 //! Each boot takes tens of seconds on this host (guest kernel mode is emulated), so there are two
@@ -363,15 +364,82 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     assert_eq!(host_traces(root), before);
 }
 
+/// A root directory with the host's static busybox (Debian's busybox-static) as sh, cat, sleep.
+fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    let static_bin = Command::new("file")
+        .arg(busybox)
+        .output()
+        .is_ok_and(|o| text(&o.stdout).contains("statically linked"));
+    if !static_bin {
+        eprintln!("skipping: no static /bin/busybox (apt-get install busybox-static)");
+        return None;
+    }
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    Some(root)
+}
+
 #[test]
-fn rm_cleans_up_after_a_runner_killed_with_sigkill() {
+fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     let Some(s) = setup() else { return };
     let _lock = boot_lock();
-    let root = root_with_nginx(s);
-    let root = root.path();
+    let root = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(root.path()) else {
+        return;
+    };
+    let root = root.path().join("state");
+    let root = root.as_path();
     let before = host_traces(root);
-    let out = run_detached(s, root, "doomed", &["-p", &format!("{}:80", free_port())]);
+    let out = mvm(
+        s,
+        root,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "doomed",
+            "--isolation",
+            "vm",
+            "--kernel",
+            s.kernel.to_str().unwrap(),
+            "--kernel-args",
+            &s.kernel_args,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "-p",
+            &format!("{}:80", free_port()),
+            "--",
+            "sh",
+            "-c",
+            "while true; do sleep 1; done",
+        ],
+    );
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+
+    // exec -i: stdin reaches the command, and its end reaches it too (cat ends).
+    let mut cat = Command::new(MVM)
+        .arg("--root")
+        .arg(root)
+        .args(["exec", "-i", "doomed", "--", "cat"])
+        .env("MVM_AGENT", &s.agent)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through the agent\n")
+        .unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), "through the agent\n");
+
     let out = mvm(s, root, &["inspect", "doomed"]);
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record["status"], "running");
