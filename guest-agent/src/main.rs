@@ -96,6 +96,9 @@ fn guest_main() -> Result<(), String> {
         .unwrap_or(AGENT_VSOCK_PORT);
     let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
     std::thread::spawn(reap_orphans);
+    if let Some(ports) = param("ports") {
+        guest_agent::agent::portfwd::serve_ports(&guest_agent::agent::portfwd::parse_ports(&ports));
+    }
     eprintln!("mvm-agent: ready on vsock port {port}");
     let agent = Agent::new();
     agent.on_shutdown(|| init::power_off());

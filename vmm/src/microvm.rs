@@ -107,6 +107,8 @@ pub struct MicroVm {
     _ports: Vec<PortForwarder>,
     timed_out: Arc<AtomicBool>,
     console: PathBuf,
+    tap_name: Option<String>,
+    vsock: PathBuf,
 }
 
 impl std::fmt::Debug for MicroVm {
@@ -133,6 +135,15 @@ impl MicroVm {
     /// Boots the VM, waits for its agent and starts the container.
     pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
         let mut cmdline = format!("{BASE_CMDLINE} mvm.rootfs=/dev/vda mvm.port={AGENT_VSOCK_PORT}");
+        if !spec.ports.is_empty() {
+            // The agent relays these vsock ports to the guest's TCP ports (its portfwd module).
+            let ports: Vec<String> = spec
+                .ports
+                .iter()
+                .map(|p| p.guest_port.to_string())
+                .collect();
+            cmdline.push_str(&format!(" mvm.ports={}", ports.join(",")));
+        }
         if !spec.kernel_args.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(spec.kernel_args.trim());
@@ -154,7 +165,7 @@ impl MicroVm {
         }];
         disks.extend(spec.volumes.iter().cloned());
         let vsock = spec.vsock_path();
-        virtio_devices::attach(
+        let attached = virtio_devices::attach(
             &mut builder,
             &DevicesConfig {
                 disks,
@@ -232,7 +243,14 @@ impl MicroVm {
             _ports: ports,
             timed_out,
             console: spec.console_path(),
+            tap_name: attached.tap_name,
+            vsock,
         })
+    }
+
+    /// The host tap device of the VM's network, with `--vm-network tap`.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.tap_name.as_deref()
     }
 
     /// A handle that stops the VM from another thread.
@@ -253,6 +271,13 @@ impl MicroVm {
             Ok(code) => {
                 // The agent powers the guest off; stop the VM ourselves if it does not.
                 let _ = self.client.shutdown();
+                // The agent's accept loop notices the shutdown only when its next connection
+                // arrives: make one, so the guest powers off now rather than at the timeout.
+                let _ = devices::virtio::vsock::host_connect(
+                    &self.vsock,
+                    AGENT_VSOCK_PORT,
+                    Duration::from_secs(2),
+                );
                 if self.exit_rx.recv_timeout(Duration::from_secs(30)).is_err() {
                     self.handle.stop();
                     let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
@@ -310,7 +335,7 @@ fn wait_for_agent(
 }
 
 /// Copies this process's stdin to the container's stdin over a second agent session.
-fn forward_stdin(vsock: &std::path::Path, stream: u32) {
+pub fn forward_stdin(vsock: &std::path::Path, stream: u32) {
     let Ok(conn) =
         devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(5))
     else {

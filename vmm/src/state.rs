@@ -100,6 +100,15 @@ pub struct ContainerRecord {
     /// Control socket of the running container, if any.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Seconds since the epoch when the container started running.
+    #[serde(default)]
+    pub started: Option<u64>,
+    /// Seconds since the epoch when it ended (None when the runner died without recording it).
+    #[serde(default)]
+    pub finished: Option<u64>,
+    /// Tap devices the VM uses, removed by `rm` when the runner died without cleaning up.
+    #[serde(default)]
+    pub taps: Vec<String>,
 }
 
 impl ContainerRecord {
@@ -125,12 +134,17 @@ pub fn process_alive(pid: i32, start: Option<u64>) -> bool {
     }
 }
 
-/// Field 22 (starttime) of /proc/PID/stat.
+/// Field 22 (starttime) of /proc/PID/stat; None when there is no such process or it is a zombie
+/// (dead, waiting to be reaped by whoever adopted it).
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The container state directory.
@@ -312,6 +326,9 @@ mod tests {
             pid: Some(i32::try_from(std::process::id()).unwrap()),
             pid_start: process_start_time(i32::try_from(std::process::id()).unwrap()),
             control_socket: None,
+            started: None,
+            finished: None,
+            taps: vec![],
         }
     }
 
@@ -344,6 +361,12 @@ mod tests {
         r.pid = Some(i32::MAX);
         r.pid_start = None;
         assert_eq!(r.live_status(), Status::Exited);
+        // A killed child nobody reaped yet is a zombie: dead too.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!process_alive(pid, None));
+        child.wait().unwrap();
     }
 
     #[test]

@@ -4,5 +4,6 @@
 pub mod client;
 pub mod init;
 pub mod logger;
+pub mod portfwd;
 pub mod server;
 pub mod vsock;

@@ -277,6 +277,16 @@ fn keeper(plan: &Plan<'_>) -> ! {
     if child == 0 {
         command(plan);
     }
+    // From here the keeper needs no descriptor. It inherited the runtime's ends of the stdio
+    // pipes (and those of any exec in flight in another thread); a stdin write end kept open
+    // here would keep the command from ever reading end-of-file (`mvm exec -i`).
+    // SAFETY: close_range only closes descriptors of this forked, single-threaded process.
+    if unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) } < 0 {
+        for fd in 0..1024 {
+            // SAFETY: closing a descriptor number we may or may not have; EBADF is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
     loop {
         // SAFETY: siginfo_t is plain data; sigwaitinfo fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

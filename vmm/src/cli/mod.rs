@@ -12,8 +12,10 @@ mod boot;
 mod example;
 mod image;
 mod info;
+mod lifecycle;
 mod run;
 mod run_vm;
+mod runner;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
@@ -65,6 +67,20 @@ enum Command {
     Load(image::LoadArgs),
     /// Push an image from the local store to a registry.
     Push(image::PushArgs),
+    /// List containers (running ones; -a for all).
+    Ps(lifecycle::PsArgs),
+    /// Print a container's output (-f: follow until it exits).
+    Logs(lifecycle::LogsArgs),
+    /// Run a command in a running container.
+    Exec(lifecycle::ExecArgs),
+    /// Stop a container: SIGTERM, then SIGKILL after a grace period.
+    Stop(lifecycle::StopArgs),
+    /// Send a signal to a container.
+    Kill(lifecycle::KillArgs),
+    /// Remove a container (-f: stop it first).
+    Rm(lifecycle::RmArgs),
+    /// Print a container's record as JSON.
+    Inspect(lifecycle::InspectArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -96,6 +112,13 @@ pub fn main() -> i32 {
         Command::Rmi(args) => image::rmi(&root_dir(cli.root), &args),
         Command::Load(args) => image::load(&root_dir(cli.root), &args),
         Command::Push(args) => image::push(&root_dir(cli.root), &args),
+        Command::Ps(args) => lifecycle::ps(&root_dir(cli.root), &args),
+        Command::Logs(args) => lifecycle::logs(&root_dir(cli.root), &args),
+        Command::Exec(args) => lifecycle::exec(&root_dir(cli.root), &args),
+        Command::Stop(args) => lifecycle::stop(&root_dir(cli.root), &args),
+        Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
+        Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
+        Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
     };
     match result {
         Ok(code) => code,

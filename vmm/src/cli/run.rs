@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// Remove the container's files when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Run in the background and print the container id (--isolation vm).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
     /// Memory limit, e.g. 256M or 1G.
     #[arg(long, short = 'm', visible_alias = "memory", value_name = "SIZE")]
     pub mem: Option<String>,
@@ -165,6 +168,9 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     }
     if let Some(h) = &args.hostname {
         spec::validate_hostname(h).map_err(|e| bad_input(e.to_string()))?;
+    }
+    if args.detach && args.isolation != Isolation::Vm {
+        return Err(bad_input("-d (detach) needs --isolation vm"));
     }
     let source = resolve_source(root, args)?;
     let overrides = Overrides {

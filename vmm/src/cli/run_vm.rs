@@ -1,13 +1,13 @@
 //! `mvm run --isolation vm`: the root filesystem becomes a read-only ext4 disk, the static guest
 //! agent becomes the initramfs's `/init`, and [`crate::microvm`] boots the guest kernel, starts the
-//! container through the agent and streams its output.
+//! container through the agent and streams its output (see [`super::runner`] for `-d` and the
+//! container's record).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use devices::virtio::block::BlockConfig;
-use guest_agent::agent::client::InheritOutput;
 use guest_agent::protocol::GUEST_VOLUMES_DIR;
 use guest_agent::runtime::spec::BindMount;
 use guest_agent::runtime::{command, ContainerSpec, Limits, Network, Rootfs};
@@ -15,8 +15,10 @@ use rootfs_builder::initramfs::Initramfs;
 
 use super::bad_input;
 use super::run::{RunArgs, Source};
+use super::runner::{self, LogSink, RunGuard};
 use crate::microvm::{MicroVm, MicroVmSpec};
 use crate::portfwd::PortMapping;
+use crate::state::{ContainerRecord, StateError, StateStore, Status};
 use crate::virtio_devices::NetworkMode;
 
 /// Where the guest agent mounts the image disk (see `mvm-agent`).
@@ -147,14 +149,47 @@ pub fn run_vm(
     let agent = find_agent()?;
     let initrd = agent_initramfs(root, &agent)?;
 
-    let id = args.name.clone().unwrap_or_else(crate::state::new_id);
-    let run_dir = root.join("run").join(&id);
-    if run_dir.exists() {
-        return Err(bad_input(format!("container name {id} is already in use")));
+    if args.detach && !runner::is_runner() {
+        // The runner checks the name again (atomically); this only fails fast.
+        if let Some(name) = &args.name {
+            if let Ok(store) = StateStore::open(root) {
+                if store.get(name).is_ok_and(|r| &r.name == name) {
+                    return Err(bad_input(StateError::NameInUse(name.clone()).to_string()));
+                }
+            }
+        }
+        return runner::detach();
     }
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let _cleanup = RemoveOnDrop(run_dir.clone());
+    runner::catch_termination();
+    let store = StateStore::open(root)?;
+    let id = crate::state::new_id();
+    let pid = i32::try_from(std::process::id()).context("pid out of range")?;
+    let record = ContainerRecord {
+        name: args.name.clone().unwrap_or_else(|| id[..12].to_string()),
+        id,
+        image: match (&args.image, &args.rootfs) {
+            (Some(image), _) => image.clone(),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => String::new(),
+        },
+        isolation: "vm".into(),
+        command: process.args.clone(),
+        ports: args.publish.clone(),
+        created: crate::state::now(),
+        status: Status::Created,
+        exit_code: None,
+        pid: Some(pid),
+        pid_start: crate::state::process_start_time(pid),
+        control_socket: None,
+        started: None,
+        finished: None,
+        taps: Vec::new(),
+    };
+    let mut guard = RunGuard::create(store, record, args.rm).map_err(|e| match e {
+        StateError::NameInUse(_) | StateError::InvalidName(_) => bad_input(e.to_string()),
+        e => e.into(),
+    })?;
+    let run_dir = guard.dir().to_path_buf();
     let disk = rootfs_disk(root, rootfs_dir, &run_dir)?;
     let net_arg = crate::hostnet::guest_net_param(&network)
         .map(|p| format!("mvm.net={p}"))
@@ -201,7 +236,7 @@ pub fn run_vm(
         vcpus,
         network,
         ports,
-        run_dir,
+        run_dir: run_dir.clone(),
         container: serde_json::to_value(&container)?,
         stdin: false,
         timeout,
@@ -212,8 +247,18 @@ pub fn run_vm(
                 .unwrap_or(300),
         ),
     };
+    if let Some(sig) = runner::terminated() {
+        anyhow::bail!("stopped by signal {sig} before the VM started");
+    }
     let vm = MicroVm::start(&spec)?;
-    Ok(vm.wait(&mut InheritOutput)?)
+    guard.running(vm.tap_name().map(str::to_string).into_iter().collect())?;
+    if runner::is_runner() {
+        runner::announce_ready(&guard.record().id, &run_dir)?;
+    }
+    let mut sink = LogSink::new(&run_dir.join("container.log"), !runner::is_runner())?;
+    let code = vm.wait(&mut sink)?;
+    guard.exited(code);
+    Ok(code)
 }
 
 /// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs
@@ -291,15 +336,6 @@ fn volume_disks(
 /// Where the disk images of image root filesystems are cached.
 pub fn disk_cache(root: &Path) -> PathBuf {
     super::image::rootfs_cache(root).with_file_name("disks")
-}
-
-/// Removes a directory when dropped (every exit path of a run).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

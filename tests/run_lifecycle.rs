@@ -1,0 +1,459 @@
+//! The docker-like lifecycle of a container in a microVM: `mvm run -d` starts nginx in its own VM
+//! with a published port, and `ps`, `logs`, `exec`, `stop`, `rm` and `inspect` work on it from
+//! other processes; `exec -i` feeds stdin to a command in a busybox VM, whose runner, killed with
+//! `kill -9`, shows as exited and `rm` cleans up after it.
+//! Afterwards no process, socket, tap, mount, listening port or container directory is left.
+//!
+//! Each boot takes tens of seconds on this host (guest kernel mode is emulated), so there are two
+//! boots, one at a time. The tests skip with a reason without /dev/kvm, root, the test kernel, the
+//! static guest agent or Debian's package lists (the nginx image is built from them).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::kernel::test_kernel;
+use rootfs_builder::examples::NGINX_INDEX;
+
+const MVM: &str = env!("CARGO_BIN_EXE_mvm");
+
+/// One guest boot at a time.
+fn boot_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Everything a VM run needs.
+struct Setup {
+    kernel: PathBuf,
+    kernel_args: String,
+    agent: PathBuf,
+    /// An OCI layout of the nginx example.
+    nginx: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn agent() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MVM_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let script = common::kernel::repo_root().join("scripts/build-agent.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/build-agent.sh failed: {}",
+            text(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(text(&out.stdout).trim()))
+}
+
+fn setup() -> Option<&'static Setup> {
+    static SETUP: OnceLock<Result<Setup, String>> = OnceLock::new();
+    let setup = SETUP.get_or_init(|| {
+        if !Path::new("/dev/kvm").exists() {
+            return Err("no /dev/kvm on this host".into());
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("VM runs need root".into());
+        }
+        let apt = Command::new("apt-cache")
+            .args(["show", "--no-all-versions", "nginx"])
+            .output();
+        if !apt.is_ok_and(|o| o.status.success()) {
+            return Err("apt package lists are not available (the nginx image needs them)".into());
+        }
+        let (kernel, kernel_args) = test_kernel()?;
+        let agent = agent()?;
+        let dir = tempfile::tempdir().unwrap();
+        let nginx = dir.path().join("nginx-oci");
+        let out = Command::new(MVM)
+            .arg("--root")
+            .arg(dir.path().join("builder"))
+            .args(["build-example", "nginx", "-o"])
+            .arg(&nginx)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!("build-example nginx: {}", text(&out.stderr).trim()));
+        }
+        Ok(Setup {
+            kernel,
+            kernel_args,
+            agent,
+            nginx,
+            _dir: dir,
+        })
+    });
+    match setup {
+        Ok(s) => Some(s),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+/// `mvm --root ROOT ARGS...`.
+fn mvm(s: &Setup, root: &Path, args: &[&str]) -> Output {
+    Command::new(MVM)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env("MVM_AGENT", &s.agent)
+        .env("MVM_BOOT_TIMEOUT", "300")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A root with the nginx example loaded as `nginx-test`.
+fn root_with_nginx(s: &Setup) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let out = mvm(
+        s,
+        root.path(),
+        &["load", "-i", s.nginx.to_str().unwrap(), "-t", "nginx-test"],
+    );
+    assert!(out.status.success(), "load: {}", text(&out.stderr));
+    root
+}
+
+/// `mvm run -d --name NAME ... --image nginx-test` with the test kernel.
+fn run_detached(s: &Setup, root: &Path, name: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--isolation",
+        "vm",
+        "--kernel",
+        s.kernel.to_str().unwrap(),
+        "--kernel-args",
+        &s.kernel_args,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--image", "nginx-test"]);
+    mvm(s, root, &args)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET / on the port; the body, or None while nothing answers.
+fn http_get(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut got = String::new();
+    s.read_to_string(&mut got).ok()?;
+    got.starts_with("HTTP/1.1 200").then_some(got)
+}
+
+/// What a container may leave behind on the host.
+#[derive(Debug, PartialEq)]
+struct HostTraces {
+    processes: Vec<String>,
+    taps: Vec<String>,
+    mounts: usize,
+    files: Vec<PathBuf>,
+}
+
+fn host_traces(root: &Path) -> HostTraces {
+    let root_text = root.display().to_string();
+    let me = std::process::id().to_string();
+    let processes = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid = e.file_name().into_string().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = text(&cmd).replace('\0', " ");
+            (pid != me && cmd.contains(&root_text)).then(|| format!("{pid}: {cmd}"))
+        })
+        .collect();
+    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("mvm"))
+        .collect();
+    taps.sort();
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root_text))
+        .count();
+    // Everything under containers/ except the (empty) names directory, and any socket.
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() && !p.starts_with(root.join("images")) {
+                stack.push(p.clone());
+            }
+            let in_containers = p.starts_with(root.join("containers"))
+                && p != root.join("containers")
+                && p != root.join("containers/names");
+            if ft.is_socket() || in_containers {
+                files.push(p);
+            }
+        }
+    }
+    HostTraces {
+        processes,
+        taps,
+        mounts,
+        files,
+    }
+}
+
+fn ps(s: &Setup, root: &Path, all: bool) -> String {
+    let out = mvm(s, root, if all { &["ps", "-a"] } else { &["ps"] });
+    assert!(out.status.success(), "ps: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
+    let Some(s) = setup() else { return };
+    let _lock = boot_lock();
+    let root = root_with_nginx(s);
+    let root = root.path();
+    let before = host_traces(root);
+    let port = free_port();
+    let publish = format!("{port}:80");
+
+    let started = Instant::now();
+    let out = run_detached(s, root, "web", &["-p", &publish]);
+    let boot = started.elapsed();
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "run -d printed {id:?}"
+    );
+    eprintln!("run -d returned after {boot:?}");
+
+    // nginx starts a little after the container does.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let page = loop {
+        if let Some(p) = http_get(port) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no answer on port {port}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!("first HTTP answer after {:?}", started.elapsed());
+    assert!(page.contains(NGINX_INDEX.trim()), "{page}");
+
+    let table = ps(s, root, false);
+    let line = table.lines().find(|l| l.contains(" web ")).unwrap_or("");
+    assert!(line.starts_with(&id[..12]), "{table}");
+    assert!(
+        line.contains("nginx-test") && line.contains("running"),
+        "{table}"
+    );
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}->80/tcp")),
+        "{table}"
+    );
+
+    // The name is taken: one clear line, exit 2, nothing changes.
+    let out = run_detached(s, root, "web", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "mvm: the name 'web' is already in use by another container (remove it with `mvm rm web`)\n"
+    );
+    assert_eq!(ps(s, root, true).lines().count(), 2);
+
+    let out = mvm(s, root, &["exec", "web", "--", "/usr/sbin/nginx", "-t"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("syntax is ok"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = mvm(
+        s,
+        root,
+        &["exec", "web", "--", "/usr/sbin/nginx", "-s", "bogus"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = mvm(s, root, &["exec", "web", "--", "/no/such/command"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+
+    let out = mvm(s, root, &["logs", "web"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("\"GET / HTTP/1.1\" 200"),
+        "logs: {}",
+        text(&out.stdout)
+    );
+
+    let out = mvm(s, root, &["rm", "web"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "mvm: container web is running: stop it first or use rm -f\n"
+    );
+
+    // `logs -f` follows until the container exits.
+    let follow = Command::new(MVM)
+        .arg("--root")
+        .arg(root)
+        .args(["logs", "-f", "web"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stopping = Instant::now();
+    let out = mvm(s, root, &["stop", "web"]);
+    eprintln!("stop took {:?}", stopping.elapsed());
+    assert!(out.status.success(), "stop: {}", text(&out.stderr));
+    let followed = follow.wait_with_output().unwrap();
+    assert!(followed.status.success());
+    assert!(text(&followed.stdout).contains("\"GET / HTTP/1.1\" 200"));
+
+    assert!(!ps(s, root, false).contains(" web "));
+    let all = ps(s, root, true);
+    assert!(
+        all.lines()
+            .any(|l| l.contains(" web ") && l.contains("exited (0)")),
+        "{all}"
+    );
+    let out = mvm(s, root, &["inspect", "web"]);
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["status"], "exited");
+    assert_eq!(record["exit_code"], 0);
+    assert_eq!(record["id"], id.as_str());
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port still open"
+    );
+
+    let out = mvm(s, root, &["rm", "web"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    assert_eq!(ps(s, root, true).lines().count(), 1);
+    let out = mvm(s, root, &["logs", "web"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr), "mvm: no such container: web\n");
+    assert_eq!(host_traces(root), before);
+}
+
+/// A root directory with the host's static busybox (Debian's busybox-static) as sh, cat, sleep.
+fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    let static_bin = Command::new("file")
+        .arg(busybox)
+        .output()
+        .is_ok_and(|o| text(&o.stdout).contains("statically linked"));
+    if !static_bin {
+        eprintln!("skipping: no static /bin/busybox (apt-get install busybox-static)");
+        return None;
+    }
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    Some(root)
+}
+
+#[test]
+fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
+    let Some(s) = setup() else { return };
+    let _lock = boot_lock();
+    let root = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(root.path()) else {
+        return;
+    };
+    let root = root.path().join("state");
+    let root = root.as_path();
+    let before = host_traces(root);
+    let out = mvm(
+        s,
+        root,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "doomed",
+            "--isolation",
+            "vm",
+            "--kernel",
+            s.kernel.to_str().unwrap(),
+            "--kernel-args",
+            &s.kernel_args,
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "-p",
+            &format!("{}:80", free_port()),
+            "--",
+            "sh",
+            "-c",
+            "while true; do sleep 1; done",
+        ],
+    );
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+
+    // exec -i: stdin reaches the command, and its end reaches it too (cat ends).
+    let mut cat = Command::new(MVM)
+        .arg("--root")
+        .arg(root)
+        .args(["exec", "-i", "doomed", "--", "cat"])
+        .env("MVM_AGENT", &s.agent)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through the agent\n")
+        .unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), "through the agent\n");
+
+    let out = mvm(s, root, &["inspect", "doomed"]);
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["status"], "running");
+    let pid = i32::try_from(record["pid"].as_i64().unwrap()).unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is the runner this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ps(s, root, true).contains("exited (unknown)") {
+        assert!(Instant::now() < deadline, "{}", ps(s, root, true));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!ps(s, root, false).contains("doomed"));
+    let out = mvm(s, root, &["rm", "doomed"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    assert_eq!(ps(s, root, true).lines().count(), 1);
+    assert_eq!(host_traces(root), before);
+}
