@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::FromRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -277,4 +278,27 @@ fn info_describes_this_hosts_kvm() {
     }
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
     assert_eq!(text.contains("virtualization: PVM"), pvm, "{text}");
+}
+
+#[test]
+fn info_into_a_closed_pipe_ends_quietly_like_other_tools() {
+    if !have_kvm() {
+        return;
+    }
+    // `mvm info | grep -q PVM`: the reader is gone before mvm writes.
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two new descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: closes the read end we own; the write end goes to mvm.
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is a descriptor we own and hand over exactly once.
+    let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    let out = Command::new(MVM)
+        .arg("info")
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }

@@ -31,6 +31,6 @@ pub fn run(args: &BuildExampleArgs, root: Option<PathBuf>) -> anyhow::Result<i32
             other => anyhow::Error::new(other),
         },
     )?;
-    println!("{} {} {}", out.display(), args.name, manifest.digest);
+    outln!("{} {} {}", out.display(), args.name, manifest.digest);
     Ok(0)
 }

@@ -109,7 +109,7 @@ pub fn pull(root: &Path, args: &PullArgs) -> anyhow::Result<i32> {
     };
     registry::pull(&store, &reference, &opts)
         .with_context(|| format!("pull {}", reference.familiar()))?;
-    println!("{reference}");
+    outln!("{reference}");
     Ok(0)
 }
 
@@ -124,7 +124,7 @@ pub fn push(root: &Path, args: &PushArgs) -> anyhow::Result<i32> {
     };
     let digest = registry::push(&store, &reference, &opts)
         .with_context(|| format!("push {}", reference.familiar()))?;
-    println!("{digest}");
+    outln!("{digest}");
     Ok(0)
 }
 
@@ -149,7 +149,7 @@ pub fn images(root: &Path, args: &ImagesArgs) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
     let mut rows = vec![[
@@ -184,7 +184,7 @@ pub fn images(root: &Path, args: &ImagesArgs) -> anyhow::Result<i32> {
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("{}", line.join("   ").trim_end());
+        outln!("{}", line.join("   ").trim_end());
     }
     Ok(0)
 }
@@ -200,10 +200,10 @@ pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
             Ok(removed) => {
                 for r in &removed.references {
                     let familiar = Reference::parse(r).map_or_else(|_| r.clone(), |r| r.familiar());
-                    println!("Untagged: {familiar}");
+                    outln!("Untagged: {familiar}");
                 }
                 for digest in &removed.blobs {
-                    println!("Deleted: {digest}");
+                    outln!("Deleted: {digest}");
                     // Only manifest digests have cached root filesystems; others are no-ops.
                     if let Err(e) =
                         rootfs::remove_rootfs(&rootfs_cache(root), &rootfs_key(digest.as_str()))
@@ -249,7 +249,7 @@ pub fn load(root: &Path, args: &LoadArgs) -> anyhow::Result<i32> {
         },
     )?;
     for image in loaded {
-        println!("Loaded image: {}", image.reference.familiar());
+        outln!("Loaded image: {}", image.reference.familiar());
     }
     Ok(0)
 }

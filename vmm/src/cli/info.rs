@@ -13,16 +13,16 @@ pub struct InfoArgs {}
 pub fn run(_args: &InfoArgs) -> anyhow::Result<i32> {
     let kvm = Vm::open_kvm()?;
     let virt = host::virtualization();
-    println!("kvm api version: {}", kvm.get_api_version());
-    println!("max vcpus: {}", kvm.get_max_vcpus());
-    println!("recommended vcpus: {}", kvm.get_nr_vcpus());
-    println!("virtualization: {}", virt.describe());
+    outln!("kvm api version: {}", kvm.get_api_version());
+    outln!("max vcpus: {}", kvm.get_max_vcpus());
+    outln!("recommended vcpus: {}", kvm.get_nr_vcpus());
+    outln!("virtualization: {}", virt.describe());
     if !virt.is_hardware() {
         let hidden: Vec<_> = crate::cpuid::hidden_feature_names().collect();
-        println!("hidden cpu features: {}", hidden.join(","));
+        outln!("hidden cpu features: {}", hidden.join(","));
     }
     if let Some(mem) = host::mem_total() {
-        println!("host memory: {} MiB", mem >> 20);
+        outln!("host memory: {} MiB", mem >> 20);
     }
     Ok(0)
 }

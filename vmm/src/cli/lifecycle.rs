@@ -179,7 +179,7 @@ pub fn ps(root: &Path, args: &PsArgs) -> anyhow::Result<i32> {
         .collect();
     if args.quiet {
         for r in &shown {
-            println!("{}", short_id(&r.id));
+            outln!("{}", short_id(&r.id));
         }
     } else {
         print!("{}", ps_table(&shown, crate::state::now()));
@@ -403,7 +403,7 @@ fn clean_dead(store: &StateStore, r: &ContainerRecord) -> anyhow::Result<()> {
 pub fn stop(root: &Path, args: &StopArgs) -> anyhow::Result<i32> {
     let (store, r) = find(root, &args.name)?;
     stop_container(&store, &r, Duration::from_secs(args.time))?;
-    println!("{}", args.name);
+    outln!("{}", args.name);
     Ok(0)
 }
 
@@ -445,7 +445,7 @@ pub fn kill(root: &Path, args: &KillArgs) -> anyhow::Result<i32> {
     agent(&store, &r)?
         .signal(AGENT_CONTAINER, 1, sig)
         .with_context(|| format!("cannot signal {}", r.name))?;
-    println!("{}", args.name);
+    outln!("{}", args.name);
     Ok(0)
 }
 
@@ -470,7 +470,7 @@ pub fn rm(root: &Path, args: &RmArgs) -> anyhow::Result<i32> {
         Err(StateError::NotFound(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    println!("{}", args.name);
+    outln!("{}", args.name);
     Ok(0)
 }
 
@@ -478,7 +478,7 @@ pub fn rm(root: &Path, args: &RmArgs) -> anyhow::Result<i32> {
 pub fn inspect(root: &Path, args: &InspectArgs) -> anyhow::Result<i32> {
     let (_, mut r) = find(root, &args.name)?;
     r.status = r.live_status();
-    println!("{}", serde_json::to_string_pretty(&r)?);
+    outln!("{}", serde_json::to_string_pretty(&r)?);
     Ok(0)
 }
 

@@ -8,6 +8,27 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for command output: a closed stdout (`mvm ps | head -1`) ends mvm quietly instead of
+/// panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::cli::stdout_failed(&e);
+        }
+    }};
+}
+
+/// Ends mvm after a write to stdout failed: silently with 0 when the reader went away (a broken
+/// pipe, as other Unix tools behave), else with one line and 1.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("mvm: cannot write to stdout: {e}");
+    std::process::exit(EXIT_FAILURE);
+}
+
 mod boot;
 mod example;
 mod image;

@@ -64,7 +64,7 @@ pub fn detach() -> anyhow::Result<i32> {
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
     if let Some(id) = line.strip_suffix('\n').filter(|l| !l.is_empty()) {
-        println!("{id}");
+        outln!("{id}");
         return Ok(0);
     }
     let mut err = String::new();

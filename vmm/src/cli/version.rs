@@ -8,8 +8,8 @@ pub struct VersionArgs {}
 
 /// Prints the version of mvm and of the guest agent protocol.
 pub fn run(_args: &VersionArgs) -> anyhow::Result<i32> {
-    println!("mvm {}", env!("CARGO_PKG_VERSION"));
-    println!(
+    outln!("mvm {}", env!("CARGO_PKG_VERSION"));
+    outln!(
         "target: {}-{}",
         std::env::consts::ARCH,
         std::env::consts::OS
