@@ -248,6 +248,28 @@ fn agent_execs_a_second_process_inside_the_running_container() {
         127
     );
 
+    // An exec'd process with stdin gets its input and then end-of-file (`mvm exec -i`).
+    let cat = client
+        .exec(
+            "web",
+            ProcessSpec {
+                args: vec!["cat".into()],
+                env: vec!["PATH=/bin".into()],
+                stdin: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    client.stdin(cat, b"piped\n").unwrap();
+    client.stdin(cat, b"").unwrap();
+    // Without end-of-file cat would wait forever: fail instead.
+    let conn = client.conn();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(client.stream_until_exit(cat, &mut out).unwrap(), 0);
+    client.conn().set_read_timeout(None).unwrap();
+    assert_eq!(out.out(cat), "piped\n");
+
     client.stdin(first, b"hello\n").unwrap();
     assert_eq!(client.stream_until_exit(first, &mut out).unwrap(), 0);
     assert_eq!(out.out(first), "ready\nmain got hello\n");

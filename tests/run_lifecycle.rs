@@ -1,7 +1,7 @@
 //! The docker-like lifecycle of a container in a microVM: `mvm run -d` starts nginx in its own VM
 //! with a published port, and `ps`, `logs`, `exec`, `stop`, `rm` and `inspect` work on it from
 //! other processes; `exec -i` feeds stdin to a command in a busybox VM, whose runner, killed with
-//! `kill -9`, shows as exited and `rm` cleans up after it.
+//! `kill -9`, shows as exited (its passt ends too) and `rm` cleans up after it.
 //! Afterwards no process, socket, tap, mount, listening port or container directory is left.
 //!
 //! Each boot takes tens of seconds on this host (guest kernel mode is emulated), so there are two
@@ -411,6 +411,8 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
             &s.kernel_args,
             "--rootfs",
             rootfs.to_str().unwrap(),
+            "--vm-network",
+            "user",
             "-p",
             &format!("{}:80", free_port()),
             "--",
@@ -429,6 +431,7 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
         .env("MVM_AGENT", &s.agent)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     cat.stdin
@@ -437,13 +440,24 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
         .write_all(b"through the agent\n")
         .unwrap();
     let out = cat.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    if out.status.code() != Some(0) {
+        for e in std::fs::read_dir(root.join("containers"))
+            .unwrap()
+            .flatten()
+        {
+            let log = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+            eprintln!("console of {}:\n{log}", e.path().display());
+        }
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "through the agent\n");
 
     let out = mvm(s, root, &["inspect", "doomed"]);
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record["status"], "running");
     let pid = i32::try_from(record["pid"].as_i64().unwrap()).unwrap();
+    let passt = children_named(pid, "passt");
+    assert_eq!(passt.len(), 1, "--vm-network user runs one passt");
     // SAFETY: kill has no memory preconditions; the pid is the runner this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -456,4 +470,36 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     assert!(out.status.success(), "rm: {}", text(&out.stderr));
     assert_eq!(ps(s, root, true).lines().count(), 1);
     assert_eq!(host_traces(root), before);
+    // passt ends by itself once the runner's end of its socket closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passt.iter().any(|p| running(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "passt {passt:?} outlived its runner"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let state = s.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        !state.is_some_and(|r| r.starts_with('Z') || r.starts_with('X'))
+    })
+}
+
+/// Children of `parent` whose command name starts with `name`.
+fn children_named(parent: i32, name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1;
+            let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && comm.starts_with(name)).then_some(pid)
+        })
+        .collect()
 }

@@ -248,7 +248,8 @@ pub fn run_vm(
         ),
     };
     if let Some(sig) = runner::terminated() {
-        anyhow::bail!("stopped by signal {sig} before the VM started");
+        let msg = format!("stopped by signal {sig} before the VM started");
+        return Err(super::run::CommandExit(128 + sig, msg).into());
     }
     let vm = MicroVm::start(&spec)?;
     guard.running(vm.tap_name().map(str::to_string).into_iter().collect())?;
