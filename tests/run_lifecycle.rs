@@ -411,7 +411,7 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
             &s.kernel_args,
             "--rootfs",
             rootfs.to_str().unwrap(),
-            "--vm-network",
+            "--network",
             "user",
             "-p",
             &format!("{}:80", free_port()),
@@ -457,7 +457,7 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     assert_eq!(record["status"], "running");
     let pid = i32::try_from(record["pid"].as_i64().unwrap()).unwrap();
     let passt = children_named(pid, "passt");
-    assert_eq!(passt.len(), 1, "--vm-network user runs one passt");
+    assert_eq!(passt.len(), 1, "--network user runs one passt");
     // SAFETY: kill has no memory preconditions; the pid is the runner this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -248,7 +248,7 @@ impl MicroVm {
         })
     }
 
-    /// The host tap device of the VM's network, with `--vm-network tap`.
+    /// The host tap device of the VM's network, with `--network tap`.
     pub fn tap_name(&self) -> Option<&str> {
         self.tap_name.as_deref()
     }
