@@ -368,11 +368,12 @@ mod tests {
         let r = store.get("a").unwrap();
         assert_eq!((r.status, r.exit_code), (Status::Exited, None));
 
-        let mut guard = RunGuard::create(store.clone(), record("b"), true).unwrap();
+        // Not a hex digit: `get` also matches id prefixes, and ids are random hex.
+        let mut guard = RunGuard::create(store.clone(), record("removed"), true).unwrap();
         guard.running(vec![]).unwrap();
         guard.exited(0);
         drop(guard);
-        assert!(matches!(store.get("b"), Err(StateError::NotFound(_))));
+        assert!(matches!(store.get("removed"), Err(StateError::NotFound(_))));
     }
 
     #[test]
