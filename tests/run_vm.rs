@@ -504,3 +504,46 @@ fn ctrl_c_during_a_microvm_run_exits_130_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
     assert_nothing_left(&s.root, &before);
 }
+
+#[test]
+fn run_with_bad_flags_fails_with_one_line_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    // Any file passes the kernel check; every case must fail before a VM is built.
+    let kernel = common::guest_file(dir.path(), "never-booted.elf", &common::RESET);
+    let root = dir.path().join("root");
+    let cases: [&[&str]; 9] = [
+        &["-p", "99999:80"],
+        &["-p", "8080"],
+        &["--timeout", "1d"],
+        &["--network", "bogus"],
+        &["-v", "/nonexistent/dir:/data"],
+        &["-v", "relative:/data"],
+        &["--mem", "0"],
+        &["--mem", "64T"],
+        &["--cpus", "0"],
+    ];
+    for flags in cases {
+        let out = Command::new(MVM)
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "--isolation", "vm", "--rm", "--kernel"])
+            .arg(&kernel)
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(flags)
+            .args(["--", "/bin/true"])
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(stderr.starts_with("mvm: "), "{flags:?}: {stderr}");
+        assert_eq!(leftovers(&root), Vec::<PathBuf>::new(), "{flags:?}");
+        let containers = std::fs::read_dir(root.join("containers"))
+            .map(|d| d.flatten().filter(|e| e.file_name() != "names").count())
+            .unwrap_or(0);
+        assert_eq!(containers, 0, "{flags:?} left a container record");
+    }
+}

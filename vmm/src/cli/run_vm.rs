@@ -37,6 +37,11 @@ fn default_network() -> &'static str {
     }
 }
 
+/// Guest memory without `--mem`.
+const DEFAULT_VM_MEMORY: u64 = 256 << 20;
+/// The least guest memory the kernel and the agent start in.
+const MIN_VM_MEMORY: u64 = 64 << 20;
+
 /// Parses `--timeout`: seconds, or a number with s, m or h.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (num, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -127,6 +132,24 @@ pub fn run_vm(
             kernel.display()
         )));
     }
+    // The VM gets the memory limit (256M by default); the container inside may use all of it.
+    let mem_bytes = match limits.memory_bytes {
+        Some(m) if m < MIN_VM_MEMORY => {
+            return Err(bad_input(format!(
+                "--mem {}: a microVM needs at least 64M",
+                args.mem.as_deref().unwrap_or_default()
+            )))
+        }
+        Some(m) => m,
+        None => DEFAULT_VM_MEMORY,
+    };
+    if let Some(host) = crate::host::mem_total().filter(|h| mem_bytes > *h) {
+        return Err(bad_input(format!(
+            "--mem {}: more than this host's {} MiB of RAM",
+            args.mem.as_deref().unwrap_or_default(),
+            host >> 20
+        )));
+    }
     let network: NetworkMode = args
         .network
         .as_deref()
@@ -196,8 +219,6 @@ pub fn run_vm(
         .unwrap_or_default();
     let (volume_disks, mounts, volume_args) = volume_disks(&super::run::volumes(args)?, &run_dir)?;
 
-    // The VM gets the memory limit (256M by default); the container inside may use all of it.
-    let mem_bytes = limits.memory_bytes.unwrap_or(256 << 20).max(64 << 20);
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let vcpus = args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u8);
     let container = ContainerSpec {
