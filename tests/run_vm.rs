@@ -511,7 +511,7 @@ fn run_with_bad_flags_fails_with_one_line_and_changes_nothing() {
     let rootfs = dir.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
     // Any file passes the kernel check; every case must fail before a VM is built.
-    let kernel = common::guest_file(dir.path(), "never-booted.elf", &common::RESET);
+    let kernel = common::guest_file(dir.path(), "never-booted.elf", common::RESET);
     let root = dir.path().join("root");
     let cases: [&[&str]; 9] = [
         &["-p", "99999:80"],
