@@ -108,7 +108,6 @@ pub struct MicroVm {
     timed_out: Arc<AtomicBool>,
     console: PathBuf,
     tap_name: Option<String>,
-    vsock: PathBuf,
 }
 
 impl std::fmt::Debug for MicroVm {
@@ -244,7 +243,6 @@ impl MicroVm {
             timed_out,
             console: spec.console_path(),
             tap_name: attached.tap_name,
-            vsock,
         })
     }
 
@@ -269,15 +267,9 @@ impl MicroVm {
         }
         match result {
             Ok(code) => {
-                // The agent powers the guest off; stop the VM ourselves if it does not.
+                // The agent powers the guest off right after answering (its shutdown hook);
+                // stop the VM ourselves if it does not.
                 let _ = self.client.shutdown();
-                // The agent's accept loop notices the shutdown only when its next connection
-                // arrives: make one, so the guest powers off now rather than at the timeout.
-                let _ = devices::virtio::vsock::host_connect(
-                    &self.vsock,
-                    AGENT_VSOCK_PORT,
-                    Duration::from_secs(2),
-                );
                 if self.exit_rx.recv_timeout(Duration::from_secs(30)).is_err() {
                     self.handle.stop();
                     let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
