@@ -44,24 +44,6 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-fn agent() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MVM_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    let script = common::kernel::repo_root().join("scripts/build-agent.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/build-agent.sh failed: {}",
-            text(&out.stderr).trim()
-        ));
-    }
-    Ok(PathBuf::from(text(&out.stdout).trim()))
-}
-
 fn setup() -> Option<&'static Setup> {
     static SETUP: OnceLock<Result<Setup, String>> = OnceLock::new();
     let setup = SETUP.get_or_init(|| {
@@ -79,7 +61,7 @@ fn setup() -> Option<&'static Setup> {
             return Err("apt package lists are not available (the nginx image needs them)".into());
         }
         let (kernel, kernel_args) = test_kernel()?;
-        let agent = agent()?;
+        let agent = common::kernel::static_agent()?;
         let dir = tempfile::tempdir().unwrap();
         let nginx = dir.path().join("nginx-oci");
         let out = Command::new(MVM)

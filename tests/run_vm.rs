@@ -33,25 +33,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The static guest agent (`MVM_AGENT`, else built by scripts/build-agent.sh).
-fn agent() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MVM_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    let script = common::kernel::repo_root().join("scripts/build-agent.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/build-agent.sh failed: {}",
-            text(&out.stderr).trim()
-        ));
-    }
-    Ok(PathBuf::from(text(&out.stdout).trim()))
-}
-
 /// Everything a VM run needs, or None with the reason printed.
 struct Vm {
     kernel: PathBuf,
@@ -73,7 +54,7 @@ fn vm() -> Option<&'static Vm> {
         Ok(Vm {
             kernel,
             kernel_args,
-            agent: agent()?,
+            agent: common::kernel::static_agent()?,
         })
     });
     match vm {

@@ -55,3 +55,23 @@ pub fn test_kernel() -> Result<(PathBuf, String), String> {
     }
     Ok((kernel, cmdline))
 }
+
+/// The static guest agent for `mvm run --isolation vm`: `$MVM_AGENT`, else the one
+/// `scripts/build-agent.sh` builds (and prints).
+pub fn static_agent() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MVM_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let script = repo_root().join("scripts/build-agent.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/build-agent.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
