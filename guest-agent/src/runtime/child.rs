@@ -297,7 +297,6 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         return Err(fail(Step::Cwd));
     }
 
-    trace(Step::Exec);
     if plan.init {
         run_init(plan)
     } else {
