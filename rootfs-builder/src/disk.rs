@@ -153,6 +153,11 @@ pub fn ext4_geometry(usage: TreeUsage, read_only: bool) -> (u64, u64) {
     (size.div_ceil(MIB) * MIB, inodes)
 }
 
+/// Where [`rootfs_disk`] caches the disk image for `key`.
+pub fn rootfs_disk_path(cache_dir: &Path, key: &str, format: DiskFormat) -> PathBuf {
+    cache_dir.join(format!("{key}.{}", format.extension()))
+}
+
 /// Returns the cached disk image of `rootfs` for `key`, making `cache_dir/KEY.EXT` the first
 /// time (one progress line on stderr) and returning at once afterwards.
 pub fn rootfs_disk(
@@ -162,7 +167,7 @@ pub fn rootfs_disk(
     format: DiskFormat,
 ) -> Result<PathBuf, DiskError> {
     validate_key(key)?;
-    let out = cache_dir.join(format!("{key}.{}", format.extension()));
+    let out = rootfs_disk_path(cache_dir, key, format);
     if out.is_file() {
         return Ok(out);
     }

@@ -210,8 +210,11 @@ pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
                     {
                         log::warn!("{e:#}");
                     }
-                    let disk = super::run_vm::disk_cache(root)
-                        .join(format!("{}.ext4", rootfs_key(digest.as_str())));
+                    let disk = rootfs_builder::disk::rootfs_disk_path(
+                        &super::run_vm::disk_cache(root),
+                        &rootfs_key(digest.as_str()),
+                        rootfs_builder::disk::DiskFormat::Ext4,
+                    );
                     if let Err(e) = std::fs::remove_file(&disk) {
                         if e.kind() != std::io::ErrorKind::NotFound {
                             log::warn!("cannot remove {}: {e}", disk.display());
