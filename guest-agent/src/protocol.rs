@@ -121,8 +121,8 @@ impl Frame {
         serde_json::from_slice(&self.payload).map_err(ProtocolError::Json)
     }
 
-    /// Writes the frame (header and payload) to `w` and flushes it.
-    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+    /// The frame as bytes on the wire: header, then payload.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
         let len = u32::try_from(self.payload.len())
             .ok()
             .filter(|l| *l <= MAX_PAYLOAD)
@@ -132,8 +132,33 @@ impl Frame {
         buf.push(self.kind as u8);
         buf.extend_from_slice(&self.stream.to_be_bytes());
         buf.extend_from_slice(&self.payload);
-        w.write_all(&buf).map_err(ProtocolError::Io)?;
+        Ok(buf)
+    }
+
+    /// Writes the frame (header and payload) to `w` and flushes it.
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        w.write_all(&self.encode()?).map_err(ProtocolError::Io)?;
         w.flush().map_err(ProtocolError::Io)
+    }
+
+    /// Takes the first complete frame off the front of `buf` (bytes received so far), or
+    /// `None` while it is incomplete. A bad header is an error at once, before its payload.
+    pub fn take_from(buf: &mut Vec<u8>) -> Result<Option<Self>, ProtocolError> {
+        let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let (len, kind, stream) = decode_header(header)?;
+        let end = HEADER_LEN + len as usize;
+        if buf.len() < end {
+            return Ok(None);
+        }
+        let payload = buf[HEADER_LEN..end].to_vec();
+        buf.drain(..end);
+        Ok(Some(Frame {
+            kind,
+            stream,
+            payload,
+        }))
     }
 
     /// Reads one frame. A stream that ends before the first header byte is [`ProtocolError::Closed`].
@@ -151,12 +176,7 @@ impl Frame {
                 Err(e) => return Err(ProtocolError::Io(e)),
             }
         }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        if len > MAX_PAYLOAD {
-            return Err(ProtocolError::TooLarge(len));
-        }
-        let kind = FrameKind::try_from(header[4])?;
-        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        let (len, kind, stream) = decode_header(&header)?;
         let mut payload = vec![0u8; len as usize];
         r.read_exact(&mut payload).map_err(ProtocolError::Io)?;
         Ok(Frame {
@@ -165,6 +185,18 @@ impl Frame {
             payload,
         })
     }
+}
+
+/// Payload length, kind and stream of a frame header; a length over [`MAX_PAYLOAD`] or an
+/// unknown kind is an error.
+fn decode_header(header: &[u8; HEADER_LEN]) -> Result<(u32, FrameKind, u32), ProtocolError> {
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let kind = FrameKind::try_from(header[4])?;
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+    Ok((len, kind, stream))
 }
 
 /// How a process's standard streams are connected.

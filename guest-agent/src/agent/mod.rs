@@ -4,6 +4,7 @@
 pub mod client;
 pub mod init;
 pub mod logger;
+pub mod poll;
 pub mod portfwd;
 pub mod server;
 pub mod vsock;
