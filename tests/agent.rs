@@ -241,11 +241,14 @@ fn agent_execs_a_second_process_inside_the_running_container() {
             },
         )
         .unwrap();
+    let mut missing_out = Captured::default();
     assert_eq!(
-        client
-            .stream_until_exit(missing, &mut Captured::default())
-            .unwrap(),
+        client.stream_until_exit(missing, &mut missing_out).unwrap(),
         127
+    );
+    assert_eq!(
+        missing_out.err(missing),
+        "mvm: no-such-command: executable file not found in the container\n"
     );
 
     // An exec'd process with stdin gets its input and then end-of-file (`mvm exec -i`).
@@ -283,4 +286,102 @@ fn agent_execs_a_second_process_inside_the_running_container() {
         },
     );
     assert_eq!(err.unwrap_err().to_string(), "container web is not running");
+}
+
+#[test]
+fn agent_serves_many_sessions_at_once_and_streams_large_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    client
+        .create("web", spec(dir.path(), &rootfs, &["sleep", "1000"]))
+        .unwrap();
+    let main = client.start("web").unwrap();
+
+    // Four clients exec at the same time, each in its own session, as `mvm exec` does.
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let socket = agent.socket.clone();
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    let mut c = AgentClient::open(UnixStream::connect(&socket).unwrap()).unwrap();
+                    let (args, want): (Vec<String>, i32) = if i % 2 == 0 {
+                        (vec!["/no/such/command".into()], 127)
+                    } else {
+                        let script = format!("echo {w}-{i}; echo err >&2; exit {i}");
+                        (vec!["sh".into(), "-c".into(), script], i)
+                    };
+                    let process = ProcessSpec {
+                        args,
+                        env: vec!["PATH=/bin".into()],
+                        ..Default::default()
+                    };
+                    let stream = c.exec("web", process).unwrap();
+                    let mut out = Captured::default();
+                    let code = c.stream_until_exit(stream, &mut out).unwrap();
+                    assert_eq!(code, want, "worker {w} exec {i}");
+                    if want != 127 {
+                        assert_eq!(out.out(stream), format!("{w}-{i}\n"));
+                        assert_eq!(out.err(stream), "err\n");
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+
+    // 8 MiB of output, read slowly: the agent holds the process back instead of losing bytes.
+    let big = client
+        .exec(
+            "web",
+            ProcessSpec {
+                args: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "i=0; while [ $i -lt 8192 ]; do printf '%01023d\\n' $i; i=$((i+1)); done"
+                        .into(),
+                ],
+                env: vec!["PATH=/bin".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut out = Captured::default();
+    assert_eq!(client.stream_until_exit(big, &mut out).unwrap(), 0);
+    let text = out.out(big);
+    assert_eq!(text.len(), 8192 * 1024);
+    assert!(text.ends_with(&format!("{:01023}\n", 8191)));
+
+    // Stdin fed over a second connection that closes right after end-of-file, as `mvm exec -i`
+    // does: every byte and the end-of-file reach the process.
+    let cat = client
+        .exec(
+            "web",
+            ProcessSpec {
+                args: vec!["cat".into()],
+                env: vec!["PATH=/bin".into()],
+                stdin: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut feeder = agent.connect();
+    feeder.stdin(cat, b"from another session\n").unwrap();
+    feeder.stdin(cat, b"").unwrap();
+    drop(feeder);
+    client
+        .conn()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(client.stream_until_exit(cat, &mut out).unwrap(), 0);
+    assert_eq!(out.out(cat), "from another session\n");
+
+    client.signal("web", main, 9).unwrap();
+    assert_eq!(client.stream_until_exit(main, &mut out).unwrap(), 137);
 }

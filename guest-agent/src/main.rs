@@ -9,6 +9,7 @@
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
+use guest_agent::agent::portfwd::{parse_ports, PortForwarder};
 use guest_agent::agent::server::{Agent, Listener};
 use guest_agent::agent::vsock::VsockListener;
 use guest_agent::agent::{init, logger};
@@ -95,23 +96,14 @@ fn guest_main() -> Result<(), String> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(AGENT_VSOCK_PORT);
     let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
-    std::thread::spawn(reap_orphans);
+    let mut agent = Agent::new();
+    agent.reap_orphans();
     if let Some(ports) = param("ports") {
-        guest_agent::agent::portfwd::serve_ports(&guest_agent::agent::portfwd::parse_ports(&ports));
+        agent.publish(PortForwarder::bind(&parse_ports(&ports)));
     }
     eprintln!("mvm-agent: ready on vsock port {port}");
-    let agent = Agent::new();
-    agent.on_shutdown(|| init::power_off());
     agent
         .serve(Listener::Vsock(listener))
         .map_err(|e| e.to_string())?;
     init::power_off()
-}
-
-/// As PID 1 the agent inherits orphaned processes; reap those the runtime does not wait for.
-fn reap_orphans() {
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        guest_agent::agent::server::reap_orphans();
-    }
 }

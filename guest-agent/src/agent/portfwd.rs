@@ -3,10 +3,12 @@
 //! `127.0.0.1:<port>` in the guest, where the container (which shares the guest's network)
 //! listens. The host's end is mvm's port forwarder, which connects to the same vsock port.
 
-use std::io::{self, Read, Write};
+use std::collections::HashMap;
+use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::thread;
+use std::os::fd::{AsRawFd, RawFd};
 
+use super::poll::{read_some, set_nonblocking, write_some, READ, WRITE};
 use super::vsock::{VsockListener, VsockStream};
 
 /// Parses `80,443` into ports; entries that are not ports are skipped.
@@ -17,63 +19,185 @@ pub fn parse_ports(text: &str) -> Vec<u16> {
         .collect()
 }
 
-/// Starts one relay thread per port; a port that cannot be bound is reported and skipped.
-pub fn serve_ports(ports: &[u16]) {
-    for &port in ports {
-        match VsockListener::bind(u32::from(port)) {
-            Ok(listener) => {
-                thread::spawn(move || accept_loop(&listener, port));
-            }
-            Err(e) => log::warn!("published port {port}: cannot listen on vsock: {e}"),
-        }
+/// Bytes buffered per direction of a relay before it stops reading that side.
+const RELAY_BUF: usize = 64 * 1024;
+
+/// What a descriptor of the port forwarder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortToken {
+    /// The vsock listener of published port number `.0` (an index).
+    Listener(usize),
+    /// The host's vsock end of relay `.0`.
+    Vsock(u64),
+    /// The guest's TCP end of relay `.0`.
+    Tcp(u64),
+}
+
+/// One direction of a relay: bytes read from one end, waiting to be written to the other.
+#[derive(Debug, Default)]
+struct Pipe {
+    buf: Vec<u8>,
+    /// The reading end reached end-of-file (the writing end is shut down once `buf` drains).
+    eof: bool,
+    /// The writing end was shut down.
+    shut: bool,
+}
+
+impl Pipe {
+    fn wants_read(&self) -> bool {
+        !self.eof && self.buf.len() < RELAY_BUF
+    }
+    fn done(&self) -> bool {
+        self.shut
     }
 }
 
-fn accept_loop(listener: &VsockListener, port: u16) {
-    loop {
-        match listener.accept() {
-            Ok(conn) => {
-                thread::spawn(move || {
-                    if let Err(e) = relay(conn, port) {
-                        log::debug!("published port {port}: {e}");
+/// A host connection to a published port, relayed to `127.0.0.1:<port>` in the guest.
+#[derive(Debug)]
+struct Relay {
+    vsock: VsockStream,
+    tcp: TcpStream,
+    /// vsock to TCP.
+    up: Pipe,
+    /// TCP to vsock.
+    down: Pipe,
+}
+
+/// The guest's end of every published port: vsock listeners and the relays they accepted,
+/// driven by the agent's event loop.
+#[derive(Debug, Default)]
+pub struct PortForwarder {
+    listeners: Vec<(u16, VsockListener)>,
+    relays: HashMap<u64, Relay>,
+    next: u64,
+}
+
+impl PortForwarder {
+    /// Listens on vsock for each port; a port that cannot be bound is reported and skipped.
+    pub fn bind(ports: &[u16]) -> Self {
+        let mut fwd = PortForwarder::default();
+        for &port in ports {
+            match VsockListener::bind(u32::from(port)) {
+                Ok(l) => fwd.listeners.push((port, l)),
+                Err(e) => log::warn!("published port {port}: cannot listen on vsock: {e}"),
+            }
+        }
+        fwd
+    }
+
+    /// Reports the descriptors to wait on, and for what.
+    pub fn interest(&self, add: &mut dyn FnMut(RawFd, i16, PortToken)) {
+        for (i, (_, l)) in self.listeners.iter().enumerate() {
+            add(l.as_raw_fd(), READ, PortToken::Listener(i));
+        }
+        for (&id, r) in &self.relays {
+            let vs = (if r.up.wants_read() { READ } else { 0 })
+                | (if r.down.buf.is_empty() { 0 } else { WRITE });
+            let tcp = (if r.down.wants_read() { READ } else { 0 })
+                | (if r.up.buf.is_empty() { 0 } else { WRITE });
+            add(r.vsock.as_raw_fd(), vs, PortToken::Vsock(id));
+            add(r.tcp.as_raw_fd(), tcp, PortToken::Tcp(id));
+        }
+    }
+
+    /// Handles a ready descriptor.
+    pub fn ready(&mut self, token: PortToken) {
+        match token {
+            PortToken::Listener(i) => self.accept(i),
+            PortToken::Vsock(id) | PortToken::Tcp(id) => {
+                let Some(r) = self.relays.get_mut(&id) else {
+                    return;
+                };
+                match r.step() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.relays.remove(&id);
                     }
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                log::warn!("published port {port}: accept failed: {e}");
-                return;
+                    Err(e) => {
+                        log::debug!("published port relay: {e}");
+                        self.relays.remove(&id);
+                    }
+                }
             }
         }
     }
+
+    fn accept(&mut self, i: usize) {
+        let Some((port, listener)) = self.listeners.get(i) else {
+            return;
+        };
+        let port = *port;
+        let vsock = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => return log::warn!("published port {port}: accept failed: {e}"),
+        };
+        // The guest's own loopback: refused or accepted at once.
+        let tcp = match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(t) => t,
+            Err(e) => return log::debug!("published port {port}: {e}"),
+        };
+        if let Err(e) =
+            set_nonblocking(vsock.as_raw_fd(), true).and_then(|()| tcp.set_nonblocking(true))
+        {
+            return log::warn!("published port {port}: {e}");
+        }
+        self.next += 1;
+        self.relays.insert(
+            self.next,
+            Relay {
+                vsock,
+                tcp,
+                up: Pipe::default(),
+                down: Pipe::default(),
+            },
+        );
+    }
 }
 
-/// Copies bytes both ways between the host's vsock connection and the guest's TCP port.
-fn relay(vsock: VsockStream, port: u16) -> io::Result<()> {
-    let tcp = TcpStream::connect(("127.0.0.1", port))?;
-    let (mut tcp_r, mut tcp_w) = (tcp.try_clone()?, tcp);
-    let (mut vs_r, mut vs_w) = (vsock.try_clone()?, vsock);
-    let up = thread::spawn(move || {
-        let _ = copy(&mut vs_r, &mut tcp_w);
-        let _ = tcp_w.shutdown(Shutdown::Write);
-    });
-    let _ = copy(&mut tcp_r, &mut vs_w);
-    let _ = vs_w.shutdown_write();
-    let _ = up.join();
+impl Relay {
+    /// Moves whatever can move now, both ways. Returns whether the relay goes on.
+    fn step(&mut self) -> io::Result<bool> {
+        let mut buf = [0u8; 16 * 1024];
+        // Read what fits, then write what was read; each descriptor is non-blocking.
+        if self.up.wants_read() {
+            fill(&mut self.vsock, &mut self.up, &mut buf)?;
+        }
+        if self.down.wants_read() {
+            fill(&mut self.tcp, &mut self.down, &mut buf)?;
+        }
+        drain(&mut self.tcp, &mut self.up, |t| t.shutdown(Shutdown::Write))?;
+        drain(&mut self.vsock, &mut self.down, VsockStream::shutdown_write)?;
+        Ok(!(self.up.done() && self.down.done()))
+    }
+}
+
+fn fill(from: &mut impl io::Read, pipe: &mut Pipe, buf: &mut [u8]) -> io::Result<()> {
+    while pipe.wants_read() {
+        let room = (RELAY_BUF - pipe.buf.len()).min(buf.len());
+        match read_some(from, &mut buf[..room])? {
+            Some(0) => pipe.eof = true,
+            Some(n) => pipe.buf.extend_from_slice(&buf[..n]),
+            None => break,
+        }
+    }
     Ok(())
 }
 
-fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
+fn drain<W: io::Write>(
+    to: &mut W,
+    pipe: &mut Pipe,
+    shutdown: impl FnOnce(&W) -> io::Result<()>,
+) -> io::Result<()> {
+    if !pipe.buf.is_empty() {
+        let n = write_some(to, &pipe.buf)?;
+        pipe.buf.drain(..n);
     }
+    if pipe.eof && pipe.buf.is_empty() && !pipe.shut {
+        pipe.shut = true;
+        // The peer may already be gone; the other direction still finishes.
+        let _ = shutdown(to);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,46 +1,38 @@
 //! The protocol server: accepts connections (vsock in the guest, a Unix socket on the host) and
 //! runs containers for them with [`crate::runtime`].
 //!
-//! Each connection is served by its own thread, one request at a time. A process started by a
-//! connection streams its stdout/stderr to that connection as frames; when it exits, the agent
-//! sends every remaining output frame, then [`Event::Exited`]. If the connection goes away, the
-//! output is drained and dropped so the process never blocks on a full pipe.
+//! One thread serves everything through one poll loop ([`super::poll`] says why): connections,
+//! the output pipes of every process, their stdin, child exits (a `SIGCHLD` signalfd) and the
+//! published-port relays. Each connection's requests are answered one at a time, in order. A
+//! process started by a connection streams its stdout/stderr to that connection as frames; once
+//! it has exited and its pipes reached end-of-file, the agent sends [`Event::Exited`]. If the
+//! connection goes away, the output is read and dropped so the process never blocks on a full
+//! pipe. Output is only read while its connection has room (backpressure).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    Event, Frame, FrameKind, ProcessSpec, ProtocolError, Request, Response, StdioMode,
-    PROTOCOL_VERSION,
+    Event, Frame, FrameKind, ProcessSpec, Request, Response, StdioMode, PROTOCOL_VERSION,
 };
-use crate::runtime::exec::{exec, ExecSpec};
+use crate::runtime::exec::{exec, ExecProcess, ExecSpec};
 use crate::runtime::{Container, ContainerSpec, StdioConfig, StdioMode as ProtoStdio};
 
+use super::poll::{read_some, set_nonblocking, write_some, Poller, READ, WRITE};
+use super::portfwd::{PortForwarder, PortToken};
 use super::vsock::{VsockListener, VsockStream};
 
 /// A bidirectional byte stream the agent serves.
-pub trait Conn: Read + Write + Send + 'static {
-    /// A second handle on the same connection, for the writer side.
-    fn clone_conn(&self) -> io::Result<Box<dyn Conn>>;
-}
+pub trait Conn: Read + Write + AsRawFd + 'static {}
 
-impl Conn for UnixStream {
-    fn clone_conn(&self) -> io::Result<Box<dyn Conn>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-}
+impl Conn for UnixStream {}
 
-impl Conn for VsockStream {
-    fn clone_conn(&self) -> io::Result<Box<dyn Conn>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-}
+impl Conn for VsockStream {}
 
 /// Where connections come from.
 #[derive(Debug)]
@@ -58,220 +50,354 @@ impl Listener {
             Listener::Vsock(l) => Box::new(l.accept()?),
         })
     }
-}
 
-type Writer = Arc<Mutex<Option<Box<dyn Conn>>>>;
-
-/// Pids of the processes the agent waits for itself. Held while a container starts, so the
-/// orphan reaper never reaps a child whose pid is not yet recorded.
-static MANAGED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
-/// Reaps exited children that no container thread waits for (the agent as PID 1 inherits
-/// orphans). Returns how many were reaped.
-pub fn reap_orphans() -> usize {
-    let managed = lock(&MANAGED);
-    super::init::reap_unmanaged(&|pid| managed.contains(&pid)).len()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Sends a frame; a connection that fails is dropped so later sends are no-ops.
-fn send(writer: &Writer, frame: &Frame) {
-    let mut w = lock(writer);
-    if let Some(conn) = w.as_mut() {
-        if frame.write_to(conn).is_err() {
-            *w = None;
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Vsock(l) => l.as_raw_fd(),
         }
     }
 }
 
-#[derive(Debug, Default)]
-struct ExitSlot {
-    code: Mutex<Option<i32>>,
-    done: Condvar,
+/// Bytes waiting for a connection beyond which the agent stops reading its processes' output.
+const OUT_HIGH: usize = 1 << 20;
+/// Bytes waiting for a process's stdin beyond which the agent stops reading its connection.
+const STDIN_HIGH: usize = 1 << 20;
+/// Largest read from a pipe or a connection at a time.
+const CHUNK: usize = 32 * 1024;
+
+/// What a descriptor in the poll set is.
+#[derive(Debug, Clone)]
+enum Token {
+    Listener,
+    Session(u64),
+    Stdout(u64),
+    Stderr(u64),
+    Stdin(u64),
+    Children,
+    Port(PortToken),
 }
 
-impl ExitSlot {
-    fn set(&self, code: i32) {
-        *lock(&self.code) = Some(code);
-        self.done.notify_all();
+/// One connection.
+struct Session {
+    conn: Box<dyn Conn>,
+    /// Bytes received that do not make a whole frame yet.
+    inbuf: Vec<u8>,
+    /// Bytes to send.
+    out: Vec<u8>,
+    greeted: bool,
+    /// The process a `wait` request waits for; no further request is read until it is answered.
+    waiting: Option<u64>,
+    /// Close once `out` is sent (a refused hello).
+    closing: bool,
+    /// The peer closed its end: what it sent is still handled, then the session goes.
+    eof: bool,
+    /// The connection failed or the peer broke the protocol: forget the session.
+    dead: bool,
+}
+
+impl Session {
+    fn send(&mut self, frame: &Frame) {
+        if self.dead {
+            return;
+        }
+        match frame.encode() {
+            Ok(bytes) => self.out.extend_from_slice(&bytes),
+            Err(e) => log::warn!("cannot send a frame: {e}"),
+        }
+        self.flush();
     }
 
-    fn wait(&self) -> i32 {
-        let mut code = lock(&self.code);
-        loop {
-            if let Some(c) = *code {
-                return c;
+    fn reply(&mut self, response: &Response) {
+        if let Ok(f) = Frame::json(FrameKind::Response, response) {
+            self.send(&f);
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.out.is_empty() || self.dead {
+            return;
+        }
+        match write_some(&mut self.conn, &self.out) {
+            Ok(n) => {
+                self.out.drain(..n);
             }
-            code = self.done.wait(code).unwrap_or_else(|p| p.into_inner());
+            Err(e) => {
+                log::debug!("agent session ended: {e}");
+                self.dead = true;
+            }
+        }
+    }
+
+    /// Reads what has arrived. End-of-file or an error ends the session.
+    fn receive(&mut self) {
+        let mut buf = [0u8; CHUNK];
+        loop {
+            match read_some(&mut self.conn, &mut buf) {
+                Ok(Some(0)) => {
+                    log::debug!("agent session ended: connection closed");
+                    self.eof = true;
+                    return;
+                }
+                Ok(Some(n)) => self.inbuf.extend_from_slice(&buf[..n]),
+                Ok(None) => return,
+                Err(e) => {
+                    log::debug!("agent session ended: {e}");
+                    self.dead = true;
+                    return;
+                }
+            }
         }
     }
 }
 
-#[derive(Debug)]
-struct Process {
-    pid: i32,
-    stdin: Option<File>,
-    exit: Arc<ExitSlot>,
+/// The write end of a process's stdin, with what is still to be written.
+struct Stdin {
+    file: File,
+    buf: Vec<u8>,
+    /// Close once `buf` is written (an empty stdin frame).
+    close: bool,
+    /// The session that sent the bytes (it is not read while `buf` is full).
+    fed_by: Option<u64>,
 }
 
-#[derive(Debug)]
+enum Handle {
+    Main(Container),
+    Exec(ExecProcess),
+}
+
+/// A process of a container: the first one (stream 1) or one started by `exec`.
+struct Proc {
+    container: String,
+    stream: u32,
+    pid: i32,
+    /// The session its output and exit go to.
+    session: Option<u64>,
+    handle: Handle,
+    stdin: Option<Stdin>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    exit: Option<i32>,
+    oom_killed: bool,
+    /// Its exit was reported (after all of its output).
+    reported: bool,
+}
+
 struct Entry {
     spec: ContainerSpec,
     next_stream: u32,
-    processes: HashMap<u32, Process>,
+    /// Stream id to process key.
+    processes: HashMap<u32, u64>,
     cgroup_dirs: Vec<PathBuf>,
 }
 
-/// What the agent does once a shutdown request has been answered (the guest powers off).
-type ShutdownHook = Box<dyn FnOnce() + Send>;
-
-/// The agent's state: its containers.
+/// The agent's state: containers, their processes, connections and published ports.
 #[derive(Default)]
 pub struct Agent {
-    containers: Mutex<HashMap<String, Entry>>,
-    stopping: AtomicBool,
-    on_shutdown: Mutex<Option<ShutdownHook>>,
+    containers: HashMap<String, Entry>,
+    procs: HashMap<u64, Proc>,
+    sessions: HashMap<u64, Session>,
+    next_key: u64,
+    ports: PortForwarder,
+    reap_orphans: bool,
+    stopping: bool,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("containers", &lock(&self.containers).len())
-            .field("stopping", &self.stopping)
+            .field("containers", &self.containers.len())
+            .field("processes", &self.procs.len())
+            .field("sessions", &self.sessions.len())
             .finish_non_exhaustive()
     }
 }
 
-/// What a connection's request loop should do next.
-enum Next {
-    Continue,
-    Stop,
-}
-
 impl Agent {
     /// A new agent with no containers.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Agent::default())
+    pub fn new() -> Self {
+        Agent::default()
     }
 
-    /// Runs `hook` on the session thread right after a shutdown request was answered and every
-    /// container killed (the accept loop of a vsock listener cannot be woken; in the guest the
-    /// hook powers the VM off).
-    pub fn on_shutdown(&self, hook: impl FnOnce() + Send + 'static) {
-        *lock(&self.on_shutdown) = Some(Box::new(hook));
+    /// Also reaps children no container waits for (the agent as PID 1 inherits orphans).
+    pub fn reap_orphans(&mut self) {
+        self.reap_orphans = true;
     }
 
-    /// Serves connections until a [`Request::Shutdown`] arrives; then every container is killed.
-    pub fn serve(self: &Arc<Self>, listener: Listener) -> io::Result<()> {
-        while !self.stopping.load(Ordering::SeqCst) {
-            let conn = match listener.accept() {
-                Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let agent = self.clone();
-            let wake = match &listener {
-                Listener::Unix(l) => l
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_pathname().map(PathBuf::from)),
-                Listener::Vsock(_) => None,
-            };
-            thread::spawn(move || {
-                if let Err(e) = agent.session(conn) {
-                    log::debug!("agent session ended: {e}");
-                }
-                // A shutdown request must also end the accept loop blocked in another thread.
-                if agent.stopping.load(Ordering::SeqCst) {
-                    let hook = lock(&agent.on_shutdown).take();
-                    if let Some(hook) = hook {
-                        hook();
+    /// Relays the published ports' vsock connections (see [`PortForwarder`]).
+    pub fn publish(&mut self, ports: PortForwarder) {
+        self.ports = ports;
+    }
+
+    /// Serves connections until a [`Request::Shutdown`] arrives: answers it, kills every
+    /// container and returns. Blocks `SIGCHLD` in this (single-threaded) process to hear child
+    /// exits on a signalfd.
+    pub fn serve(mut self, listener: Listener) -> io::Result<()> {
+        set_nonblocking(listener.fd(), true)?;
+        let children = child_signals()?;
+        let mut poller = Poller::default();
+        while !self.stopping {
+            poller.clear();
+            poller.add(listener.fd(), READ, Token::Listener);
+            poller.add(children.as_raw_fd(), READ, Token::Children);
+            self.interest(&mut poller);
+            for (token, events) in poller.wait(-1)? {
+                match token {
+                    Token::Listener => self.accept(&listener),
+                    Token::Session(id) => {
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            if events & WRITE != 0 {
+                                s.flush();
+                            }
+                            if events & READ != 0 {
+                                s.receive();
+                            }
+                        }
                     }
-                    if let Some(path) = wake {
-                        let _ = UnixStream::connect(path);
+                    Token::Stdout(key) => self.pump(key, false),
+                    Token::Stderr(key) => self.pump(key, true),
+                    Token::Stdin(key) => self.write_stdin(key),
+                    Token::Children => {
+                        drain_signals(&children);
+                        self.reap();
                     }
+                    Token::Port(t) => self.ports.ready(t),
                 }
-            });
+            }
+            self.report_exits();
+            let ids: Vec<u64> = self.sessions.keys().copied().collect();
+            for id in ids {
+                self.requests(id);
+            }
+            self.drop_dead_sessions();
         }
         self.kill_all();
         Ok(())
     }
 
-    fn session(self: &Arc<Self>, mut conn: Box<dyn Conn>) -> Result<(), ProtocolError> {
-        let writer: Writer = Arc::new(Mutex::new(Some(
-            conn.clone_conn().map_err(ProtocolError::Io)?,
-        )));
-        // The session must open with Hello.
-        let first = Frame::read_from(&mut conn)?;
-        let hello = match (first.kind, first.parse::<Request>()) {
-            (FrameKind::Request, Ok(Request::Hello { version })) => version,
-            _ => {
-                reply(&writer, &error("the session must start with hello"));
-                return Ok(());
-            }
-        };
-        if hello != PROTOCOL_VERSION {
-            reply(
-                &writer,
-                &error(&format!(
-                    "protocol version {hello} is not supported (agent speaks {PROTOCOL_VERSION})"
-                )),
-            );
-            return Ok(());
+    /// Adds every descriptor that has something to wait for.
+    fn interest(&self, poller: &mut Poller<Token>) {
+        for (&id, s) in &self.sessions {
+            let stdin_full = self.procs.values().any(|p| {
+                p.stdin
+                    .as_ref()
+                    .is_some_and(|i| i.fed_by == Some(id) && i.buf.len() > STDIN_HIGH)
+            });
+            let read = s.waiting.is_none() && !s.closing && !stdin_full;
+            let ev = (if read { READ } else { 0 }) | (if s.out.is_empty() { 0 } else { WRITE });
+            poller.add(s.conn.as_raw_fd(), ev, Token::Session(id));
         }
-        reply(
-            &writer,
-            &Response::Hello {
-                version: PROTOCOL_VERSION,
-                agent: env!("CARGO_PKG_VERSION").to_string(),
+        for (&key, p) in &self.procs {
+            let room = p
+                .session
+                .and_then(|id| self.sessions.get(&id))
+                .is_none_or(|s| s.out.len() < OUT_HIGH);
+            if room {
+                if let Some(f) = &p.stdout {
+                    poller.add(f.as_raw_fd(), READ, Token::Stdout(key));
+                }
+                if let Some(f) = &p.stderr {
+                    poller.add(f.as_raw_fd(), READ, Token::Stderr(key));
+                }
+            }
+            if let Some(i) = p.stdin.as_ref().filter(|i| !i.buf.is_empty()) {
+                poller.add(i.file.as_raw_fd(), WRITE, Token::Stdin(key));
+            }
+        }
+        self.ports
+            .interest(&mut |fd, ev, t| poller.add(fd, ev, Token::Port(t)));
+    }
+
+    fn accept(&mut self, listener: &Listener) {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return
+            }
+            Err(e) => return log::warn!("accepting a connection: {e}"),
+        };
+        if let Err(e) = set_nonblocking(conn.as_raw_fd(), true) {
+            return log::warn!("accepting a connection: {e}");
+        }
+        self.next_key += 1;
+        self.sessions.insert(
+            self.next_key,
+            Session {
+                conn,
+                inbuf: Vec::new(),
+                out: Vec::new(),
+                greeted: false,
+                waiting: None,
+                closing: false,
+                eof: false,
+                dead: false,
             },
         );
+    }
+
+    /// Handles the whole frames a session has received, one request at a time.
+    fn requests(&mut self, id: u64) {
         loop {
-            let frame = Frame::read_from(&mut conn)?;
+            let Some(s) = self.sessions.get_mut(&id) else {
+                return;
+            };
+            if s.waiting.is_some() || s.closing || s.dead {
+                return;
+            }
+            let frame = match Frame::take_from(&mut s.inbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    log::debug!("agent session ended: {e}");
+                    s.dead = true;
+                    return;
+                }
+            };
+            if !s.greeted {
+                greet(s, &frame);
+                continue;
+            }
             match frame.kind {
                 FrameKind::Request => {
                     let response = match frame.parse::<Request>() {
-                        Ok(req) => {
-                            let (resp, next) = self.handle(req, &writer);
-                            reply(&writer, &resp);
-                            if matches!(next, Next::Stop) {
-                                return Ok(());
-                            }
-                            continue;
-                        }
-                        Err(e) => error(&format!("malformed request: {e}")),
+                        Ok(req) => self.handle(id, req),
+                        Err(e) => Some(error(&format!("malformed request: {e}"))),
                     };
-                    reply(&writer, &response);
+                    if let (Some(r), Some(s)) = (response, self.sessions.get_mut(&id)) {
+                        s.reply(&r);
+                    }
                 }
-                FrameKind::Stdin => self.feed_stdin(frame.stream, &frame.payload),
-                other => return Err(ProtocolError::Unexpected(other)),
+                FrameKind::Stdin => self.feed_stdin(id, frame.stream, &frame.payload),
+                other => {
+                    log::debug!("agent session ended: unexpected {other:?} frame");
+                    s.dead = true;
+                }
             }
         }
     }
 
-    fn handle(self: &Arc<Self>, req: Request, writer: &Writer) -> (Response, Next) {
+    /// Answers a request; `None` when the answer comes later (`wait`).
+    fn handle(&mut self, session: u64, req: Request) -> Option<Response> {
         log::debug!("request: {req:?}");
-        let resp = match req {
+        Some(match req {
             Request::Hello { .. } => error("hello was already sent"),
             Request::Create { id, spec } => self.create(id, spec),
-            Request::Start { id } => self.start(&id, writer),
-            Request::Exec { id, process } => self.exec(&id, process, writer),
+            Request::Start { id } => self.start(&id, session),
+            Request::Exec { id, process } => self.exec(&id, process, session),
             Request::Signal { id, stream, signal } => self.signal(&id, stream, signal),
-            Request::Wait { id, stream } => self.wait(&id, stream),
+            Request::Wait { id, stream } => return self.wait(&id, stream, session),
             Request::Stats { id } => self.stats(&id),
             Request::Shutdown => {
-                self.stopping.store(true, Ordering::SeqCst);
-                self.kill_all();
-                return (Response::Ok, Next::Stop);
+                self.stopping = true;
+                Response::Ok
             }
-        };
-        (resp, Next::Continue)
+        })
     }
 
-    fn create(&self, id: String, spec: serde_json::Value) -> Response {
+    fn create(&mut self, id: String, spec: serde_json::Value) -> Response {
         let mut spec: ContainerSpec = match serde_json::from_value(spec) {
             Ok(s) => s,
             Err(e) => return error(&format!("invalid container spec: {e}")),
@@ -288,11 +414,10 @@ impl Agent {
         if let Err(e) = spec.validate() {
             return error(&e.to_string());
         }
-        let mut containers = lock(&self.containers);
-        if containers.contains_key(&id) {
+        if self.containers.contains_key(&id) {
             return error(&format!("container {id} already exists"));
         }
-        containers.insert(
+        self.containers.insert(
             id,
             Entry {
                 spec,
@@ -304,106 +429,53 @@ impl Agent {
         Response::Ok
     }
 
-    fn start(&self, id: &str, writer: &Writer) -> Response {
-        let spec = match lock(&self.containers).get(id) {
+    fn start(&mut self, id: &str, session: u64) -> Response {
+        let spec = match self.containers.get(id) {
             Some(e) if e.processes.contains_key(&1) => {
                 return error(&format!("container {id} was already started"))
             }
             Some(e) => e.spec.clone(),
             None => return error(&format!("no such container: {id}")),
         };
-        let stdio = StdioConfig::piped();
-        let mut managed = lock(&MANAGED);
-        let mut container = match Container::start(&spec, &stdio) {
+        let mut container = match Container::start(&spec, &StdioConfig::piped()) {
             Ok(c) => c,
             Err(e) => return error(&e.to_string()),
         };
         let pid = container.pid();
-        managed.push(pid);
-        drop(managed);
-        let exit = Arc::new(ExitSlot::default());
-        let pumps = [
-            container
-                .take_stdout()
-                .map(|f| pump(f, FrameKind::Stdout, 1, writer.clone())),
-            container
-                .take_stderr()
-                .map(|f| pump(f, FrameKind::Stderr, 1, writer.clone())),
-        ];
         let cgroup_dirs = container
             .cgroup()
             .map(|c| c.dirs().to_vec())
             .unwrap_or_default();
-        if let Some(e) = lock(&self.containers).get_mut(id) {
+        let (stdin, stdout, stderr) = (
+            container.take_stdin(),
+            container.take_stdout(),
+            container.take_stderr(),
+        );
+        let key = self.add_proc(
+            id,
+            1,
+            session,
+            Handle::Main(container),
+            [stdin, stdout, stderr],
+        );
+        if let Some(e) = self.containers.get_mut(id) {
             e.cgroup_dirs = cgroup_dirs;
-            e.processes.insert(
-                1,
-                Process {
-                    pid,
-                    stdin: container.take_stdin(),
-                    exit: exit.clone(),
-                },
-            );
+            e.processes.insert(1, key);
         }
-        let (id, writer) = (id.to_string(), writer.clone());
-        thread::spawn(move || {
-            let code = match container.wait() {
-                Ok(e) => {
-                    if e.oom_killed {
-                        let msg = b"mvm: the container was killed: out of memory (memory limit reached)\n";
-                        send(
-                            &writer,
-                            &Frame {
-                                kind: FrameKind::Stderr,
-                                stream: 1,
-                                payload: msg.to_vec(),
-                            },
-                        );
-                    }
-                    e.code
-                }
-                Err(e) => {
-                    log::warn!("waiting for container {id}: {e}");
-                    255
-                }
-            };
-            lock(&MANAGED).retain(|p| *p != pid);
-            for p in pumps.into_iter().flatten() {
-                let _ = p.join();
-            }
-            exit.set(code);
-            if let Ok(f) = Frame::json(
-                FrameKind::Event,
-                &Event::Exited {
-                    id,
-                    stream: 1,
-                    code,
-                },
-            ) {
-                send(&writer, &f);
-            }
-        });
         Response::Started { stream: 1, pid }
     }
 
-    fn exec(&self, id: &str, process: ProcessSpec, writer: &Writer) -> Response {
-        let (container_pid, cgroup_dirs, mut env, stream) = {
-            let mut containers = lock(&self.containers);
-            let Some(entry) = containers.get_mut(id) else {
+    fn exec(&mut self, id: &str, process: ProcessSpec, session: u64) -> Response {
+        let (container_pid, cgroup_dirs, mut env) = {
+            let Some(entry) = self.containers.get(id) else {
                 return error(&format!("no such container: {id}"));
             };
-            let pid = match entry.processes.get(&1) {
-                Some(p) if lock(&p.exit.code).is_none() => p.pid,
+            let main = entry.processes.get(&1).and_then(|k| self.procs.get(k));
+            let pid = match main {
+                Some(p) if p.exit.is_none() => p.pid,
                 _ => return error(&format!("container {id} is not running")),
             };
-            let stream = entry.next_stream;
-            entry.next_stream += 1;
-            (
-                pid,
-                entry.cgroup_dirs.clone(),
-                entry.spec.env.clone(),
-                stream,
-            )
+            (pid, entry.cgroup_dirs.clone(), entry.spec.env.clone())
         };
         // The process's variables override the container's.
         for var in &process.env {
@@ -417,12 +489,12 @@ impl Agent {
             cwd: process.cwd,
             user: process.user,
         };
-        let (out, stdin) = match process.stdio {
-            StdioMode::Stream => (ProtoStdio::Piped, process.stdin),
-            StdioMode::Null => (ProtoStdio::Null, false),
+        let out = match process.stdio {
+            StdioMode::Stream => ProtoStdio::Piped,
+            StdioMode::Null => ProtoStdio::Null,
         };
         let stdio = StdioConfig {
-            stdin: if stdin {
+            stdin: if process.stdin && process.stdio == StdioMode::Stream {
                 ProtoStdio::Piped
             } else {
                 ProtoStdio::Null
@@ -430,93 +502,119 @@ impl Agent {
             stdout: out,
             stderr: out,
         };
-        let managed = lock(&MANAGED);
         let mut child = match exec(container_pid, &cgroup_dirs, &spec, &stdio) {
             Ok(c) => c,
             Err(e) => return error(&e.to_string()),
         };
         let pid = child.pid();
-        drop(managed);
-        lock(&MANAGED).push(pid);
-        let exit = Arc::new(ExitSlot::default());
-        let pumps = [
-            child
-                .stdout
-                .take()
-                .map(|f| pump(f, FrameKind::Stdout, stream, writer.clone())),
-            child
-                .stderr
-                .take()
-                .map(|f| pump(f, FrameKind::Stderr, stream, writer.clone())),
-        ];
-        if let Some(e) = lock(&self.containers).get_mut(id) {
-            e.processes.insert(
-                stream,
-                Process {
-                    pid,
-                    stdin: child.stdin.take(),
-                    exit: exit.clone(),
-                },
-            );
+        let pipes = [child.stdin.take(), child.stdout.take(), child.stderr.take()];
+        let Some(entry) = self.containers.get_mut(id) else {
+            return error(&format!("no such container: {id}"));
+        };
+        let stream = entry.next_stream;
+        entry.next_stream += 1;
+        let key = self.add_proc(id, stream, session, Handle::Exec(child), pipes);
+        if let Some(e) = self.containers.get_mut(id) {
+            e.processes.insert(stream, key);
         }
-        let (id, writer) = (id.to_string(), writer.clone());
-        thread::spawn(move || {
-            let code = child.wait().unwrap_or(255);
-            lock(&MANAGED).retain(|p| *p != pid);
-            for p in pumps.into_iter().flatten() {
-                let _ = p.join();
-            }
-            exit.set(code);
-            if let Ok(f) = Frame::json(FrameKind::Event, &Event::Exited { id, stream, code }) {
-                send(&writer, &f);
-            }
-        });
         Response::Started { stream, pid }
     }
 
-    fn process<T>(
-        &self,
-        id: &str,
+    /// Records a started process; its pipes become non-blocking. Returns its key.
+    fn add_proc(
+        &mut self,
+        container: &str,
         stream: u32,
-        f: impl FnOnce(&mut Process) -> T,
-    ) -> Result<T, Response> {
-        let mut containers = lock(&self.containers);
-        let entry = containers
-            .get_mut(id)
+        session: u64,
+        handle: Handle,
+        [stdin, stdout, stderr]: [Option<File>; 3],
+    ) -> u64 {
+        let pid = match &handle {
+            Handle::Main(c) => c.pid(),
+            Handle::Exec(e) => e.pid(),
+        };
+        let nonblocking = |f: Option<File>| {
+            f.filter(|f| match set_nonblocking(f.as_raw_fd(), true) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("process {pid}: {e}");
+                    false
+                }
+            })
+        };
+        self.next_key += 1;
+        self.procs.insert(
+            self.next_key,
+            Proc {
+                container: container.to_string(),
+                stream,
+                pid,
+                session: Some(session),
+                handle,
+                stdin: nonblocking(stdin).map(|file| Stdin {
+                    file,
+                    buf: Vec::new(),
+                    close: false,
+                    fed_by: None,
+                }),
+                stdout: nonblocking(stdout),
+                stderr: nonblocking(stderr),
+                exit: None,
+                oom_killed: false,
+                reported: false,
+            },
+        );
+        self.next_key
+    }
+
+    fn find(&self, id: &str, stream: u32) -> Result<u64, Response> {
+        let entry = self
+            .containers
+            .get(id)
             .ok_or_else(|| error(&format!("no such container: {id}")))?;
-        let p = entry
+        entry
             .processes
-            .get_mut(&stream)
-            .ok_or_else(|| error(&format!("container {id} has no process {stream}")))?;
-        Ok(f(p))
+            .get(&stream)
+            .copied()
+            .ok_or_else(|| error(&format!("container {id} has no process {stream}")))
     }
 
     fn signal(&self, id: &str, stream: u32, signal: i32) -> Response {
-        let pid = match self.process(id, stream, |p| (p.pid, p.exit.clone())) {
-            Ok((pid, exit)) if lock(&exit.code).is_none() => pid,
-            Ok(_) => return Response::Ok,
+        let p = match self.find(id, stream) {
+            Ok(key) => &self.procs[&key],
             Err(r) => return r,
         };
+        if p.exit.is_some() {
+            return Response::Ok;
+        }
         // SAFETY: kill has no memory preconditions; the pid is our unreaped child, so it cannot
         // have been reused.
-        if unsafe { libc::kill(pid, signal) } < 0 {
+        if unsafe { libc::kill(p.pid, signal) } < 0 {
             return error(&format!("signal {signal}: {}", io::Error::last_os_error()));
         }
         Response::Ok
     }
 
-    fn wait(&self, id: &str, stream: u32) -> Response {
-        match self.process(id, stream, |p| p.exit.clone()) {
-            Ok(exit) => Response::Exited {
+    fn wait(&mut self, id: &str, stream: u32, session: u64) -> Option<Response> {
+        let key = match self.find(id, stream) {
+            Ok(k) => k,
+            Err(r) => return Some(r),
+        };
+        let p = &self.procs[&key];
+        if p.reported {
+            return Some(Response::Exited {
                 stream,
-                code: exit.wait(),
-            },
-            Err(r) => r,
+                code: p.exit.unwrap_or(255),
+            });
         }
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.waiting = Some(key);
+        }
+        None
     }
 
     fn stats(&self, id: &str) -> Response {
-        let dirs = match lock(&self.containers).get(id) {
+        let dirs = match self.containers.get(id) {
             Some(e) => e.cgroup_dirs.clone(),
             None => return error(&format!("no such container: {id}")),
         };
@@ -543,38 +641,243 @@ impl Agent {
         }
     }
 
-    fn feed_stdin(&self, stream: u32, data: &[u8]) {
-        let mut containers = lock(&self.containers);
-        for entry in containers.values_mut() {
-            if let Some(p) = entry.processes.get_mut(&stream) {
-                if data.is_empty() {
+    /// Stdin bytes for the process with this stream id, preferably one the session started
+    /// (`mvm` may feed stdin over a second connection); empty closes its stdin.
+    fn feed_stdin(&mut self, session: u64, stream: u32, data: &[u8]) {
+        let open = |p: &Proc| p.stream == stream && p.stdin.is_some();
+        let key = self
+            .procs
+            .iter()
+            .find(|(_, p)| open(p) && p.session == Some(session))
+            .or_else(|| self.procs.iter().find(|(_, p)| open(p)))
+            .map(|(&k, _)| k);
+        let Some((key, p)) = key.and_then(|k| Some((k, self.procs.get_mut(&k)?))) else {
+            return;
+        };
+        if let Some(stdin) = p.stdin.as_mut() {
+            stdin.fed_by = Some(session);
+            if data.is_empty() {
+                stdin.close = true;
+            } else {
+                stdin.buf.extend_from_slice(data);
+            }
+        }
+        self.write_stdin(key);
+    }
+
+    fn write_stdin(&mut self, key: u64) {
+        let Some(p) = self.procs.get_mut(&key) else {
+            return;
+        };
+        let Some(stdin) = p.stdin.as_mut() else {
+            return;
+        };
+        match write_some(&mut stdin.file, &stdin.buf) {
+            Ok(n) => {
+                stdin.buf.drain(..n);
+                if stdin.buf.is_empty() && stdin.close {
                     p.stdin = None; // closing our end gives the process end-of-file
-                } else if let Some(stdin) = p.stdin.as_mut() {
-                    if stdin.write_all(data).is_err() {
-                        p.stdin = None;
-                    }
                 }
+            }
+            // The process closed its stdin or exited: drop what it will never read.
+            Err(_) => p.stdin = None,
+        }
+    }
+
+    /// Copies what a process wrote into frames for its session (or drops it without one).
+    fn pump(&mut self, key: u64, stderr: bool) {
+        let Some(p) = self.procs.get_mut(&key) else {
+            return;
+        };
+        let slot = if stderr { &mut p.stderr } else { &mut p.stdout };
+        let Some(pipe) = slot.as_mut() else {
+            return;
+        };
+        let mut buf = vec![0u8; CHUNK];
+        let n = match read_some(pipe, &mut buf) {
+            Ok(None) => return,
+            Ok(Some(n)) => n,
+            Err(e) => {
+                log::debug!("reading process {}: {e}", p.pid);
+                0
+            }
+        };
+        if n == 0 {
+            *slot = None;
+            return;
+        }
+        buf.truncate(n);
+        let kind = if stderr {
+            FrameKind::Stderr
+        } else {
+            FrameKind::Stdout
+        };
+        let frame = Frame {
+            kind,
+            stream: p.stream,
+            payload: buf,
+        };
+        if let Some(s) = p.session.and_then(|id| self.sessions.get_mut(&id)) {
+            s.send(&frame);
+        }
+    }
+
+    /// Collects the exit status of every process that ended; as PID 1 also reaps orphans.
+    fn reap(&mut self) {
+        for p in self.procs.values_mut().filter(|p| p.exit.is_none()) {
+            let exit = match &mut p.handle {
+                Handle::Main(c) => c.try_wait().map(|e| {
+                    e.map(|e| {
+                        p.oom_killed = e.oom_killed;
+                        e.code
+                    })
+                }),
+                Handle::Exec(e) => e.try_wait(),
+            };
+            match exit {
+                Ok(Some(code)) => p.exit = Some(code),
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("waiting for process {}: {e}", p.pid);
+                    p.exit = Some(255);
+                }
+            }
+        }
+        if self.reap_orphans {
+            let running: Vec<i32> = self
+                .procs
+                .values()
+                .filter(|p| p.exit.is_none())
+                .map(|p| p.pid)
+                .collect();
+            super::init::reap_unmanaged(&|pid| running.contains(&pid));
+        }
+    }
+
+    /// Reports each process that exited and whose output has all been read: its `exited`
+    /// event, and the answer to any `wait` for it.
+    fn report_exits(&mut self) {
+        for p in self.procs.values_mut() {
+            let (Some(code), None, None, false) = (p.exit, &p.stdout, &p.stderr, p.reported) else {
+                continue;
+            };
+            p.reported = true;
+            p.stdin = None;
+            let Some(s) = p.session.and_then(|id| self.sessions.get_mut(&id)) else {
+                continue;
+            };
+            if p.oom_killed {
+                let msg = b"mvm: the container was killed: out of memory (memory limit reached)\n";
+                s.send(&Frame {
+                    kind: FrameKind::Stderr,
+                    stream: p.stream,
+                    payload: msg.to_vec(),
+                });
+            }
+            let event = Event::Exited {
+                id: p.container.clone(),
+                stream: p.stream,
+                code,
+            };
+            if let Ok(f) = Frame::json(FrameKind::Event, &event) {
+                s.send(&f);
+            }
+        }
+        for s in self.sessions.values_mut() {
+            let Some(p) = s.waiting.and_then(|k| self.procs.get(&k)) else {
+                continue;
+            };
+            if p.reported {
+                let code = p.exit.unwrap_or(255);
+                let stream = p.stream;
+                s.waiting = None;
+                s.reply(&Response::Exited { stream, code });
             }
         }
     }
 
-    fn kill_all(&self) {
-        let exits: Vec<_> = {
-            let containers = lock(&self.containers);
-            containers
-                .values()
-                .flat_map(|e| e.processes.values())
-                .map(|p| (p.pid, p.exit.clone()))
-                .collect()
-        };
-        for (pid, exit) in exits {
-            if lock(&exit.code).is_none() {
-                // SAFETY: kill has no memory preconditions; the pid is an unreaped child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                exit.wait();
+    fn drop_dead_sessions(&mut self) {
+        for s in self.sessions.values_mut() {
+            // Every whole frame of a closed peer was handled this turn (see `requests`).
+            if s.eof || (s.closing && s.out.is_empty()) {
+                s.dead = true;
+            }
+        }
+        let dead: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.dead)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            self.sessions.remove(&id);
+            for p in self.procs.values_mut().filter(|p| p.session == Some(id)) {
+                p.session = None;
+                p.stdin = None;
             }
         }
     }
+
+    /// After a shutdown request: sends the answers still queued (for at most a few seconds: a
+    /// client that stops reading cannot keep the VM up), then kills and reaps every process.
+    fn kill_all(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut poller = Poller::default();
+        loop {
+            poller.clear();
+            for (&id, s) in self.sessions.iter().filter(|(_, s)| !s.dead) {
+                let ev = if s.out.is_empty() { 0 } else { WRITE };
+                poller.add(s.conn.as_raw_fd(), ev, id);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if poller.is_empty() || left.is_zero() {
+                break;
+            }
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            match poller.wait(ms) {
+                Ok(ready) => {
+                    for (id, _) in ready {
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            s.flush();
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for p in self.procs.values_mut().filter(|p| p.exit.is_none()) {
+            // SAFETY: kill has no memory preconditions; the pid is an unreaped child.
+            unsafe { libc::kill(p.pid, libc::SIGKILL) };
+            let _ = match &mut p.handle {
+                Handle::Main(c) => c.wait().map(|e| e.code),
+                Handle::Exec(e) => e.wait(),
+            };
+        }
+    }
+}
+
+/// Handles the first frame of a session: it must be a hello of our protocol version.
+fn greet(s: &mut Session, frame: &Frame) {
+    let version = match (frame.kind, frame.parse::<Request>()) {
+        (FrameKind::Request, Ok(Request::Hello { version })) => version,
+        _ => {
+            s.reply(&error("the session must start with hello"));
+            s.closing = true;
+            return;
+        }
+    };
+    if version != PROTOCOL_VERSION {
+        s.reply(&error(&format!(
+            "protocol version {version} is not supported (agent speaks {PROTOCOL_VERSION})"
+        )));
+        s.closing = true;
+        return;
+    }
+    s.greeted = true;
+    s.reply(&Response::Hello {
+        version: PROTOCOL_VERSION,
+        agent: env!("CARGO_PKG_VERSION").to_string(),
+    });
 }
 
 fn error(message: &str) -> Response {
@@ -583,30 +886,36 @@ fn error(message: &str) -> Response {
     }
 }
 
-fn reply(writer: &Writer, response: &Response) {
-    if let Ok(f) = Frame::json(FrameKind::Response, response) {
-        send(writer, &f);
+/// Blocks `SIGCHLD` and returns a non-blocking signalfd that reads it.
+fn child_signals() -> io::Result<OwnedFd> {
+    // SAFETY: zeroed memory is valid storage for a sigset_t; it is initialised right below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid storage.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
     }
+    // SAFETY: blocks SIGCHLD for this thread, the only one; the set is valid.
+    if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid set; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Copies a process's output pipe into frames until end-of-file.
-fn pump(mut pipe: File, kind: FrameKind, stream: u32, writer: Writer) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => send(
-                    &writer,
-                    &Frame {
-                        kind,
-                        stream,
-                        payload: buf[..n].to_vec(),
-                    },
-                ),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
+/// Reads every pending signal off a non-blocking signalfd.
+fn drain_signals(fd: &OwnedFd) {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    loop {
+        // SAFETY: reads at most `info.len()` bytes into the buffer we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        if n <= 0 {
+            return;
         }
-    })
+    }
 }

@@ -170,3 +170,9 @@ impl AsRawFd for VsockStream {
         self.fd.as_raw_fd()
     }
 }
+
+impl AsRawFd for VsockListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

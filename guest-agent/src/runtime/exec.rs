@@ -209,6 +209,15 @@ pub fn exec(
     Ok(process)
 }
 
+/// A wait status as a shell reports it: the exit code, or 128 + the signal that killed it.
+fn exit_code(status: i32) -> i32 {
+    if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    }
+}
+
 /// Paths to try for the program: itself if it has a `/`, else each `PATH` entry.
 fn program_candidates(program: &str, env: &[String]) -> Result<Vec<CString>, ContainerError> {
     if program.contains('/') {
@@ -347,6 +356,18 @@ fn command(plan: &Plan<'_>) -> ! {
             code = 126;
         }
     }
+    // One line on the command's stderr, as `mvm run` says it for the first process.
+    let why: &[u8] = if code == 126 {
+        b": permission denied (not executable)\n"
+    } else {
+        b": executable file not found in the container\n"
+    };
+    // SAFETY: argv[0] is a valid NUL-terminated string (argv is never empty here).
+    let program = unsafe { std::ffi::CStr::from_ptr(plan.argv[0]) };
+    for part in [b"mvm: ".as_slice(), program.to_bytes(), why] {
+        // SAFETY: writes from a valid buffer to our stderr; no allocation.
+        unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
     die(code)
 }
 
@@ -386,11 +407,25 @@ impl ExecProcess {
             }
         }
         self.exited = true;
-        Ok(if libc::WIFSIGNALED(status) {
-            128 + libc::WTERMSIG(status)
-        } else {
-            libc::WEXITSTATUS(status)
-        })
+        Ok(exit_code(status))
+    }
+
+    /// The exit code if the command has ended (see [`ExecProcess::wait`]), without blocking.
+    pub fn try_wait(&mut self) -> Result<Option<i32>, ContainerError> {
+        let mut status = 0;
+        // SAFETY: non-blocking wait for our own child; status is valid storage.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        if r < 0 {
+            return Err(ContainerError::Os(
+                "waitpid",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        self.exited = true;
+        Ok(Some(exit_code(status)))
     }
 
     fn kill_and_reap(&mut self) {
