@@ -90,6 +90,17 @@ impl OutputSink for Captured {
     }
 }
 
+/// Starts `cat` with stdin in container `web`; returns its stream.
+fn exec_cat(client: &mut AgentClient<UnixStream>) -> u32 {
+    let process = ProcessSpec {
+        args: vec!["cat".into()],
+        env: vec!["PATH=/bin".into()],
+        stdin: true,
+        ..Default::default()
+    };
+    client.exec("web", process).unwrap()
+}
+
 fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> serde_json::Value {
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     std::fs::create_dir_all(&upper).unwrap();
@@ -252,17 +263,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     );
 
     // An exec'd process with stdin gets its input and then end-of-file (`mvm exec -i`).
-    let cat = client
-        .exec(
-            "web",
-            ProcessSpec {
-                args: vec!["cat".into()],
-                env: vec!["PATH=/bin".into()],
-                stdin: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let cat = exec_cat(&mut client);
     client.stdin(cat, b"piped\n").unwrap();
     client.stdin(cat, b"").unwrap();
     // Without end-of-file cat would wait forever: fail instead.
@@ -360,17 +361,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
 
     // Stdin fed over a second connection that closes right after end-of-file, as `mvm exec -i`
     // does: every byte and the end-of-file reach the process.
-    let cat = client
-        .exec(
-            "web",
-            ProcessSpec {
-                args: vec!["cat".into()],
-                env: vec!["PATH=/bin".into()],
-                stdin: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let cat = exec_cat(&mut client);
     let mut feeder = agent.connect();
     feeder.stdin(cat, b"from another session\n").unwrap();
     feeder.stdin(cat, b"").unwrap();

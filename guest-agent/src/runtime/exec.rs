@@ -412,20 +412,9 @@ impl ExecProcess {
 
     /// The exit code if the command has ended (see [`ExecProcess::wait`]), without blocking.
     pub fn try_wait(&mut self) -> Result<Option<i32>, ContainerError> {
-        let mut status = 0;
-        // SAFETY: non-blocking wait for our own child; status is valid storage.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r < 0 {
-            return Err(ContainerError::Os(
-                "waitpid",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        if r == 0 {
-            return Ok(None);
-        }
-        self.exited = true;
-        Ok(Some(exit_code(status)))
+        let status = super::process::try_waitpid(self.pid, 0)?;
+        self.exited |= status.is_some();
+        Ok(status.map(exit_code))
     }
 
     fn kill_and_reap(&mut self) {

@@ -364,19 +364,7 @@ impl Container {
         if let Some(e) = self.exit {
             return Ok(Some(e));
         }
-        let mut status = 0;
-        // SAFETY: non-blocking wait for our own child.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
-        if r < 0 {
-            return Err(ContainerError::Os(
-                "waitpid",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        if r == 0 {
-            return Ok(None);
-        }
-        Ok(Some(self.finish(status)))
+        Ok(try_waitpid(self.pid, libc::__WALL)?.map(|status| self.finish(status)))
     }
 
     fn finish(&mut self, status: i32) -> ContainerExit {
@@ -410,6 +398,21 @@ impl Container {
         let status = wait_forwarding_signals(self.pid, &self.id)?;
         Ok(self.finish(status))
     }
+}
+
+/// The wait status of child `pid` if it has ended, without blocking (`flags` are added to
+/// `WNOHANG`).
+pub(crate) fn try_waitpid(pid: libc::pid_t, flags: i32) -> Result<Option<i32>, ContainerError> {
+    let mut status = 0;
+    // SAFETY: non-blocking wait for our own child; status is valid storage.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | flags) };
+    if r < 0 {
+        return Err(ContainerError::Os(
+            "waitpid",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok((r != 0).then_some(status))
 }
 
 /// Waits for child `pid` while forwarding [`FORWARDED_SIGNALS`] sent to this process to it; a
