@@ -155,7 +155,8 @@ mod tests {
         let mut buf = vec![0u8; 64 << 10];
         assert!(matches!(read_some(&mut a, &mut buf).unwrap(), Some(n) if n > 0));
 
-        drop(b);
+        // shutdown, not drop: a child another test thread forks may hold a copy of `b`.
+        b.shutdown(std::net::Shutdown::Both).unwrap();
         let mut got = 0;
         loop {
             match read_some(&mut a, &mut buf).unwrap() {
