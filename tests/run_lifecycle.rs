@@ -16,23 +16,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::kernel::test_kernel;
+use common::vm::{boot_lock, mounts_under, taps, text, vm_parts, VmParts};
 use rootfs_builder::examples::NGINX_INDEX;
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
-
-/// One guest boot at a time.
-fn boot_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Everything a VM run needs.
 struct Setup {
@@ -47,21 +37,17 @@ struct Setup {
 fn setup() -> Option<&'static Setup> {
     static SETUP: OnceLock<Result<Setup, String>> = OnceLock::new();
     let setup = SETUP.get_or_init(|| {
-        if !Path::new("/dev/kvm").exists() {
-            return Err("no /dev/kvm on this host".into());
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("VM runs need root".into());
-        }
+        let VmParts {
+            kernel,
+            kernel_args,
+            agent,
+        } = vm_parts()?;
         let apt = Command::new("apt-cache")
             .args(["show", "--no-all-versions", "nginx"])
             .output();
         if !apt.is_ok_and(|o| o.status.success()) {
             return Err("apt package lists are not available (the nginx image needs them)".into());
         }
-        let (kernel, kernel_args) = test_kernel()?;
-        let agent = common::kernel::static_agent()?;
         let dir = tempfile::tempdir().unwrap();
         let nginx = dir.path().join("nginx-oci");
         let out = Command::new(MVM)
@@ -116,8 +102,9 @@ fn root_with_nginx(s: &Setup) -> tempfile::TempDir {
     root
 }
 
-/// `mvm run -d --name NAME ... --image nginx-test` with the test kernel.
-fn run_detached(s: &Setup, root: &Path, name: &str, extra: &[&str]) -> Output {
+/// `mvm run -d --name NAME --isolation vm` with the test kernel, then `rest` (flags, the image or
+/// root filesystem, a command).
+fn run_detached(s: &Setup, root: &Path, name: &str, rest: &[&str]) -> Output {
     let mut args = vec![
         "run",
         "-d",
@@ -130,8 +117,7 @@ fn run_detached(s: &Setup, root: &Path, name: &str, extra: &[&str]) -> Output {
         "--kernel-args",
         &s.kernel_args,
     ];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--image", "nginx-test"]);
+    args.extend_from_slice(rest);
     mvm(s, root, &args)
 }
 
@@ -176,17 +162,6 @@ fn host_traces(root: &Path) -> HostTraces {
             (pid != me && cmd.contains(&root_text)).then(|| format!("{pid}: {cmd}"))
         })
         .collect();
-    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("mvm"))
-        .collect();
-    taps.sort();
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&root_text))
-        .count();
     // Everything under containers/ except the (empty) names directory, and any socket.
     let mut files = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -207,8 +182,8 @@ fn host_traces(root: &Path) -> HostTraces {
     }
     HostTraces {
         processes,
-        taps,
-        mounts,
+        taps: taps(),
+        mounts: mounts_under(root),
         files,
     }
 }
@@ -230,7 +205,7 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     let publish = format!("{port}:80");
 
     let started = Instant::now();
-    let out = run_detached(s, root, "web", &["-p", &publish]);
+    let out = run_detached(s, root, "web", &["-p", &publish, "--image", "nginx-test"]);
     let boot = started.elapsed();
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_string();
@@ -265,7 +240,7 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     );
 
     // The name is taken: one clear line, exit 2, nothing changes.
-    let out = run_detached(s, root, "web", &[]);
+    let out = run_detached(s, root, "web", &["--image", "nginx-test"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stderr),
@@ -377,32 +352,20 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     let root = root.path().join("state");
     let root = root.as_path();
     let before = host_traces(root);
-    let out = mvm(
-        s,
-        root,
-        &[
-            "run",
-            "-d",
-            "--name",
-            "doomed",
-            "--isolation",
-            "vm",
-            "--kernel",
-            s.kernel.to_str().unwrap(),
-            "--kernel-args",
-            &s.kernel_args,
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--network",
-            "user",
-            "-p",
-            &format!("{}:80", free_port()),
-            "--",
-            "sh",
-            "-c",
-            "while true; do sleep 1; done",
-        ],
-    );
+    let port = format!("{}:80", free_port());
+    let rest = [
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--network",
+        "user",
+        "-p",
+        &port,
+        "--",
+        "sh",
+        "-c",
+        "while true; do sleep 1; done",
+    ];
+    let out = run_detached(s, root, "doomed", &rest);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
 
     // exec -i: stdin reaches the command, and its end reaches it too (cat ends).

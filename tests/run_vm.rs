@@ -15,49 +15,18 @@ mod registry_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::kernel::test_kernel;
+use common::vm::{boot_lock, mounts_under, taps, text, vm_parts, VmParts};
 use registry_server::{busybox_layout, Registry};
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
 
-/// One guest boot at a time: two cores cannot run several emulated kernels usefully.
-fn boot_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Everything a VM run needs, or None with the reason printed.
-struct Vm {
-    kernel: PathBuf,
-    kernel_args: String,
-    agent: PathBuf,
-}
-
-fn vm() -> Option<&'static Vm> {
-    static VM: OnceLock<Result<Vm, String>> = OnceLock::new();
-    let vm = VM.get_or_init(|| {
-        if !Path::new("/dev/kvm").exists() {
-            return Err("no /dev/kvm on this host".into());
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("VM runs need root (taps, mounts)".into());
-        }
-        let (kernel, kernel_args) = test_kernel()?;
-        Ok(Vm {
-            kernel,
-            kernel_args,
-            agent: common::kernel::static_agent()?,
-        })
-    });
-    match vm {
+/// The VM parts, or None with the reason printed.
+fn vm() -> Option<&'static VmParts> {
+    static VM: OnceLock<Result<VmParts, String>> = OnceLock::new();
+    match VM.get_or_init(vm_parts) {
         Ok(vm) => Some(vm),
         Err(why) => {
             eprintln!("skipping: {why}");
@@ -100,7 +69,7 @@ fn published_busybox() -> Option<Published> {
 
 /// A test's VM prerequisites, a registry with busybox, the boot lock and the user's `--root`.
 struct Setup {
-    vm: &'static Vm,
+    vm: &'static VmParts,
     reg: Published,
     _one: MutexGuard<'static, ()>,
     root: PathBuf,
@@ -138,22 +107,10 @@ fn host_traces(root: &Path) -> HostTraces {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
         .filter(|c| c.trim() == "passt" || c.trim() == "passt.avx2")
         .count();
-    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("mvm"))
-        .collect();
-    taps.sort();
-    let root = root.display().to_string();
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&root))
-        .count();
     HostTraces {
         passt,
-        taps,
-        mounts,
+        taps: taps(),
+        mounts: mounts_under(root),
     }
 }
 
@@ -188,7 +145,7 @@ fn leftovers(root: &Path) -> Vec<PathBuf> {
 use std::os::unix::fs::FileTypeExt;
 
 /// Runs `mvm --root ROOT run --isolation vm --kernel K --kernel-args A ARGS...`.
-fn run_vm(vm: &Vm, root: &Path, args: &[&str]) -> (Output, Duration) {
+fn run_vm(vm: &VmParts, root: &Path, args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
     let out = Command::new(MVM)
         .arg("--root")

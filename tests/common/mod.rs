@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 pub mod guests;
 pub mod kernel;
 pub mod netns;
+pub mod vm;
 
 /// Path of the `mvm` binary under test.
 pub const MVM: &str = env!("CARGO_BIN_EXE_mvm");
