@@ -45,6 +45,15 @@ fn ok(o: &Output, what: &str) -> String {
     text(&o.stdout)
 }
 
+/// `mvm --root ROOT run --isolation container --rm FLAGS --image IMAGE -- CMD...`.
+fn run_rm(root: &Path, flags: &[&str], image: &str, cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--isolation", "container", "--rm"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--image", image, "--"]);
+    args.extend_from_slice(cmd);
+    mvm(root, &args)
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
@@ -251,33 +260,18 @@ fn run_image_pulls_it_prints_output_and_exits_with_its_code() {
         return;
     }
     let Some(env) = Env::new() else { return };
-    let o = env.user(&[
-        "run",
-        "--isolation",
-        "container",
-        "--rm",
-        "--image",
+    let o = run_rm(
+        &env.user,
+        &[],
         &env.busybox,
-        "--",
-        "sh",
-        "-c",
-        "echo hi; exit 3",
-    ]);
+        &["sh", "-c", "echo hi; exit 3"],
+    );
     assert_eq!(text(&o.stdout), "hi\n", "stderr: {}", text(&o.stderr));
     assert_eq!(o.status.code(), Some(3));
     assert!(text(&o.stderr).contains("Unable to find image"));
     // The second run uses the stored image and the cached root filesystem.
     let start = Instant::now();
-    let o = env.user(&[
-        "run",
-        "--isolation",
-        "container",
-        "--rm",
-        "--image",
-        &env.busybox,
-        "--",
-        "true",
-    ]);
+    let o = run_rm(&env.user, &[], &env.busybox, &["true"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(!text(&o.stderr).contains("Unable to find image"));
     eprintln!("second run took {:?}", start.elapsed());
@@ -328,20 +322,16 @@ fn run_image_with_mem_limit_kills_a_process_that_exceeds_it() {
         return;
     }
     let Some(env) = Env::new() else { return };
-    let o = env.user(&[
-        "run",
-        "--isolation",
-        "container",
-        "--rm",
-        "--mem",
-        "16M",
-        "--image",
+    let o = run_rm(
+        &env.user,
+        &["--mem", "16M"],
         &env.busybox,
-        "--",
-        "sh",
-        "-c",
-        "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
     assert!(!text(&o.stdout).contains("survived"));
     assert_eq!(o.status.code(), Some(137), "stderr: {}", text(&o.stderr));
 }
@@ -358,18 +348,16 @@ fn run_image_whiteout_in_upper_layer_hides_a_lower_file() {
         &[LayerEntry::Whiteout("etc/secret".into())],
         &ImageConfig::default(),
     );
-    let o = env.user(&[
-        "run",
-        "--isolation",
-        "container",
-        "--rm",
-        "--image",
+    let o = run_rm(
+        &env.user,
+        &[],
         &image,
-        "--",
-        "sh",
-        "-c",
-        "cat /data/kept; test -e /etc/secret && echo visible || echo hidden",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "cat /data/kept; test -e /etc/secret && echo visible || echo hidden",
+        ],
+    );
     assert_eq!(ok(&o, "run"), "kept\nhidden\n");
 }
 
@@ -632,19 +620,6 @@ fn load_of_a_docker_save_archive_then_run_it() {
     if !is_root() {
         return;
     }
-    let o = mvm(
-        &root,
-        &[
-            "run",
-            "--isolation",
-            "container",
-            "--rm",
-            "--image",
-            "mvm-test/busybox:saved",
-            "--",
-            "echo",
-            "loaded",
-        ],
-    );
+    let o = run_rm(&root, &[], "mvm-test/busybox:saved", &["echo", "loaded"]);
     assert_eq!(ok(&o, "run"), "loaded\n");
 }
