@@ -98,15 +98,20 @@ fn rootfs_key(digest: &str) -> String {
     digest.replace(':', "-")
 }
 
+/// Registry options from the `--insecure-registry` and `--quiet` flags of pull and push.
+fn registry_options(insecure: &[String], quiet: bool) -> PullOptions {
+    PullOptions {
+        insecure_registries: insecure.to_vec(),
+        progress: !quiet,
+        ..Default::default()
+    }
+}
+
 /// `mvm pull`: prints the canonical reference on stdout when done.
 pub fn pull(root: &Path, args: &PullArgs) -> anyhow::Result<i32> {
     let reference = parse_reference(&args.image)?;
     let store = open_store(root)?;
-    let opts = PullOptions {
-        insecure_registries: args.insecure_registry.clone(),
-        progress: !args.quiet,
-        ..Default::default()
-    };
+    let opts = registry_options(&args.insecure_registry, args.quiet);
     registry::pull(&store, &reference, &opts)
         .with_context(|| format!("pull {}", reference.familiar()))?;
     outln!("{reference}");
@@ -117,11 +122,7 @@ pub fn pull(root: &Path, args: &PullArgs) -> anyhow::Result<i32> {
 pub fn push(root: &Path, args: &PushArgs) -> anyhow::Result<i32> {
     let reference = parse_reference(&args.image)?;
     let store = open_store(root)?;
-    let opts = PullOptions {
-        insecure_registries: args.insecure_registry.clone(),
-        progress: !args.quiet,
-        ..Default::default()
-    };
+    let opts = registry_options(&args.insecure_registry, args.quiet);
     let digest = registry::push(&store, &reference, &opts)
         .with_context(|| format!("push {}", reference.familiar()))?;
     outln!("{digest}");
