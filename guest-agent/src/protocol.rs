@@ -123,16 +123,22 @@ impl Frame {
 
     /// The frame as bytes on the wire: header, then payload.
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let mut buf = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        self.encode_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Appends the frame's bytes (header, then payload) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         let len = u32::try_from(self.payload.len())
             .ok()
             .filter(|l| *l <= MAX_PAYLOAD)
             .ok_or(ProtocolError::TooLarge(u32::MAX))?;
-        let mut buf = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        buf.extend_from_slice(&len.to_be_bytes());
-        buf.push(self.kind as u8);
-        buf.extend_from_slice(&self.stream.to_be_bytes());
-        buf.extend_from_slice(&self.payload);
-        Ok(buf)
+        out.extend_from_slice(&len.to_be_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.stream.to_be_bytes());
+        out.extend_from_slice(&self.payload);
+        Ok(())
     }
 
     /// Writes the frame (header and payload) to `w` and flushes it.
