@@ -101,9 +101,8 @@ impl Session {
         if self.dead {
             return;
         }
-        match frame.encode() {
-            Ok(bytes) => self.out.extend_from_slice(&bytes),
-            Err(e) => log::warn!("cannot send a frame: {e}"),
+        if let Err(e) = frame.encode_into(&mut self.out) {
+            log::warn!("cannot send a frame: {e}");
         }
         self.flush();
     }
@@ -166,11 +165,19 @@ enum Handle {
     Exec(ExecProcess),
 }
 
+impl Handle {
+    fn pid(&self) -> i32 {
+        match self {
+            Handle::Main(c) => c.pid(),
+            Handle::Exec(e) => e.pid(),
+        }
+    }
+}
+
 /// A process of a container: the first one (stream 1) or one started by `exec`.
 struct Proc {
     container: String,
     stream: u32,
-    pid: i32,
     /// The session its output and exit go to.
     session: Option<u64>,
     handle: Handle,
@@ -472,7 +479,7 @@ impl Agent {
             };
             let main = entry.processes.get(&1).and_then(|k| self.procs.get(k));
             let pid = match main {
-                Some(p) if p.exit.is_none() => p.pid,
+                Some(p) if p.exit.is_none() => p.handle.pid(),
                 _ => return error(&format!("container {id} is not running")),
             };
             (pid, entry.cgroup_dirs.clone(), entry.spec.env.clone())
@@ -529,10 +536,7 @@ impl Agent {
         handle: Handle,
         [stdin, stdout, stderr]: [Option<File>; 3],
     ) -> u64 {
-        let pid = match &handle {
-            Handle::Main(c) => c.pid(),
-            Handle::Exec(e) => e.pid(),
-        };
+        let pid = handle.pid();
         let nonblocking = |f: Option<File>| {
             f.filter(|f| match set_nonblocking(f.as_raw_fd(), true) {
                 Ok(()) => true,
@@ -548,7 +552,6 @@ impl Agent {
             Proc {
                 container: container.to_string(),
                 stream,
-                pid,
                 session: Some(session),
                 handle,
                 stdin: nonblocking(stdin).map(|file| Stdin {
@@ -589,7 +592,7 @@ impl Agent {
         }
         // SAFETY: kill has no memory preconditions; the pid is our unreaped child, so it cannot
         // have been reused.
-        if unsafe { libc::kill(p.pid, signal) } < 0 {
+        if unsafe { libc::kill(p.handle.pid(), signal) } < 0 {
             return error(&format!("signal {signal}: {}", io::Error::last_os_error()));
         }
         Response::Ok
@@ -698,7 +701,7 @@ impl Agent {
             Ok(None) => return,
             Ok(Some(n)) => n,
             Err(e) => {
-                log::debug!("reading process {}: {e}", p.pid);
+                log::debug!("reading process {}: {e}", p.handle.pid());
                 0
             }
         };
@@ -738,7 +741,7 @@ impl Agent {
                 Ok(Some(code)) => p.exit = Some(code),
                 Ok(None) => {}
                 Err(e) => {
-                    log::warn!("waiting for process {}: {e}", p.pid);
+                    log::warn!("waiting for process {}: {e}", p.handle.pid());
                     p.exit = Some(255);
                 }
             }
@@ -748,7 +751,7 @@ impl Agent {
                 .procs
                 .values()
                 .filter(|p| p.exit.is_none())
-                .map(|p| p.pid)
+                .map(|p| p.handle.pid())
                 .collect();
             super::init::reap_unmanaged(&|pid| running.contains(&pid));
         }
@@ -847,7 +850,7 @@ impl Agent {
         }
         for p in self.procs.values_mut().filter(|p| p.exit.is_none()) {
             // SAFETY: kill has no memory preconditions; the pid is an unreaped child.
-            unsafe { libc::kill(p.pid, libc::SIGKILL) };
+            unsafe { libc::kill(p.handle.pid(), libc::SIGKILL) };
             let _ = match &mut p.handle {
                 Handle::Main(c) => c.wait().map(|e| e.code),
                 Handle::Exec(e) => e.wait(),
