@@ -112,6 +112,35 @@ pub struct ContainerRecord {
 }
 
 impl ContainerRecord {
+    /// The record of a container this process is about to run: created now, not started.
+    pub fn new(
+        id: String,
+        name: String,
+        image: String,
+        isolation: &str,
+        command: Vec<String>,
+        ports: Vec<String>,
+    ) -> Self {
+        let pid = i32::try_from(std::process::id()).ok();
+        ContainerRecord {
+            id,
+            name,
+            image,
+            isolation: isolation.into(),
+            command,
+            ports,
+            created: now(),
+            status: Status::Created,
+            exit_code: None,
+            pid,
+            pid_start: pid.and_then(process_start_time),
+            control_socket: None,
+            started: None,
+            finished: None,
+            taps: Vec::new(),
+        }
+    }
+
     /// The status as seen now: a running record whose process is gone counts as exited.
     pub fn live_status(&self) -> Status {
         match (self.status, self.pid) {
@@ -313,23 +342,16 @@ mod tests {
     use super::*;
 
     fn record(name: &str) -> ContainerRecord {
-        ContainerRecord {
-            id: new_id(),
-            name: name.into(),
-            image: "busybox".into(),
-            isolation: "vm".into(),
-            command: vec!["sh".into()],
-            ports: vec![],
-            created: now(),
-            status: Status::Running,
-            exit_code: None,
-            pid: Some(i32::try_from(std::process::id()).unwrap()),
-            pid_start: process_start_time(i32::try_from(std::process::id()).unwrap()),
-            control_socket: None,
-            started: None,
-            finished: None,
-            taps: vec![],
-        }
+        let mut r = ContainerRecord::new(
+            new_id(),
+            name.into(),
+            "busybox".into(),
+            "vm",
+            vec!["sh".into()],
+            vec![],
+        );
+        r.status = Status::Running;
+        r
     }
 
     #[test]

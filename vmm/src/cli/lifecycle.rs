@@ -488,23 +488,20 @@ mod tests {
     use crate::state::{new_id, now, process_start_time};
 
     fn record(name: &str, status: Status, pid: Option<i32>) -> ContainerRecord {
-        ContainerRecord {
-            id: format!("abcdef012345{}", &new_id()[..4]),
-            name: name.into(),
-            image: "nginx".into(),
-            isolation: "vm".into(),
-            command: vec!["nginx".into()],
-            ports: vec!["8080:80".into()],
-            created: 1000,
-            status,
-            exit_code: None,
-            pid,
-            pid_start: pid.and_then(process_start_time),
-            control_socket: None,
-            started: Some(1000),
-            finished: None,
-            taps: vec![],
-        }
+        let mut r = ContainerRecord::new(
+            format!("abcdef012345{}", &new_id()[..4]),
+            name.into(),
+            "nginx".into(),
+            "vm",
+            vec!["nginx".into()],
+            vec!["8080:80".into()],
+        );
+        r.created = 1000;
+        r.started = Some(1000);
+        r.status = status;
+        r.pid = pid;
+        r.pid_start = pid.and_then(process_start_time);
+        r
     }
 
     fn me() -> Option<i32> {

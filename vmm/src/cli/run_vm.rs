@@ -18,7 +18,7 @@ use super::run::{RunArgs, Source};
 use super::runner::{self, LogSink, RunGuard};
 use crate::microvm::{MicroVm, MicroVmSpec};
 use crate::portfwd::PortMapping;
-use crate::state::{ContainerRecord, StateError, StateStore, Status};
+use crate::state::{ContainerRecord, StateError, StateStore};
 use crate::virtio_devices::NetworkMode;
 
 /// Where the guest agent mounts the image disk (see `mvm-agent`).
@@ -186,28 +186,20 @@ pub fn run_vm(
     runner::catch_termination();
     let store = StateStore::open(root)?;
     let id = crate::state::new_id();
-    let pid = i32::try_from(std::process::id()).context("pid out of range")?;
-    let record = ContainerRecord {
-        name: args.name.clone().unwrap_or_else(|| id[..12].to_string()),
-        id,
-        image: match (&args.image, &args.rootfs) {
-            (Some(image), _) => image.clone(),
-            (None, Some(dir)) => dir.display().to_string(),
-            (None, None) => String::new(),
-        },
-        isolation: "vm".into(),
-        command: process.args.clone(),
-        ports: args.publish.clone(),
-        created: crate::state::now(),
-        status: Status::Created,
-        exit_code: None,
-        pid: Some(pid),
-        pid_start: crate::state::process_start_time(pid),
-        control_socket: None,
-        started: None,
-        finished: None,
-        taps: Vec::new(),
+    let name = args.name.clone().unwrap_or_else(|| id[..12].to_string());
+    let image = match (&args.image, &args.rootfs) {
+        (Some(image), _) => image.clone(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => String::new(),
     };
+    let record = ContainerRecord::new(
+        id,
+        name,
+        image,
+        "vm",
+        process.args.clone(),
+        args.publish.clone(),
+    );
     let mut guard = RunGuard::create(store, record, args.rm).map_err(|e| match e {
         StateError::NameInUse(_) | StateError::InvalidName(_) => bad_input(e.to_string()),
         e => e.into(),

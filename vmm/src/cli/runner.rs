@@ -294,27 +294,17 @@ impl OutputSink for LogSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{new_id, process_start_time};
+    use crate::state::new_id;
 
     fn record(name: &str) -> ContainerRecord {
-        let pid = i32::try_from(std::process::id()).unwrap();
-        ContainerRecord {
-            id: new_id(),
-            name: name.into(),
-            image: "nginx".into(),
-            isolation: "vm".into(),
-            command: vec!["nginx".into()],
-            ports: vec!["8080:80".into()],
-            created: now(),
-            status: Status::Created,
-            exit_code: None,
-            pid: Some(pid),
-            pid_start: process_start_time(pid),
-            control_socket: None,
-            started: None,
-            finished: None,
-            taps: vec![],
-        }
+        ContainerRecord::new(
+            new_id(),
+            name.into(),
+            "nginx".into(),
+            "vm",
+            vec!["nginx".into()],
+            vec!["8080:80".into()],
+        )
     }
 
     #[test]
