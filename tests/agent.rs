@@ -9,7 +9,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
-use guest_agent::protocol::{Frame, FrameKind, ProcessSpec, Request, Response};
+use guest_agent::protocol::{Frame, FrameKind, Request, Response};
+use guest_agent::runtime::{ContainerSpec, Process};
 
 /// A root filesystem from Debian's busybox-static package: /bin/busybox plus applet links.
 fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
@@ -92,26 +93,25 @@ impl OutputSink for Captured {
 
 /// Starts `cat` with stdin in container `web`; returns its stream.
 fn exec_cat(client: &mut AgentClient<UnixStream>) -> u32 {
-    let process = ProcessSpec {
+    let process = Process {
         args: vec!["cat".into()],
         env: vec!["PATH=/bin".into()],
-        stdin: true,
         ..Default::default()
     };
-    client.exec("web", process).unwrap()
+    client.exec("web", process, true).unwrap()
 }
 
-fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> serde_json::Value {
+fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> ContainerSpec {
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     std::fs::create_dir_all(&upper).unwrap();
     std::fs::create_dir_all(&work).unwrap();
-    serde_json::json!({
+    serde_json::from_value(serde_json::json!({
         "id": "ignored",
         "rootfs": {"overlay": {"lower": [rootfs], "upper": upper, "work": work}},
-        "args": args,
-        "env": ["PATH=/bin"],
+        "process": {"args": args, "env": ["PATH=/bin"]},
         "hostname": "agent-test",
-    })
+    }))
+    .unwrap()
 }
 
 #[test]
@@ -124,7 +124,7 @@ fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
     let mut client = agent.connect();
     let script = "echo hi from $(hostname); echo oops >&2; echo x > /written; exit 3";
     client
-        .create("c1", spec(dir.path(), &rootfs, &["sh", "-c", script]))
+        .create("c1", &spec(dir.path(), &rootfs, &["sh", "-c", script]))
         .unwrap();
     let stream = client.start("c1").unwrap();
     let mut out = Captured::default();
@@ -138,7 +138,7 @@ fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
 
     // A container id that exists already, and a container that does not, are refused.
     let err = client
-        .create("c1", spec(dir.path(), &rootfs, &["true"]))
+        .create("c1", &spec(dir.path(), &rootfs, &["true"]))
         .unwrap_err();
     assert_eq!(err.to_string(), "container c1 already exists");
     assert!(matches!(client.start("nope"), Err(ClientError::Refused(_))));
@@ -158,7 +158,7 @@ fn agent_forwards_stdin_and_signals() {
     let agent = AgentProcess::start(dir.path());
     let mut client = agent.connect();
     client
-        .create("cat", spec(dir.path(), &rootfs, &["cat"]))
+        .create("cat", &spec(dir.path(), &rootfs, &["cat"]))
         .unwrap();
     let stream = client.start("cat").unwrap();
     client.stdin(stream, b"echo me\n").unwrap();
@@ -170,7 +170,7 @@ fn agent_forwards_stdin_and_signals() {
     let sleeper = dir.path().join("s");
     std::fs::create_dir_all(&sleeper).unwrap();
     client
-        .create("sleep", spec(&sleeper, &rootfs, &["sleep", "1000"]))
+        .create("sleep", &spec(&sleeper, &rootfs, &["sleep", "1000"]))
         .unwrap();
     let stream = client.start("sleep").unwrap();
     client.signal("sleep", stream, libc::SIGKILL).unwrap();
@@ -212,7 +212,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     let mut client = agent.connect();
     let main = "echo ready; read line; echo main got $line";
     client
-        .create("web", spec(dir.path(), &rootfs, &["sh", "-c", main]))
+        .create("web", &spec(dir.path(), &rootfs, &["sh", "-c", main]))
         .unwrap();
     let first = client.start("web").unwrap();
 
@@ -222,12 +222,13 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     let stream = client
         .exec(
             "web",
-            ProcessSpec {
+            Process {
                 args: vec!["sh".into(), "-c".into(), check.into()],
                 env: vec!["FOO=bar".into()],
                 cwd: "/".into(),
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
     assert_ne!(stream, first);
@@ -245,11 +246,12 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     let missing = client
         .exec(
             "web",
-            ProcessSpec {
+            Process {
                 args: vec!["no-such-command".into()],
                 env: vec!["PATH=/bin".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
     let mut missing_out = Captured::default();
@@ -281,10 +283,11 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     // Exec into a container that has exited is refused.
     let err = client.exec(
         "web",
-        ProcessSpec {
+        Process {
             args: vec!["true".into()],
             ..Default::default()
         },
+        false,
     );
     assert_eq!(err.unwrap_err().to_string(), "container web is not running");
 }
@@ -298,7 +301,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
     let agent = AgentProcess::start(dir.path());
     let mut client = agent.connect();
     client
-        .create("web", spec(dir.path(), &rootfs, &["sleep", "1000"]))
+        .create("web", &spec(dir.path(), &rootfs, &["sleep", "1000"]))
         .unwrap();
     let main = client.start("web").unwrap();
 
@@ -315,12 +318,12 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
                         let script = format!("echo {w}-{i}; echo err >&2; exit {i}");
                         (vec!["sh".into(), "-c".into(), script], i)
                     };
-                    let process = ProcessSpec {
+                    let process = Process {
                         args,
                         env: vec!["PATH=/bin".into()],
                         ..Default::default()
                     };
-                    let stream = c.exec("web", process).unwrap();
+                    let stream = c.exec("web", process, false).unwrap();
                     let mut out = Captured::default();
                     let code = c.stream_until_exit(stream, &mut out).unwrap();
                     assert_eq!(code, want, "worker {w} exec {i}");
@@ -340,7 +343,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
     let big = client
         .exec(
             "web",
-            ProcessSpec {
+            Process {
                 args: vec![
                     "sh".into(),
                     "-c".into(),
@@ -350,6 +353,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
                 env: vec!["PATH=/bin".into()],
                 ..Default::default()
             },
+            false,
         )
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));

@@ -1,4 +1,4 @@
-//! The agent protocol, version 1: how the host (mvm) talks to the guest agent over vsock, or to
+//! The agent protocol, version 2: how the host (mvm) talks to the guest agent over vsock, or to
 //! an agent on the host over a Unix socket.
 //!
 //! The stream carries frames. Each frame is a 9-byte header followed by its payload:
@@ -20,14 +20,13 @@
 
 use std::io::{self, Read, Write};
 
-/// Where the agent mounts the volume disks named by `mvm.volume=<dev>[:ro]` in the guest: at
-/// `<dir>/<dev>`, for containers to bind-mount.
-pub const GUEST_VOLUMES_DIR: &str = "/mnt/volumes";
-
 use serde::{Deserialize, Serialize};
 
-/// Protocol version spoken by this build. Bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+use crate::runtime::spec::{ContainerSpec, Process};
+
+/// Protocol version spoken by this build. Bumped on incompatible changes (2: typed container
+/// spec, one [`Process`] type, no `wait` and `stats` requests).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload a frame may carry; larger frames are a protocol error.
 pub const MAX_PAYLOAD: u32 = 1 << 20;
@@ -205,40 +204,6 @@ fn decode_header(header: &[u8; HEADER_LEN]) -> Result<(u32, FrameKind, u32), Pro
     Ok((len, kind, stream))
 }
 
-/// How a process's standard streams are connected.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StdioMode {
-    /// stdout/stderr stream back as frames; stdin is fed by stdin frames.
-    #[default]
-    Stream,
-    /// Streams go to /dev/null.
-    Null,
-}
-
-/// A process to run in a container (the first one, or one started by `exec`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessSpec {
-    /// Program and arguments; the program is looked up in the container's PATH.
-    pub args: Vec<String>,
-    /// Environment as `KEY=VALUE`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// Working directory inside the container; the image's or `/` when empty.
-    #[serde(default)]
-    pub cwd: String,
-    /// `uid[:gid]` or a user name from the container's /etc/passwd; root when empty.
-    #[serde(default)]
-    pub user: String,
-    /// Whether stdin frames are expected (otherwise stdin is /dev/null).
-    #[serde(default)]
-    pub stdin: bool,
-    /// Where stdout and stderr go.
-    #[serde(default)]
-    pub stdio: StdioMode,
-}
-
 /// Client to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -250,10 +215,10 @@ pub enum Request {
     },
     /// Prepares a container (root filesystem, namespaces, limits) without starting it.
     Create {
-        /// Container id, unique in this agent.
+        /// Container id, unique in this agent (it replaces the spec's own id).
         id: String,
-        /// The container (a [`crate::runtime`] spec as JSON).
-        spec: serde_json::Value,
+        /// The container.
+        spec: Box<ContainerSpec>,
     },
     /// Starts the container's first process; its stdio streams use stream id 1.
     Start {
@@ -264,8 +229,12 @@ pub enum Request {
     Exec {
         /// Container id.
         id: String,
-        /// What to run.
-        process: ProcessSpec,
+        /// What to run; its environment is added to the container's.
+        process: Process,
+        /// Whether stdin frames are expected (otherwise stdin is /dev/null); stdout and stderr
+        /// always stream back.
+        #[serde(default)]
+        stdin: bool,
     },
     /// Sends a signal to a process (the container's first process when `stream` is 1).
     Signal {
@@ -275,18 +244,6 @@ pub enum Request {
         stream: u32,
         /// Signal number.
         signal: i32,
-    },
-    /// Waits until a process exits; answered with [`Response::Exited`].
-    Wait {
-        /// Container id.
-        id: String,
-        /// Stream id of the process.
-        stream: u32,
-    },
-    /// Resource usage of a container.
-    Stats {
-        /// Container id.
-        id: String,
     },
     /// Stops every container and powers the VM off (on the host: stops the agent).
     Shutdown,
@@ -311,22 +268,6 @@ pub enum Response {
         stream: u32,
         /// Its process id (in the agent's pid namespace).
         pid: i32,
-    },
-    /// A process ended.
-    Exited {
-        /// Stream id of the process.
-        stream: u32,
-        /// Exit code; 128 + signal when killed by a signal.
-        code: i32,
-    },
-    /// Resource usage.
-    Stats {
-        /// Memory in use, bytes (cgroup memory.current).
-        memory_bytes: u64,
-        /// CPU time used, microseconds (cgroup cpu.stat usage_usec).
-        cpu_usec: u64,
-        /// Number of processes (cgroup pids.current).
-        pids: u64,
     },
     /// The request failed; `message` is one line for the user.
     Error {
@@ -359,10 +300,11 @@ mod tests {
         let mut wire = Vec::new();
         let req = Request::Exec {
             id: "web".into(),
-            process: ProcessSpec {
+            process: Process {
                 args: vec!["sh".into(), "-c".into(), "echo hi".into()],
                 ..Default::default()
             },
+            stdin: false,
         };
         Frame::json(FrameKind::Request, &req)
             .unwrap()
@@ -414,6 +356,28 @@ mod tests {
             Frame::read_from(&mut &[0u8, 0, 0, 5, 1, 0, 0, 0, 0, b'{'][..]),
             Err(ProtocolError::Io(_))
         ));
+    }
+
+    #[test]
+    fn create_carries_a_typed_container_spec() {
+        let json = r#"{"op":"create","id":"main","spec":{"id":"main",
+            "rootfs":{"overlay":{"lower":["/mnt/rootfs"],"upper":"/run/mvm/upper","work":"/run/mvm/work"}},
+            "process":{"args":["sh"],"env":["A=1"]}}}"#;
+        let Request::Create { id, spec } = serde_json::from_str::<Request>(json).unwrap() else {
+            panic!("not a create request");
+        };
+        assert_eq!(
+            (id.as_str(), spec.process.args.as_slice()),
+            ("main", &["sh".to_string()][..])
+        );
+        let back = serde_json::to_string(&Request::Create { id, spec }).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Request>(&back).unwrap(),
+            serde_json::from_str::<Request>(json).unwrap()
+        );
+        // A spec the runtime does not know is refused before it reaches it.
+        let bad = json.replace(r#""env":["A=1"]"#, r#""privileged":true"#);
+        assert!(serde_json::from_str::<Request>(&bad).is_err());
     }
 
     #[test]

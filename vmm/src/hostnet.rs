@@ -8,6 +8,8 @@
 
 use std::net::Ipv4Addr;
 
+use guest_agent::guest::NetConfig;
+
 use crate::virtio_devices::NetworkMode;
 
 /// The interface and gateway of the host's IPv4 default route, from a `/proc/net/route` table.
@@ -73,20 +75,30 @@ fn peer_address(host: Ipv4Addr, prefix: u8) -> Option<Ipv4Addr> {
         .then(|| Ipv4Addr::from(next))
 }
 
-/// The `mvm.net=` value for the guest's `eth0` in `mode`, if mvm knows its settings.
-pub fn guest_net_param(mode: &NetworkMode) -> Option<String> {
+/// The `mvm.net=` settings of the guest's `eth0` in `mode`, if mvm knows them.
+pub fn guest_net_param(mode: &NetworkMode) -> Option<NetConfig> {
     match mode {
         NetworkMode::None => None,
         NetworkMode::User => {
             let table = std::fs::read_to_string("/proc/net/route").ok()?;
             let (iface, gw) = default_route(&table)?;
             let (addr, prefix) = interface_ipv4(&iface)?;
-            Some(format!("eth0,{addr}/{prefix},{gw}"))
+            Some(NetConfig {
+                dev: "eth0".into(),
+                addr,
+                prefix,
+                gateway: Some(gw),
+            })
         }
         NetworkMode::Tap { host_ip, .. } => {
             let (host, prefix) = (*host_ip)?;
             let guest = peer_address(host, prefix)?;
-            Some(format!("eth0,{guest}/{prefix},{host}"))
+            Some(NetConfig {
+                dev: "eth0".into(),
+                addr: guest,
+                prefix,
+                gateway: Some(host),
+            })
         }
     }
 }
@@ -117,7 +129,9 @@ eth0\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0
             host_ip: Some((Ipv4Addr::from(ip), prefix)),
         };
         assert_eq!(
-            guest_net_param(&tap([172, 30, 0, 1], 24)).as_deref(),
+            guest_net_param(&tap([172, 30, 0, 1], 24))
+                .map(|n| n.to_string())
+                .as_deref(),
             Some("eth0,172.30.0.2/24,172.30.0.1")
         );
         // The next address would be the broadcast address, or there is no room.

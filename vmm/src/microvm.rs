@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::BlockConfig;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
+use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
+use guest_agent::runtime::ContainerSpec;
 
 use crate::builder::{BuildError, VmBuilder};
 use crate::config::VmConfig;
@@ -58,7 +60,10 @@ pub enum MicroVmError {
 pub struct MicroVmSpec {
     /// Guest kernel.
     pub kernel: PathBuf,
-    /// Arguments appended to [`BASE_CMDLINE`] (e.g. the test kernel's).
+    /// The agent's boot parameters (the root disk, the agent's port and the published ports are
+    /// filled in by [`MicroVm::start`]).
+    pub boot: BootParams,
+    /// Arguments appended to [`BASE_CMDLINE`] and the boot parameters (e.g. the test kernel's).
     pub kernel_args: String,
     /// The agent's initramfs.
     pub initrd: PathBuf,
@@ -76,10 +81,8 @@ pub struct MicroVmSpec {
     pub ports: Vec<PortMapping>,
     /// Directory for the VM's sockets and console log (created by the caller).
     pub run_dir: PathBuf,
-    /// The container for the agent (a runtime spec as JSON).
-    pub container: serde_json::Value,
-    /// Feed this process's stdin to the container.
-    pub stdin: bool,
+    /// The container for the agent.
+    pub container: ContainerSpec,
     /// Stop the VM and return [`EXIT_TIMEOUT`] after this long.
     pub timeout: Option<Duration>,
     /// How long the guest may take to boot to its agent.
@@ -133,16 +136,14 @@ fn last_console_line(path: &std::path::Path) -> String {
 impl MicroVm {
     /// Boots the VM, waits for its agent and starts the container.
     pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
-        let mut cmdline = format!("{BASE_CMDLINE} mvm.rootfs=/dev/vda mvm.port={AGENT_VSOCK_PORT}");
-        if !spec.ports.is_empty() {
+        let boot = BootParams {
+            rootfs: Some(ROOTFS_DEVICE.into()),
+            port: Some(AGENT_VSOCK_PORT),
             // The agent relays these vsock ports to the guest's TCP ports (its portfwd module).
-            let ports: Vec<String> = spec
-                .ports
-                .iter()
-                .map(|p| p.guest_port.to_string())
-                .collect();
-            cmdline.push_str(&format!(" mvm.ports={}", ports.join(",")));
-        }
+            ports: spec.ports.iter().map(|p| p.guest_port).collect(),
+            ..spec.boot.clone()
+        };
+        let mut cmdline = format!("{BASE_CMDLINE} {}", boot.to_cmdline());
         if !spec.kernel_args.trim().is_empty() {
             cmdline.push(' ');
             cmdline.push_str(spec.kernel_args.trim());
@@ -213,9 +214,9 @@ impl MicroVm {
         };
         let mut client = AgentClient::open(conn).map_err(stop_on_error)?;
         client
-            .create("main", spec.container.clone())
+            .create(MAIN_CONTAINER, &spec.container)
             .map_err(stop_on_error)?;
-        let stream = client.start("main").map_err(stop_on_error)?;
+        let stream = client.start(MAIN_CONTAINER).map_err(stop_on_error)?;
         let ports = spec
             .ports
             .iter()
@@ -230,9 +231,6 @@ impl MicroVm {
                 flag.store(true, Ordering::SeqCst);
                 handle.stop();
             });
-        }
-        if spec.stdin {
-            forward_stdin(&vsock, stream);
         }
         Ok(MicroVm {
             handle,

@@ -4,8 +4,9 @@
 use std::io::{Read, Write};
 
 use crate::protocol::{
-    Event, Frame, FrameKind, ProcessSpec, ProtocolError, Request, Response, PROTOCOL_VERSION,
+    Event, Frame, FrameKind, ProtocolError, Request, Response, PROTOCOL_VERSION,
 };
+use crate::runtime::spec::{ContainerSpec, Process};
 
 /// Errors of an agent session.
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +140,11 @@ impl<C: Read + Write> AgentClient<C> {
         Ok(())
     }
 
-    /// Creates container `id` from a runtime spec (JSON).
-    pub fn create(&mut self, id: &str, spec: serde_json::Value) -> Result<(), ClientError> {
+    /// Creates container `id` from a runtime spec.
+    pub fn create(&mut self, id: &str, spec: &ContainerSpec) -> Result<(), ClientError> {
         self.call_silent(&Request::Create {
             id: id.to_string(),
-            spec,
+            spec: Box::new(spec.clone()),
         })
         .map(drop)
     }
@@ -156,11 +157,13 @@ impl<C: Read + Write> AgentClient<C> {
         }
     }
 
-    /// Starts another process in container `id`; returns its stream id.
-    pub fn exec(&mut self, id: &str, process: ProcessSpec) -> Result<u32, ClientError> {
+    /// Starts another process in container `id`, with stdin frames when `stdin`; returns its
+    /// stream id.
+    pub fn exec(&mut self, id: &str, process: Process, stdin: bool) -> Result<u32, ClientError> {
         let req = Request::Exec {
             id: id.to_string(),
             process,
+            stdin,
         };
         match self.call_silent(&req)? {
             Response::Started { stream, .. } => Ok(stream),

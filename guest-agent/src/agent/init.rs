@@ -1,10 +1,12 @@
-//! PID 1 duties inside the guest: the early mounts, the loopback interface, kernel command-line
-//! parameters meant for the agent (`mvm.<key>=<value>`), and powering the VM off.
+//! PID 1 duties inside the guest: the early mounts, the loopback interface, the boot parameters
+//! meant for the agent ([`BootParams`]), and powering the VM off.
 
 use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::path::Path;
+
+use crate::guest::{BootParams, BootParamsError, NetConfig};
 
 /// Errors of guest initialisation.
 #[derive(Debug, thiserror::Error)]
@@ -97,21 +99,9 @@ pub fn early_mounts() -> Result<(), InitError> {
     Ok(())
 }
 
-/// `mvm.<key>=<value>` words of a kernel command line, in order.
-pub fn agent_params(cmdline: &str) -> Vec<(String, String)> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("mvm."))
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Reads `mvm.<key>=` parameters from /proc/cmdline.
-pub fn params_from_proc() -> Vec<(String, String)> {
-    fs::read_to_string("/proc/cmdline")
-        .map(|c| agent_params(&c))
-        .unwrap_or_default()
+/// The agent's boot parameters from /proc/cmdline.
+pub fn params_from_proc() -> Result<BootParams, BootParamsError> {
+    BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default())
 }
 
 /// IFF_UP as the `short` that `ifreq.ifr_flags` holds.
@@ -184,41 +174,6 @@ fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
     };
     // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-/// The IPv4 settings of one interface, from `mvm.net=<dev>,<ip>/<prefix>[,<gateway>]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    /// Interface name.
-    pub dev: String,
-    /// Address.
-    pub addr: std::net::Ipv4Addr,
-    /// Prefix length.
-    pub prefix: u8,
-    /// Default gateway.
-    pub gateway: Option<std::net::Ipv4Addr>,
-}
-
-impl NetConfig {
-    /// Parses `<dev>,<ip>/<prefix>[,<gateway>]`.
-    pub fn parse(text: &str) -> Option<NetConfig> {
-        let mut parts = text.split(',');
-        let dev = parts
-            .next()
-            .filter(|d| !d.is_empty() && d.len() < libc::IFNAMSIZ)?;
-        let (addr, prefix) = parts.next()?.split_once('/')?;
-        let gateway = parts.next().map(str::parse).transpose().ok()?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-        if parts.next().is_some() {
-            return None;
-        }
-        Some(NetConfig {
-            dev: dev.to_string(),
-            addr: addr.parse().ok()?,
-            prefix,
-            gateway,
-        })
-    }
 }
 
 /// Gives an interface its IPv4 address and netmask, brings it up and adds the default route.
@@ -335,18 +290,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agent_parameters_come_from_mvm_prefixed_words() {
-        let p = agent_params("console=ttyS0 mvm.port=1024 quiet mvm.rootfs=/dev/vda mvm.bogus");
-        assert_eq!(
-            p,
-            vec![
-                ("port".to_string(), "1024".to_string()),
-                ("rootfs".to_string(), "/dev/vda".to_string())
-            ]
-        );
-    }
-
-    #[test]
     fn loopback_can_be_brought_up() {
         // `lo` exists in every network namespace; bringing it up is idempotent.
         interface_up("lo").unwrap();
@@ -354,26 +297,5 @@ mod tests {
             interface_up("mvm-no-such-if"),
             Err(InitError::Interface(_, _))
         ));
-    }
-
-    #[test]
-    fn net_parameters_parse_and_bad_ones_are_refused() {
-        let n = NetConfig::parse("eth0,192.0.2.2/24,192.0.2.1").unwrap();
-        assert_eq!(n.dev, "eth0");
-        assert_eq!(n.addr, std::net::Ipv4Addr::new(192, 0, 2, 2));
-        assert_eq!(n.prefix, 24);
-        assert_eq!(n.gateway, Some(std::net::Ipv4Addr::new(192, 0, 2, 1)));
-        assert_eq!(NetConfig::parse("eth0,10.0.0.2/30").unwrap().gateway, None);
-        for bad in [
-            "",
-            "eth0",
-            "eth0,10.0.0.2",
-            "eth0,10.0.0.2/33",
-            "eth0,1.2.3/8",
-            "eth0,1.2.3.4/8,x",
-            "eth0,1.2.3.4/8,1.1.1.1,z",
-        ] {
-            assert!(NetConfig::parse(bad).is_none(), "{bad}");
-        }
     }
 }

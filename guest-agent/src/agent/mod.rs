@@ -3,7 +3,6 @@
 
 pub mod client;
 pub mod init;
-pub mod logger;
 pub mod poll;
 pub mod portfwd;
 pub mod server;

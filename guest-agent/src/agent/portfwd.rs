@@ -11,14 +11,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use super::poll::{read_some, set_nonblocking, write_some, READ, WRITE};
 use super::vsock::{VsockListener, VsockStream};
 
-/// Parses `80,443` into ports; entries that are not ports are skipped.
-pub fn parse_ports(text: &str) -> Vec<u16> {
-    text.split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .filter(|p| *p != 0)
-        .collect()
-}
-
 /// Bytes buffered per direction of a relay before it stops reading that side.
 const RELAY_BUF: usize = 64 * 1024;
 
@@ -198,16 +190,4 @@ fn drain<W: io::Write>(
         let _ = shutdown(to);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_lists_parse_and_skip_junk() {
-        assert_eq!(parse_ports("80,443"), [80, 443]);
-        assert_eq!(parse_ports("80,x,0,70000, 8080"), [80, 8080]);
-        assert!(parse_ports("").is_empty());
-    }
 }

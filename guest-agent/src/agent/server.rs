@@ -17,11 +17,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{
-    Event, Frame, FrameKind, ProcessSpec, Request, Response, StdioMode, PROTOCOL_VERSION,
-};
-use crate::runtime::exec::{exec, ExecProcess, ExecSpec};
-use crate::runtime::{Container, ContainerSpec, StdioConfig, StdioMode as ProtoStdio};
+use crate::guest::MAIN_STREAM;
+use crate::protocol::{Event, Frame, FrameKind, Request, Response, PROTOCOL_VERSION};
+use crate::runtime::exec::{exec, ExecProcess};
+use crate::runtime::{Container, ContainerSpec, Process, StdioConfig, StdioMode};
 
 use super::poll::{read_some, set_nonblocking, write_some, Poller, READ, WRITE};
 use super::portfwd::{PortForwarder, PortToken};
@@ -86,8 +85,6 @@ struct Session {
     /// Bytes to send.
     out: Vec<u8>,
     greeted: bool,
-    /// The process a `wait` request waits for; no further request is read until it is answered.
-    waiting: Option<u64>,
     /// Close once `out` is sent (a refused hello).
     closing: bool,
     /// The peer closed its end: what it sent is still handled, then the session goes.
@@ -290,7 +287,7 @@ impl Agent {
                     .as_ref()
                     .is_some_and(|i| i.fed_by == Some(id) && i.buf.len() > STDIN_HIGH)
             });
-            let read = s.waiting.is_none() && !s.closing && !stdin_full;
+            let read = !s.closing && !stdin_full;
             let ev = (if read { READ } else { 0 }) | (if s.out.is_empty() { 0 } else { WRITE });
             poller.add(s.conn.as_raw_fd(), ev, Token::Session(id));
         }
@@ -337,7 +334,6 @@ impl Agent {
                 inbuf: Vec::new(),
                 out: Vec::new(),
                 greeted: false,
-                waiting: None,
                 closing: false,
                 eof: false,
                 dead: false,
@@ -351,7 +347,7 @@ impl Agent {
             let Some(s) = self.sessions.get_mut(&id) else {
                 return;
             };
-            if s.waiting.is_some() || s.closing || s.dead {
+            if s.closing || s.dead {
                 return;
             }
             let frame = match Frame::take_from(&mut s.inbuf) {
@@ -371,10 +367,10 @@ impl Agent {
                 FrameKind::Request => {
                     let response = match frame.parse::<Request>() {
                         Ok(req) => self.handle(id, req),
-                        Err(e) => Some(error(&format!("malformed request: {e}"))),
+                        Err(e) => error(&format!("malformed request: {e}")),
                     };
-                    if let (Some(r), Some(s)) = (response, self.sessions.get_mut(&id)) {
-                        s.reply(&r);
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        s.reply(&response);
                     }
                 }
                 FrameKind::Stdin => self.feed_stdin(id, frame.stream, &frame.payload),
@@ -386,29 +382,23 @@ impl Agent {
         }
     }
 
-    /// Answers a request; `None` when the answer comes later (`wait`).
-    fn handle(&mut self, session: u64, req: Request) -> Option<Response> {
+    /// Answers a request.
+    fn handle(&mut self, session: u64, req: Request) -> Response {
         log::debug!("request: {req:?}");
-        Some(match req {
+        match req {
             Request::Hello { .. } => error("hello was already sent"),
-            Request::Create { id, spec } => self.create(id, spec),
+            Request::Create { id, spec } => self.create(id, *spec),
             Request::Start { id } => self.start(&id, session),
-            Request::Exec { id, process } => self.exec(&id, process, session),
+            Request::Exec { id, process, stdin } => self.exec(&id, process, stdin, session),
             Request::Signal { id, stream, signal } => self.signal(&id, stream, signal),
-            Request::Wait { id, stream } => return self.wait(&id, stream, session),
-            Request::Stats { id } => self.stats(&id),
             Request::Shutdown => {
                 self.stopping = true;
                 Response::Ok
             }
-        })
+        }
     }
 
-    fn create(&mut self, id: String, spec: serde_json::Value) -> Response {
-        let mut spec: ContainerSpec = match serde_json::from_value(spec) {
-            Ok(s) => s,
-            Err(e) => return error(&format!("invalid container spec: {e}")),
-        };
+    fn create(&mut self, id: String, mut spec: ContainerSpec) -> Response {
         spec.id.clone_from(&id);
         if let crate::runtime::Rootfs::Overlay { upper, work, .. } = &spec.rootfs {
             // Fresh upper and work directories (on the guest's tmpfs in a VM).
@@ -438,7 +428,7 @@ impl Agent {
 
     fn start(&mut self, id: &str, session: u64) -> Response {
         let spec = match self.containers.get(id) {
-            Some(e) if e.processes.contains_key(&1) => {
+            Some(e) if e.processes.contains_key(&MAIN_STREAM) => {
                 return error(&format!("container {id} was already started"))
             }
             Some(e) => e.spec.clone(),
@@ -460,29 +450,39 @@ impl Agent {
         );
         let key = self.add_proc(
             id,
-            1,
+            MAIN_STREAM,
             session,
             Handle::Main(container),
             [stdin, stdout, stderr],
         );
         if let Some(e) = self.containers.get_mut(id) {
             e.cgroup_dirs = cgroup_dirs;
-            e.processes.insert(1, key);
+            e.processes.insert(MAIN_STREAM, key);
         }
-        Response::Started { stream: 1, pid }
+        Response::Started {
+            stream: MAIN_STREAM,
+            pid,
+        }
     }
 
-    fn exec(&mut self, id: &str, process: ProcessSpec, session: u64) -> Response {
+    fn exec(&mut self, id: &str, mut process: Process, stdin: bool, session: u64) -> Response {
         let (container_pid, cgroup_dirs, mut env) = {
             let Some(entry) = self.containers.get(id) else {
                 return error(&format!("no such container: {id}"));
             };
-            let main = entry.processes.get(&1).and_then(|k| self.procs.get(k));
+            let main = entry
+                .processes
+                .get(&MAIN_STREAM)
+                .and_then(|k| self.procs.get(k));
             let pid = match main {
                 Some(p) if p.exit.is_none() => p.handle.pid(),
                 _ => return error(&format!("container {id} is not running")),
             };
-            (pid, entry.cgroup_dirs.clone(), entry.spec.env.clone())
+            (
+                pid,
+                entry.cgroup_dirs.clone(),
+                entry.spec.process.env.clone(),
+            )
         };
         // The process's variables override the container's.
         for var in &process.env {
@@ -490,26 +490,17 @@ impl Agent {
             env.retain(|e| e.split('=').next() != Some(key));
             env.push(var.clone());
         }
-        let spec = ExecSpec {
-            args: process.args,
-            env,
-            cwd: process.cwd,
-            user: process.user,
-        };
-        let out = match process.stdio {
-            StdioMode::Stream => ProtoStdio::Piped,
-            StdioMode::Null => ProtoStdio::Null,
-        };
+        process.env = env;
         let stdio = StdioConfig {
-            stdin: if process.stdin && process.stdio == StdioMode::Stream {
-                ProtoStdio::Piped
+            stdin: if stdin {
+                StdioMode::Piped
             } else {
-                ProtoStdio::Null
+                StdioMode::Null
             },
-            stdout: out,
-            stderr: out,
+            stdout: StdioMode::Piped,
+            stderr: StdioMode::Piped,
         };
-        let mut child = match exec(container_pid, &cgroup_dirs, &spec, &stdio) {
+        let mut child = match exec(container_pid, &cgroup_dirs, &process, &stdio) {
             Ok(c) => c,
             Err(e) => return error(&e.to_string()),
         };
@@ -596,52 +587,6 @@ impl Agent {
             return error(&format!("signal {signal}: {}", io::Error::last_os_error()));
         }
         Response::Ok
-    }
-
-    fn wait(&mut self, id: &str, stream: u32, session: u64) -> Option<Response> {
-        let key = match self.find(id, stream) {
-            Ok(k) => k,
-            Err(r) => return Some(r),
-        };
-        let p = &self.procs[&key];
-        if p.reported {
-            return Some(Response::Exited {
-                stream,
-                code: p.exit.unwrap_or(255),
-            });
-        }
-        if let Some(s) = self.sessions.get_mut(&session) {
-            s.waiting = Some(key);
-        }
-        None
-    }
-
-    fn stats(&self, id: &str) -> Response {
-        let dirs = match self.containers.get(id) {
-            Some(e) => e.cgroup_dirs.clone(),
-            None => return error(&format!("no such container: {id}")),
-        };
-        let read = |names: &[&str]| -> Option<String> {
-            dirs.iter()
-                .flat_map(|d| names.iter().map(move |n| d.join(n)))
-                .find_map(|p| fs::read_to_string(p).ok())
-        };
-        let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-        let memory_bytes = num(read(&["memory.current", "memory.usage_in_bytes"]));
-        let pids = num(read(&["pids.current"]));
-        let cpu_usec = match read(&["cpu.stat"]) {
-            Some(stat) if stat.contains("usage_usec") => stat
-                .lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0),
-            _ => num(read(&["cpuacct.usage"])) / 1000,
-        };
-        Response::Stats {
-            memory_bytes,
-            cpu_usec,
-            pids,
-        }
     }
 
     /// Stdin bytes for the process with this stream id, preferably one the session started
@@ -784,17 +729,6 @@ impl Agent {
             };
             if let Ok(f) = Frame::json(FrameKind::Event, &event) {
                 s.send(&f);
-            }
-        }
-        for s in self.sessions.values_mut() {
-            let Some(p) = s.waiting.and_then(|k| self.procs.get(&k)) else {
-                continue;
-            };
-            if p.reported {
-                let code = p.exit.unwrap_or(255);
-                let stream = p.stream;
-                s.waiting = None;
-                s.reply(&Response::Exited { stream, code });
             }
         }
     }

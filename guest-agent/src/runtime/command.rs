@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::spec::Process;
+
 /// Docker's default `PATH` for containers whose image does not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -34,30 +36,23 @@ pub struct ImageConfig {
 }
 
 /// What the user gave on the command line to override the image config.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// `--entrypoint`: `Some("")` clears the Entrypoint.
+    #[serde(default)]
     pub entrypoint: Option<String>,
-    /// Arguments after `--`.
+    /// Arguments after `--`: replace the image's Cmd when not empty.
+    #[serde(default)]
     pub cmd: Vec<String>,
-    /// `-e` entries in order.
+    /// `-e` entries in order: `KEY=VALUE`, or `KEY` to copy from the caller's environment.
+    #[serde(default)]
     pub env: Vec<String>,
-    /// `-w`.
+    /// `-w`: the working directory.
+    #[serde(default)]
     pub workdir: Option<String>,
     /// `--user`.
-    pub user: Option<String>,
-}
-
-/// The resolved process of a container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Process {
-    /// Command and arguments.
-    pub args: Vec<String>,
-    /// Environment, `KEY=VALUE` each.
-    pub env: Vec<String>,
-    /// Working directory.
-    pub cwd: String,
-    /// User, as in the image config.
+    #[serde(default)]
     pub user: Option<String>,
 }
 

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use super::namespaces::errno;
 use super::process::{StdioConfig, StdioMode};
+use super::spec::Process;
 use super::{user, ContainerError};
 
 /// Namespaces joined, in this order (the mount namespace last, as it changes path lookup).
@@ -36,19 +37,6 @@ const FORWARD: [libc::c_int; 6] = [
     libc::SIGUSR1,
     libc::SIGUSR2,
 ];
-
-/// A process to run in a container.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecSpec {
-    /// Program and arguments; a program without `/` is looked up in `PATH` from `env`.
-    pub args: Vec<String>,
-    /// Environment, `KEY=VALUE` each.
-    pub env: Vec<String>,
-    /// Working directory inside the container (`/` when empty).
-    pub cwd: String,
-    /// `uid[:gid]` or a name from the container's /etc/passwd; root when empty.
-    pub user: String,
-}
 
 /// A process started in a container. Wait for it with [`ExecProcess::wait`].
 #[derive(Debug)]
@@ -116,14 +104,14 @@ fn stdio_pair(
 pub fn exec(
     container_pid: libc::pid_t,
     cgroup_dirs: &[PathBuf],
-    spec: &ExecSpec,
+    spec: &Process,
     stdio: &StdioConfig,
 ) -> Result<ExecProcess, ContainerError> {
     if spec.args.is_empty() {
         return Err(ContainerError::Spec(super::spec::SpecError::NoCommand));
     }
     let root = PathBuf::from(format!("/proc/{container_pid}/root"));
-    let ident = user::resolve(Some(spec.user.as_str()), std::slice::from_ref(&root))?;
+    let ident = user::resolve(spec.user.as_deref(), std::slice::from_ref(&root))?;
     let ns_fds = NAMESPACES
         .iter()
         .map(|(name, flag)| {

@@ -2,7 +2,7 @@
 //! on an overlay (or plain directory) root, with cgroup limits. Used on the host for
 //! `mvm run --isolation container` and by the guest agent inside the VM.
 //!
-//! - [`spec`]: the serde [`ContainerSpec`].
+//! - [`spec`]: the serde [`ContainerSpec`] and its [`Process`] (also what `exec` runs).
 //! - [`command`]: Docker's Entrypoint/Cmd/Env/WorkingDir/User rules.
 //! - [`user`]: user and group lookup in the root filesystem.
 //! - [`cgroups`]: the container's cgroup (v2, or v1 on hosts that still bind controllers there).
@@ -28,7 +28,7 @@ pub use process::{
     block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, StdioConfig,
     StdioMode, FORWARDED_SIGNALS,
 };
-pub use spec::{ContainerSpec, Limits, Network, Rootfs};
+pub use spec::{ContainerSpec, Limits, Network, Process, Rootfs};
 
 /// Errors creating or running a container.
 #[derive(Debug, thiserror::Error)]

@@ -120,8 +120,9 @@ impl Container {
                 return Err(ContainerError::NotADirectory(p));
             }
         }
-        let identity = user::resolve(spec.user.as_deref(), &spec.rootfs.read_dirs())?;
-        let mut env = spec.env.clone();
+        let process = &spec.process;
+        let identity = user::resolve(process.user.as_deref(), &spec.rootfs.read_dirs())?;
+        let mut env = process.env.clone();
         if env_value(&env, "HOME").is_none() {
             env.push(format!("HOME={}", identity.home.as_deref().unwrap_or("/")));
         }
@@ -136,7 +137,7 @@ impl Container {
             Rootfs::Overlay { lower, upper, work } => RootMount::overlay(lower, upper, work)
                 .ok_or(ContainerError::Spec(super::spec::SpecError::NoLowerDirs))?,
         };
-        let args = spec
+        let args = process
             .args
             .iter()
             .map(|a| cstring(a, "the command"))
@@ -145,7 +146,7 @@ impl Container {
             .iter()
             .map(|e| cstring(e, "the environment"))
             .collect::<Result<Vec<_>, _>>()?;
-        let candidates = child::exec_candidates(&spec.args[0], env_value(&env, "PATH"))
+        let candidates = child::exec_candidates(&process.args[0], env_value(&env, "PATH"))
             .iter()
             .map(|c| cstring(c, "the command"))
             .collect::<Result<Vec<_>, _>>()?;
@@ -203,7 +204,7 @@ impl Container {
             mounts: volumes,
             hostname: cstring(spec.effective_hostname(), "the hostname")?,
             loopback: spec.network == Network::None,
-            cwd: cstring(&spec.cwd, "the working directory")?,
+            cwd: cstring(&process.cwd, "the working directory")?,
             exec_candidates: candidates,
             argv: child::pointers(&args),
             envp: child::pointers(&env_c),
@@ -279,8 +280,12 @@ impl Container {
         });
         let _ = container.wait();
         Err(match (fail.step, fail.errno) {
-            (Step::Exec, libc::ENOENT) => ContainerError::CommandNotFound(spec.args[0].clone()),
-            (Step::Exec, libc::EACCES) => ContainerError::NotExecutable(spec.args[0].clone()),
+            (Step::Exec, libc::ENOENT) => {
+                ContainerError::CommandNotFound(spec.process.args[0].clone())
+            }
+            (Step::Exec, libc::EACCES) => {
+                ContainerError::NotExecutable(spec.process.args[0].clone())
+            }
             (step, e) => {
                 ContainerError::Setup(step.describe(), std::io::Error::from_raw_os_error(e))
             }
@@ -526,7 +531,7 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
-    use crate::runtime::spec::Limits;
+    use crate::runtime::spec::{Limits, Process};
 
     /// A read-only busybox root, or None (with the reason printed) where the test cannot run.
     fn busybox_root() -> Option<tempfile::TempDir> {
@@ -558,10 +563,12 @@ mod tests {
                 path: root.to_path_buf(),
                 readonly: true,
             },
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: vec!["PATH=/bin".into()],
-            cwd: "/".into(),
-            user: None,
+            process: Process {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/bin".into()],
+                cwd: "/".into(),
+                user: None,
+            },
             hostname: None,
             limits: Limits::default(),
             terminal: false,

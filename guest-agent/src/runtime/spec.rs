@@ -73,19 +73,9 @@ pub struct ContainerSpec {
     pub id: String,
     /// The root filesystem.
     pub rootfs: Rootfs,
-    /// The command and its arguments (already resolved from Entrypoint/Cmd). `args[0]` without a
-    /// `/` is looked up in the container's `PATH`.
-    pub args: Vec<String>,
-    /// Environment, `KEY=VALUE` each. Nothing is inherited from the runtime's own environment.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// Working directory inside the container; created when missing (as Docker does).
-    #[serde(default = "default_cwd")]
-    pub cwd: String,
-    /// `uid`, `uid:gid`, `name` or `name:group`; names are looked up in the root filesystem's
-    /// `/etc/passwd` and `/etc/group`. `None` runs as root.
-    #[serde(default)]
-    pub user: Option<String>,
+    /// The container's first process (already resolved from Entrypoint/Cmd). Its working
+    /// directory is created when missing (as Docker does).
+    pub process: Process,
     /// Hostname in the container's UTS namespace; defaults to the id.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -110,6 +100,36 @@ pub struct ContainerSpec {
     /// Directories or files bind-mounted into the container, in order, after its root.
     #[serde(default)]
     pub mounts: Vec<BindMount>,
+}
+
+/// One process: a container's first, or one `exec` starts in a running container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// The command and its arguments. `args[0]` without a `/` is looked up in the `PATH` of
+    /// `env`.
+    pub args: Vec<String>,
+    /// Environment, `KEY=VALUE` each. Nothing is inherited from the runtime's own environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory inside the container (`/` when empty).
+    #[serde(default = "default_cwd")]
+    pub cwd: String,
+    /// `uid`, `uid:gid`, `name` or `name:group`; names are looked up in the container's
+    /// `/etc/passwd` and `/etc/group`. `None` runs as root.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+impl Default for Process {
+    fn default() -> Self {
+        Process {
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: default_cwd(),
+            user: None,
+        }
+    }
 }
 
 /// A path of the runtime's filesystem made visible inside the container (`-v SRC:DST[:ro]`).
@@ -254,13 +274,14 @@ impl ContainerSpec {
         if let Some(h) = &self.hostname {
             validate_hostname(h)?;
         }
-        if self.args.is_empty() {
+        let p = &self.process;
+        if p.args.is_empty() {
             return Err(SpecError::NoCommand);
         }
-        if self.args.iter().any(|a| a.contains('\0')) {
+        if p.args.iter().any(|a| a.contains('\0')) {
             return Err(SpecError::Nul("the command"));
         }
-        for e in &self.env {
+        for e in &p.env {
             if e.contains('\0') {
                 return Err(SpecError::Nul("the environment"));
             }
@@ -269,13 +290,13 @@ impl ContainerSpec {
                 _ => return Err(SpecError::BadEnv(e.clone())),
             }
         }
-        if !self.cwd.starts_with('/') {
-            return Err(SpecError::RelativeCwd(self.cwd.clone()));
+        if !p.cwd.starts_with('/') {
+            return Err(SpecError::RelativeCwd(p.cwd.clone()));
         }
-        if self.cwd.contains('\0') {
+        if p.cwd.contains('\0') {
             return Err(SpecError::Nul("the working directory"));
         }
-        if self.user.as_deref().is_some_and(|u| u.contains('\0')) {
+        if p.user.as_deref().is_some_and(|u| u.contains('\0')) {
             return Err(SpecError::Nul("the user"));
         }
         match &self.rootfs {
@@ -423,10 +444,12 @@ mod tests {
                 path: "/r".into(),
                 readonly: false,
             },
-            args: vec!["sh".into()],
-            env: vec!["A=1".into()],
-            cwd: "/".into(),
-            user: None,
+            process: Process {
+                args: vec!["sh".into()],
+                env: vec!["A=1".into()],
+                cwd: "/".into(),
+                user: None,
+            },
             hostname: None,
             limits: Limits::default(),
             terminal: false,
@@ -441,10 +464,10 @@ mod tests {
     fn spec_parses_from_json_with_defaults() {
         let s: ContainerSpec = serde_json::from_str(
             r#"{"id":"web","rootfs":{"overlay":{"lower":["/l"],"upper":"/u","work":"/w"}},
-                "args":["nginx"],"limits":{"memory_bytes":268435456,"cpus":1.5}}"#,
+                "process":{"args":["nginx"]},"limits":{"memory_bytes":268435456,"cpus":1.5}}"#,
         )
         .expect("parses");
-        assert_eq!(s.cwd, "/");
+        assert_eq!(s.process.cwd, "/");
         assert_eq!(s.network, Network::None);
         assert_eq!(s.limits.memory_bytes, Some(256 << 20));
         assert_eq!(s.cpu_quota_us(), Some(150_000));
@@ -455,11 +478,11 @@ mod tests {
     #[test]
     fn spec_rejects_unknown_fields() {
         let r: Result<ContainerSpec, _> = serde_json::from_str(
-            r#"{"id":"a","rootfs":{"dir":{"path":"/r"}},"args":["x"],"privileged":true}"#,
+            r#"{"id":"a","rootfs":{"dir":{"path":"/r"}},"process":{"args":["x"]},"privileged":true}"#,
         );
         assert!(r.is_err());
         let r: Result<ContainerSpec, _> = serde_json::from_str(
-            r#"{"id":"a","rootfs":{"dir":{"path":"/r"}},"args":["x"],"limits":{"swap":1}}"#,
+            r#"{"id":"a","rootfs":{"dir":{"path":"/r"}},"process":{"args":["x"]},"limits":{"swap":1}}"#,
         );
         assert!(r.is_err());
     }
@@ -470,13 +493,13 @@ mod tests {
         s.id = "../x".into();
         assert!(matches!(s.validate(), Err(SpecError::BadId(_))));
         let mut s = spec();
-        s.args.clear();
+        s.process.args.clear();
         assert_eq!(s.validate(), Err(SpecError::NoCommand));
         let mut s = spec();
-        s.env.push("NOEQUALS".into());
+        s.process.env.push("NOEQUALS".into());
         assert!(matches!(s.validate(), Err(SpecError::BadEnv(_))));
         let mut s = spec();
-        s.cwd = "rel".into();
+        s.process.cwd = "rel".into();
         assert!(matches!(s.validate(), Err(SpecError::RelativeCwd(_))));
         let mut s = spec();
         s.rootfs = Rootfs::Overlay {

@@ -17,15 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use guest_agent::agent::client::{AgentClient, ClientError, InheritOutput};
-use guest_agent::protocol::{ProcessSpec, StdioMode, AGENT_VSOCK_PORT};
+use guest_agent::guest::{MAIN_CONTAINER as AGENT_CONTAINER, MAIN_STREAM};
+use guest_agent::protocol::AGENT_VSOCK_PORT;
+use guest_agent::runtime::Process;
 
 use super::bad_input;
 use super::run::CommandExit;
 use crate::portfwd::PortMapping;
 use crate::state::{process_alive, ContainerRecord, StateError, StateStore, Status};
-
-/// The container id inside the VM's agent (see `run_vm`).
-const AGENT_CONTAINER: &str = "main";
 
 /// How long `stop` waits for the runner after SIGKILL reached the container, before it stops the
 /// VM itself (SIGTERM to the runner: the VM ends, the runner still records the exit).
@@ -300,15 +299,13 @@ pub fn exec(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
         log::warn!("exec -t: the guest agent has no terminals; running without one");
     }
     let mut client = agent(&store, &r)?;
-    let process = ProcessSpec {
+    let process = Process {
         args: args.command.clone(),
         env: args.env.clone(),
-        cwd: args.workdir.clone().unwrap_or_default(),
-        user: args.user.clone().unwrap_or_default(),
-        stdin: args.interactive,
-        stdio: StdioMode::Stream,
+        cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
+        user: args.user.clone(),
     };
-    let stream = match client.exec(AGENT_CONTAINER, process) {
+    let stream = match client.exec(AGENT_CONTAINER, process, args.interactive) {
         Ok(s) => s,
         // As docker: 127 for a command that is not there, 126 for one that cannot run.
         Err(ClientError::Refused(msg)) => {
@@ -358,7 +355,7 @@ fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> a
     for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, AFTER_KILL)] {
         match client.as_mut() {
             Some(c) if r.live_status() == Status::Running => {
-                if let Err(e) = c.signal(AGENT_CONTAINER, 1, sig) {
+                if let Err(e) = c.signal(AGENT_CONTAINER, MAIN_STREAM, sig) {
                     log::debug!("signal {sig} through the agent: {e}");
                     client = None;
                     signal_runner(r, libc::SIGTERM);
@@ -443,7 +440,7 @@ pub fn kill(root: &Path, args: &KillArgs) -> anyhow::Result<i32> {
     let (store, r) = find(root, &args.name)?;
     require_running(&r)?;
     agent(&store, &r)?
-        .signal(AGENT_CONTAINER, 1, sig)
+        .signal(AGENT_CONTAINER, MAIN_STREAM, sig)
         .with_context(|| format!("cannot signal {}", r.name))?;
     outln!("{}", args.name);
     Ok(0)

@@ -176,34 +176,6 @@ pub fn root_dir(root: Option<PathBuf>) -> PathBuf {
 
 /// Logs go to stderr; `MVM_LOG=debug` (or info, warn, trace) turns them up. Default: warnings.
 fn init_logging() {
-    let level = match std::env::var("MVM_LOG").as_deref() {
-        Ok("trace") => log::LevelFilter::Trace,
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("info") => log::LevelFilter::Info,
-        Ok("error") => log::LevelFilter::Error,
-        Ok("off") => log::LevelFilter::Off,
-        _ => log::LevelFilter::Warn,
-    };
-    static LOGGER: StderrLogger = StderrLogger;
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
-}
-
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "mvm: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
-        }
-    }
-    fn flush(&self) {}
+    let level = std::env::var("MVM_LOG").unwrap_or_default();
+    guest_agent::logger::init("mvm", guest_agent::logger::parse_level(&level));
 }

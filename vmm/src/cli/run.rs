@@ -251,7 +251,7 @@ fn run_container(
     args: &RunArgs,
     limits: Limits,
     source: Source,
-    process: command::Process,
+    process: runtime::Process,
 ) -> anyhow::Result<i32> {
     let network = container_network(args.network.as_deref())?;
     let mounts = volumes(args)?;
@@ -277,10 +277,7 @@ fn run_container(
             upper: dir.join("upper"),
             work: dir.join("work"),
         },
-        args: process.args,
-        env: process.env,
-        cwd: process.cwd,
-        user: process.user,
+        process,
         hostname: args.hostname.clone(),
         limits,
         terminal: false,
@@ -350,7 +347,7 @@ fn human(bytes: u64) -> String {
 
 /// `--isolation process`: the command straight on the host, with the same environment and
 /// working directory rules but no namespaces and no limits.
-fn run_process(args: &RunArgs, limits: &Limits, process: &command::Process) -> anyhow::Result<i32> {
+fn run_process(args: &RunArgs, limits: &Limits, process: &runtime::Process) -> anyhow::Result<i32> {
     if limits.any() {
         log::warn!("--isolation process applies no limits (--mem, --cpus, --pids-limit ignored)");
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use devices::virtio::block::BlockConfig;
-use guest_agent::protocol::GUEST_VOLUMES_DIR;
+use guest_agent::guest::{self, BootParams, VolumeParam};
 use guest_agent::runtime::spec::BindMount;
-use guest_agent::runtime::{command, ContainerSpec, Limits, Network, Rootfs};
+use guest_agent::runtime::{ContainerSpec, Limits, Network, Process, Rootfs};
 use rootfs_builder::initramfs::Initramfs;
 
 use super::bad_input;
@@ -20,9 +20,6 @@ use crate::microvm::{MicroVm, MicroVmSpec};
 use crate::portfwd::PortMapping;
 use crate::state::{ContainerRecord, StateError, StateStore};
 use crate::virtio_devices::NetworkMode;
-
-/// Where the guest agent mounts the image disk (see `mvm-agent`).
-const GUEST_ROOTFS: &str = "/mnt/rootfs";
 
 /// The guest network when `--network` is not given: rootless user networking where passt is
 /// installed, else none.
@@ -104,7 +101,7 @@ fn agent_initramfs(root: &Path, agent: &Path) -> anyhow::Result<PathBuf> {
             .dir("sys", 0o555)?
             .dir("run", 0o755)?
             .dir("tmp", 0o1777)?
-            .dir("mnt/rootfs", 0o755)?
+            .dir(guest::ROOTFS_DIR.trim_start_matches('/'), 0o755)?
             .host_file("init", 0o755, agent)?;
         cpio.write_file(&out)?;
     }
@@ -117,7 +114,7 @@ pub fn run_vm(
     args: &RunArgs,
     limits: Limits,
     source: Source,
-    process: command::Process,
+    process: Process,
 ) -> anyhow::Result<i32> {
     let [rootfs_dir] = source.lower.as_slice() else {
         return Err(bad_input("a VM runs one root filesystem directory"));
@@ -206,24 +203,23 @@ pub fn run_vm(
     })?;
     let run_dir = guard.dir().to_path_buf();
     let disk = rootfs_disk(root, rootfs_dir, &run_dir)?;
-    let net_arg = crate::hostnet::guest_net_param(&network)
-        .map(|p| format!("mvm.net={p}"))
-        .unwrap_or_default();
-    let (volume_disks, mounts, volume_args) = volume_disks(&super::run::volumes(args)?, &run_dir)?;
+    let (volume_disks, mounts, volumes) = volume_disks(&super::run::volumes(args)?, &run_dir)?;
+    let boot = BootParams {
+        net: crate::hostnet::guest_net_param(&network),
+        volumes,
+        ..BootParams::default()
+    };
 
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let vcpus = args.cpus.map_or(1, |c| c.ceil().clamp(1.0, 32.0) as u8);
     let container = ContainerSpec {
-        id: "main".into(),
+        id: guest::MAIN_CONTAINER.into(),
         rootfs: Rootfs::Overlay {
-            lower: vec![PathBuf::from(GUEST_ROOTFS)],
-            upper: PathBuf::from("/run/mvm/upper"),
-            work: PathBuf::from("/run/mvm/work"),
+            lower: vec![PathBuf::from(guest::ROOTFS_DIR)],
+            upper: PathBuf::from(guest::UPPER_DIR),
+            work: PathBuf::from(guest::WORK_DIR),
         },
-        args: process.args,
-        env: process.env,
-        cwd: process.cwd,
-        user: process.user,
+        process,
         hostname: args.hostname.clone(),
         limits: Limits {
             memory_bytes: None,
@@ -238,10 +234,8 @@ pub fn run_vm(
     };
     let spec = MicroVmSpec {
         kernel,
-        kernel_args: format!(
-            "{volume_args} {net_arg} {}",
-            args.kernel_args.as_deref().unwrap_or_default()
-        ),
+        boot,
+        kernel_args: args.kernel_args.clone().unwrap_or_default(),
         initrd,
         rootfs_disk: disk,
         volumes: volume_disks,
@@ -250,8 +244,7 @@ pub fn run_vm(
         network,
         ports,
         run_dir: run_dir.clone(),
-        container: serde_json::to_value(&container)?,
-        stdin: false,
+        container,
         timeout,
         boot_timeout: Duration::from_secs(
             std::env::var("MVM_BOOT_TIMEOUT")
@@ -304,11 +297,11 @@ const MAX_VOLUMES: usize = 8;
 
 /// Copies each `-v` directory onto a disk image in `run_dir` (the guest's /dev/vdb, vdc, ...):
 /// returns the disks, the container's bind mounts from where the agent mounts them, and the
-/// agent's `mvm.volume=` kernel arguments.
+/// agent's `mvm.volume=` boot parameters.
 fn volume_disks(
     volumes: &[BindMount],
     run_dir: &Path,
-) -> anyhow::Result<(Vec<BlockConfig>, Vec<BindMount>, String)> {
+) -> anyhow::Result<(Vec<BlockConfig>, Vec<BindMount>, Vec<VolumeParam>)> {
     if volumes.len() > MAX_VOLUMES {
         return Err(bad_input(format!(
             "at most {MAX_VOLUMES} volumes (-v) per VM"
@@ -316,7 +309,7 @@ fn volume_disks(
     }
     let mut disks = Vec::new();
     let mut mounts = Vec::new();
-    let mut kernel_args = Vec::new();
+    let mut params = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         if !v.source.is_dir() {
             return Err(bad_input(format!(
@@ -334,17 +327,17 @@ fn volume_disks(
             read_only: v.readonly,
             serial: Some(format!("mvm-volume-{i}")),
         });
-        kernel_args.push(format!(
-            "mvm.volume={dev}{}",
-            if v.readonly { ":ro" } else { "" }
-        ));
+        params.push(VolumeParam {
+            dev: dev.clone(),
+            readonly: v.readonly,
+        });
         mounts.push(BindMount {
-            source: Path::new(GUEST_VOLUMES_DIR).join(&dev),
+            source: Path::new(guest::VOLUMES_DIR).join(&dev),
             target: v.target.clone(),
             readonly: v.readonly,
         });
     }
-    Ok((disks, mounts, kernel_args.join(" ")))
+    Ok((disks, mounts, params))
 }
 
 /// Where the disk images of image root filesystems are cached.

@@ -1,10 +1,15 @@
-//! The agent's log: records at or above a level go to stderr (the guest console), prefixed with
-//! `mvm-agent`. In the guest the level comes from `mvm.log=` on the kernel command line
-//! (`mvm run --kernel-args mvm.log=debug`), on the host from `MVM_AGENT_LOG`.
+//! The one logger of mvm's binaries: records at or above a level go to stderr, one line each,
+//! as `<program>: <level>: <message>`. `mvm` takes its level from `MVM_LOG`; the guest agent from
+//! `MVM_AGENT_LOG` on the host, or `mvm.log=` on the guest kernel's command line
+//! (`mvm run --kernel-args mvm.log=debug`).
+
+use std::sync::OnceLock;
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-struct StderrLog;
+struct StderrLog {
+    program: OnceLock<&'static str>,
+}
 
 impl Log for StderrLog {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
@@ -14,7 +19,8 @@ impl Log for StderrLog {
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
             eprintln!(
-                "mvm-agent: {} {}",
+                "{}: {}: {}",
+                self.program.get().copied().unwrap_or("mvm"),
                 record.level().as_str().to_lowercase(),
                 record.args()
             );
@@ -24,16 +30,19 @@ impl Log for StderrLog {
     fn flush(&self) {}
 }
 
-static LOGGER: StderrLog = StderrLog;
+static LOGGER: StderrLog = StderrLog {
+    program: OnceLock::new(),
+};
 
-/// Parses a level name (`off`, `error`, `warn`, `info`, `debug`, `trace`); unknown names give
-/// `warn`.
+/// Parses a level name (`off`, `error`, `warn`, `info`, `debug`, `trace`, any case); unknown
+/// names give `warn`.
 pub fn parse_level(name: &str) -> LevelFilter {
     name.parse().unwrap_or(LevelFilter::Warn)
 }
 
-/// Installs the logger at `level` (a second call only changes the level).
-pub fn init(level: LevelFilter) {
+/// Installs the logger for `program` at `level` (a second call only changes the level).
+pub fn init(program: &'static str, level: LevelFilter) {
+    let _ = LOGGER.program.set(program);
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
 }
