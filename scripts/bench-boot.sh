@@ -19,7 +19,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 echo "building mvm (release) and the boot guest..." >&2
-cargo build --release -p vmm --bin mvm >&2
+cargo build --release -p mvm --bin mvm >&2
 target=${CARGO_TARGET_DIR:-$root/target}
 mvm=$target/release/mvm
 guest=$(tests/guests/build.sh boot "$target/test-guests")

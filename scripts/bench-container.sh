@@ -14,7 +14,7 @@ if [ -z "$MVM" ]; then
     if [ -x "$HERE/target/release/mvm" ]; then MVM=$HERE/target/release/mvm; else MVM=$HERE/target/debug/mvm; fi
 fi
 [ "$(id -u)" = 0 ] || { echo "bench-container: needs root" >&2; exit 2; }
-[ -x "$MVM" ] || { echo "bench-container: $MVM not built (cargo build --release -p vmm)" >&2; exit 2; }
+[ -x "$MVM" ] || { echo "bench-container: $MVM not built (cargo build --release -p mvm)" >&2; exit 2; }
 command -v crun >/dev/null || { echo "bench-container: crun not installed (apt-get install crun)" >&2; exit 2; }
 [ -x /bin/busybox ] || { echo "bench-container: /bin/busybox missing (apt-get install busybox-static)" >&2; exit 2; }
 

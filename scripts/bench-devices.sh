@@ -48,7 +48,7 @@ target=${CARGO_TARGET_DIR:-$root/target}
 mvm=$target/release/mvm
 if [ ! -x "$mvm" ]; then
     echo "building mvm (release)..." >&2
-    cargo build --release -p vmm --bin mvm >&2
+    cargo build --release -p mvm --bin mvm >&2
 fi
 
 # The kernel: the test kernel's config and patches plus CONFIG_PVH=y, cached separately.

@@ -38,7 +38,7 @@ fi
 [ -f "$kernel" ] || { echo "bench-run: no guest kernel at $kernel (scripts/build-kernel.sh, or set MVM_KERNEL)" >&2; exit 2; }
 
 echo "bench-run: building mvm (release) and the static guest agent" >&2
-cargo build -q --release -p vmm
+cargo build -q --release -p mvm
 MVM_AGENT=$(scripts/build-agent.sh release)
 export MVM_AGENT
 mvm=$repo/target/release/mvm

@@ -523,3 +523,118 @@ fn volume_of_a_missing_host_path_is_refused_with_one_line() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("/nonexistent/dir"), "{}", stderr(&o));
 }
+
+/// `mvm --root STATE ARGS...` for the commands that act on a container.
+fn mvm(f: &Fixture, args: &[&str]) -> Output {
+    Command::new(MVM)
+        .arg("--root")
+        .arg(&f.state)
+        .args(args)
+        .output()
+        .expect("run mvm")
+}
+
+#[test]
+fn a_container_run_without_rm_is_a_record_that_ps_lists_and_rm_removes() {
+    let Some(f) = fixture() else { return };
+    let name = unique("rec");
+    let o = f.run(&["--name", &name], &["sh", "-c", "echo logged; exit 4"]);
+    assert_eq!(o.status.code(), Some(4), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "logged\n");
+
+    // Listed (with no warning), as exited with its code; not among the running ones.
+    let ps = mvm(&f, &["ps", "-a"]);
+    assert!(ps.status.success(), "{}", stderr(&ps));
+    assert_eq!(stderr(&ps), "");
+    let line = stdout(&ps)
+        .lines()
+        .find(|l| l.contains(&name))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains("exited (4)"), "{}", stdout(&ps));
+    assert!(!stdout(&mvm(&f, &["ps"])).contains(&name));
+    assert_eq!(stdout(&mvm(&f, &["logs", &name])), "logged\n");
+    let inspect = mvm(&f, &["inspect", &name]);
+    let record: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("json");
+    assert_eq!(record["isolation"], "container");
+    assert_eq!(record["exit_code"], 4);
+
+    let rm = mvm(&f, &["rm", &name]);
+    assert!(rm.status.success(), "rm: {}", stderr(&rm));
+    assert_eq!(stdout(&mvm(&f, &["ps", "-a"])).lines().count(), 1);
+    let left: Vec<_> = std::fs::read_dir(f.state.join("containers"))
+        .expect("containers dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
+    // The name is free again.
+    let o = f.run(&["--rm", "--name", &name], &["true"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn a_detached_container_runs_execs_logs_and_stops() {
+    let Some(f) = fixture() else { return };
+    let name = unique("bg");
+    let o = f
+        .cmd(
+            &["-d", "--name", &name],
+            &[
+                "sh",
+                "-c",
+                "echo ready; trap 'echo bye; exit 0' TERM; sleep 60 & wait",
+            ],
+        )
+        .output()
+        .expect("run -d");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let id = stdout(&o).trim().to_string();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id:?}"
+    );
+    let ps = stdout(&mvm(&f, &["ps"]));
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&id[..12]) && l.contains("running")),
+        "{ps}"
+    );
+
+    // exec joins the container: its hostname, its environment, its PID namespace.
+    let o = mvm(
+        &f,
+        &[
+            "exec",
+            "-e",
+            "X=1",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $(hostname) $X $PATH; exit 3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with(&format!("{name} 1 /")),
+        "{}",
+        stdout(&o)
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stdout(&mvm(&f, &["logs", &name])).contains("ready") {
+        assert!(Instant::now() < deadline, "no output logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = mvm(&f, &["stop", "-t", "5", &name]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    assert_eq!(stdout(&mvm(&f, &["logs", &name])), "ready\nbye\n");
+    let all = stdout(&mvm(&f, &["ps", "-a"]));
+    assert!(
+        all.lines()
+            .any(|l| l.contains(&name) && l.contains("exited (0)")),
+        "{all}"
+    );
+    assert!(mvm(&f, &["rm", &name]).status.success());
+}

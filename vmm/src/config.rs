@@ -91,9 +91,6 @@ impl HostLimits {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A memory size could not be parsed.
-    #[error("invalid memory size {0:?}: use bytes or a number with K, M, G or T (e.g. 256M, 1G)")]
-    MemSyntax(String),
     /// Memory below the minimum.
     #[error("memory size {0} bytes is too small: at least {MIN_MEM_SIZE} bytes (2M) are needed")]
     MemTooSmall(u64),
@@ -121,30 +118,6 @@ pub enum ConfigError {
     /// The command line has characters the kernel does not accept.
     #[error("invalid kernel command line: {0}")]
     CmdlineInvalid(String),
-}
-
-/// Parses a memory size: plain bytes, or a number with a K/M/G/T suffix (powers of 1024,
-/// optionally followed by `iB` or `B`), e.g. `268435456`, `256M`, `1G`, `512MiB`.
-pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::MemSyntax(s.to_string());
-    let t = s.trim();
-    let upper = t.to_ascii_uppercase();
-    let stripped = upper
-        .strip_suffix("IB")
-        .or_else(|| upper.strip_suffix('B'))
-        .unwrap_or(&upper);
-    let (digits, shift) = match stripped.as_bytes().last() {
-        Some(b'K') => (&stripped[..stripped.len() - 1], 10),
-        Some(b'M') => (&stripped[..stripped.len() - 1], 20),
-        Some(b'G') => (&stripped[..stripped.len() - 1], 30),
-        Some(b'T') => (&stripped[..stripped.len() - 1], 40),
-        _ => (stripped, 0),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(err());
-    }
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
 fn check_readable(path: &Path) -> std::io::Result<()> {
@@ -206,30 +179,6 @@ mod tests {
         mem_total: 8 << 30,
         max_vcpus: 32,
     };
-
-    #[test]
-    fn parses_memory_sizes() {
-        assert_eq!(parse_mem_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_mem_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_mem_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_mem_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_mem_size("64KB").unwrap(), 64 << 10);
-        assert_eq!(parse_mem_size("268435456").unwrap(), 268_435_456);
-        assert_eq!(parse_mem_size("0").unwrap(), 0);
-        for bad in [
-            "",
-            "M",
-            "12X",
-            "-1M",
-            "1.5G",
-            "ten",
-            "99999999999T",
-            "1 G",
-            "1MM",
-        ] {
-            assert!(parse_mem_size(bad).is_err(), "{bad:?} accepted");
-        }
-    }
 
     fn elf_file() -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();

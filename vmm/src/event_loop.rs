@@ -3,7 +3,6 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,43 +11,23 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOp
 
 use crate::device_manager::VmEventManager;
 use crate::exit::{ExitState, VmExit};
+use crate::signals;
 
 /// How long after a guest panic the VM may take to reset before mvm ends it.
 pub const PANIC_GRACE: Duration = Duration::from_secs(5);
 /// How often the loop wakes up to check timers without events.
 const TICK_MS: i32 = 100;
 
-/// The eventfd the signal handler writes to (-1: none).
-static SIGNAL_WAKE_FD: AtomicI32 = AtomicI32::new(-1);
-/// The last SIGINT/SIGTERM received (0: none).
-static RECEIVED_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_terminate(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    RECEIVED_SIGNAL.store(num, Ordering::SeqCst);
-    let fd = SIGNAL_WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the
-        // exit eventfd, which outlives the handler's registration (see `wake_on_signals`).
-        let _ = unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
-
-/// Routes SIGINT and SIGTERM to `exit`: the loop then ends the VM with [`VmExit::Signal`].
-/// The eventfd of `exit` must stay open while the VM runs (the caller keeps the Arc).
+/// Routes SIGINT and SIGTERM to `exit` (see [`crate::signals`]): the loop then ends the VM with
+/// [`VmExit::Signal`]. The eventfd of `exit` must stay open while the VM runs (the caller keeps
+/// the Arc).
 pub fn wake_on_signals(exit: &ExitState) {
-    SIGNAL_WAKE_FD.store(exit.eventfd().as_raw_fd(), Ordering::SeqCst);
-    RECEIVED_SIGNAL.store(0, Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_terminate) {
-            log::warn!("cannot handle signal {sig}: {e}");
-        }
-    }
+    signals::wake(exit.eventfd().as_raw_fd());
 }
 
 /// Stops routing signals to a VM (the handlers stay, with nothing to wake).
 pub fn stop_waking_on_signals() {
-    SIGNAL_WAKE_FD.store(-1, Ordering::SeqCst);
+    signals::stop_waking();
 }
 
 /// Drains the exit eventfd so the loop does not spin; the reason itself is in [`ExitState`].
@@ -129,9 +108,8 @@ pub fn run(em: &mut VmEventManager, exit: &Arc<ExitState>) -> VmExit {
         if let Some(reason) = exit.exit() {
             return reason;
         }
-        match RECEIVED_SIGNAL.swap(0, Ordering::SeqCst) {
-            0 => {}
-            sig => exit.record(VmExit::Signal(sig)),
+        if let Some(sig) = signals::take() {
+            exit.record(VmExit::Signal(sig));
         }
         exit.check_panic_timeout(PANIC_GRACE);
         if let Err(e) = em.run_with_timeout(TICK_MS) {

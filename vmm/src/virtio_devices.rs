@@ -128,9 +128,6 @@ pub struct DevicesConfig {
     /// The network.
     #[serde(default)]
     pub network: NetworkMode,
-    /// TCP ports passt forwards into the guest (`--network user` only): (host, guest).
-    #[serde(default)]
-    pub user_tcp_ports: Vec<(u16, u16)>,
     /// Host Unix socket of the vsock device.
     #[serde(default)]
     pub vsock: Option<PathBuf>,
@@ -199,15 +196,9 @@ pub fn attach(
     }
     let backend = match &config.network {
         NetworkMode::None => None,
+        // Published ports go over vsock (the engine's port forwarder), not through passt.
         NetworkMode::User => Some(NetBackendConfig::User(PasstConfig {
-            tcp_ports: config
-                .user_tcp_ports
-                .iter()
-                .map(|(h, g)| devices::virtio::net::PortForward {
-                    host_port: *h,
-                    guest_port: *g,
-                })
-                .collect(),
+            tcp_ports: Vec::new(),
             udp_ports: Vec::new(),
         })),
         NetworkMode::Tap { name, host_ip } => Some(NetBackendConfig::Tap(TapConfig {

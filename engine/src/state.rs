@@ -1,17 +1,24 @@
 //! Container state kept under the mvm root, so `ps`, `logs`, `stop`, `rm` and `inspect` work from
-//! any shell: `<root>/containers/<id>/state.json` per container, and `<root>/containers/names/<name>`
-//! holding the id, created with O_EXCL so two `run --name web` cannot both win.
+//! any shell, for every isolation alike: one record per run.
+//!
+//! - `<root>/containers/<id>/`: the container's directory: `state.json` (its
+//!   [`ContainerRecord`]), `spec.json` (the run spec), its logs and, while it runs, its sockets
+//!   and disks; a container's writable layer (`upper/`).
+//! - `<root>/containers/<name>`: a symlink to `<id>`, the name. Names and ids share one
+//!   namespace; creating the link is atomic, so two `run --name web` cannot both win.
 //!
 //! A record names the mvm process that runs the container (pid plus its start time, so a reused
 //! pid is not mistaken for it). A record that says running whose process is gone is shown as
-//! exited: the VMM died (`kill -9`), and `rm` cleans up after it.
+//! exited: the runner died (`kill -9`), and `rm` cleans up after it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::spec::Isolation;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -37,15 +44,28 @@ pub enum StateError {
     /// `--name` already in use.
     #[error("the name '{0}' is already in use by another container (remove it with `mvm rm {0}`)")]
     NameInUse(String),
-    /// A name that is not `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
-    #[error("invalid container name '{0}': use letters, digits, '_', '.' and '-'")]
-    InvalidName(String),
+    /// A name that is not 1-64 characters of `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+    #[error(transparent)]
+    InvalidName(#[from] guest_agent::runtime::spec::SpecError),
     /// No container by that name or id.
     #[error("no such container: {0}")]
     NotFound(String),
     /// An id prefix that matches several containers.
     #[error("'{0}' matches more than one container; give more of the id")]
     Ambiguous(String),
+}
+
+impl StateError {
+    /// Whether the error is the user's input being wrong (a name, an id).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            StateError::NameInUse(_)
+                | StateError::InvalidName(_)
+                | StateError::NotFound(_)
+                | StateError::Ambiguous(_)
+        )
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -75,13 +95,13 @@ pub struct ContainerRecord {
     pub id: String,
     /// User-given or generated name, unique.
     pub name: String,
-    /// Image reference as given.
+    /// Image reference as given (or the root directory).
     pub image: String,
-    /// `vm`, `container` or `process`.
-    pub isolation: String,
+    /// How it is isolated.
+    pub isolation: Isolation,
     /// The command that runs.
     pub command: Vec<String>,
-    /// Published ports as given (`8080:80`).
+    /// Published ports (`127.0.0.1:8080:80`).
     #[serde(default)]
     pub ports: Vec<String>,
     /// Seconds since the epoch.
@@ -91,15 +111,19 @@ pub struct ContainerRecord {
     /// Exit code once exited (None when the runner died without recording one).
     #[serde(default)]
     pub exit_code: Option<i32>,
-    /// The mvm process that runs the container.
+    /// The mvm process that runs the container (the foreground `mvm run`, or the runner).
     #[serde(default)]
     pub pid: Option<i32>,
     /// Start time of `pid` (field 22 of /proc/PID/stat), to detect pid reuse.
     #[serde(default)]
     pub pid_start: Option<u64>,
-    /// Control socket of the running container, if any.
+    /// The host pid of the container's first process (`--isolation container` and `process`):
+    /// a child of `pid`, so it names that process for as long as `pid` lives.
     #[serde(default)]
-    pub control_socket: Option<PathBuf>,
+    pub process_pid: Option<i32>,
+    /// The container's cgroup directories (`--isolation container`), for `mvm exec` to join.
+    #[serde(default)]
+    pub cgroup_dirs: Vec<PathBuf>,
     /// Seconds since the epoch when the container started running.
     #[serde(default)]
     pub started: Option<u64>,
@@ -117,24 +141,25 @@ impl ContainerRecord {
         id: String,
         name: String,
         image: String,
-        isolation: &str,
+        isolation: Isolation,
         command: Vec<String>,
         ports: Vec<String>,
     ) -> Self {
-        let pid = i32::try_from(std::process::id()).ok();
+        let (pid, pid_start) = this_process();
         ContainerRecord {
             id,
             name,
             image,
-            isolation: isolation.into(),
+            isolation,
             command,
             ports,
             created: now(),
             status: Status::Created,
             exit_code: None,
             pid,
-            pid_start: pid.and_then(process_start_time),
-            control_socket: None,
+            pid_start,
+            process_pid: None,
+            cgroup_dirs: Vec::new(),
             started: None,
             finished: None,
             taps: Vec::new(),
@@ -152,6 +177,12 @@ impl ContainerRecord {
             (s, _) => s,
         }
     }
+}
+
+/// This process's pid and start time, as a record names the process that runs a container.
+pub fn this_process() -> (Option<i32>, Option<u64>) {
+    let pid = i32::try_from(std::process::id()).ok();
+    (pid, pid.and_then(process_start_time))
 }
 
 /// Whether `pid` still runs and is the same process (same start time).
@@ -186,8 +217,22 @@ impl StateStore {
     /// Opens (creating if needed) `<root>/containers`.
     pub fn open(root: &Path) -> Result<Self, StateError> {
         let dir = root.join("containers");
-        fs::create_dir_all(dir.join("names")).map_err(io_err(&dir))?;
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         Ok(StateStore { dir })
+    }
+
+    /// The store and container id of a container directory (`<root>/containers/<id>`).
+    pub fn of_container_dir(dir: &Path) -> Option<(StateStore, String)> {
+        let id = dir.file_name()?.to_str()?.to_string();
+        let store = StateStore {
+            dir: dir.parent()?.to_path_buf(),
+        };
+        Some((store, id))
+    }
+
+    /// The mvm root the store lives in.
+    pub fn root(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
     }
 
     /// Directory of one container (logs, sockets and disks live there too).
@@ -195,25 +240,23 @@ impl StateStore {
         self.dir.join(id)
     }
 
-    /// Registers a new container: reserves its name and writes its first record.
+    /// Registers a new container: reserves its name, creates its directory and writes its first
+    /// record.
     pub fn create(&self, record: &ContainerRecord) -> Result<(), StateError> {
         validate_name(&record.name)?;
-        let name_path = self.dir.join("names").join(&record.name);
-        let mut f = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&name_path)
-        {
-            Ok(f) => f,
+        let name_path = self.dir.join(&record.name);
+        match std::os::unix::fs::symlink(&record.id, &name_path) {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(StateError::NameInUse(record.name.clone()))
             }
             Err(e) => return Err(io_err(&name_path)(e)),
-        };
-        f.write_all(record.id.as_bytes())
-            .map_err(io_err(&name_path))?;
+        }
         let dir = self.container_dir(&record.id);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if let Err(e) = fs::create_dir(&dir) {
+            let _ = fs::remove_file(&name_path);
+            return Err(io_err(&dir)(e));
+        }
         self.save(record)
     }
 
@@ -231,7 +274,8 @@ impl StateStore {
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    fn load(&self, id: &str) -> Result<ContainerRecord, StateError> {
+    /// The record in container directory `id`.
+    pub fn load(&self, id: &str) -> Result<ContainerRecord, StateError> {
         let path = self.container_dir(id).join("state.json");
         let data = fs::read(&path).map_err(io_err(&path))?;
         serde_json::from_slice(&data).map_err(|source| StateError::Corrupt { path, source })
@@ -242,13 +286,18 @@ impl StateStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "names" {
+            // Names are symlinks; a container is a directory with a record.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            match self.load(&name) {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().join("state.json").exists() {
+                log::debug!("{} holds no container record", entry.path().display());
+                continue;
+            }
+            match self.load(&id) {
                 Ok(r) => out.push(r),
-                Err(e) => log::warn!("skipping container {name}: {e}"),
+                Err(e) => log::warn!("skipping container {id}: {e}"),
             }
         }
         out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
@@ -258,10 +307,13 @@ impl StateStore {
     /// Finds a container by exact name, exact id or unique id prefix.
     pub fn get(&self, name_or_id: &str) -> Result<ContainerRecord, StateError> {
         if validate_name(name_or_id).is_ok() {
-            if let Ok(id) = fs::read_to_string(self.dir.join("names").join(name_or_id)) {
-                if let Ok(r) = self.load(id.trim()) {
+            let path = self.dir.join(name_or_id);
+            if let Ok(id) = fs::read_link(&path) {
+                if let Some(r) = id.to_str().and_then(|id| self.load(id).ok()) {
                     return Ok(r);
                 }
+            } else if path.join("state.json").is_file() {
+                return self.load(name_or_id);
             }
         }
         let matches: Vec<_> = self
@@ -279,7 +331,7 @@ impl StateStore {
         }
     }
 
-    /// Forgets a container: its directory (logs, sockets, disks) and its name.
+    /// Forgets a container: its directory (logs, sockets, disks, writable layer) and its name.
     pub fn remove(&self, record: &ContainerRecord) -> Result<(), StateError> {
         let dir = self.container_dir(&record.id);
         match fs::remove_dir_all(&dir) {
@@ -287,9 +339,9 @@ impl StateStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&dir)(e)),
         }
-        let name_path = self.dir.join("names").join(&record.name);
-        match fs::read_to_string(&name_path) {
-            Ok(id) if id.trim() == record.id => {
+        let name_path = self.dir.join(&record.name);
+        match fs::read_link(&name_path) {
+            Ok(id) if id.as_os_str() == record.id.as_str() => {
                 fs::remove_file(&name_path).map_err(io_err(&name_path))?
             }
             _ => {}
@@ -298,24 +350,13 @@ impl StateStore {
     }
 }
 
-/// Checks a container name.
+/// Checks a container name: 1-64 characters of `[a-zA-Z0-9][a-zA-Z0-9_.-]*` (it also names
+/// the container's cgroup and is its default hostname).
 pub fn validate_name(name: &str) -> Result<(), StateError> {
-    let ok = name.len() <= 128
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StateError::InvalidName(name.to_string()))
-    }
+    Ok(guest_agent::runtime::spec::validate_id(name)?)
 }
 
-/// A fresh random container id (16 hex digits).
+/// A fresh random container id (16 hex digits): the one id generator of mvm.
 pub fn new_id() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the valid buffer.
@@ -346,7 +387,7 @@ mod tests {
             new_id(),
             name.into(),
             "busybox".into(),
-            "vm",
+            Isolation::Vm,
             vec!["sh".into()],
             vec![],
         );

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{bad_input, root_dir};
+use crate::{bad_input, root_dir};
 
 /// Flags of `mvm build-example`.
 #[derive(Debug, Args)]

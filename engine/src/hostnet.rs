@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use guest_agent::guest::NetConfig;
 
-use crate::virtio_devices::NetworkMode;
+use vmm::virtio_devices::NetworkMode;
 
 /// The interface and gateway of the host's IPv4 default route, from a `/proc/net/route` table.
 pub fn default_route(table: &str) -> Option<(String, Ipv4Addr)> {

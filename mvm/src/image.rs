@@ -1,19 +1,15 @@
-//! Image commands over the store in `<root>/images`: `mvm pull`, `images`, `rmi`, `load` and
-//! `push`, and [`image_rootfs`], which `mvm run --image` uses to turn a reference into an
-//! unpacked root filesystem (pulling it first when it is not stored, as `docker run` does).
+//! `mvm pull`, `images`, `rmi`, `load` and `push`: flags in, the engine's image store
+//! (`engine::image`) does the work, results printed as Docker prints them.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
-use rootfs_builder::load::LoadError;
+use engine::image::{self, ImageError};
 use rootfs_builder::reference::Reference;
-use rootfs_builder::registry::{self, human_size, PullOptions};
-use rootfs_builder::rootfs;
-use rootfs_builder::store::{Image, Store, StoreError};
-use rootfs_builder::unpack::LayerMediaType;
+use rootfs_builder::registry::human_size;
 
-use super::bad_input;
+use crate::output::table;
+use crate::{bad_input, from_engine, EXIT_FAILURE};
 
 /// Flags of `mvm pull`.
 #[derive(Debug, Args)]
@@ -77,62 +73,29 @@ pub struct PushArgs {
     pub quiet: bool,
 }
 
-fn parse_reference(text: &str) -> anyhow::Result<Reference> {
-    Reference::parse(text).map_err(|e| bad_input(e.to_string()))
-}
-
-fn open_store(root: &Path) -> anyhow::Result<Store> {
-    Ok(Store::open(root)?)
-}
-
-/// Where unpacked root filesystems are cached, one directory per manifest digest. Absolute, as
-/// overlay lower directories must be.
-pub fn rootfs_cache(root: &Path) -> PathBuf {
-    std::path::absolute(root)
-        .unwrap_or_else(|_| root.to_path_buf())
-        .join("cache/rootfs")
-}
-
-/// The cache key of a manifest digest: `sha256-<hex>` (overlay options cannot hold a `:`).
-fn rootfs_key(digest: &str) -> String {
-    digest.replace(':', "-")
-}
-
-/// Registry options from the `--insecure-registry` and `--quiet` flags of pull and push.
-fn registry_options(insecure: &[String], quiet: bool) -> PullOptions {
-    PullOptions {
-        insecure_registries: insecure.to_vec(),
-        progress: !quiet,
-        ..Default::default()
-    }
+fn image_error(e: ImageError) -> anyhow::Error {
+    from_engine(e.into())
 }
 
 /// `mvm pull`: prints the canonical reference on stdout when done.
 pub fn pull(root: &Path, args: &PullArgs) -> anyhow::Result<i32> {
-    let reference = parse_reference(&args.image)?;
-    let store = open_store(root)?;
-    let opts = registry_options(&args.insecure_registry, args.quiet);
-    registry::pull(&store, &reference, &opts)
-        .with_context(|| format!("pull {}", reference.familiar()))?;
+    let reference =
+        image::pull(root, &args.image, &args.insecure_registry, args.quiet).map_err(image_error)?;
     outln!("{reference}");
     Ok(0)
 }
 
 /// `mvm push`: prints the manifest digest on stdout when done.
 pub fn push(root: &Path, args: &PushArgs) -> anyhow::Result<i32> {
-    let reference = parse_reference(&args.image)?;
-    let store = open_store(root)?;
-    let opts = registry_options(&args.insecure_registry, args.quiet);
-    let digest = registry::push(&store, &reference, &opts)
-        .with_context(|| format!("push {}", reference.familiar()))?;
+    let digest =
+        image::push(root, &args.image, &args.insecure_registry, args.quiet).map_err(image_error)?;
     outln!("{digest}");
     Ok(0)
 }
 
 /// `mvm images`.
 pub fn images(root: &Path, args: &ImagesArgs) -> anyhow::Result<i32> {
-    let store = open_store(root)?;
-    let list = store.list()?;
+    let list = image::list(root).map_err(image_error)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -153,13 +116,7 @@ pub fn images(root: &Path, args: &ImagesArgs) -> anyhow::Result<i32> {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
-    let mut rows = vec![[
-        "REPOSITORY".to_string(),
-        "TAG".to_string(),
-        "DIGEST".to_string(),
-        "SIZE".to_string(),
-        "CREATED".to_string(),
-    ]];
+    let mut rows = vec![["REPOSITORY", "TAG", "DIGEST", "SIZE", "CREATED"].map(String::from)];
     for i in &list {
         let digest = i
             .manifest_digest
@@ -176,28 +133,16 @@ pub fn images(root: &Path, args: &ImagesArgs) -> anyhow::Result<i32> {
                 .map_or_else(|| "unknown".to_string(), |t| ago(now, t)),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        outln!("{}", line.join("   ").trim_end());
-    }
+    print!("{}", table(&rows));
     Ok(0)
 }
 
 /// `mvm rmi`: untags each image and deletes the blobs (and cached root filesystems) nothing
 /// uses any more. Goes on after a failure and exits 1 if any image could not be removed.
 pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
-    let store = open_store(root)?;
     let mut failed = 0;
     for text in &args.images {
-        let result = parse_reference(text).and_then(|r| Ok(store.remove(&r)?));
-        match result {
+        match image::remove(root, text) {
             Ok(removed) => {
                 for r in &removed.references {
                     let familiar = Reference::parse(r).map_or_else(|_| r.clone(), |r| r.familiar());
@@ -205,98 +150,39 @@ pub fn rmi(root: &Path, args: &RmiArgs) -> anyhow::Result<i32> {
                 }
                 for digest in &removed.blobs {
                     outln!("Deleted: {digest}");
-                    // Only manifest digests have cached root filesystems; others are no-ops.
-                    if let Err(e) =
-                        rootfs::remove_rootfs(&rootfs_cache(root), &rootfs_key(digest.as_str()))
-                    {
-                        log::warn!("{e:#}");
-                    }
-                    let disk = rootfs_builder::disk::rootfs_disk_path(
-                        &super::run_vm::disk_cache(root),
-                        &rootfs_key(digest.as_str()),
-                        rootfs_builder::disk::DiskFormat::Ext4,
-                    );
-                    if let Err(e) = std::fs::remove_file(&disk) {
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            log::warn!("cannot remove {}: {e}", disk.display());
-                        }
-                    }
                 }
             }
             Err(e) => {
-                eprintln!("mvm: rmi {text}: {e:#}");
+                eprintln!("mvm: rmi {text}: {:#}", image_error(e));
                 failed += 1;
             }
         }
     }
-    Ok(if failed == 0 { 0 } else { super::EXIT_FAILURE })
+    Ok(if failed == 0 { 0 } else { EXIT_FAILURE })
 }
 
 /// `mvm load`: prints `Loaded image: NAME` per name.
 pub fn load(root: &Path, args: &LoadArgs) -> anyhow::Result<i32> {
-    let store = open_store(root)?;
-    let loaded = rootfs_builder::load::load(&store, &args.input, args.tag.as_deref()).map_err(
-        |e| match e {
-            LoadError::Io { .. } | LoadError::Store(_) => anyhow::Error::new(e),
-            other => {
-                let mut text = format!("load {}: {other}", args.input.display());
-                let mut source = std::error::Error::source(&other);
-                while let Some(s) = source {
-                    // Archive parser messages can quote the input: keep one short line.
-                    let msg = s.to_string();
-                    let msg: String = msg.lines().next().unwrap_or("").chars().take(120).collect();
-                    text.push_str(&format!(": {msg}"));
-                    source = s.source();
-                }
-                bad_input(text)
-            }
-        },
-    )?;
-    for image in loaded {
-        outln!("Loaded image: {}", image.reference.familiar());
+    let loaded = image::load(root, &args.input, args.tag.as_deref()).map_err(|e| {
+        if !e.is_bad_input() {
+            return image_error(e);
+        }
+        // Archive parser messages can quote the input: keep one short line per source.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let msg = s.to_string();
+            let msg: String = msg.lines().next().unwrap_or("").chars().take(120).collect();
+            text.push_str(&format!(": {msg}"));
+            source = s.source();
+        }
+        bad_input(text)
+    })?;
+    for reference in loaded {
+        outln!("Loaded image: {}", reference.familiar());
     }
     Ok(0)
 }
-
-/// The image `text` from the store, pulled first when it is not there.
-pub fn find_or_pull(root: &Path, text: &str) -> anyhow::Result<Image> {
-    let reference = parse_reference(text)?;
-    let store = open_store(root)?;
-    match store.resolve(&reference) {
-        Ok(image) => Ok(image),
-        Err(StoreError::NotFound(_)) => {
-            eprintln!("Unable to find image '{}' locally", reference.familiar());
-            let opts = PullOptions {
-                progress: true,
-                ..Default::default()
-            };
-            Ok(registry::pull(&store, &reference, &opts)
-                .with_context(|| format!("pull {}", reference.familiar()))?)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The unpacked root filesystem of `image`, cached by manifest digest under `<root>/cache/rootfs`.
-pub fn image_rootfs(root: &Path, image: &Image) -> anyhow::Result<PathBuf> {
-    let store = open_store(root)?;
-    let layers = image
-        .layers
-        .iter()
-        .map(|l| {
-            Ok((
-                store.blob_path(&l.digest),
-                LayerMediaType::parse(&l.media_type)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, rootfs_builder::unpack::UnpackError>>()?;
-    Ok(rootfs::prepare_rootfs(
-        &layers,
-        &rootfs_cache(root),
-        &rootfs_key(&image.manifest_digest),
-    )?)
-}
-
 /// Seconds since the epoch for an RFC 3339 time (`2024-01-01T00:00:00Z`, `...+02:00`, with or
 /// without fractions).
 fn parse_rfc3339(text: &str) -> Option<i64> {

@@ -10,9 +10,12 @@ use clap::Args;
 
 use devices::virtio::block::BlockConfig;
 
-use crate::builder::VmBuilder;
-use crate::config::{self, VmConfig};
-use crate::virtio_devices::{self, DevicesConfig, NetworkMode};
+use engine::units::parse_size;
+use vmm::builder::VmBuilder;
+use vmm::config::{self, VmConfig};
+use vmm::virtio_devices::{self, DevicesConfig, NetworkMode};
+
+use crate::bad_input;
 
 /// Flags of `mvm boot`.
 #[derive(Debug, Args)]
@@ -26,7 +29,7 @@ pub struct BootArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = config::DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Guest memory: bytes or a size with K/M/G (e.g. 256M, 1G).
+    /// Guest memory: bytes or a size with K/M/G/T (e.g. 256M, 1.5G), as `run --mem`.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     pub mem: String,
     /// Number of vCPUs.
@@ -55,8 +58,7 @@ pub struct BootArgs {
 impl BootArgs {
     /// The VM configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
-        let mem_bytes =
-            config::parse_mem_size(&self.mem).map_err(|e| super::bad_input(e.to_string()))?;
+        let mem_bytes = parse_size(&self.mem).map_err(|e| bad_input(e.to_string()))?;
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -75,24 +77,23 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     let network: NetworkMode = args
         .network
         .parse()
-        .map_err(|e: virtio_devices::DeviceSetupError| super::bad_input(e.to_string()))?;
+        .map_err(|e: virtio_devices::DeviceSetupError| bad_input(e.to_string()))?;
     let devices = DevicesConfig {
         disks: args.disks.clone(),
         network,
-        user_tcp_ports: Vec::new(),
         vsock: args.vsock.clone(),
         rng: args.rng,
     };
     let mut builder = VmBuilder::new(cfg).map_err(|e| {
         if e.is_bad_input() {
-            super::bad_input(format!("{:#}", anyhow::Error::new(e)))
+            bad_input(format!("{:#}", anyhow::Error::new(e)))
         } else {
             anyhow::Error::new(e)
         }
     })?;
     let attached = virtio_devices::attach(&mut builder, &devices).map_err(|e| {
         let msg = format!("{:#}", anyhow::Error::new(e));
-        super::bad_input(msg)
+        bad_input(msg)
     })?;
     if let Some(tap) = &attached.tap_name {
         log::info!("network: tap {tap}");

@@ -2,8 +2,8 @@
 
 use clap::Args;
 
-use crate::host;
-use crate::vm::Vm;
+use vmm::host;
+use vmm::vm::Vm;
 
 /// Flags of `mvm info`.
 #[derive(Debug, Args)]
@@ -18,7 +18,7 @@ pub fn run(_args: &InfoArgs) -> anyhow::Result<i32> {
     outln!("recommended vcpus: {}", kvm.get_nr_vcpus());
     outln!("virtualization: {}", virt.describe());
     if !virt.is_hardware() {
-        let hidden: Vec<_> = crate::cpuid::hidden_feature_names().collect();
+        let hidden: Vec<_> = vmm::cpuid::hidden_feature_names().collect();
         outln!("hidden cpu features: {}", hidden.join(","));
     }
     if let Some(mem) = host::mem_total() {

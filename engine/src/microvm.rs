@@ -15,11 +15,12 @@ use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::ContainerSpec;
 
-use crate::builder::{BuildError, VmBuilder};
-use crate::config::VmConfig;
-use crate::exit::{VmExit, VmHandle};
+use vmm::builder::{BuildError, VmBuilder};
+use vmm::config::VmConfig;
+use vmm::exit::{VmExit, VmHandle};
+use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
+
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
-use crate::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -170,7 +171,6 @@ impl MicroVm {
             &DevicesConfig {
                 disks,
                 network: spec.network.clone(),
-                user_tcp_ports: Vec::new(),
                 vsock: Some(vsock.clone()),
                 rng: true,
             },

@@ -1,37 +1,18 @@
-//! `mvm ps`, `logs`, `exec`, `stop`, `kill`, `rm` and `inspect`: the docker-like commands on VM
-//! containers that `mvm run` registered (see [`crate::state`] and [`super::runner`]).
-//!
-//! There is no control socket: `exec`, `stop` and `kill` open their own agent session over the
-//! VM's vsock socket (`<root>/containers/<id>/vsock.sock`; the agent serves several sessions) and
-//! signal the container's first process there. When it exits the runner records the exit code
-//! and tears the VM down, so `stop` only waits for the runner process (pid and start time from
-//! the record) to end. If the agent does not answer, `stop` falls back to SIGTERM on the runner
-//! (which ends the VM through the VMM's signal handling), then SIGKILL; a runner that died
-//! without cleaning up (`kill -9`) is cleaned up after by `rm`.
+//! `mvm ps`, `logs`, `exec`, `stop`, `kill`, `rm` and `inspect`: flags in, the engine's
+//! `engine::lifecycle` acts on the registered container (of any isolation), results printed as
+//! Docker prints them.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
-use guest_agent::agent::client::{AgentClient, ClientError, InheritOutput};
-use guest_agent::guest::{MAIN_CONTAINER as AGENT_CONTAINER, MAIN_STREAM};
-use guest_agent::protocol::AGENT_VSOCK_PORT;
+use engine::lifecycle;
+use engine::portfwd::PortMapping;
+use engine::state::{ContainerRecord, Status};
 use guest_agent::runtime::Process;
 
-use super::bad_input;
-use super::run::CommandExit;
-use crate::portfwd::PortMapping;
-use crate::state::{process_alive, ContainerRecord, StateError, StateStore, Status};
-
-/// How long `stop` waits for the runner after SIGKILL reached the container, before it stops the
-/// VM itself (SIGTERM to the runner: the VM ends, the runner still records the exit).
-const AFTER_KILL: Duration = Duration::from_secs(15);
-
-/// How long a runner may take to end after SIGTERM.
-const RUNNER_TERM: Duration = Duration::from_secs(30);
+use crate::output::table;
+use crate::{bad_input, from_engine};
 
 /// Flags of `mvm ps`.
 #[derive(Debug, Args)]
@@ -60,7 +41,7 @@ pub struct ExecArgs {
     /// Feed this terminal's stdin to the command.
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Accepted for docker compatibility; the agent has no terminals, so output is not a tty.
+    /// Accepted for docker compatibility; there are no terminals, so output is not a tty.
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Set an environment variable (KEY=VALUE).
@@ -126,53 +107,10 @@ pub struct InspectArgs {
     pub name: String,
 }
 
-/// Finds a container without creating any state directory.
-fn find(root: &Path, name: &str) -> anyhow::Result<(StateStore, ContainerRecord)> {
-    if !root.join("containers").is_dir() {
-        return Err(bad_input(StateError::NotFound(name.into()).to_string()));
-    }
-    let store = StateStore::open(root)?;
-    match store.get(name) {
-        Ok(r) => Ok((store, r)),
-        Err(e @ (StateError::NotFound(_) | StateError::Ambiguous(_))) => {
-            Err(bad_input(e.to_string()))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn is_live(r: &ContainerRecord) -> bool {
-    matches!(r.live_status(), Status::Running | Status::Created)
-}
-
-fn require_running(r: &ContainerRecord) -> anyhow::Result<()> {
-    if r.live_status() == Status::Running {
-        Ok(())
-    } else {
-        Err(bad_input(format!("container {} is not running", r.name)))
-    }
-}
-
-/// A new agent session with the container's VM.
-fn agent(
-    store: &StateStore,
-    r: &ContainerRecord,
-) -> anyhow::Result<AgentClient<std::os::unix::net::UnixStream>> {
-    let vsock = store.container_dir(&r.id).join("vsock.sock");
-    let conn =
-        devices::virtio::vsock::host_connect(&vsock, AGENT_VSOCK_PORT, Duration::from_secs(10))
-            .with_context(|| format!("cannot reach the guest agent of {}", r.name))?;
-    AgentClient::open(conn).with_context(|| format!("guest agent of {}", r.name))
-}
-
 /// `mvm ps`.
 pub fn ps(root: &Path, args: &PsArgs) -> anyhow::Result<i32> {
-    let records = if root.join("containers").is_dir() {
-        StateStore::open(root)?.list()?
-    } else {
-        Vec::new()
-    };
-    let shown: Vec<_> = records
+    let shown: Vec<_> = lifecycle::list(root)
+        .map_err(from_engine)?
         .into_iter()
         .filter(|r| args.all || r.live_status() == Status::Running)
         .collect();
@@ -181,7 +119,7 @@ pub fn ps(root: &Path, args: &PsArgs) -> anyhow::Result<i32> {
             outln!("{}", short_id(&r.id));
         }
     } else {
-        print!("{}", ps_table(&shown, crate::state::now()));
+        print!("{}", ps_table(&shown, engine::state::now()));
     }
     Ok(0)
 }
@@ -224,7 +162,7 @@ fn duration_text(secs: u64) -> String {
     }
 }
 
-/// The `ps` table: ID NAME IMAGE STATUS PORTS UPTIME, columns as wide as their widest cell.
+/// The `ps` table: ID NAME IMAGE STATUS PORTS UPTIME.
 fn ps_table(records: &[ContainerRecord], now: u64) -> String {
     let mut rows = vec![["ID", "NAME", "IMAGE", "STATUS", "PORTS", "UPTIME"].map(String::from)];
     for r in records {
@@ -241,165 +179,33 @@ fn ps_table(records: &[ContainerRecord], now: u64) -> String {
             uptime,
         ]);
     }
-    let mut widths = [0usize; 6];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    table(&rows)
 }
 
 /// `mvm logs`.
 pub fn logs(root: &Path, args: &LogsArgs) -> anyhow::Result<i32> {
-    let (store, r) = find(root, &args.name)?;
-    let path = store.container_dir(&r.id).join("container.log");
-    let mut offset = 0u64;
     let mut out = std::io::stdout().lock();
-    loop {
-        // Whether the runner still lives is checked before reading, so the last read after it
-        // ended sees everything it wrote.
-        let live = args.follow && is_live(&store.get(&r.id).unwrap_or_else(|_| r.clone()));
-        if let Ok(mut f) = std::fs::File::open(&path) {
-            f.seek(SeekFrom::Start(offset))
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            offset += buf.len() as u64;
-            if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
-                return Ok(0); // the reader went away (a closed pipe)
-            }
-        }
-        if !live {
-            return Ok(0);
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    lifecycle::logs(root, &args.name, args.follow, &mut out).map_err(from_engine)?;
+    Ok(0)
 }
 
 /// `mvm exec`: runs a command in the running container; returns its exit code.
 pub fn exec(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
-    let (store, r) = find(root, &args.name)?;
-    require_running(&r)?;
     if args.tty {
-        log::warn!("exec -t: the guest agent has no terminals; running without one");
+        log::warn!("exec -t: there are no terminals; running without one");
     }
-    let mut client = agent(&store, &r)?;
     let process = Process {
         args: args.command.clone(),
         env: args.env.clone(),
         cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
         user: args.user.clone(),
     };
-    let stream = match client.exec(AGENT_CONTAINER, process, args.interactive) {
-        Ok(s) => s,
-        // As docker: 127 for a command that is not there, 126 for one that cannot run.
-        Err(ClientError::Refused(msg)) => {
-            let code = if msg.contains("not found") { 127 } else { 126 };
-            return Err(CommandExit(code, msg).into());
-        }
-        Err(e) => return Err(e).context(format!("exec in {}", r.name)),
-    };
-    if args.interactive {
-        crate::microvm::forward_stdin(&store.container_dir(&r.id).join("vsock.sock"), stream);
-    }
-    client
-        .stream_until_exit(stream, &mut InheritOutput)
-        .with_context(|| format!("exec in {}: the session broke", r.name))
-}
-
-/// Waits until the runner of `r` has ended; false if it still runs after `limit`.
-fn wait_gone(r: &ContainerRecord, limit: Duration) -> bool {
-    let Some(pid) = r.pid else { return true };
-    let deadline = Instant::now() + limit;
-    loop {
-        if !process_alive(pid, r.pid_start) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Sends `sig` to the runner process itself, if it is still the one the record names.
-fn signal_runner(r: &ContainerRecord, sig: i32) {
-    if let Some(pid) = r.pid.filter(|p| process_alive(*p, r.pid_start)) {
-        // SAFETY: kill has no memory preconditions; the pid was checked against its start time.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Stops a live container: SIGTERM to its process through the agent, SIGKILL after `grace`,
-/// then SIGTERM and at last SIGKILL to the runner if it has not ended; returns once it has.
-fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> anyhow::Result<()> {
-    if !is_live(r) {
-        return Ok(());
-    }
-    let mut client = agent(store, r).ok();
-    for (sig, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, AFTER_KILL)] {
-        match client.as_mut() {
-            Some(c) if r.live_status() == Status::Running => {
-                if let Err(e) = c.signal(AGENT_CONTAINER, MAIN_STREAM, sig) {
-                    log::debug!("signal {sig} through the agent: {e}");
-                    client = None;
-                    signal_runner(r, libc::SIGTERM);
-                }
-            }
-            _ => signal_runner(r, libc::SIGTERM),
-        }
-        if wait_gone(r, wait) {
-            return Ok(());
-        }
-    }
-    signal_runner(r, libc::SIGTERM);
-    if wait_gone(r, RUNNER_TERM) {
-        return Ok(());
-    }
-    signal_runner(r, libc::SIGKILL);
-    if !wait_gone(r, Duration::from_secs(5)) {
-        anyhow::bail!("the runner of {} (pid {:?}) does not end", r.name, r.pid);
-    }
-    clean_dead(store, r)
-}
-
-/// Cleans up after a runner that died without doing so: taps named in the record, then the
-/// record and its directory.
-fn clean_dead(store: &StateStore, r: &ContainerRecord) -> anyhow::Result<()> {
-    for tap in &r.taps {
-        if Path::new("/sys/class/net").join(tap).exists() {
-            let ok = std::process::Command::new("ip")
-                .args(["link", "delete", tap])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                log::warn!("cannot delete tap {tap} of {}", r.name);
-            }
-        }
-    }
-    super::runner::clean_run_dir(&store.container_dir(&r.id));
-    Ok(())
+    lifecycle::exec(root, &args.name, process, args.interactive).map_err(from_engine)
 }
 
 /// `mvm stop`.
 pub fn stop(root: &Path, args: &StopArgs) -> anyhow::Result<i32> {
-    let (store, r) = find(root, &args.name)?;
-    stop_container(&store, &r, Duration::from_secs(args.time))?;
+    lifecycle::stop(root, &args.name, Duration::from_secs(args.time)).map_err(from_engine)?;
     outln!("{}", args.name);
     Ok(0)
 }
@@ -437,44 +243,21 @@ pub fn parse_signal(text: &str) -> Result<i32, String> {
 /// `mvm kill`.
 pub fn kill(root: &Path, args: &KillArgs) -> anyhow::Result<i32> {
     let sig = parse_signal(&args.signal).map_err(bad_input)?;
-    let (store, r) = find(root, &args.name)?;
-    require_running(&r)?;
-    agent(&store, &r)?
-        .signal(AGENT_CONTAINER, MAIN_STREAM, sig)
-        .with_context(|| format!("cannot signal {}", r.name))?;
+    lifecycle::kill(root, &args.name, sig).map_err(from_engine)?;
     outln!("{}", args.name);
     Ok(0)
 }
 
 /// `mvm rm`.
 pub fn rm(root: &Path, args: &RmArgs) -> anyhow::Result<i32> {
-    let (store, r) = find(root, &args.name)?;
-    if is_live(&r) {
-        if !args.force {
-            return Err(bad_input(format!(
-                "container {} is running: stop it first or use rm -f",
-                r.name
-            )));
-        }
-        stop_container(&store, &r, Duration::ZERO)?;
-    }
-    // A dead runner left its VM's files (and maybe a tap); a --rm runner removed everything.
-    match store.get(&r.id) {
-        Ok(r) => {
-            clean_dead(&store, &r)?;
-            store.remove(&r)?;
-        }
-        Err(StateError::NotFound(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
+    lifecycle::remove(root, &args.name, args.force).map_err(from_engine)?;
     outln!("{}", args.name);
     Ok(0)
 }
 
 /// `mvm inspect`: the record as JSON, with the status as seen now.
 pub fn inspect(root: &Path, args: &InspectArgs) -> anyhow::Result<i32> {
-    let (_, mut r) = find(root, &args.name)?;
-    r.status = r.live_status();
+    let r = lifecycle::inspect(root, &args.name).map_err(from_engine)?;
     outln!("{}", serde_json::to_string_pretty(&r)?);
     Ok(0)
 }
@@ -482,14 +265,15 @@ pub fn inspect(root: &Path, args: &InspectArgs) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{new_id, now, process_start_time};
+    use engine::spec::Isolation;
+    use engine::state::{new_id, now, process_start_time, StateError, StateStore};
 
     fn record(name: &str, status: Status, pid: Option<i32>) -> ContainerRecord {
         let mut r = ContainerRecord::new(
             format!("abcdef012345{}", &new_id()[..4]),
             name.into(),
             "nginx".into(),
-            "vm",
+            Isolation::Vm,
             vec!["nginx".into()],
             vec!["8080:80".into()],
         );
@@ -546,9 +330,7 @@ mod tests {
     fn a_running_record_whose_runner_died_is_listed_as_exited() {
         let r = record("web", Status::Running, Some(i32::MAX));
         assert_eq!(status_text(&r), "exited (unknown)");
-        assert!(!is_live(&r));
-        assert!(require_running(&r).is_err());
-        assert!(wait_gone(&r, Duration::ZERO));
+        assert!(!lifecycle::is_live(&r));
     }
 
     #[test]
@@ -573,7 +355,7 @@ mod tests {
     fn commands_on_an_unknown_name_fail_with_bad_input_and_create_nothing() {
         let root = tempfile::tempdir().unwrap();
         let bad = |e: anyhow::Error| {
-            assert!(e.chain().any(|c| c.is::<super::super::BadInput>()), "{e:#}");
+            assert!(e.chain().any(|c| c.is::<crate::BadInput>()), "{e:#}");
             e.to_string()
         };
         let msg = bad(logs(

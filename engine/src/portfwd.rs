@@ -35,12 +35,20 @@ pub enum PortError {
 }
 
 /// One `-p` mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Host address to listen on (127.0.0.1 unless given).
     pub host: SocketAddr,
     /// Port inside the guest.
     pub guest_port: u16,
+}
+
+impl std::fmt::Display for PortMapping {
+    /// `IP:HOSTPORT:GUESTPORT`, which parses back to the same mapping.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest_port)
+    }
 }
 
 impl FromStr for PortMapping {
@@ -207,6 +215,7 @@ mod tests {
         assert_eq!(m.guest_port, 80);
         let m: PortMapping = "0.0.0.0:8443:443/tcp".parse().unwrap();
         assert_eq!(m.host, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(m.to_string().parse::<PortMapping>().unwrap(), m);
         for bad in ["80", "a:80", "8080:", "8080:0", "1.2.3:80:80", "70000:80"] {
             assert!(
                 matches!(bad.parse::<PortMapping>(), Err(PortError::Parse(_))),

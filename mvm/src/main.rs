@@ -1,5 +1,7 @@
-//! The `mvm` command line. Each subcommand lives in its own module and maps its flags onto the
-//! library's config types; this module only parses, dispatches and turns errors into exit codes.
+//! `mvm`: run OCI images in KVM microVMs, containers or plain processes. The command line only:
+//! each subcommand's module parses its flags into the engine's types (`mvm run` into an
+//! `engine::RunSpec`), calls the engine (or, for `boot` and `info`, the `vmm` crate) and prints
+//! the result; this module dispatches and turns errors into one line and an exit code.
 //!
 //! Exit codes: a command's own code on success (for `run`, the container's); 2 for bad input
 //! (flags, paths, files that are not what they claim to be); 1 for anything that failed later.
@@ -8,26 +10,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// `println!` for command output: a closed stdout (`mvm ps | head -1`) ends mvm quietly instead of
-/// panicking.
-macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            $crate::cli::stdout_failed(&e);
-        }
-    }};
-}
-
-/// Ends mvm after a write to stdout failed: silently with 0 when the reader went away (a broken
-/// pipe, as other Unix tools behave), else with one line and 1.
-pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        std::process::exit(0);
-    }
-    eprintln!("mvm: cannot write to stdout: {e}");
-    std::process::exit(EXIT_FAILURE);
-}
+#[macro_use]
+mod output;
 
 mod boot;
 mod example;
@@ -35,14 +19,12 @@ mod image;
 mod info;
 mod lifecycle;
 mod run;
-mod run_vm;
-mod runner;
 mod version;
 
 /// Exit code for bad input: wrong flags, missing or malformed files.
-pub const EXIT_BAD_INPUT: i32 = 2;
+pub const EXIT_BAD_INPUT: i32 = engine::error::EXIT_BAD_INPUT;
 /// Exit code for failures after the input was accepted.
-pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_FAILURE: i32 = engine::error::EXIT_FAILURE;
 
 /// An error caused by what the user asked for rather than by the machine: exits with code 2.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +34,15 @@ pub struct BadInput(pub String);
 /// Shorthand for returning a [`BadInput`] error.
 pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
+}
+
+/// An engine error as this binary reports it: bad input and command exits keep their exit code.
+pub fn from_engine(e: engine::Error) -> anyhow::Error {
+    match e {
+        engine::Error::Exit(exit) => exit.into(),
+        e if e.is_bad_input() => BadInput(engine::error::one_line(&e)).into(),
+        e => e.into(),
+    }
 }
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
@@ -104,8 +95,17 @@ enum Command {
     Inspect(lifecycle::InspectArgs),
 }
 
+fn main() {
+    std::process::exit(run_main());
+}
+
 /// Parses the command line, runs the command and returns the process exit code.
-pub fn main() -> i32 {
+fn run_main() -> i32 {
+    // The background runner of `run -d` (see `engine::runner`): no command line to parse.
+    if let Some(dir) = engine::runner::requested() {
+        init_logging();
+        return report(engine::runner::serve(&dir).map_err(from_engine));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -141,12 +141,20 @@ pub fn main() -> i32 {
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
     };
+    report(result)
+}
+
+/// A command's exit code, or its error on one line and the code that says what kind it was.
+fn report(result: anyhow::Result<i32>) -> i32 {
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("mvm: {err:#}");
-            if let Some(run::CommandExit(code, _)) = err.downcast_ref::<run::CommandExit>() {
+            if let Some(engine::CommandExit(code, _)) = err.downcast_ref::<engine::CommandExit>() {
                 return *code;
+            }
+            if let Some(e) = err.downcast_ref::<engine::Error>() {
+                return e.exit_code();
             }
             if err.chain().any(|e| e.is::<BadInput>()) {
                 EXIT_BAD_INPUT

@@ -1,0 +1,66 @@
+//! `--isolation container`: the runtime of `guest_agent::runtime` on the host kernel, with the
+//! image (or `--rootfs`) as the overlay's lower layer and the writable layer in the container's
+//! directory (`upper/`, kept until `mvm rm`).
+
+use guest_agent::runtime::{
+    self, Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
+};
+
+use super::{Exit, Run};
+use crate::error::{io_error, Error};
+use crate::logs::Pumps;
+use crate::spec::Network;
+
+/// Runs the container on the host; returns its exit.
+pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
+    let spec = run.spec;
+    let dir = run.guard.dir().to_path_buf();
+    let network = match &spec.network {
+        Some(Network::Host) => RuntimeNetwork::Host,
+        // Anything else was refused by the spec's validation.
+        _ => RuntimeNetwork::None,
+    };
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir(d).map_err(io_error("create", d))?;
+    }
+    let container = ContainerSpec {
+        // The name: it names the cgroup and is the default hostname.
+        id: run.guard.record().name.clone(),
+        rootfs: Rootfs::Overlay {
+            lower: vec![run.rootfs.clone()],
+            upper,
+            work,
+        },
+        process: run.process.clone(),
+        hostname: spec.hostname.clone(),
+        limits: spec.limits.clone(),
+        terminal: false,
+        network,
+        init: spec.init,
+        cgroup_parent: None,
+        mounts: spec.volumes.clone(),
+    };
+    // Before any thread starts, so every thread keeps them blocked for the wait below.
+    runtime::block_forwarded_signals()?;
+    let stdio = StdioConfig {
+        stdin: StdioMode::Inherit,
+        stdout: StdioMode::Piped,
+        stderr: StdioMode::Piped,
+    };
+    let mut c = Container::start(&container, &stdio)?;
+    if let Some(cgroup) = c.cgroup() {
+        run.guard.cgroups(cgroup.dirs().to_vec())?;
+    }
+    run.started(Vec::new(), Some(c.pid()))?;
+    let pumps = Pumps::start(
+        c.take_stdout(),
+        c.take_stderr(),
+        &run.log_path(),
+        !run.runner,
+    )?;
+    let exit = c.wait_forwarding_signals();
+    pumps.finish();
+    let exit = exit?;
+    Ok(run.exited(exit.code, exit.oom_killed))
+}

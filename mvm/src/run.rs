@@ -1,0 +1,297 @@
+//! `mvm run`: the flags (as `docker run`'s) become one `engine::RunSpec`, and the engine runs it.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use engine::spec::{self, Isolation, Network, RunSpec, Source};
+use engine::units::{format_size, parse_duration, parse_size};
+use engine::{Exit, RunOutcome};
+use guest_agent::runtime::command::Overrides;
+use guest_agent::runtime::Limits;
+
+use crate::{bad_input, from_engine};
+
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// Its own VM and guest kernel.
+    Vm,
+    /// A container on the host kernel (namespaces, overlay root, cgroup limits).
+    Container,
+    /// A plain process on the host: no namespaces, no limits.
+    Process,
+}
+
+impl From<IsolationArg> for Isolation {
+    fn from(a: IsolationArg) -> Self {
+        match a {
+            IsolationArg::Vm => Isolation::Vm,
+            IsolationArg::Container => Isolation::Container,
+            IsolationArg::Process => Isolation::Process,
+        }
+    }
+}
+
+/// Flags of `mvm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image to run.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Run this directory as the root filesystem instead of an image (it is never modified: the
+    /// container writes to an overlay).
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    pub rootfs: Option<PathBuf>,
+    /// Container name (default: the first 12 digits of its id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Remove the container's files when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Run in the background and print the container id.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Memory limit, e.g. 256M, 1.5G (a VM's memory; 256M by default).
+    #[arg(long, short = 'm', visible_alias = "memory", value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// CPU limit as a number of CPUs (fractions allowed; a VM gets it rounded up as vCPUs).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// Set an environment variable (KEY=VALUE, or KEY to copy it from here).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Replace the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// User: uid, uid:gid, name or name:group.
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Hostname inside the container.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Run a tiny init as PID 1 that forwards signals and reaps zombies.
+    #[arg(long)]
+    pub init: bool,
+    /// Network. VM: user (rootless, passt), tap, tap:NAME[,IP/PREFIX] or none (default: user
+    /// where passt is installed, else none). Container: none (loopback only, the default) or host.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+    /// Isolation: vm, container or process.
+    #[arg(long, value_enum, default_value = "vm")]
+    pub isolation: IsolationArg,
+    /// Guest kernel for --isolation vm (default: <root>/kernel/vmlinux from scripts/build-kernel.sh).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Extra guest kernel arguments, appended to mvm's own (--isolation vm).
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub kernel_args: Option<String>,
+    /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
+    pub publish: Vec<String>,
+    /// Make a host directory visible inside: HOSTPATH:PATH[:ro]. A container sees the host
+    /// directory itself; a VM gets a copy on a disk image made at start (never a live share).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:PATH[:ro]")]
+    pub volumes: Vec<String>,
+    /// Stop after this long (e.g. 30s, 5m) and exit 124 (--isolation vm).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Command and arguments (after `--`); replace the image's Cmd.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+/// The spec the flags describe. Values are parsed here (sizes, durations, ports, networks,
+/// volumes, `-e KEY` from this environment); the engine validates the whole.
+pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
+    let source = match (&args.image, &args.rootfs) {
+        (Some(image), _) => Source::Image {
+            reference: image.clone(),
+            digest: None,
+        },
+        (None, Some(dir)) => Source::Rootfs {
+            path: std::fs::canonicalize(dir)
+                .ok()
+                .filter(|d| d.is_dir())
+                .ok_or_else(|| {
+                    bad_input(format!("--rootfs {}: no such directory", dir.display()))
+                })?,
+        },
+        (None, None) => return Err(bad_input("give --image IMAGE or --rootfs DIR")),
+    };
+    let memory_bytes = args
+        .mem
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| bad_input(format!("--mem: {e}")))?;
+    let env = args
+        .env
+        .iter()
+        .filter_map(|e| {
+            if e.contains('=') {
+                Some(e.clone())
+            } else {
+                std::env::var(e).ok().map(|v| format!("{e}={v}"))
+            }
+        })
+        .collect();
+    let engine_err = |e: engine::Error| from_engine(e);
+    Ok(RunSpec {
+        name: args.name.clone(),
+        source,
+        isolation: args.isolation.into(),
+        command: Overrides {
+            entrypoint: args.entrypoint.clone(),
+            cmd: args.command.clone(),
+            env,
+            workdir: args.workdir.clone(),
+            user: args.user.clone(),
+        },
+        hostname: args.hostname.clone(),
+        init: args.init,
+        limits: Limits {
+            memory_bytes,
+            cpus: args.cpus,
+            pids_max: args.pids_limit,
+        },
+        network: args
+            .network
+            .as_deref()
+            .map(str::parse::<Network>)
+            .transpose()
+            .map_err(engine_err)?,
+        publish: args
+            .publish
+            .iter()
+            .map(|p| {
+                p.parse()
+                    .map_err(|e: engine::portfwd::PortError| bad_input(e.to_string()))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        volumes: args
+            .volumes
+            .iter()
+            .map(|v| spec::parse_volume(v).map_err(engine_err))
+            .collect::<anyhow::Result<_>>()?,
+        timeout: args
+            .timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| bad_input(e.to_string()))?,
+        remove: args.rm,
+        detach: args.detach,
+        kernel: args.kernel.clone(),
+        kernel_args: args.kernel_args.clone(),
+    })
+}
+
+/// Runs `mvm run`; returns the command's exit code (0 after `-d`, with the id printed).
+pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
+    let spec = to_spec(args)?;
+    let memory_limit = spec.limits.memory_bytes;
+    match engine::run(root, spec).map_err(from_engine)? {
+        RunOutcome::Detached(id) => {
+            outln!("{id}");
+            Ok(0)
+        }
+        RunOutcome::Exited(Exit {
+            name,
+            code,
+            oom_killed,
+        }) => {
+            if oom_killed {
+                let limit =
+                    memory_limit.map_or(String::new(), |m| format!(" (limit {})", format_size(m)));
+                eprintln!(
+                    "mvm: container {name}: a process was killed for running out of memory{limit}"
+                );
+            }
+            Ok(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn spec(args: &[&str]) -> anyhow::Result<RunSpec> {
+        let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))?;
+        to_spec(&cli.run)
+    }
+
+    #[test]
+    fn flags_become_one_spec() {
+        std::env::set_var("MVM_TEST_FROM_HERE", "x");
+        let s = spec(&[
+            "--image",
+            "busybox",
+            "--mem",
+            "1.5G",
+            "-p",
+            "8080:80",
+            "--timeout",
+            "2m",
+            "--network",
+            "tap:t0",
+            "-e",
+            "MVM_TEST_FROM_HERE",
+            "-e",
+            "MVM_TEST_UNSET_VAR",
+            "-e",
+            "A=1",
+            "--",
+            "echo",
+            "hi",
+        ])
+        .unwrap();
+        assert_eq!(s.limits.memory_bytes, Some(3 << 29));
+        assert_eq!(s.publish[0].to_string(), "127.0.0.1:8080:80");
+        assert_eq!(s.timeout, Some(std::time::Duration::from_secs(120)));
+        assert_eq!(
+            s.network.as_ref().map(ToString::to_string).as_deref(),
+            Some("tap:t0")
+        );
+        assert_eq!(s.command.env, ["MVM_TEST_FROM_HERE=x", "A=1"]);
+        assert_eq!(s.command.cmd, ["echo", "hi"]);
+        assert_eq!(s.isolation, Isolation::Vm);
+    }
+
+    #[test]
+    fn bad_values_are_bad_input_with_one_line() {
+        for flags in [
+            &["--image", "x", "--mem", "lots"][..],
+            &["--image", "x", "-p", "8080"],
+            &["--image", "x", "--timeout", "1d"],
+            &["--image", "x", "--network", "bogus"],
+            &["--image", "x", "-v", "/nonexistent/dir:/data"],
+            &["--rootfs", "/nonexistent/dir"],
+            &[],
+        ] {
+            let e = spec(flags).unwrap_err();
+            assert!(
+                e.chain().any(|c| c.is::<crate::BadInput>()),
+                "{flags:?}: {e:#}"
+            );
+            assert_eq!(format!("{e:#}").lines().count(), 1, "{flags:?}");
+        }
+    }
+}
