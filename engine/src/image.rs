@@ -1,7 +1,7 @@
 //! Images for runs and for the image commands, over the store in `<root>/images`: pull, push,
-//! list, remove and load; and [`resolve`], which turns a run's [`Source`] into an unpacked root
+//! list, remove and load; and [`resolve`], which turns a run's image into an unpacked root
 //! filesystem and image config (pulling the image first when it is not stored, as `docker run`
-//! does), pinning the digest it found.
+//! does) and says which digest it found.
 //!
 //! Caches under `<root>/cache`: `rootfs/<key>` (unpacked root filesystems) and `disks/<key>.ext4`
 //! (their disk images for VMs), both keyed by manifest digest ([`cache_key`]); `agent-*.cpio` (the
@@ -17,8 +17,6 @@ use rootfs_builder::registry::{self, PullOptions, RegistryError};
 use rootfs_builder::rootfs::{self, RootfsError};
 use rootfs_builder::store::{Image, ImageSummary, Removed, Store, StoreError};
 use rootfs_builder::unpack::{LayerMediaType, UnpackError};
-
-use crate::spec::Source;
 
 /// Errors of the image store, registries and root filesystem caches.
 #[derive(Debug, thiserror::Error)]
@@ -192,45 +190,39 @@ pub fn load(root: &Path, input: &Path, tag: Option<&str>) -> Result<Vec<Referenc
     Ok(loaded.into_iter().map(|i| i.reference).collect())
 }
 
-/// A run's root filesystem and the config to start it with.
+/// An image's root filesystem and the config to start it with.
 #[derive(Debug)]
 pub struct Resolved {
-    /// The read-only root directory (an unpacked image in the cache, or `--rootfs`).
+    /// The unpacked root directory in the cache (read-only: the container's lower layer).
     pub dir: PathBuf,
-    /// The image config (empty for a directory).
+    /// The image config.
     pub config: ImageConfig,
+    /// The manifest digest of the image.
+    pub digest: String,
 }
 
-/// Resolves a run's source to a root filesystem and image config: an image is found in the
-/// store (pulled when it is not there; progress on stderr) and unpacked into the cache. An image
-/// source without a digest gets the one it resolved to, so a later resolve (the `-d` runner's)
-/// finds the same image even if its tag has moved.
-pub fn resolve(root: &Path, source: &mut Source) -> Result<Resolved, ImageError> {
-    match source {
-        Source::Image { reference, digest } => {
-            let image = match digest {
-                Some(d) => pinned(root, reference, d)?,
-                None => find_or_pull(root, reference)?,
-            };
-            *digest = Some(image.manifest_digest.clone());
-            let dir = image_rootfs(root, &image)?;
-            let c = image.config;
-            Ok(Resolved {
-                dir,
-                config: ImageConfig {
-                    entrypoint: c.entrypoint.unwrap_or_default(),
-                    cmd: c.cmd.unwrap_or_default(),
-                    env: c.env.unwrap_or_default(),
-                    working_dir: c.working_dir,
-                    user: c.user,
-                },
-            })
-        }
-        Source::Rootfs { path } => Ok(Resolved {
-            dir: path.clone(),
-            config: ImageConfig::default(),
-        }),
-    }
+/// Resolves image `reference` to its unpacked root filesystem and config: found in the store
+/// (pulled when it is not there; progress on stderr) and unpacked into the cache. With `digest`
+/// (what an earlier resolve found), exactly that image, whatever the tag names now, and never
+/// pulled.
+pub fn resolve(root: &Path, reference: &str, digest: Option<&str>) -> Result<Resolved, ImageError> {
+    let image = match digest {
+        Some(d) => pinned(root, reference, d)?,
+        None => find_or_pull(root, reference)?,
+    };
+    let dir = image_rootfs(root, &image)?;
+    let c = image.config;
+    Ok(Resolved {
+        dir,
+        config: ImageConfig {
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            env: c.env.unwrap_or_default(),
+            working_dir: c.working_dir,
+            user: c.user,
+        },
+        digest: image.manifest_digest,
+    })
 }
 
 /// The image `text` from the store, pulled first when it is not there.
@@ -296,17 +288,10 @@ mod tests {
     #[test]
     fn a_pinned_digest_that_is_not_stored_is_not_pulled() {
         let root = tempfile::tempdir().unwrap();
-        let mut source = Source::Image {
-            reference: "busybox".into(),
-            digest: Some(format!("sha256:{}", "0".repeat(64))),
-        };
-        let e = resolve(root.path(), &mut source).unwrap_err();
+        let zero = format!("sha256:{}", "0".repeat(64));
+        let e = resolve(root.path(), "busybox", Some(&zero)).unwrap_err();
         assert!(matches!(e, ImageError::Store(_)), "{e}");
-        let mut source = Source::Image {
-            reference: "busybox".into(),
-            digest: Some("md5:x".into()),
-        };
-        assert!(resolve(root.path(), &mut source)
+        assert!(resolve(root.path(), "busybox", Some("md5:x"))
             .unwrap_err()
             .is_bad_input());
     }

@@ -4,8 +4,8 @@
 //! `run -d` validates the spec, resolves the image and registers the container (the name is
 //! taken then, once), writes the spec with the image digest it resolved to `<dir>/spec.json`, and
 //! starts mvm again with [`RUNNER_ENV`] naming that directory, in a new session with stdin from
-//! /dev/null and stdout and stderr on pipes. The runner ([`serve`]) takes the record over, reads
-//! the spec, starts the container; then it moves its own stdout and stderr to `<dir>/runner.log`
+//! /dev/null and stdout and stderr on pipes. The runner (`crate::run::resume`) takes the record
+//! over ([`RunGuard::adopt`]), reads the spec, starts the container; then it moves its own stdout and stderr to `<dir>/runner.log`
 //! and writes the container id on the original stdout. The parent returns that id; if the runner
 //! exits first, the parent repeats the runner's error line and exits with its code. Either way
 //! nothing is left behind on failure: [`RunGuard`] removes the record of a container that never
@@ -130,19 +130,6 @@ fn runner_failure(stderr: &str, code: i32) -> Error {
     CommandExit(code.max(1), msg).into()
 }
 
-/// The runner's side: takes over the container registered in `dir` and runs its spec; returns
-/// the container's exit code.
-pub fn serve(dir: &Path) -> Result<i32, Error> {
-    let (store, id) = StateStore::of_container_dir(dir).ok_or_else(|| {
-        Error::BadInput(format!("{RUNNER_ENV}={}: not a container", dir.display()))
-    })?;
-    let record = store.load(&id)?;
-    let spec = read_spec(dir)?;
-    let guard = RunGuard::adopt(store, record, spec.remove)?;
-    let root = guard.store.root().to_path_buf();
-    crate::run::run_registered(&root, spec, guard, true).map(|exit| exit.code)
-}
-
 /// In the runner, once the container runs: moves stdout and stderr to `<dir>/runner.log` and
 /// tells the waiting parent the container id.
 pub(crate) fn announce_ready(id: &str, dir: &Path) -> Result<(), Error> {
@@ -220,7 +207,7 @@ impl RunGuard {
     }
 
     /// Hands the record to another process (the runner) without touching it.
-    fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         self.released = true;
     }
 

@@ -19,6 +19,7 @@ use vmm::virtio_devices::NetworkMode;
 use crate::error::{bad_input, Error};
 use crate::portfwd::PortMapping;
 use crate::state;
+pub use crate::state::Isolation;
 use crate::units::format_size;
 
 /// Guest memory of a VM without a memory limit.
@@ -27,29 +28,6 @@ pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
 pub const MIN_VM_MEMORY: u64 = 64 << 20;
 /// Most `-v` volumes of one VM (each is a virtio-blk device).
 pub const MAX_VM_VOLUMES: usize = 8;
-
-/// How the command is isolated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Isolation {
-    /// Its own VM and guest kernel.
-    #[default]
-    Vm,
-    /// A container on the host kernel (namespaces, overlay root, cgroup limits).
-    Container,
-    /// A plain process on the host: no namespaces, no limits.
-    Process,
-}
-
-impl fmt::Display for Isolation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Isolation::Vm => "vm",
-            Isolation::Container => "container",
-            Isolation::Process => "process",
-        })
-    }
-}
 
 /// Where the container's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,14 +11,13 @@
 //! pid is not mistaken for it). A record that says running whose process is gone is shown as
 //! exited: the runner died (`kill -9`), and `rm` cleans up after it.
 
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-
-use crate::spec::Isolation;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +71,29 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
     move |source| StateError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// How the command is isolated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Its own VM and guest kernel.
+    #[default]
+    Vm,
+    /// A container on the host kernel (namespaces, overlay root, cgroup limits).
+    Container,
+    /// A plain process on the host: no namespaces, no limits.
+    Process,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Vm => "vm",
+            Isolation::Container => "container",
+            Isolation::Process => "process",
+        })
     }
 }
 
@@ -205,6 +227,24 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
         return None;
     }
     fields.nth(18)?.parse().ok()
+}
+
+/// The mvm root where `--root` is not given: /var/lib/mvm for root, else `$XDG_DATA_HOME/mvm`
+/// (`~/.local/share/mvm`). A given root is made absolute, so paths derived from it work as
+/// overlay and mount options.
+pub fn default_root(given: Option<PathBuf>) -> PathBuf {
+    if let Some(root) = given {
+        return std::path::absolute(&root).unwrap_or(root);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/mvm");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("mvm"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/share/mvm"),
+    }
 }
 
 /// The container state directory.

@@ -15,7 +15,7 @@ use vmm::builder::VmBuilder;
 use vmm::config::{self, VmConfig};
 use vmm::virtio_devices::{self, DevicesConfig, NetworkMode};
 
-use crate::bad_input;
+use crate::error::bad_input;
 
 /// Flags of `mvm boot`.
 #[derive(Debug, Args)]

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::{bad_input, root_dir};
+use crate::error::bad_input;
+use engine::state::default_root as root_dir;
 
 /// Flags of `mvm build-example`.
 #[derive(Debug, Args)]

@@ -8,8 +8,8 @@ use engine::image::{self, ImageError};
 use rootfs_builder::reference::Reference;
 use rootfs_builder::registry::human_size;
 
+use crate::error::{bad_input, from_engine, EXIT_FAILURE};
 use crate::output::table;
-use crate::{bad_input, from_engine, EXIT_FAILURE};
 
 /// Flags of `mvm pull`.
 #[derive(Debug, Args)]

@@ -11,8 +11,8 @@ use engine::portfwd::PortMapping;
 use engine::state::{ContainerRecord, Status};
 use guest_agent::runtime::Process;
 
+use crate::error::{bad_input, from_engine};
 use crate::output::table;
-use crate::{bad_input, from_engine};
 
 /// Flags of `mvm ps`.
 #[derive(Debug, Args)]
@@ -355,7 +355,7 @@ mod tests {
     fn commands_on_an_unknown_name_fail_with_bad_input_and_create_nothing() {
         let root = tempfile::tempdir().unwrap();
         let bad = |e: anyhow::Error| {
-            assert!(e.chain().any(|c| c.is::<crate::BadInput>()), "{e:#}");
+            assert!(e.chain().any(|c| c.is::<crate::error::BadInput>()), "{e:#}");
             e.to_string()
         };
         let msg = bad(logs(

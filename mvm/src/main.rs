@@ -9,41 +9,21 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use engine::state::default_root as root_dir;
+
+use crate::error::{from_engine, report, EXIT_BAD_INPUT};
 
 #[macro_use]
 mod output;
 
 mod boot;
+mod error;
 mod example;
 mod image;
 mod info;
 mod lifecycle;
 mod run;
 mod version;
-
-/// Exit code for bad input: wrong flags, missing or malformed files.
-pub const EXIT_BAD_INPUT: i32 = engine::error::EXIT_BAD_INPUT;
-/// Exit code for failures after the input was accepted.
-pub const EXIT_FAILURE: i32 = engine::error::EXIT_FAILURE;
-
-/// An error caused by what the user asked for rather than by the machine: exits with code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
-
-/// Shorthand for returning a [`BadInput`] error.
-pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
-    BadInput(msg.into()).into()
-}
-
-/// An engine error as this binary reports it: bad input and command exits keep their exit code.
-pub fn from_engine(e: engine::Error) -> anyhow::Error {
-    match e {
-        engine::Error::Exit(exit) => exit.into(),
-        e if e.is_bad_input() => BadInput(engine::error::one_line(&e)).into(),
-        e => e.into(),
-    }
-}
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
 #[derive(Debug, Parser)]
@@ -104,7 +84,7 @@ fn run_main() -> i32 {
     // The background runner of `run -d` (see `engine::runner`): no command line to parse.
     if let Some(dir) = engine::runner::requested() {
         init_logging();
-        return report(engine::runner::serve(&dir).map_err(from_engine));
+        return report(engine::run::resume(&dir).map_err(from_engine));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -142,44 +122,6 @@ fn run_main() -> i32 {
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
     };
     report(result)
-}
-
-/// A command's exit code, or its error on one line and the code that says what kind it was.
-fn report(result: anyhow::Result<i32>) -> i32 {
-    match result {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("mvm: {err:#}");
-            if let Some(engine::CommandExit(code, _)) = err.downcast_ref::<engine::CommandExit>() {
-                return *code;
-            }
-            if let Some(e) = err.downcast_ref::<engine::Error>() {
-                return e.exit_code();
-            }
-            if err.chain().any(|e| e.is::<BadInput>()) {
-                EXIT_BAD_INPUT
-            } else {
-                EXIT_FAILURE
-            }
-        }
-    }
-}
-
-/// The store and state directory: `--root`, else the default for this user.
-pub fn root_dir(root: Option<PathBuf>) -> PathBuf {
-    if let Some(root) = root {
-        // Absolute, so paths derived from it work as overlay and mount options.
-        return std::path::absolute(&root).unwrap_or(root);
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/mvm");
-    }
-    match std::env::var_os("XDG_DATA_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("mvm"),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-            .join(".local/share/mvm"),
-    }
 }
 
 /// Logs go to stderr; `MVM_LOG=debug` (or info, warn, trace) turns them up. Default: warnings.

@@ -19,7 +19,7 @@ pub fn stdout_failed(e: &std::io::Error) -> ! {
         std::process::exit(0);
     }
     eprintln!("mvm: cannot write to stdout: {e}");
-    std::process::exit(crate::EXIT_FAILURE);
+    std::process::exit(crate::error::EXIT_FAILURE);
 }
 
 /// Rows as aligned columns, as Docker prints them: each column as wide as its widest cell,

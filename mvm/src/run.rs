@@ -9,7 +9,7 @@ use engine::{Exit, RunOutcome};
 use guest_agent::runtime::command::Overrides;
 use guest_agent::runtime::Limits;
 
-use crate::{bad_input, from_engine};
+use crate::error::{bad_input, from_engine};
 
 /// `--isolation`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -288,7 +288,7 @@ mod tests {
         ] {
             let e = spec(flags).unwrap_err();
             assert!(
-                e.chain().any(|c| c.is::<crate::BadInput>()),
+                e.chain().any(|c| c.is::<crate::error::BadInput>()),
                 "{flags:?}: {e:#}"
             );
             assert_eq!(format!("{e:#}").lines().count(), 1, "{flags:?}");

@@ -6,7 +6,7 @@ use guest_agent::runtime::{
     self, Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
 };
 
-use super::{Exit, Run};
+use super::context::{Exit, Run};
 use crate::error::{io_error, Error};
 use crate::logs::Pumps;
 use crate::spec::Network;

@@ -10,18 +10,21 @@
 //!    its output going to the container log and the terminal ([`crate::logs`]).
 
 mod container;
+mod context;
 mod process;
 mod vm;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use guest_agent::runtime::{command, spec::SpecError, Process};
+use guest_agent::runtime::{command, spec::SpecError, ImageConfig, Process};
 
 use crate::error::{bad_input, Error};
-use crate::image::{self, Resolved};
-use crate::runner::{self, RunGuard};
-use crate::spec::{Isolation, RunSpec};
+use crate::image;
+use crate::runner::{self, RunGuard, RUNNER_ENV};
+use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
+pub use context::Exit;
+use context::Run;
 
 /// How a run ended for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,24 +35,13 @@ pub enum RunOutcome {
     Detached(String),
 }
 
-/// How a container ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exit {
-    /// The container's name.
-    pub name: String,
-    /// Its exit code (128 + n when signal n ended it, 124 when its timeout ran out).
-    pub code: i32,
-    /// The kernel's OOM killer killed one of its processes (`--isolation container`).
-    pub oom_killed: bool,
-}
-
 /// Runs `spec` under the mvm root `root`: in the foreground until the container exits, or, with
 /// `-d`, until the background runner reports that it runs.
 pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
     spec.validate(root)?;
     let mut spec = spec;
-    let resolved = image::resolve(root, &mut spec.source)?;
-    let process = resolve_process(&spec, &resolved)?;
+    let rootfs = resolve_source(root, &mut spec.source)?;
+    let process = resolve_process(&spec, &rootfs.config)?;
     let store = StateStore::open(root)?;
     let id = new_id();
     let name = spec.name.clone().unwrap_or_else(|| id[..12].to_string());
@@ -66,26 +58,52 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
     if spec.detach {
         return runner::detach(guard).map(RunOutcome::Detached);
     }
-    execute(root, &spec, resolved, process, guard, false).map(RunOutcome::Exited)
+    execute(root, &spec, rootfs.dir, process, guard, false).map(RunOutcome::Exited)
 }
 
-/// Runs the spec of a container already registered (the runner's side of `-d`): the image is
-/// the one the spec pins.
-pub(crate) fn run_registered(
-    root: &Path,
-    mut spec: RunSpec,
-    guard: RunGuard,
-    runner: bool,
-) -> Result<Exit, Error> {
-    let resolved = image::resolve(root, &mut spec.source)?;
-    let process = resolve_process(&spec, &resolved)?;
-    execute(root, &spec, resolved, process, guard, runner)
+/// The runner's side of `-d` (see [`runner`]): takes over the container registered in `dir`
+/// and runs its spec (the image is the one the spec pins); returns the container's exit code.
+pub fn resume(dir: &Path) -> Result<i32, Error> {
+    let (store, id) = StateStore::of_container_dir(dir)
+        .ok_or_else(|| bad_input(format!("{RUNNER_ENV}={}: not a container", dir.display())))?;
+    let record = store.load(&id)?;
+    let mut spec = runner::read_spec(dir)?;
+    let guard = RunGuard::adopt(store.clone(), record, spec.remove)?;
+    let root = store.root();
+    let rootfs = resolve_source(root, &mut spec.source)?;
+    let process = resolve_process(&spec, &rootfs.config)?;
+    execute(root, &spec, rootfs.dir, process, guard, true).map(|exit| exit.code)
+}
+
+/// The run's root directory and image config.
+struct RootFs {
+    dir: PathBuf,
+    config: ImageConfig,
+}
+
+/// Resolves the spec's source: an image is found (or pulled) and unpacked, and its digest pinned
+/// in the spec, so a runner reading the spec later runs exactly this image.
+fn resolve_source(root: &Path, source: &mut Source) -> Result<RootFs, Error> {
+    match source {
+        Source::Image { reference, digest } => {
+            let resolved = image::resolve(root, reference, digest.as_deref())?;
+            *digest = Some(resolved.digest);
+            Ok(RootFs {
+                dir: resolved.dir,
+                config: resolved.config,
+            })
+        }
+        Source::Rootfs { path } => Ok(RootFs {
+            dir: path.clone(),
+            config: ImageConfig::default(),
+        }),
+    }
 }
 
 /// The container's first process: the image config with the spec's overrides.
-fn resolve_process(spec: &RunSpec, resolved: &Resolved) -> Result<Process, Error> {
+fn resolve_process(spec: &RunSpec, config: &ImageConfig) -> Result<Process, Error> {
     // `-e KEY` entries were filled in when the spec was built: nothing comes from here.
-    let process = command::resolve(&resolved.config, &spec.command, |_| None);
+    let process = command::resolve(config, &spec.command, |_| None);
     if process.args.is_empty() {
         return Err(bad_input(SpecError::NoCommand.to_string()));
     }
@@ -97,7 +115,7 @@ fn resolve_process(spec: &RunSpec, resolved: &Resolved) -> Result<Process, Error
 fn execute(
     root: &Path,
     spec: &RunSpec,
-    resolved: Resolved,
+    rootfs: PathBuf,
     process: Process,
     guard: RunGuard,
     runner: bool,
@@ -105,7 +123,7 @@ fn execute(
     let run = Run {
         root,
         spec,
-        rootfs: resolved.dir,
+        rootfs,
         process,
         guard,
         runner,
@@ -114,48 +132,5 @@ fn execute(
         Isolation::Vm => vm::run(run),
         Isolation::Container => container::run(run),
         Isolation::Process => process::run(run),
-    }
-}
-
-/// Everything a mode needs to run one registered container.
-struct Run<'a> {
-    /// The mvm root.
-    root: &'a Path,
-    /// The spec.
-    spec: &'a RunSpec,
-    /// The read-only root directory.
-    rootfs: std::path::PathBuf,
-    /// The first process.
-    process: Process,
-    /// The record, while the container runs.
-    guard: RunGuard,
-    /// Whether this is the background runner.
-    runner: bool,
-}
-
-impl Run<'_> {
-    /// The container runs: records it (with its first process's host pid, if it has one) and,
-    /// in the runner, tells the parent.
-    fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
-        self.guard.running(taps, process_pid)?;
-        if self.runner {
-            runner::announce_ready(&self.guard.record().id, self.guard.dir())?;
-        }
-        Ok(())
-    }
-
-    /// The container log, echoed to the terminal in the foreground.
-    fn log_path(&self) -> std::path::PathBuf {
-        self.guard.dir().join("container.log")
-    }
-
-    /// The container exited with `code`: records it.
-    fn exited(mut self, code: i32, oom_killed: bool) -> Exit {
-        self.guard.exited(code);
-        Exit {
-            name: self.guard.record().name.clone(),
-            code,
-            oom_killed,
-        }
     }
 }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use guest_agent::runtime;
 
-use super::{Exit, Run};
+use super::context::{Exit, Run};
 use crate::error::{CommandExit, Error};
 use crate::logs::Pumps;
 

@@ -12,7 +12,7 @@ use guest_agent::runtime::{ContainerSpec, Limits, Network, Rootfs};
 use rootfs_builder::initramfs::{Initramfs, InitramfsError};
 use vmm::virtio_devices::NetworkMode;
 
-use super::{Exit, Run};
+use super::context::{Exit, Run};
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::image;
 use crate::logs::LogSink;

@@ -7,7 +7,7 @@
 //! - [`user`]: user and group lookup in the root filesystem.
 //! - [`cgroups`]: the container's cgroup (v2, or v1 on hosts that still bind controllers there).
 //! - [`namespaces`], [`mounts`], `child`: the clone and everything the new process does up to
-//!   `execve`.
+//!   `execve`; `step`: the steps it reports.
 //! - [`process`]: [`Container`]: start, stdio, signal, wait, teardown.
 
 pub mod cgroups;
@@ -18,17 +18,18 @@ pub mod mounts;
 pub mod namespaces;
 pub mod process;
 pub mod spec;
+mod step;
 pub mod user;
 
 use std::path::PathBuf;
 
-pub use child::{Fail, Step};
 pub use command::{ImageConfig, Overrides};
 pub use process::{
     block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, StdioConfig,
     StdioMode, FORWARDED_SIGNALS,
 };
 pub use spec::{ContainerSpec, Limits, Network, Process, Rootfs};
+pub use step::{Fail, Step};
 
 /// Errors creating or running a container.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,8 @@
 
 use std::ffi::{CStr, CString};
 
-use super::child::{Fail, Step};
 use super::namespaces::errno;
+use super::step::{trace, Fail, Step};
 
 /// How the root filesystem is mounted, prepared by the parent.
 #[derive(Debug)]
@@ -62,7 +62,7 @@ fn mount(
     data: Option<&CStr>,
     step: Step,
 ) -> Result<(), Fail> {
-    super::child::trace(step);
+    trace(step);
     // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) expects.
     let r = unsafe {
         libc::mount(
@@ -431,7 +431,7 @@ pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<
     }
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
     // new root alone (the method runc uses, no put_old directory needed).
-    super::child::trace(Step::PivotRoot);
+    trace(Step::PivotRoot);
     // SAFETY: both arguments are valid C strings.
     let r = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
     if r < 0 {

@@ -12,11 +12,12 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use super::cgroups::Cgroup;
-use super::child::{self, ChildPlan, Fail, Step};
+use super::child::{self, ChildPlan};
 use super::command::env_value;
 use super::mounts::{RootMount, VolumeMount};
 use super::namespaces::{self, errno};
 use super::spec::{ContainerSpec, Network, Rootfs};
+use super::step::{self, Fail, Step};
 use super::{user, ContainerError};
 
 /// Signals a foreground runtime forwards to the container (see
@@ -164,7 +165,7 @@ impl Container {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if log::log_enabled!(log::Level::Debug) {
-            super::child::trace_to_stderr();
+            step::trace_to_stderr();
         }
         let cgroup = Cgroup::create(&spec.id, spec.cgroup_parent.as_deref(), &spec.limits)?;
 

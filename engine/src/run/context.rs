@@ -1,0 +1,64 @@
+//! What every isolation mode gets to run one registered container ([`Run`]) and returns
+//! ([`Exit`]).
+
+use std::path::{Path, PathBuf};
+
+use guest_agent::runtime::Process;
+
+use crate::error::Error;
+use crate::runner::{self, RunGuard};
+use crate::spec::RunSpec;
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The container's name.
+    pub name: String,
+    /// Its exit code (128 + n when signal n ended it, 124 when its timeout ran out).
+    pub code: i32,
+    /// The kernel's OOM killer killed one of its processes (`--isolation container`).
+    pub oom_killed: bool,
+}
+
+/// Everything a mode needs to run one registered container.
+pub(super) struct Run<'a> {
+    /// The mvm root.
+    pub root: &'a Path,
+    /// The spec.
+    pub spec: &'a RunSpec,
+    /// The read-only root directory.
+    pub rootfs: PathBuf,
+    /// The first process.
+    pub process: Process,
+    /// The record, while the container runs.
+    pub guard: RunGuard,
+    /// Whether this is the background runner.
+    pub runner: bool,
+}
+
+impl Run<'_> {
+    /// The container runs: records it (with its first process's host pid, if it has one) and,
+    /// in the runner, tells the parent.
+    pub fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
+        self.guard.running(taps, process_pid)?;
+        if self.runner {
+            runner::announce_ready(&self.guard.record().id, self.guard.dir())?;
+        }
+        Ok(())
+    }
+
+    /// The container log, echoed to the terminal in the foreground.
+    pub fn log_path(&self) -> PathBuf {
+        self.guard.dir().join("container.log")
+    }
+
+    /// The container exited with `code`: records it.
+    pub fn exited(mut self, code: i32, oom_killed: bool) -> Exit {
+        self.guard.exited(code);
+        Exit {
+            name: self.guard.record().name.clone(),
+            code,
+            oom_killed,
+        }
+    }
+}
