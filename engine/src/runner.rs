@@ -107,8 +107,9 @@ pub(crate) fn detach(mut guard: RunGuard) -> Result<String, Error> {
         .wait()
         .map_err(|e| Error::System("waiting for the background runner".into(), e))?;
     let code = status.code().unwrap_or(EXIT_FAILURE);
-    // The runner removed the record of a container that never started; should it have died
-    // before it could, the guard does.
+    // The runner removed the record of a container that never started (should it have died
+    // before it could, the guard does), or recorded how the one it started ended.
+    guard.refresh();
     Err(runner_failure(&err, code))
 }
 
@@ -204,6 +205,15 @@ impl RunGuard {
             remove,
             released: false,
         })
+    }
+
+    /// Rereads the record another process (the runner) may have changed; forgets it if that
+    /// process removed it.
+    fn refresh(&mut self) {
+        match self.store.load(&self.record.id) {
+            Ok(r) => self.record = r,
+            Err(_) => self.released = true,
+        }
     }
 
     /// Hands the record to another process (the runner) without touching it.
