@@ -3,7 +3,7 @@
 //! directory (`upper/`, kept until `mvm rm`).
 
 use guest_agent::runtime::{
-    self, Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
+    Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
 };
 
 use super::context::{Exit, Run};
@@ -41,8 +41,6 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         cgroup_parent: None,
         mounts: spec.volumes.clone(),
     };
-    // Before any thread starts, so every thread keeps them blocked for the wait below.
-    runtime::block_forwarded_signals()?;
     let stdio = StdioConfig {
         stdin: StdioMode::Inherit,
         stdout: StdioMode::Piped,

@@ -20,7 +20,8 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
-/// Everything a mode needs to run one registered container.
+/// Everything a mode needs to run one registered container. The caller has taken SIGINT and
+/// SIGTERM over for the mode (see `take_signals`).
 pub(super) struct Run<'a> {
     /// The mvm root.
     pub root: &'a Path,

@@ -53,6 +53,9 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
         process.args.clone(),
         spec.publish.iter().map(ToString::to_string).collect(),
     );
+    if !spec.detach {
+        take_signals(spec.isolation)?;
+    }
     let guard = RunGuard::create(store, record, spec.remove)?;
     runner::write_spec(guard.dir(), &spec)?;
     if spec.detach {
@@ -68,11 +71,26 @@ pub fn resume(dir: &Path) -> Result<i32, Error> {
         .ok_or_else(|| bad_input(format!("{RUNNER_ENV}={}: not a container", dir.display())))?;
     let record = store.load(&id)?;
     let mut spec = runner::read_spec(dir)?;
+    take_signals(spec.isolation)?;
     let guard = RunGuard::adopt(store.clone(), record, spec.remove)?;
     let root = store.root();
     let rootfs = resolve_source(root, &mut spec.source)?;
     let process = resolve_process(&spec, &rootfs.config)?;
     execute(root, &spec, rootfs.dir, process, guard, true).map(|exit| exit.code)
+}
+
+/// From here on SIGINT and SIGTERM no longer end this process at once, so every path goes
+/// through the record's cleanup: a VM's handler records them (the VM ends with them, or the run
+/// stops before the VM starts); a container or process gets them forwarded, so they are blocked
+/// here (before any thread starts, so every thread keeps them blocked) for its wait.
+fn take_signals(isolation: Isolation) -> Result<(), Error> {
+    match isolation {
+        Isolation::Vm => vmm::signals::install(),
+        Isolation::Container | Isolation::Process => {
+            guest_agent::runtime::block_forwarded_signals()?;
+        }
+    }
+    Ok(())
 }
 
 /// The run's root directory and image config.

@@ -32,8 +32,6 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     if let Some(w) = &spec.command.workdir {
         cmd.current_dir(w);
     }
-    // Before any thread starts, so every thread keeps them blocked for the wait below.
-    runtime::block_forwarded_signals()?;
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -97,8 +97,6 @@ fn boot_timeout() -> Duration {
 
 /// Runs the container in a microVM; returns its exit code.
 pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
-    // From here SIGINT and SIGTERM end the run cleanly (before the VM starts, see below).
-    vmm::signals::install();
     let spec = run.spec;
     let agent = find_agent()?;
     let initrd = agent_initramfs(run.root, &agent)?;
