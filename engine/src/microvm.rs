@@ -14,7 +14,6 @@ use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::ContainerSpec;
-
 use vmm::builder::{BuildError, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
