@@ -473,6 +473,34 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_sixteen_hex_digits_and_their_first_twelve_make_a_name() {
+        let id = new_id();
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(id, new_id());
+        validate_name(&id[..12]).unwrap();
+    }
+
+    #[test]
+    fn a_name_is_a_link_to_the_record_and_shares_the_ids_namespace() {
+        let root = tempfile::tempdir().unwrap();
+        let store = StateStore::open(root.path()).unwrap();
+        let web = record("web");
+        store.create(&web).unwrap();
+        let link = root.path().join("containers/web");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new(&web.id));
+        assert_eq!(store.get(&web.id).unwrap(), web);
+        // A name may not take another container's id.
+        let mut other = record("x");
+        other.name.clone_from(&web.id);
+        assert!(matches!(
+            store.create(&other),
+            Err(StateError::NameInUse(_))
+        ));
+        assert_eq!(store.list().unwrap(), [web]);
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         for bad in ["", "-x", "a/b", "..", "a b", &"x".repeat(129)] {
             assert!(validate_name(bad).is_err(), "{bad}");
