@@ -61,6 +61,19 @@ pub fn configure(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VcpuError::Kvm("GET_SUPPORTED_CPUID", e))?;
     cpuid::apply_template(&mut cpuid, template, id, count).map_err(VcpuError::Cpuid)?;
+    if id == 0 && log::log_enabled!(log::Level::Debug) {
+        for e in cpuid.as_slice() {
+            log::debug!(
+                "cpuid {:#x}.{}: eax {:#010x} ebx {:#010x} ecx {:#010x} edx {:#010x}",
+                e.function,
+                e.index,
+                e.eax,
+                e.ebx,
+                e.ecx,
+                e.edx
+            );
+        }
+    }
     fd.set_cpuid2(&cpuid)
         .map_err(|e| VcpuError::Kvm("SET_CPUID2", e))?;
     if id == 0 {
