@@ -113,6 +113,10 @@ mount -t proc proc $r/proc
 mount -t sysfs sysfs $r/sys
 mount -t cgroup2 cgroup2 $r/sys/fs/cgroup 2>/dev/null
 mount -t devtmpfs devtmpfs $r/dev
+ln -sf /proc/self/fd $r/dev/fd
+ln -sf /proc/self/fd/0 $r/dev/stdin
+ln -sf /proc/self/fd/1 $r/dev/stdout
+ln -sf /proc/self/fd/2 $r/dev/stderr
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $r/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $r/dev/shm
