@@ -180,9 +180,12 @@ pub fn by_errno(e: Errno, past_check: &[Errno], allowed_detail: &str) -> (ProbeR
 /// Longest a probe may take (the vsock probe waits up to 2 s per CID).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Runs every probe, in the order of [`NAMES`], each in its own forked child.
+/// A probe and how to run it.
+type Step<'a> = (&'static str, &'a dyn Fn() -> Probe);
+
+/// Runs every probe, in the order of [`NAMES`], in forked children (see [`run_isolated`]).
 pub fn run_all(ctx: &Context) -> Vec<Probe> {
-    let probes: [(&str, &dyn Fn() -> Probe); 21] = [
+    let steps: [Step; 21] = [
         (NAMES[0], &|| host::see_process(ctx)),
         (NAMES[1], &|| host::signal_process(ctx)),
         (NAMES[2], &|| host::ptrace_process(ctx)),
@@ -205,53 +208,77 @@ pub fn run_all(ctx: &Context) -> Vec<Probe> {
         (NAMES[19], &kernel::tiocsti),
         (NAMES[20], &|| host::read_kernel_log(ctx)),
     ];
-    probes
-        .into_iter()
-        .map(|(name, run)| {
-            let mut p = isolated(name, run, PROBE_TIMEOUT);
-            // A probe reports under its own name whatever happened in the child.
-            p.name = name.to_string();
-            p
-        })
-        .collect()
+    run_isolated(&steps, PROBE_TIMEOUT)
 }
 
-/// Runs one probe in a forked child that sends its result back as JSON, so that a seccomp
-/// filter that kills instead of failing the call (SIGSYS), a crash or a hang costs that probe
-/// only, and nothing a probe does can touch the probe process itself.
-fn isolated(name: &str, run: &dyn Fn() -> Probe, timeout: Duration) -> Probe {
-    let (mut from_child, mut to_parent) = match sys::pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            return probe(
-                name,
-                ProbeResult::Error,
-                format!("pipe: {}", sys::io_name(&e)),
-            )
+/// Runs the probes in a forked child that sends each result back as one JSON line, so that a
+/// seccomp filter that kills instead of failing the call (SIGSYS), a crash or a hang costs one
+/// probe only, and nothing a probe does touches the probe process itself. When the child dies
+/// (or a probe takes longer than `timeout`), the probe it was in gets the verdict from its death
+/// and a new child goes on with the next one. One fork in the usual case: in an emulated guest
+/// kernel each fork is expensive.
+fn run_isolated(steps: &[Step], timeout: Duration) -> Vec<Probe> {
+    let mut done: Vec<Probe> = Vec::with_capacity(steps.len());
+    while let Some(&(name, _)) = steps.get(done.len()) {
+        let rest = &steps[done.len()..];
+        let (from_child, mut to_parent) = match sys::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                done.push(probe(
+                    name,
+                    ProbeResult::Error,
+                    format!("pipe: {}", sys::io_name(&e)),
+                ));
+                continue;
+            }
+        };
+        let pid = match sys::fork() {
+            Ok(Forked::Child) => sys::in_child(|| {
+                drop(from_child);
+                for (_, run) in rest {
+                    let mut line = serde_json::to_vec(&run()).unwrap_or_default();
+                    line.push(b'\n');
+                    if to_parent.write_all(&line).is_err() {
+                        return 1;
+                    }
+                }
+                0
+            }),
+            Ok(Forked::Parent(pid)) => pid,
+            Err(e) => {
+                done.push(probe(
+                    name,
+                    ProbeResult::Error,
+                    format!("fork: {}", sys::errno_name(e)),
+                ));
+                continue;
+            }
+        };
+        drop(to_parent);
+        let ended = receive_lines(from_child, timeout, |line| {
+            let (name, _) = steps[done.len()];
+            let mut p = serde_json::from_slice(line)
+                .unwrap_or_else(|_| probe(name, ProbeResult::Error, "the probe sent no result"));
+            // A probe reports under its own name, whatever the child sent.
+            p.name = name.to_string();
+            done.push(p);
+            done.len() < steps.len()
+        });
+        if ended.is_err() {
+            let _ = sys::kill(pid);
         }
-    };
-    let pid = match sys::fork() {
-        Ok(Forked::Child) => sys::in_child(|| {
-            drop(from_child);
-            let json = serde_json::to_vec(&run()).unwrap_or_default();
-            i32::from(to_parent.write_all(&json).is_err())
-        }),
-        Ok(Forked::Parent(pid)) => pid,
-        Err(e) => {
-            return probe(
-                name,
-                ProbeResult::Error,
-                format!("fork: {}", sys::errno_name(e)),
-            )
+        let exit = sys::wait(pid);
+        // Every round adds at least one entry: the results sent, or this verdict.
+        if let Some(&(name, _)) = steps.get(done.len()) {
+            done.push(death_verdict(name, ended, exit));
         }
-    };
-    drop(to_parent);
-    let answer = read_until(&mut from_child, Instant::now() + timeout);
-    if answer.is_err() {
-        let _ = sys::kill(pid);
     }
-    let exit = sys::wait(pid);
-    match (answer, exit) {
+    done
+}
+
+/// The verdict for the probe a child was running when it ended without its result.
+fn death_verdict(name: &str, ended: Result<(), String>, exit: Result<sys::Exit, Errno>) -> Probe {
+    match (ended, exit) {
         (Err(why), _) => probe(name, ProbeResult::Error, why),
         (
             _,
@@ -274,15 +301,24 @@ fn isolated(name: &str, run: &dyn Fn() -> Probe, timeout: Duration) -> Probe {
             ProbeResult::Error,
             format!("the probe died with signal {sig}"),
         ),
-        (Ok(json), _) => serde_json::from_slice(&json)
-            .unwrap_or_else(|_| probe(name, ProbeResult::Error, "the probe sent no result")),
+        (_, exit) => probe(
+            name,
+            ProbeResult::Error,
+            format!("the probe ended without a result ({exit:?})"),
+        ),
     }
 }
 
-/// Reads `r` to its end, giving up at `deadline`.
-fn read_until(r: &mut std::fs::File, deadline: Instant) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
+/// Hands each line read from `r` to `line` (which returns whether more are expected) until
+/// EOF; an error when no line came for `timeout`.
+fn receive_lines(
+    mut r: std::fs::File,
+    timeout: Duration,
+    mut line: impl FnMut(&[u8]) -> bool,
+) -> Result<(), String> {
+    let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
+    let mut deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match sys::wait_readable(r.as_raw_fd(), left) {
@@ -290,11 +326,20 @@ fn read_until(r: &mut std::fs::File, deadline: Instant) -> Result<Vec<u8>, Strin
             Ok(false) => return Err("timed out".to_string()),
             Err(e) => return Err(format!("poll: {}", sys::errno_name(e))),
         }
-        match r.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(format!("read: {}", sys::io_name(&e))),
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let more = line(&pending[..end]);
+            pending.drain(..=end);
+            deadline = Instant::now() + timeout;
+            if !more {
+                return Ok(());
+            }
         }
     }
 }
@@ -347,40 +392,58 @@ mod tests {
     }
 
     #[test]
-    fn an_isolated_probe_reports_through_the_pipe() {
-        let ok = || probe("x", ProbeResult::Allowed, "fine");
+    fn probes_run_in_a_child_and_report_in_order() {
+        let a = || probe("a", ProbeResult::Allowed, "fine");
+        let b = || probe("wrong name", ProbeResult::Blocked, "EPERM");
+        let steps: [Step; 2] = [("a", &a), ("b", &b)];
+        let got = run_isolated(&steps, Duration::from_secs(5));
         assert_eq!(
-            isolated("x", &ok, Duration::from_secs(5)),
-            probe("x", ProbeResult::Allowed, "fine")
+            got,
+            [
+                probe("a", ProbeResult::Allowed, "fine"),
+                probe("b", ProbeResult::Blocked, "EPERM"),
+            ]
         );
     }
 
     #[test]
-    fn a_probe_killed_by_seccomp_is_blocked_and_a_crash_or_hang_is_an_error() {
+    fn a_probe_killed_by_seccomp_is_blocked_a_crash_or_hang_is_an_error_and_the_rest_run() {
+        let ok = || probe("ok", ProbeResult::Allowed, "fine");
         let sigsys = || {
             // SAFETY: raise has no preconditions; it ends this forked child.
             unsafe { libc::raise(libc::SIGSYS) };
-            probe("x", ProbeResult::Allowed, "unreachable")
+            probe("sigsys", ProbeResult::Allowed, "unreachable")
         };
-        let p = isolated("x", &sigsys, Duration::from_secs(5));
-        assert_eq!(p.result, ProbeResult::Blocked, "{}", p.detail);
-        assert!(p.detail.contains("SIGSYS"), "{}", p.detail);
-
         let panics = || -> Probe { panic!("probe bug") };
-        let p = isolated("x", &panics, Duration::from_secs(5));
-        assert_eq!(p.result, ProbeResult::Error);
-
         let hangs = || {
             std::thread::sleep(Duration::from_secs(30));
-            probe("x", ProbeResult::Allowed, "late")
+            probe("hangs", ProbeResult::Allowed, "late")
         };
+        let steps: [Step; 5] = [
+            ("sigsys", &sigsys),
+            ("ok", &ok),
+            ("panics", &panics),
+            ("hangs", &hangs),
+            ("last", &ok),
+        ];
         let start = Instant::now();
-        let p = isolated("x", &hangs, Duration::from_millis(200));
-        assert_eq!(
-            (p.result, p.detail.as_str()),
-            (ProbeResult::Error, "timed out")
-        );
+        let got = run_isolated(&steps, Duration::from_millis(300));
         assert!(start.elapsed() < Duration::from_secs(10));
+        let names: Vec<&str> = got.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["sigsys", "ok", "panics", "hangs", "last"]);
+        let results: Vec<ProbeResult> = got.iter().map(|p| p.result).collect();
+        assert_eq!(
+            results,
+            [
+                ProbeResult::Blocked,
+                ProbeResult::Allowed,
+                ProbeResult::Error,
+                ProbeResult::Error,
+                ProbeResult::Allowed
+            ]
+        );
+        assert!(got[0].detail.contains("SIGSYS"), "{}", got[0].detail);
+        assert_eq!(got[3].detail, "timed out");
     }
 
     #[test]
