@@ -214,11 +214,12 @@ pub struct Cost {
     pub syscall_ns: Option<f64>,
     /// fork + exec of the probe binary (a no-op) + wait, per second.
     pub fork_exec_per_s: Option<f64>,
-    /// Writing [`cost::DISK_MIB`] MiB and fsync, in MiB/s.
+    /// Writing a file (up to [`cost::DISK_MIB`] MiB, for about 0.3 s) and fsync, in MiB/s.
     pub disk_write_mib_s: Option<f64>,
     /// Where the disk test wrote.
     pub disk_dir: Option<String>,
-    /// TCP over 127.0.0.1 between two processes, in MiB/s.
+    /// TCP over 127.0.0.1 between two processes (up to [`cost::TCP_MIB`] MiB, for about
+    /// 0.3 s), in MiB/s.
     pub tcp_loopback_mib_s: Option<f64>,
     /// Why a measurement is missing, `"<field>: <reason>"` each.
     pub errors: Vec<String>,
