@@ -910,3 +910,25 @@ fn tiocsti_in_a_container_cannot_type_into_the_users_terminal() {
     assert_eq!(status.code(), Some(0), "the probe says: {shown}");
     assert!(shown.contains("stdin: refused"), "{shown}");
 }
+
+#[test]
+fn only_stdio_reaches_the_container() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(f) = fixture() else { return };
+    // A descriptor mvm's caller leaks to it (no close-on-exec), as a shell's terminal might be.
+    let leaked = std::fs::File::open("/dev/null").expect("open");
+    let fd = leaked.as_raw_fd();
+    let mut cmd = f.cmd(&["--rm"], &["sh", "-c", "ls /proc/$$/fd | tr '\\n' ' '"]);
+    // SAFETY: dup2 is async-signal-safe; the duplicate on 9 has no close-on-exec flag.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().expect("run mvm");
+    assert_eq!(stdout(&o), "0 1 2 ", "stderr: {}", stderr(&o));
+}

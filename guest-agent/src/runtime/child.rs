@@ -280,6 +280,10 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         }
     }
 
+    // Nothing but stdio reaches the command: descriptors this runtime inherited without
+    // close-on-exec (a terminal, a pipe of the caller) are closed when it executes.
+    cloexec_above_stdio();
+
     mounts::enter_rootfs(&plan.root, &plan.mounts, plan.idmapped.as_ref())?;
     trace(Step::Hostname);
     namespaces::set_hostname(&plan.hostname).map_err(|e| Fail {
@@ -366,6 +370,20 @@ pub(crate) fn finish_posture(posture: &Prepared, extra: u64) -> Result<(), Fail>
         },
         errno,
     })
+}
+
+/// Marks every descriptor above 2 close-on-exec (no allocation).
+pub(crate) fn cloexec_above_stdio() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes flags of this process's descriptors.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if r < 0 {
+        // Kernels before 5.11: one descriptor at a time.
+        for fd in 3..4096 {
+            // SAFETY: fcntl on a descriptor number; EBADF for unused ones is harmless.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
 }
 
 /// Sets the supplementary groups, then the gid, then the uid of this (single-threaded) process

@@ -345,6 +345,8 @@ fn command(plan: &Plan<'_>) -> ! {
     if rustix::process::setsid().is_err() {
         die(126);
     }
+    // Only stdio reaches the command.
+    super::child::cloexec_above_stdio();
     for (target, fd) in [0, 1, 2].into_iter().zip(plan.stdio) {
         if let Some(fd) = fd {
             // SAFETY: dup2 onto fd 0, 1 or 2 (the duplicate has no CLOEXEC flag).
