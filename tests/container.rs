@@ -919,7 +919,8 @@ fn only_stdio_reaches_the_container() {
     // A descriptor mvm's caller leaks to it (no close-on-exec), as a shell's terminal might be.
     let leaked = std::fs::File::open("/dev/null").expect("open");
     let fd = leaked.as_raw_fd();
-    let mut cmd = f.cmd(&["--rm"], &["sh", "-c", "ls /proc/$$/fd | tr '\\n' ' '"]);
+    // No pipeline: the shell's own pipe ends would show up while it starts the commands.
+    let mut cmd = f.cmd(&["--rm"], &["sh", "-c", "ls /proc/$$/fd; true"]);
     // SAFETY: dup2 is async-signal-safe; the duplicate on 9 has no close-on-exec flag.
     unsafe {
         cmd.pre_exec(move || {
@@ -930,5 +931,18 @@ fn only_stdio_reaches_the_container() {
         });
     }
     let o = cmd.output().expect("run mvm");
-    assert_eq!(stdout(&o), "0 1 2 ", "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "0\n1\n2\n", "stderr: {}", stderr(&o));
+    // With --init, the init (PID 1, reachable through /proc/1/fd) keeps none either.
+    let mut cmd = f.cmd(&["--rm", "--init"], &["sh", "-c", "ls /proc/1/fd; true"]);
+    // SAFETY: as above.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().expect("run mvm");
+    assert_eq!(stdout(&o), "0\n1\n2\n", "stderr: {}", stderr(&o));
 }

@@ -472,9 +472,13 @@ fn run_init(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         return Err(fail(Step::Capabilities));
     }
-    // The command holds the error pipe now; our copy would hide its exec from the parent.
+    // The command holds the error pipe now; our copy would hide its exec from the parent. The
+    // init needs no other descriptor either, and the container could reach any it kept through
+    // /proc/1/fd.
     // SAFETY: closing our copy of the fd.
     unsafe { libc::close(plan.err_write) };
+    // SAFETY: close_range only closes descriptors of this single-threaded process.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     loop {
         // SAFETY: zeroed siginfo_t is valid storage for sigwaitinfo.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
