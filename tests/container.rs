@@ -791,7 +791,8 @@ fn userns_maps_container_root_to_an_unprivileged_host_range() {
             "sh",
             "-c",
             "id -u; stat -c %u /bin/busybox; cp /bin/busybox /suid && chmod 4755 /suid && echo hi > /etc/motd; \
-             grep -E '^(Seccomp|CapEff):' /proc/self/status; cat /proc/self/uid_map",
+             grep -E '^(Seccomp|CapEff):' /proc/self/status; cat /proc/self/uid_map; \
+             echo reopened > /dev/stdout",
         ],
     );
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
@@ -803,6 +804,8 @@ fn userns_maps_container_root_to_an_unprivileged_host_range() {
         "{out}"
     );
     assert!(out.contains("200000"), "{out}");
+    // Its stdio are pipes it owns: it may reopen them (nginx logs to /dev/stdout).
+    assert!(out.ends_with("reopened\n"), "{out}");
     // Outside: what the container left in its layer belongs to the unprivileged range.
     let upper = f.state.join("containers").join(&name).join("upper");
     for file in ["suid", "etc/motd"] {

@@ -80,6 +80,21 @@ impl StdioConfig {
         }
     }
 
+    /// What a container on the host gets: [`StdioConfig::without_terminals`]; with `--userns`,
+    /// every stream through a pipe (relayed), because container root, an unprivileged host
+    /// user, could not reopen the runtime's own files and terminals through /dev/stdout.
+    pub fn for_host(spec: &ContainerSpec) -> Self {
+        let mut s = Self::without_terminals();
+        if spec.security.userns.is_some() {
+            for m in [&mut s.stdin, &mut s.stdout, &mut s.stderr] {
+                if *m == StdioMode::Inherit {
+                    *m = StdioMode::Piped;
+                }
+            }
+        }
+        s
+    }
+
     /// All three streams as pipes (what the guest agent streams over vsock).
     pub fn piped() -> Self {
         StdioConfig {
@@ -88,6 +103,14 @@ impl StdioConfig {
             stderr: StdioMode::Piped,
         }
     }
+}
+
+fn uid(n: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(n)
+}
+
+fn gid(n: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(n)
 }
 
 /// Whether this process is in the foreground process group of the terminal on stdin.
@@ -273,6 +296,11 @@ impl Container {
                 StdioMode::Piped => {
                     let (r, w) = pipe()?;
                     let (mine, theirs) = if i == 0 { (w, r) } else { (r, w) };
+                    if let Some(m) = &spec.security.userns {
+                        // Container root may reopen its own pipe (/dev/stdout), as with runc.
+                        rustix::fs::fchown(&theirs, Some(uid(m.host_uid)), Some(gid(m.host_gid)))
+                            .map_err(|e| ContainerError::Os("fchown stdio", e.into()))?;
+                    }
                     stdio_fds[i] = Some(theirs.as_raw_fd());
                     child_ends.push(theirs);
                     parent_ends[i] = Some(File::from(mine));

@@ -343,7 +343,7 @@ fn run_container(
         }
         runtime::block_forwarded_signals()?;
         // Never the terminal itself: a terminal is relayed through pipes.
-        let mut container = Container::start(&spec, &StdioConfig::without_terminals())?;
+        let mut container = Container::start(&spec, &StdioConfig::for_host(&spec))?;
         let relay = container.relay_stdio();
         let exit = container.wait_forwarding_signals()?;
         relay.finish();
