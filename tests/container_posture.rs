@@ -2,7 +2,7 @@
 //! guest-agent/src/runtime/security/): docker's seccomp filter and capabilities for the
 //! container and its children, the flags that change them, the device allow-list and nodev
 //! against mknod of the host's disk, no nested namespaces, docker's masked paths, setuid with and
-//! without no_new_privs, `--userns`, TIOCSTI from a container run in a terminal, and no
+//! unless no_new_privileges, `--userns`, TIOCSTI from a container run in a terminal, and no
 //! descriptor but stdio. Needs root; skips with a reason otherwise. The probe for what busybox
 //! cannot do is tests/linux/posture_probe.rs.
 
@@ -94,7 +94,11 @@ fn container_and_its_children_get_dockers_seccomp_and_capabilities() {
                 .unwrap_or_else(|| panic!("{file} {name} missing: {}", stdout(&o)))
         };
         assert_eq!(get("Seccomp"), "2", "{file}");
-        assert_eq!(get("NoNewPrivs"), "1", "{file}");
+        assert_eq!(
+            get("NoNewPrivs"),
+            "0",
+            "{file}: off by default, as docker's"
+        );
         for set in ["CapEff", "CapPrm", "CapBnd"] {
             assert_eq!(get(set), "00000000a80425fb", "{file} {set}");
         }
@@ -112,7 +116,7 @@ fn security_flags_change_seccomp_capabilities_and_no_new_privs() {
             "--security-opt",
             "seccomp=unconfined",
             "--security-opt",
-            "no-new-privileges=false",
+            "no-new-privileges",
             "--cap-drop",
             "ALL",
             "--cap-add",
@@ -126,7 +130,7 @@ fn security_flags_change_seccomp_capabilities_and_no_new_privs() {
     );
     assert_eq!(
         stdout(&o),
-        "CapEff:\t0000000000000001\nNoNewPrivs:\t0\nSeccomp:\t0\n",
+        "CapEff:\t0000000000000001\nNoNewPrivs:\t1\nSeccomp:\t0\n",
         "stderr: {}",
         stderr(&o)
     );
@@ -251,23 +255,18 @@ fn dockers_masked_paths_are_hidden() {
 }
 
 #[test]
-fn setuid_binaries_work_for_container_users_only_without_no_new_privs() {
+fn setuid_binaries_work_for_container_users_unless_no_new_privileges() {
     let Some(f) = fixture().map(Fixture::with_probe) else {
         return;
     };
+    // By default (as docker) a setuid-root binary of the image works for a container user.
+    let o = f.run(&["--rm", "-u", "app"], &["/bin/probe", "ids"]);
+    assert_eq!(stdout(&o), "uid=1000 euid=0\n", "stderr: {}", stderr(&o));
+    // With no_new_privs the setuid bit gives nothing.
     let o = f.run(
-        &[
-            "--rm",
-            "-u",
-            "app",
-            "--security-opt",
-            "no-new-privileges=false",
-        ],
+        &["--rm", "-u", "app", "--security-opt", "no-new-privileges"],
         &["/bin/probe", "ids"],
     );
-    assert_eq!(stdout(&o), "uid=1000 euid=0\n", "stderr: {}", stderr(&o));
-    // By default no_new_privs is set: the setuid bit gives nothing.
-    let o = f.run(&["--rm", "-u", "app"], &["/bin/probe", "ids"]);
     assert_eq!(stdout(&o), "uid=1000 euid=1000\n", "stderr: {}", stderr(&o));
 }
 

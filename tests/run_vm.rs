@@ -239,7 +239,7 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
     // The container in the VM gets docker's posture, as on the host.
     assert_eq!(
         text(&out.stdout),
-        "hi\nfrom the host\nCapEff:\t00000000a80425fb\nNoNewPrivs:\t1\nSeccomp:\t2\n"
+        "hi\nfrom the host\nCapEff:\t00000000a80425fb\nNoNewPrivs:\t0\nSeccomp:\t2\n"
     );
     assert!(stderr.contains("oops"), "{stderr}");
     assert_nothing_left(&root, &before);

@@ -5,9 +5,9 @@
 //! - [`caps`]: docker's default capability set (bounding, effective and permitted; inheritable
 //!   and ambient empty); `--cap-add`, `--cap-drop` (ALL allowed).
 //! - [`seccomp`]: docker's default profile; `--security-opt seccomp=unconfined|PROFILE.json`.
-//! - no_new_privs set (stricter than docker, whose default leaves it off):
-//!   `--security-opt no-new-privileges=false` leaves it off, so that setuid binaries in the
-//!   image raise privileges again.
+//! - no_new_privs off, as docker's default: a setuid binary of the image works for the
+//!   container's own users (inside the container's capability bounds and seccomp filter);
+//!   `--security-opt no-new-privileges` sets it on every process.
 //! - [`paths`]: docker's masked and read-only paths under /proc and /sys.
 //! - [`devices`]: the devices a container may open, enforced by its cgroup.
 //! - [`userns`]: `--userns`: container root as an unprivileged range of host ids.
@@ -83,16 +83,13 @@ pub struct Security {
     #[serde(default)]
     pub cap_drop: Vec<String>,
     /// Set no_new_privs on every process, so that setuid and file-capability binaries give no
-    /// privileges (`--security-opt no-new-privileges[=true|false]`). Default true.
-    #[serde(default = "yes")]
+    /// privileges (`--security-opt no-new-privileges[=true|false]`). Default false, as docker:
+    /// setuid binaries work for the container's own users.
+    #[serde(default)]
     pub no_new_privs: bool,
     /// Map container ids to an unprivileged range of host ids (`--userns`); host only.
     #[serde(default)]
     pub userns: Option<IdMapping>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl Default for Security {
@@ -101,7 +98,7 @@ impl Default for Security {
             seccomp: Seccomp::Default,
             cap_add: Vec::new(),
             cap_drop: Vec::new(),
-            no_new_privs: true,
+            no_new_privs: false,
             userns: None,
         }
     }
@@ -256,10 +253,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_dockers_with_no_new_privs() {
+    fn defaults_are_dockers() {
         let s = Security::default();
         assert_eq!(s.seccomp, Seccomp::Default);
-        assert!(s.no_new_privs);
+        assert!(!s.no_new_privs);
         assert_eq!(s.capabilities().expect("caps").0, 0xa804_25fb);
         let parsed: Security = serde_json::from_str("{}").expect("parses");
         assert_eq!(parsed, s);
