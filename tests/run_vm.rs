@@ -231,13 +231,20 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
             "--",
             "sh",
             "-c",
-            &format!("echo hi; echo oops >&2; {fetch}; exit 3"),
+            &format!(
+                "echo hi; echo oops >&2; {fetch}; \
+                 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; exit 3"
+            ),
         ],
     );
     let stderr = text(&out.stderr);
     eprintln!("run took {took:?}");
     assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
-    assert_eq!(text(&out.stdout), "hi\nfrom the host\n");
+    // The container in the VM gets docker's posture, as on the host.
+    assert_eq!(
+        text(&out.stdout),
+        "hi\nfrom the host\nCapEff:\t00000000a80425fb\nNoNewPrivs:\t0\nSeccomp:\t2\n"
+    );
     assert!(stderr.contains("oops"), "{stderr}");
     assert_nothing_left(&root, &before);
 }

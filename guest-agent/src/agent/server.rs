@@ -473,7 +473,7 @@ impl Agent {
     }
 
     fn exec(&mut self, id: &str, process: ProcessSpec, session: u64) -> Response {
-        let (container_pid, cgroup_dirs, mut env) = {
+        let (container_pid, cgroup_dirs, mut env, security) = {
             let Some(entry) = self.containers.get(id) else {
                 return error(&format!("no such container: {id}"));
             };
@@ -482,7 +482,12 @@ impl Agent {
                 Some(p) if p.exit.is_none() => p.handle.pid(),
                 _ => return error(&format!("container {id} is not running")),
             };
-            (pid, entry.cgroup_dirs.clone(), entry.spec.env.clone())
+            (
+                pid,
+                entry.cgroup_dirs.clone(),
+                entry.spec.env.clone(),
+                entry.spec.security.clone(),
+            )
         };
         // The process's variables override the container's.
         for var in &process.env {
@@ -495,6 +500,7 @@ impl Agent {
             env,
             cwd: process.cwd,
             user: process.user,
+            security,
         };
         let out = match process.stdio {
             StdioMode::Stream => ProtoStdio::Piped,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use guest_agent::runtime::security::{IdMapping, Security};
 use guest_agent::runtime::spec::BindMount;
 use guest_agent::runtime::{
     self, command, spec, Container, ContainerError, ContainerSpec, ImageConfig, Limits, Network,
@@ -93,6 +94,20 @@ pub struct RunArgs {
     /// directory itself; a VM gets a copy on a disk image made at start (never a live share).
     #[arg(short = 'v', long = "volume", value_name = "HOST:PATH[:ro]")]
     pub volumes: Vec<String>,
+    /// Security option: seccomp=unconfined, seccomp=PROFILE.json (docker's format), or
+    /// no-new-privileges[=true|false] (default true).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// Add a capability to docker's default set (e.g. NET_ADMIN; ALL for every one).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from docker's default set (ALL for every one).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// User namespace (--isolation container): host (default), auto (root's range in
+    /// /etc/subuid, else 100000:65536) or HOSTID:SIZE; container root is then that host id.
+    #[arg(long, value_name = "MODE")]
+    pub userns: Option<String>,
     /// Stop after this long (e.g. 30s, 5m) and exit 124 (--isolation vm).
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
@@ -172,6 +187,7 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     if args.detach && args.isolation != Isolation::Vm {
         return Err(bad_input("-d (detach) needs --isolation vm"));
     }
+    security(args)?;
     let source = resolve_source(root, args)?;
     let overrides = Overrides {
         entrypoint: args.entrypoint.clone(),
@@ -232,6 +248,27 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The `--security-opt`, `--cap-add`, `--cap-drop` and `--userns` flags.
+pub fn security(args: &RunArgs) -> anyhow::Result<Security> {
+    let mut s = Security {
+        cap_add: args.cap_add.clone(),
+        cap_drop: args.cap_drop.clone(),
+        ..Security::default()
+    };
+    for opt in &args.security_opt {
+        s.apply_opt(opt).map_err(|e| bad_input(e.to_string()))?;
+    }
+    s.userns = match args.userns.as_deref() {
+        None => None,
+        Some(_) if args.isolation == Isolation::Vm => return Err(bad_input(
+            "--userns works with --isolation container (a VM gives the container its own kernel)",
+        )),
+        Some(mode) => IdMapping::parse(mode).map_err(|e| bad_input(e.to_string()))?,
+    };
+    s.validate().map_err(|e| bad_input(e.to_string()))?;
+    Ok(s)
+}
+
 /// The `-v` flags, with each host path made absolute and checked to exist.
 pub fn volumes(args: &RunArgs) -> anyhow::Result<Vec<BindMount>> {
     args.volumes
@@ -270,6 +307,7 @@ fn run_container(
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
     }
     let memory_limit = limits.memory_bytes;
+    let security = security(args)?;
     let spec = ContainerSpec {
         id: id.clone(),
         rootfs: Rootfs::Overlay {
@@ -288,15 +326,27 @@ fn run_container(
         init: args.init,
         cgroup_parent: None,
         mounts,
+        security,
     };
     let result = (|| {
         for d in ["upper", "work"] {
             std::fs::create_dir(dir.join(d))
                 .with_context(|| format!("cannot create {}", dir.join(d).display()))?;
         }
+        if let Some(m) = &spec.security.userns {
+            for d in ["upper", "work"] {
+                std::os::unix::fs::chown(dir.join(d), Some(m.host_uid), Some(m.host_gid))
+                    .with_context(|| {
+                        format!("cannot hand {} to --userns", dir.join(d).display())
+                    })?;
+            }
+        }
         runtime::block_forwarded_signals()?;
-        let mut container = Container::start(&spec, &StdioConfig::inherit())?;
+        // Never the terminal itself: a terminal is relayed through pipes.
+        let mut container = Container::start(&spec, &StdioConfig::for_host(&spec))?;
+        let relay = container.relay_stdio();
         let exit = container.wait_forwarding_signals()?;
+        relay.finish();
         anyhow::Ok(exit)
     })();
     // The overlay's work directory is scratch; the upper is the container's writable layer,

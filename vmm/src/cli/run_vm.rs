@@ -122,6 +122,7 @@ pub fn run_vm(
     let [rootfs_dir] = source.lower.as_slice() else {
         return Err(bad_input("a VM runs one root filesystem directory"));
     };
+    let security = super::run::security(args)?;
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => root.join("kernel/vmlinux"),
@@ -235,6 +236,7 @@ pub fn run_vm(
         init: args.init,
         cgroup_parent: None,
         mounts,
+        security,
     };
     let spec = MicroVmSpec {
         kernel,
