@@ -214,6 +214,7 @@ fn run_in_container(host: &Host, root: &Path) -> (ProbeReport, bool) {
         init: false,
         cgroup_parent: None,
         mounts: Vec::new(),
+        security: Default::default(),
     };
     let stdio = StdioConfig {
         stdin: StdioMode::Null,

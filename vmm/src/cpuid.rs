@@ -388,7 +388,10 @@ mod tests {
         }
         assert_eq!(find(&c, 0xd, 0).eax, 7, "XSAVE leaf intact");
         assert_eq!(find(&c, 0xd, 0).ebx, 0x340);
-        assert!(!HARDWARE.hidden_features().iter().any(|(n, _)| *n == "popcnt"));
+        assert!(!HARDWARE
+            .hidden_features()
+            .iter()
+            .any(|(n, _)| *n == "popcnt"));
     }
 
     #[test]

@@ -179,7 +179,11 @@ mod tests {
             let e = &ioints[usize::from(pin) * 8..usize::from(pin) * 8 + 8];
             assert_eq!(e[0], ENTRY_IOINT, "pin {pin}");
             assert_eq!(e[1], INT_TYPE_INT, "pin {pin} must not be ExtINT");
-            assert_eq!((e[5], e[6], e[7]), (pin, cpus, pin), "IRQ {pin} -> pin {pin}");
+            assert_eq!(
+                (e[5], e[6], e[7]),
+                (pin, cpus, pin),
+                "IRQ {pin} -> pin {pin}"
+            );
         }
         // The local APICs keep LINT0 = ExtINT (the PIC) and LINT1 = NMI.
         let lints = &ioints[usize::from(IOAPIC_PINS) * 8..];
