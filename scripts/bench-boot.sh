@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boot-time benchmark: `mvm boot` against QEMU's microvm machine on the same freestanding guest.
 #
-# Usage: scripts/bench-boot.sh [RUNS] (default 10; env CPUS=1, MEM=256M)
+# Usage: scripts/bench-boot.sh [RUNS] (default 10; env CPUS=1, MEM=256M, VT=0 skips part 2)
 #
 # Builds mvm (release) and the boot test guest (tests/guests/boot.rs), then alternates runs of
 #   mvm boot --kernel boot.elf                      (Linux 64-bit boot protocol)
@@ -10,6 +10,12 @@
 # (b) its last line (just before it resets: the guest's own work is done) and (c) the process's
 # exit after the guest resets through the i8042 (QEMU gets `-device i8042`, so
 # both take the same reset path). Prints medians, minima and maxima, and the QEMU/mvm ratio.
+#
+# Part 2, with a Linux guest on hardware virtualization: inside the emulated AMD-V host of
+# scripts/vt-host.sh, scripts/bench-linux-boot.sh times mvm's own kernel to its /init under
+# `mvm boot` and under `qemu-system-x86_64 -M microvm -accel kvm` (same vmlinux, same initramfs,
+# same L1), and `mvm run --rm` of the busybox example to its first output. Those are TCG times
+# (QEMU emulates L1's CPU): compare them only with each other.
 set -euo pipefail
 
 runs=${1:-10}
@@ -95,3 +101,25 @@ m, q = rows["mvm"], rows["qemu"]
 print("%-22s %s" % ("ratio qemu/mvm", "  ".join(
     "%6.2fx %13s" % (statistics.median(b) / statistics.median(a), "") for a, b in zip(m, q))))
 PY
+
+[ "${VT:-1}" = 1 ] || exit 0
+echo >&2
+echo "part 2: a Linux guest (mvm's kernel) inside the emulated AMD-V host" >&2
+set +e
+scripts/vt-host.sh --prepare
+rc=$?
+set -e
+if [ $rc = 3 ]; then
+    echo "bench-boot: part 2 skipped: this machine cannot run the emulated VT host" >&2
+    exit 0
+fi
+kernel=$(scripts/build-kernel.sh --no-install)
+agent=$(scripts/build-agent.sh release)
+examples="$target/vt-examples"
+[ -d "$examples/busybox-oci" ] || "$mvm" build-example busybox -o "$examples/busybox-oci" >&2
+init="$target/bench-init"
+rustc --edition 2021 -O -C panic=abort -C strip=symbols -C target-feature=+crt-static \
+    --target x86_64-unknown-linux-gnu -o "$init" tests/linux/init.rs
+scripts/vt-host.sh --env "MVM=$mvm" --env "MVM_KERNEL=$kernel" --env "MVM_AGENT=$agent" \
+    --env "MVM_EXAMPLES=$examples" --env "MVM_BENCH_INIT=$init" --env "CPUS=$cpus" --env "MEM=$mem" \
+    -- scripts/bench-linux-boot.sh "${LINUX_RUNS:-5}"

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The test command: unit tests, test-guest boots on real KVM, the container runtime and image store
-# against a real registry, and the full Linux-guest tests with the test kernel.
+# The test command, in two layers:
+# 1. this machine: unit tests, test-guest boots on real KVM, the container runtime and image store
+#    against a real registry, and the full Linux-guest tests (on a PVM host like this workplace's,
+#    with the test kernel from ../shared/test-kernel);
+# 2. the emulated AMD-V host (scripts/test-vt.sh): mvm's own kernel on hardware virtualization,
+#    emulated by QEMU, running the Linux-guest, run_vm, run_lifecycle and quick-start tests.
 #
-#   scripts/test.sh [extra cargo test args]
+#   scripts/test.sh [extra cargo test args]   (with args, only layer 1 runs, filtered)
 #
-# MVM_TEST_KERNEL=PATH uses that kernel for the Linux-guest tests; otherwise the test kernel is
-# built (once, cached) from ../shared/test-kernel. Where it cannot be built, those tests say so and
-# skip.
+# MVM_TEST_KERNEL=PATH uses that kernel for layer 1's Linux-guest tests; otherwise the test kernel
+# is built (once, cached) from ../shared/test-kernel. Where it cannot be built, those tests say so
+# and skip. MVM_SKIP_VT=1 skips layer 2 (and says so).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -36,4 +40,16 @@ if [ -z "${MVM_AGENT:-}" ]; then
 fi
 
 cargo build --workspace --all-targets
+start=$SECONDS
 cargo test --workspace "$@"
+echo "test: layer 1 (this machine) passed in $((SECONDS - start)) s" >&2
+
+if [ $# -gt 0 ]; then
+  echo "test: test filters given: the emulated-VT layer (scripts/test-vt.sh) does not run" >&2
+elif [ -n "${MVM_SKIP_VT:-}" ]; then
+  echo "test: MVM_SKIP_VT set: the emulated-VT layer (scripts/test-vt.sh) does not run" >&2
+else
+  start=$SECONDS
+  "$repo/scripts/test-vt.sh"
+  echo "test: layer 2 (emulated AMD-V host, mvm's kernel) passed in $((SECONDS - start)) s" >&2
+fi

@@ -1,49 +1,26 @@
 //! `mvm boot` with a real Linux kernel: the test kernel built by
-//! `/work/shared/test-kernel/build.sh` (or `$MVM_TEST_KERNEL`). Without a root filesystem the
+//! `/work/shared/test-kernel/build.sh` on a PVM host, mvm's own kernel on a host with VT-x/AMD-V
+//! (or `$MVM_TEST_KERNEL`; see tests/common/kernel.rs). Without a root filesystem the
 //! kernel panics (mvm reports it in one line, exit 1); with a busybox initramfs `/init` runs on
 //! two vCPUs and reboots (exit 0); without the emulator workarounds mvm names the emulation
 //! failure.
+
+mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
 
+/// The guest kernel of this test layer (the test kernel on PVM hosts, mvm's own elsewhere).
 fn test_kernel() -> Option<(PathBuf, String)> {
-    let kernel = match std::env::var_os("MVM_TEST_KERNEL") {
-        Some(k) => PathBuf::from(k),
-        None => {
-            let cache = std::env::var_os("MVM_TEST_KERNEL_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-                    PathBuf::from(home).join(".cache/mvm-test-kernel")
-                });
-            std::fs::read_dir(cache)
-                .ok()?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| {
-                    let name = p
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned();
-                    name.starts_with("vmlinux-") && !name.ends_with(".config")
-                })?
+    match common::kernel::test_kernel() {
+        Ok(k) => Some(k),
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
         }
-    };
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let cmdline_file = [
-        manifest.join("../../shared/test-kernel/cmdline"),
-        PathBuf::from("/work/shared/test-kernel/cmdline"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())?;
-    let cmdline = std::fs::read_to_string(cmdline_file)
-        .ok()?
-        .trim()
-        .to_string();
-    Some((kernel, cmdline))
+    }
 }
 
 fn boot_linux(kernel: &std::path::Path, args: &[&str]) -> std::process::Output {
@@ -66,7 +43,6 @@ fn boot_linux_without_root_fs_reports_the_guest_panic() {
         return;
     }
     let Some((kernel, cmdline)) = test_kernel() else {
-        eprintln!("skipping: no test kernel (run /work/shared/test-kernel/build.sh)");
         return;
     };
     let out = boot_linux(&kernel, &["--cmdline", &cmdline]);
@@ -90,7 +66,6 @@ fn boot_linux_with_busybox_initramfs_on_two_cpus_runs_init_and_reboots_with_exit
         return;
     }
     let Some((kernel, cmdline)) = test_kernel() else {
-        eprintln!("skipping: no test kernel (run /work/shared/test-kernel/build.sh)");
         return;
     };
     let busybox = std::path::Path::new("/bin/busybox");
@@ -159,13 +134,11 @@ fn boot_linux_without_the_emulator_workarounds_names_the_emulation_failure() {
         eprintln!("skipping: no /dev/kvm on this host");
         return;
     }
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    if !pvm {
+    if !common::kernel::is_pvm_host() {
         eprintln!("skipping: this host has hardware virtualization; nothing fails to emulate");
         return;
     }
     let Some((kernel, _)) = test_kernel() else {
-        eprintln!("skipping: no test kernel (run /work/shared/test-kernel/build.sh)");
         return;
     };
     // Without clearcpuid/noxsave the kernel uses xrstor, which this host's emulator lacks.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::kernel::{repo_root, test_kernel};
+use common::kernel::{static_init, test_kernel};
 use devices::virtio::vsock::{host_connect, listener_path};
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
@@ -20,20 +20,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Compiles `tests/linux/<source>` (static) and packs it as the initramfs's /init.
 fn initramfs(dir: &Path, source: &str) -> PathBuf {
-    let init = dir.join("init");
-    let out = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
-        .args(["--edition", "2021", "-O", "-C", "panic=abort"])
-        .args(["-C", "target-feature=+crt-static"])
-        .args(["--target", "x86_64-unknown-linux-gnu", "-o"])
-        .arg(&init)
-        .arg(repo_root().join("tests/linux").join(source))
-        .output()
-        .expect("run rustc");
-    assert!(
-        out.status.success(),
-        "rustc could not build {source}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let init = static_init(source, &[]);
     let mut cpio = rootfs_builder::initramfs::Initramfs::new();
     cpio.host_file("init", 0o755, &init)
         .and_then(|c| c.char_dev("dev/console", 0o600, 5, 1))

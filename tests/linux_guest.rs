@@ -14,7 +14,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::kernel::{repo_root, test_kernel};
+use common::kernel::{static_init, test_kernel};
 use rootfs_builder::initramfs::Initramfs;
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
@@ -39,36 +39,7 @@ static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
 fn build_initramfs() -> Result<PathBuf, String> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-guest");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let init = dir.join("init");
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let out = Command::new(rustc)
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "panic=abort",
-            "-C",
-            "strip=symbols",
-        ])
-        .args([
-            "-C",
-            "target-feature=+crt-static",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .arg("-o")
-        .arg(&init)
-        .arg(repo_root().join("tests/linux/init.rs"))
-        .output()
-        .map_err(|e| format!("cannot run rustc: {e}"))?;
-    if !out.status.success() {
-        // A host without static glibc cannot build the guest: a broken test setup, not a skip.
-        panic!(
-            "rustc could not build tests/linux/init.rs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let init = static_init("init.rs", &[]);
     let mut cpio = Initramfs::new();
     cpio.host_file("init", 0o755, &init)
         .and_then(|c| c.char_dev("dev/console", 0o600, 5, 1))

@@ -335,7 +335,7 @@ fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
     let root = dir.join("rootfs");
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "sleep"] {
+    for applet in ["sh", "cat", "sleep", "grep", "mount", "unshare"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     Some(root)
@@ -396,6 +396,30 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     }
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "through the agent\n");
+
+    // An exec'd process gets docker's posture, as the container's first process does: seccomp
+    // filter, docker's capabilities, no mount, no nested user namespace.
+    let out = mvm(
+        s,
+        root,
+        &[
+            "exec",
+            "doomed",
+            "--",
+            "sh",
+            "-c",
+            "grep -E '^(CapEff|Seccomp):' /proc/self/status /proc/1/status; \
+             mount -t tmpfs t /mnt 2>/dev/null || echo no-mount; \
+             unshare -U true 2>/dev/null || echo no-userns",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "/proc/self/status:CapEff:\t00000000a80425fb\n/proc/self/status:Seccomp:\t2\n\
+         /proc/1/status:CapEff:\t00000000a80425fb\n/proc/1/status:Seccomp:\t2\n\
+         no-mount\nno-userns\n"
+    );
 
     let out = mvm(s, root, &["inspect", "doomed"]);
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -18,7 +18,9 @@ use std::process::{Command, Output};
 use std::sync::{MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::vm::{boot_lock, mounts_under, taps, text, vm_parts, VmParts};
+use common::vm::{
+    boot_lock, mounts_under, taps, text, traced_processes, vm_parts, VmParts, TRACE_ENV,
+};
 use registry_server::{busybox_layout, Registry};
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
@@ -87,28 +89,29 @@ fn setup() -> Option<Setup> {
     })
 }
 
-/// Asserts that a finished run left nothing on the host that was not there `before`.
+/// Asserts that a finished run left nothing on the host that was not there `before`. passt
+/// ends by itself once mvm's end of its socket closes, so its own passt gets a few seconds.
 fn assert_nothing_left(root: &Path, before: &HostTraces) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_traces(root) != *before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(&host_traces(root), before);
     assert_eq!(leftovers(root), Vec::<PathBuf>::new());
 }
 
-/// What a run may leave behind on the host, to compare before and after.
+/// What a run may leave behind on the host, to compare before and after: the passt processes
+/// this test's mvm started (not another test's), taps and mounts under the test's root.
 #[derive(Debug, PartialEq)]
 struct HostTraces {
-    passt: usize,
+    passt: Vec<u32>,
     taps: Vec<String>,
     mounts: usize,
 }
 
 fn host_traces(root: &Path) -> HostTraces {
-    let passt = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .filter(|c| c.trim() == "passt" || c.trim() == "passt.avx2")
-        .count();
     HostTraces {
-        passt,
+        passt: traced_processes(root, "passt"),
         taps: taps(),
         mounts: mounts_under(root),
     }
@@ -155,6 +158,7 @@ fn run_vm(vm: &VmParts, root: &Path, args: &[&str]) -> (Output, Duration) {
         .args(["--kernel-args", &vm.kernel_args])
         .args(args)
         .env("MVM_AGENT", &vm.agent)
+        .env(TRACE_ENV, root)
         .output()
         .unwrap();
     (out, started.elapsed())
@@ -227,13 +231,20 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
             "--",
             "sh",
             "-c",
-            &format!("echo hi; echo oops >&2; {fetch}; exit 3"),
+            &format!(
+                "echo hi; echo oops >&2; {fetch}; \
+                 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; exit 3"
+            ),
         ],
     );
     let stderr = text(&out.stderr);
     eprintln!("run took {took:?}");
     assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
-    assert_eq!(text(&out.stdout), "hi\nfrom the host\n");
+    // The container in the VM gets docker's posture, as on the host.
+    assert_eq!(
+        text(&out.stdout),
+        "hi\nfrom the host\nCapEff:\t00000000a80425fb\nNoNewPrivs:\t0\nSeccomp:\t2\n"
+    );
     assert!(stderr.contains("oops"), "{stderr}");
     assert_nothing_left(&root, &before);
 }
@@ -426,6 +437,7 @@ fn ctrl_c_during_a_microvm_run_exits_130_and_leaves_nothing() {
             "echo started; sleep 1000",
         ])
         .env("MVM_AGENT", &s.vm.agent)
+        .env(TRACE_ENV, &s.root)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

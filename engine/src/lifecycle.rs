@@ -113,7 +113,7 @@ pub fn exec(root: &Path, name: &str, process: Process, interactive: bool) -> Res
     require_running(&r)?;
     match r.isolation {
         Isolation::Vm => exec_in_vm(&store, &r, process, interactive),
-        Isolation::Container => exec_in_container(&r, process, interactive),
+        Isolation::Container => exec_in_container(&store, &r, process, interactive),
         Isolation::Process => Err(bad_input(format!(
             "container {} is a plain process (--isolation process): there is nothing to exec into",
             r.name
@@ -160,6 +160,7 @@ fn host_process(r: &ContainerRecord) -> Option<i32> {
 }
 
 fn exec_in_container(
+    store: &StateStore,
     r: &ContainerRecord,
     process: Process,
     interactive: bool,
@@ -189,7 +190,8 @@ fn exec_in_container(
         stdout: StdioMode::Inherit,
         stderr: StdioMode::Inherit,
     };
-    let mut child = runtime::exec::exec(pid, &r.cgroup_dirs, &process, &stdio)?;
+    let spec = crate::runner::read_spec(&store.container_dir(&r.id))?;
+    let mut child = runtime::exec::exec(pid, &r.cgroup_dirs, &process, &spec.security, &stdio)?;
     if let Some(mut stdin) = child.stdin.take() {
         thread::spawn(move || {
             let _ = std::io::copy(&mut std::io::stdin().lock(), &mut stdin);

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use guest_agent::runtime::command::Overrides;
+use guest_agent::runtime::security::Security;
 use guest_agent::runtime::spec::{self, BindMount};
 use guest_agent::runtime::Limits;
 use rootfs_builder::reference::Reference;
@@ -174,6 +175,10 @@ pub struct RunSpec {
     /// a disk image; a container sees the host's directory itself).
     #[serde(default)]
     pub volumes: Vec<BindMount>,
+    /// Seccomp, capabilities, no_new_privs and (`--isolation container`) the user namespace;
+    /// docker's defaults when absent. In a VM they apply to the container inside the guest.
+    #[serde(default)]
+    pub security: Security,
     /// Stop after this long and exit 124 (`--isolation vm`).
     #[serde(default)]
     pub timeout: Option<Duration>,
@@ -205,6 +210,7 @@ impl RunSpec {
             network: None,
             publish: Vec::new(),
             volumes: Vec::new(),
+            security: Security::default(),
             timeout: None,
             remove: false,
             detach: false,
@@ -260,6 +266,9 @@ impl RunSpec {
             Source::Rootfs { .. } => {}
         }
         self.validate_limits()?;
+        self.security
+            .validate()
+            .map_err(|e| bad_input(e.to_string()))?;
         for v in &self.volumes {
             if !v.source.is_absolute() {
                 return Err(bad_input(format!(
@@ -298,6 +307,11 @@ impl RunSpec {
     }
 
     fn validate_vm(&self, root: &Path) -> Result<(), Error> {
+        if self.security.userns.is_some() {
+            return Err(bad_input(
+                "--userns works with --isolation container (a VM gives the container its own kernel)",
+            ));
+        }
         let kernel = self.kernel_path(root);
         if !kernel.is_file() {
             return Err(bad_input(format!(
@@ -389,6 +403,11 @@ mod tests {
                 target: "/data".into(),
                 readonly: true,
             }],
+            security: Security {
+                cap_add: vec!["NET_ADMIN".into()],
+                no_new_privs: true,
+                ..Security::default()
+            },
             timeout: Some(Duration::from_millis(1500)),
             remove: true,
             detach: true,
@@ -449,6 +468,7 @@ mod tests {
         assert!(refused(&|s| s.name = Some("../x".into())).contains("../x"));
         refused(&|s| s.limits.cpus = Some(0.0));
         refused(&|s| s.limits.pids_max = Some(0));
+        refused(&|s| s.security.cap_add = vec!["NOT_A_CAP".into()]);
         refused(&|s| {
             s.source = Source::Image {
                 reference: "UPPER".into(),

@@ -5,6 +5,9 @@
 //!   read-only on /mnt/rootfs, volumes under /mnt/volumes), configures eth0, and serves the agent
 //!   protocol on its vsock port until the host asks it to shut down; then powers the VM off.
 //! - On the host: `mvm-agent --socket PATH` serves the same protocol on a Unix socket.
+//! - Anywhere: `mvm-agent probe [OPTIONS]` prints a JSON report of what the calling process sees
+//!   and can do (see `guest_agent::probe`). It is checked first: a probe may well be the first
+//!   process of its PID namespace, and must not be taken for the guest's init.
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -18,6 +21,9 @@ use guest_agent::logger;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(("probe", rest)) = args.split_first().map(|(a, r)| (a.as_str(), r)) {
+        std::process::exit(guest_agent::probe::main(rest));
+    }
     let level = std::env::var("MVM_AGENT_LOG").unwrap_or_default();
     logger::init("mvm-agent", logger::parse_level(&level));
     // As PID 1 the kernel passes the boot words it did not understand as arguments: ignore them.
@@ -28,7 +34,10 @@ fn main() {
             println!("mvm-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        _ => Err("usage: mvm-agent --socket PATH (or run as the guest's PID 1)".to_string()),
+        _ => Err(
+            "usage: mvm-agent --socket PATH | probe [OPTIONS] (or run as the guest's PID 1)"
+                .to_string(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("mvm-agent: {e}");

@@ -17,10 +17,24 @@ pub fn run(_args: &InfoArgs) -> anyhow::Result<i32> {
     outln!("max vcpus: {}", kvm.get_max_vcpus());
     outln!("recommended vcpus: {}", kvm.get_nr_vcpus());
     outln!("virtualization: {}", virt.describe());
-    if !virt.is_hardware() {
-        let hidden: Vec<_> = vmm::cpuid::hidden_feature_names().collect();
-        outln!("hidden cpu features: {}", hidden.join(","));
+    let template = vmm::vcpu::cpu_template(&kvm, virt);
+    outln!(
+        "tsc-deadline timer: {}",
+        if template.tsc_deadline { "yes" } else { "no" }
+    );
+    // Grouped by reason: "hidden cpu features: a,b (why); c (why)".
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (name, why) in template.hidden_features() {
+        match groups.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, names)) => names.push(name),
+            None => groups.push((why, vec![name])),
+        }
     }
+    let groups: Vec<String> = groups
+        .iter()
+        .map(|(why, names)| format!("{} ({why})", names.join(",")))
+        .collect();
+    outln!("hidden cpu features: {}", groups.join("; "));
     if let Some(mem) = host::mem_total() {
         outln!("host memory: {} MiB", mem >> 20);
     }

@@ -7,6 +7,7 @@ use engine::spec::{self, Isolation, Network, RunSpec, Source};
 use engine::units::{format_size, parse_duration, parse_size};
 use engine::{Exit, RunOutcome};
 use guest_agent::runtime::command::Overrides;
+use guest_agent::runtime::security::{IdMapping, Security};
 use guest_agent::runtime::Limits;
 
 use crate::error::{bad_input, from_engine};
@@ -98,6 +99,20 @@ pub struct RunArgs {
     /// directory itself; a VM gets a copy on a disk image made at start (never a live share).
     #[arg(short = 'v', long = "volume", value_name = "HOST:PATH[:ro]")]
     pub volumes: Vec<String>,
+    /// Security option: seccomp=unconfined, seccomp=PROFILE.json (docker's format), or
+    /// no-new-privileges[=true|false] (default false, as docker).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// Add a capability to docker's default set (e.g. NET_ADMIN; ALL for every one).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from docker's default set (ALL for every one).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// User namespace (--isolation container): host (default), auto (root's range in
+    /// /etc/subuid, else 100000:65536) or HOSTID:SIZE; container root is then that host id.
+    #[arg(long, value_name = "MODE")]
+    pub userns: Option<String>,
     /// Stop after this long (e.g. 30s, 5m) and exit 124 (--isolation vm).
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
@@ -183,6 +198,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
             .iter()
             .map(|v| spec::parse_volume(v).map_err(engine_err))
             .collect::<anyhow::Result<_>>()?,
+        security: security(args)?,
         timeout: args
             .timeout
             .as_deref()
@@ -194,6 +210,24 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
     })
+}
+
+/// The `--security-opt`, `--cap-add`, `--cap-drop` and `--userns` flags (the engine checks
+/// the whole).
+fn security(args: &RunArgs) -> anyhow::Result<Security> {
+    let mut s = Security {
+        cap_add: args.cap_add.clone(),
+        cap_drop: args.cap_drop.clone(),
+        ..Security::default()
+    };
+    for opt in &args.security_opt {
+        s.apply_opt(opt).map_err(|e| bad_input(e.to_string()))?;
+    }
+    s.userns = match args.userns.as_deref() {
+        None => None,
+        Some(mode) => IdMapping::parse(mode).map_err(|e| bad_input(e.to_string()))?,
+    };
+    Ok(s)
 }
 
 /// Runs `mvm run`; returns the command's exit code (0 after `-d`, with the id printed).

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod container;
 pub mod guests;
 pub mod kernel;
 pub mod netns;

@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::kernel::{static_agent, test_kernel};
+use super::kernel::{run_kernel_args, static_agent, test_kernel};
 
 /// What a microVM run needs.
 #[derive(Debug)]
 pub struct VmParts {
-    /// The test kernel.
+    /// The guest kernel of this test layer (tests/common/kernel.rs).
     pub kernel: PathBuf,
-    /// Its command line (`--kernel-args`).
+    /// What it needs beyond mvm's own arguments (`--kernel-args`; empty for mvm's kernel).
     pub kernel_args: String,
     /// The static guest agent (`MVM_AGENT`).
     pub agent: PathBuf,
@@ -27,7 +27,8 @@ pub fn vm_parts() -> Result<VmParts, String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("VM runs need root (taps, mounts)".into());
     }
-    let (kernel, kernel_args) = test_kernel()?;
+    let (kernel, _) = test_kernel()?;
+    let kernel_args = run_kernel_args()?;
     Ok(VmParts {
         kernel,
         kernel_args,
@@ -44,6 +45,33 @@ pub fn boot_lock() -> MutexGuard<'static, ()> {
 /// Output bytes as text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// The environment variable a test sets on every mvm it starts, to the test's own `--root`:
+/// mvm's children (passt) inherit it, so a test finds its own processes and never counts
+/// another test's (one still ending, say).
+pub const TRACE_ENV: &str = "MVM_TEST_TRACE";
+
+/// Pids of the processes whose name starts with `name` and that carry this test's trace marker
+/// ([`TRACE_ENV`] set to `root`).
+pub fn traced_processes(root: &Path, name: &str) -> Vec<u32> {
+    let marker = format!("{TRACE_ENV}={}", root.display());
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        if !comm.trim().starts_with(name) {
+            return None;
+        }
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        env.split(|b| *b == 0)
+            .any(|kv| kv == marker.as_bytes())
+            .then_some(pid)
+    })
+    .collect()
 }
 
 /// mvm's tap devices on the host, sorted.

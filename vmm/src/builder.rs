@@ -225,19 +225,28 @@ impl VmBuilder {
         paging::setup_page_tables(mem).map_err(BuildError::Paging)?;
         regs::write_gdt_idt(mem).map_err(BuildError::Regs)?;
 
+        let virt = crate::host::virtualization();
+        let template = vcpu::cpu_template(self.vm.kvm(), virt);
         let shared = VcpuShared {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             exit: self.exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             mem: mem.clone(),
-            hardware_virt: crate::host::virtualization().is_hardware(),
+            hardware_virt: virt.is_hardware(),
         };
         let mut vcpus = Vec::new();
         for id in 0..self.config.vcpus {
             let fd = self.vm.create_vcpu(id).map_err(BuildError::Vm)?;
-            vcpu::configure(self.vm.kvm(), &fd, id, self.config.vcpus, self.kernel.entry)
-                .map_err(|e| BuildError::Vcpu(id, e))?;
+            vcpu::configure(
+                self.vm.kvm(),
+                &fd,
+                template,
+                id,
+                self.config.vcpus,
+                self.kernel.entry,
+            )
+            .map_err(|e| BuildError::Vcpu(id, e))?;
             vcpus.push(Vcpu::new(id, fd, shared.clone()));
         }
         if self.config.serial_stdin {
@@ -464,13 +473,26 @@ mod tests {
         let ecx = u32::from_le_bytes(console[..4].try_into().unwrap());
         assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
         if crate::host::virtualization().is_hardware() {
+            // With VT-x/AMD-V the guest sees what KVM supports (cx16, popcnt, xsave, rdrand).
+            let kvm = kvm_ioctls::Kvm::new().unwrap();
+            let supported = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .unwrap();
+            let host_ecx = supported
+                .as_slice()
+                .iter()
+                .find(|e| e.function == 1)
+                .unwrap()
+                .ecx;
             for bit in [13, 23, 26, 30] {
                 assert_eq!(
                     ecx & (1 << bit),
-                    0,
-                    "CPU template leaves leaf 1 ecx bit {bit}"
+                    host_ecx & (1 << bit),
+                    "leaf 1 ecx bit {bit}: the guest must see what KVM supports"
                 );
             }
+            let deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+            assert_eq!(ecx & (1 << 24) != 0, deadline, "TSC-deadline bit");
         } else {
             // PVM replaces leaf 1 with the host's bits whatever KVM_SET_CPUID2 says.
             eprintln!("not checking hidden CPUID bits: PVM host (guest sees ecx {ecx:#x})");

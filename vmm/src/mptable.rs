@@ -69,14 +69,12 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, CPU_ENABLED]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    // ISA IRQ n arrives on IOAPIC pin n; pin 0 carries the PIC (ExtINT).
+    // ISA IRQ n arrives on IOAPIC pin n as an ordinary interrupt, IRQ 0 (the PIT) included:
+    // KVM's default routing sends GSI n to pin n. A guest that keeps the PIT as its clock event
+    // (no TSC-deadline timer) routes the timer through pin 0; marking that pin ExtINT leaves
+    // IRQ 0 without IOAPIC data and Linux's check_timer() then dereferences NULL.
     for pin in 0..IOAPIC_PINS {
-        let kind = if pin == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IOINT, kind, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[ENTRY_IOINT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
         count += 1;
     }
     // LINT0 = ExtINT and LINT1 = NMI on every local APIC (id 0xff = all).
@@ -168,6 +166,29 @@ mod tests {
             &rest[16 + 8 * 4..16 + 8 * 5],
             &[ENTRY_IOINT, 0, 0, 0, 0, 4, 3, 4]
         );
+    }
+
+    #[test]
+    fn every_ioapic_pin_is_an_ordinary_interrupt_routed_one_to_one() {
+        let cpus = 2u8;
+        let bytes = build(cpus, EBDA_START).unwrap();
+        let entries = &bytes[16 + HEADER_LEN..];
+        // Processor entries (20 bytes each), then the bus (8) and the IOAPIC (8).
+        let ioints = &entries[usize::from(cpus) * 20 + 16..];
+        for pin in 0..IOAPIC_PINS {
+            let e = &ioints[usize::from(pin) * 8..usize::from(pin) * 8 + 8];
+            assert_eq!(e[0], ENTRY_IOINT, "pin {pin}");
+            assert_eq!(e[1], INT_TYPE_INT, "pin {pin} must not be ExtINT");
+            assert_eq!(
+                (e[5], e[6], e[7]),
+                (pin, cpus, pin),
+                "IRQ {pin} -> pin {pin}"
+            );
+        }
+        // The local APICs keep LINT0 = ExtINT (the PIC) and LINT1 = NMI.
+        let lints = &ioints[usize::from(IOAPIC_PINS) * 8..];
+        assert_eq!(&lints[..2], &[ENTRY_LINT, INT_TYPE_EXTINT]);
+        assert_eq!(&lints[8..10], &[ENTRY_LINT, INT_TYPE_NMI]);
     }
 
     #[test]

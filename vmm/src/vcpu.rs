@@ -37,13 +37,43 @@ pub enum VcpuError {
     Regs(#[source] regs::RegsError),
 }
 
-/// Configures vCPU `id` of `count`: CPUID, FPU, MSRs, LAPIC; the BSP (id 0) also gets the
-/// long-mode boot state at `entry`. APs keep KVM's default state and wait for INIT/SIPI.
-pub fn configure(kvm: &Kvm, fd: &VcpuFd, id: u8, count: u8, entry: u64) -> Result<(), VcpuError> {
+/// The CPU template for this host: hide what a PVM emulator cannot run (only there), add the
+/// TSC-deadline timer where KVM has it.
+pub fn cpu_template(kvm: &Kvm, virt: crate::host::Virtualization) -> cpuid::CpuTemplate {
+    cpuid::CpuTemplate {
+        hide_unemulated: virt == crate::host::Virtualization::Pvm,
+        tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    }
+}
+
+/// Configures vCPU `id` of `count` with `template`: CPUID, FPU, MSRs, LAPIC; the BSP (id 0)
+/// also gets the long-mode boot state at `entry`. APs keep KVM's default state and wait for
+/// INIT/SIPI.
+pub fn configure(
+    kvm: &Kvm,
+    fd: &VcpuFd,
+    template: cpuid::CpuTemplate,
+    id: u8,
+    count: u8,
+    entry: u64,
+) -> Result<(), VcpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VcpuError::Kvm("GET_SUPPORTED_CPUID", e))?;
-    cpuid::apply_template(&mut cpuid, id, count).map_err(VcpuError::Cpuid)?;
+    cpuid::apply_template(&mut cpuid, template, id, count).map_err(VcpuError::Cpuid)?;
+    if id == 0 && log::log_enabled!(log::Level::Debug) {
+        for e in cpuid.as_slice() {
+            log::debug!(
+                "cpuid {:#x}.{}: eax {:#010x} ebx {:#010x} ecx {:#010x} edx {:#010x}",
+                e.function,
+                e.index,
+                e.eax,
+                e.ebx,
+                e.ecx,
+                e.edx
+            );
+        }
+    }
     fd.set_cpuid2(&cpuid)
         .map_err(|e| VcpuError::Kvm("SET_CPUID2", e))?;
     if id == 0 {

@@ -40,13 +40,29 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         init: spec.init,
         cgroup_parent: None,
         mounts: spec.volumes.clone(),
+        security: spec.security.clone(),
     };
+    if let Some(m) = &container.security.userns {
+        if let Rootfs::Overlay { upper, work, .. } = &container.rootfs {
+            for d in [upper, work] {
+                std::os::unix::fs::chown(d, Some(m.host_uid), Some(m.host_gid))
+                    .map_err(io_error("hand to --userns", d))?;
+            }
+        }
+    }
+    // Output goes through pipes to the log (and the terminal); a terminal's input is relayed
+    // too, so the container never holds the terminal (see `StdioConfig::for_host`).
     let stdio = StdioConfig {
-        stdin: StdioMode::Inherit,
+        stdin: StdioConfig::for_host(&container).stdin,
         stdout: StdioMode::Piped,
         stderr: StdioMode::Piped,
     };
     let mut c = Container::start(&container, &stdio)?;
+    if let Some(mut w) = c.take_stdin() {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+        });
+    }
     if let Some(cgroup) = c.cgroup() {
         run.guard.cgroups(cgroup.dirs().to_vec())?;
     }

@@ -134,6 +134,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         init: spec.init,
         cgroup_parent: None,
         mounts: volumes.mounts,
+        security: spec.security.clone(),
     };
     let vm_spec = MicroVmSpec {
         kernel: spec.kernel_path(run.root),

@@ -466,7 +466,7 @@ impl Agent {
     }
 
     fn exec(&mut self, id: &str, mut process: Process, stdin: bool, session: u64) -> Response {
-        let (container_pid, cgroup_dirs, mut env) = {
+        let (container_pid, cgroup_dirs, mut env, security) = {
             let Some(entry) = self.containers.get(id) else {
                 return error(&format!("no such container: {id}"));
             };
@@ -482,6 +482,7 @@ impl Agent {
                 pid,
                 entry.cgroup_dirs.clone(),
                 entry.spec.process.env.clone(),
+                entry.spec.security.clone(),
             )
         };
         // The process's variables override the container's.
@@ -500,7 +501,7 @@ impl Agent {
             stdout: StdioMode::Piped,
             stderr: StdioMode::Piped,
         };
-        let mut child = match exec(container_pid, &cgroup_dirs, &process, &stdio) {
+        let mut child = match exec(container_pid, &cgroup_dirs, &process, &security, &stdio) {
             Ok(c) => c,
             Err(e) => return error(&e.to_string()),
         };

@@ -11,6 +11,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::security::devices;
 use super::spec::{Limits, CPU_PERIOD_US};
 
 /// Default parent of container cgroups.
@@ -34,6 +35,9 @@ pub enum CgroupError {
     /// A cgroup directory could not be removed.
     #[error("cannot remove cgroup {0}")]
     Remove(PathBuf, #[source] std::io::Error),
+    /// The device allow-list could not be applied.
+    #[error(transparent)]
+    Devices(#[from] devices::DeviceError),
     /// `/proc/self/mountinfo` or `/proc/self/cgroup` could not be read.
     #[error("cannot read {0}")]
     Proc(&'static str, #[source] std::io::Error),
@@ -82,7 +86,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<Hierarchy> {
         let controllers = if version == CgroupVersion::V1 {
             post[2]
                 .split(',')
-                .filter(|o| ["memory", "cpu", "pids"].contains(o))
+                .filter(|o| ["memory", "cpu", "pids", "devices"].contains(o))
                 .map(String::from)
                 .collect()
         } else {
@@ -202,8 +206,19 @@ impl Cgroup {
             }
         }
         if v1.is_empty() {
-            log::debug!("no cgroup hierarchy with memory, cpu or pids: running without a cgroup");
+            log::debug!(
+                "no cgroup hierarchy with memory, cpu, pids or devices: running without a cgroup \
+                 (no device allow-list; mounts but /dev are nodev)"
+            );
             return Ok(None);
+        }
+        if !v1
+            .iter()
+            .any(|h| h.controllers.iter().any(|c| c == "devices"))
+        {
+            log::debug!(
+                "no devices cgroup controller: no device allow-list; mounts but /dev are nodev"
+            );
         }
         Self::create_v1(&v1, &proc_cgroup, parent, id, limits).map(Some)
     }
@@ -261,7 +276,17 @@ impl Cgroup {
             if let Some(p) = limits.pids_max {
                 write(dir.join("pids.max"), &p.to_string())?;
             }
-            Ok(())
+            match devices::attach_v2(&dir) {
+                Ok(()) => Ok(()),
+                Err(devices::DeviceError::Unsupported(e)) => {
+                    log::debug!(
+                        "no device allow-list: this kernel cannot attach cgroup device \
+                         programs ({e}); mounts but /dev are nodev"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
         })();
         if let Err(e) = r {
             let _ = cg.remove_inner();
@@ -309,6 +334,9 @@ impl Cgroup {
                     if let Some(p) = limits.pids_max {
                         write(dir.join("pids.max"), &p.to_string())?;
                     }
+                }
+                if has("devices") {
+                    devices::apply_v1(&dir)?;
                 }
             }
             Ok(())

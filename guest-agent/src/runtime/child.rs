@@ -15,26 +15,8 @@ use std::os::fd::RawFd;
 
 use super::mounts::{self, RootMount};
 use super::namespaces::{self, errno};
+use super::security::Prepared;
 use super::step::{trace, Fail, Step};
-
-/// Capabilities the command keeps (Docker's default set); every other one is dropped from the
-/// bounding set before the command runs.
-const KEPT_CAPS: [u32; 14] = [
-    0,  // CHOWN
-    1,  // DAC_OVERRIDE
-    3,  // FOWNER
-    4,  // FSETID
-    5,  // KILL
-    6,  // SETGID
-    7,  // SETUID
-    8,  // SETPCAP
-    10, // NET_BIND_SERVICE
-    13, // NET_RAW
-    18, // SYS_CHROOT
-    27, // MKNOD
-    29, // AUDIT_WRITE
-    31, // SETFCAP
-];
 
 /// Everything the child needs, prepared by the parent.
 #[derive(Debug)]
@@ -56,7 +38,10 @@ pub(crate) struct ChildPlan {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
-    pub last_cap: u32,
+    /// Capabilities, no_new_privs and seccomp filters.
+    pub posture: Prepared,
+    /// `--userns`: id-mapped layers and the user namespace to join.
+    pub idmapped: Option<mounts::IdMapped>,
     pub init: bool,
     /// Fds to put on 0, 1, 2 (None: inherit).
     pub stdio: [Option<RawFd>; 3],
@@ -111,6 +96,13 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     }
     // SAFETY: the fd is valid and no longer needed.
     unsafe { libc::close(plan.sync_read) };
+    // A new session without a controlling terminal: whatever terminal the runtime has, the
+    // container cannot push input into it (TIOCSTI) or signal its foreground job.
+    trace(Step::Session);
+    rustix::process::setsid().map_err(|e| Fail {
+        step: Step::Session,
+        errno: e.raw_os_error(),
+    })?;
 
     for (target, fd) in plan.stdio.iter().enumerate() {
         if let Some(fd) = fd {
@@ -122,7 +114,11 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
         }
     }
 
-    mounts::enter_rootfs(&plan.root, &plan.mounts)?;
+    // Nothing but stdio reaches the command: descriptors this runtime inherited without
+    // close-on-exec (a terminal, a pipe of the caller) are closed when it executes.
+    cloexec_above_stdio();
+
+    mounts::enter_rootfs(&plan.root, &plan.mounts, plan.idmapped.as_ref())?;
     trace(Step::Hostname);
     namespaces::set_hostname(&plan.hostname).map_err(|e| Fail {
         step: Step::Hostname,
@@ -133,6 +129,17 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
             step: Step::Loopback,
             errno: e,
         })?;
+    }
+    if let Some(m) = &plan.idmapped {
+        // From here on container root is the mapped host id, with capabilities only inside
+        // this user namespace (the others stay owned by the host's).
+        trace(Step::UserNamespace);
+        // SAFETY: setns on a descriptor the parent opened; this process has one thread.
+        if unsafe { libc::setns(m.userns_fd, libc::CLONE_NEWUSER) } < 0 {
+            return Err(fail(Step::UserNamespace));
+        }
+        // SAFETY: our copy of the descriptor is no longer needed.
+        unsafe { libc::close(m.userns_fd) };
     }
     mounts::mkdir_p(&plan.cwd).map_err(|e| Fail {
         step: Step::Cwd,
@@ -150,25 +157,21 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     }
 }
 
-/// Drops capabilities, switches user, resets signals and executes the command.
+/// Drops capabilities, switches user, resets signals, sets no_new_privs, installs the seccomp
+/// filter and executes the command.
 fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     trace(Step::Capabilities);
-    for cap in 0..=plan.last_cap {
-        if !KEPT_CAPS.contains(&cap) {
-            // SAFETY: prctl with integer arguments.
-            let r =
-                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
-            if r < 0 && errno() != libc::EINVAL {
-                return Err(fail(Step::Capabilities));
-            }
-        }
-    }
+    plan.posture.drop_bounding().map_err(|e| Fail {
+        step: Step::Capabilities,
+        errno: e,
+    })?;
     trace(Step::User);
     if set_identity(&plan.groups, plan.gid, plan.uid).is_err() {
         return Err(fail(Step::User));
     }
     reset_signals();
     trace(Step::Exec);
+    finish_posture(&plan.posture, 0)?;
     let mut last = libc::ENOENT;
     let mut denied = false;
     for path in &plan.exec_candidates {
@@ -189,6 +192,32 @@ fn exec_command(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
             last
         },
     })
+}
+
+/// [`Prepared::finish`], with its failure as a [`Fail`].
+pub(crate) fn finish_posture(posture: &Prepared, extra: u64) -> Result<(), Fail> {
+    posture.finish(extra).map_err(|(seccomp, errno)| Fail {
+        step: if seccomp {
+            Step::Seccomp
+        } else {
+            Step::Capabilities
+        },
+        errno,
+    })
+}
+
+/// Marks every descriptor above 2 close-on-exec (no allocation).
+pub(crate) fn cloexec_above_stdio() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes flags of this process's descriptors.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if r < 0 {
+        // Kernels before 5.11: one descriptor at a time.
+        for fd in 3..4096 {
+            // SAFETY: fcntl on a descriptor number; EBADF for unused ones is harmless.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
 }
 
 /// Sets the supplementary groups, then the gid, then the uid of this (single-threaded) process
@@ -265,9 +294,25 @@ fn run_init(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
     if pid == 0 {
         return exec_command(plan);
     }
-    // The command holds the error pipe now; our copy would hide its exec from the parent.
+    // The init keeps the container's capabilities (and CAP_KILL, to forward signals to a
+    // command of another user) under the same filter.
+    let posture = plan
+        .posture
+        .drop_bounding()
+        .map_err(|e| (false, e))
+        .and_then(|()| plan.posture.finish(1 << 5));
+    if posture.is_err() {
+        // SAFETY: killing our own child before giving up.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return Err(fail(Step::Capabilities));
+    }
+    // The command holds the error pipe now; our copy would hide its exec from the parent. The
+    // init needs no other descriptor either, and the container could reach any it kept through
+    // /proc/1/fd.
     // SAFETY: closing our copy of the fd.
     unsafe { libc::close(plan.err_write) };
+    // SAFETY: close_range only closes descriptors of this single-threaded process.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     loop {
         // SAFETY: zeroed siginfo_t is valid storage for sigwaitinfo.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -299,14 +344,6 @@ fn run_init(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
             }
         }
     }
-}
-
-/// `cap_last_cap` of the running kernel (40 when it cannot be read).
-pub(crate) fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
 }
 
 /// The paths to try for `cmd`, as execvp would: `cmd` itself when it has a `/`, else each

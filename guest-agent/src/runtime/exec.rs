@@ -1,6 +1,9 @@
 //! Running another process in a running container (`mvm exec`): join the namespaces of the
 //! container's PID 1, take its root directory, join its cgroup, and exec.
 //!
+//! The command gets the container's posture (see [`super::security`]): its own session, the
+//! container's capabilities, no_new_privs and seccomp filter, like the container's first process.
+//!
 //! Joining a PID namespace only applies to children, so this forks twice. The first child (the
 //! *keeper*) joins the namespaces, waits until the runtime has put it into the container's
 //! cgroup, forks the command, forwards signals to it and exits with its status, so the runtime
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 
 use super::namespaces::errno;
 use super::process::{StdioConfig, StdioMode};
+use super::security::{Prepared, Security};
 use super::spec::Process;
 use super::{user, ContainerError};
 
@@ -100,11 +104,13 @@ fn stdio_pair(
 }
 
 /// Starts `spec` inside the container whose PID 1 is `container_pid` (a child of this process),
-/// in the container's cgroup directories `cgroup_dirs` (see `Cgroup::dirs`).
+/// in the container's cgroup directories `cgroup_dirs` (see `Cgroup::dirs`), with the
+/// container's `security` settings (the command gets the same posture).
 pub fn exec(
     container_pid: libc::pid_t,
     cgroup_dirs: &[PathBuf],
     spec: &Process,
+    security: &Security,
     stdio: &StdioConfig,
 ) -> Result<ExecProcess, ContainerError> {
     if spec.args.is_empty() {
@@ -141,6 +147,7 @@ pub fn exec(
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
     envp_ptrs.push(std::ptr::null());
     let groups: Vec<libc::gid_t> = ident.groups.clone();
+    let posture = security.prepare()?;
 
     let (child_in, parent_in) = stdio_pair(stdio.stdin, true)?;
     let (child_out, parent_out) = stdio_pair(stdio.stdout, false)?;
@@ -166,6 +173,7 @@ pub fn exec(
         uid: ident.uid,
         gid: ident.gid,
         groups: &groups,
+        posture: &posture,
     };
 
     // SAFETY: fork has no preconditions; the child only runs `keeper`, which uses
@@ -233,6 +241,7 @@ struct Plan<'a> {
     uid: u32,
     gid: u32,
     groups: &'a [libc::gid_t],
+    posture: &'a Prepared,
 }
 
 fn die(code: libc::c_int) -> ! {
@@ -320,6 +329,12 @@ fn command(plan: &Plan<'_>) -> ! {
     unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
     // SAFETY: the command dies with its keeper.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Its own session, without a controlling terminal.
+    if rustix::process::setsid().is_err() {
+        die(126);
+    }
+    // Only stdio reaches the command.
+    super::child::cloexec_above_stdio();
     for (target, fd) in [0, 1, 2].into_iter().zip(plan.stdio) {
         if let Some(fd) = fd {
             // SAFETY: dup2 onto fd 0, 1 or 2 (the duplicate has no CLOEXEC flag).
@@ -328,12 +343,19 @@ fn command(plan: &Plan<'_>) -> ! {
             }
         }
     }
+    if plan.posture.drop_bounding().is_err() {
+        die(126);
+    }
     let ids_ok = super::child::set_identity(plan.groups, plan.gid, plan.uid).is_ok();
     if !ids_ok {
         die(126);
     }
     // SAFETY: chdir to a valid NUL-terminated path.
     if unsafe { libc::chdir(plan.cwd.as_ptr()) } < 0 {
+        die(126);
+    }
+    // Capability sets, no_new_privs, then the seccomp filter, last before execve.
+    if plan.posture.finish(0).is_err() {
         die(126);
     }
     let mut code = 127;

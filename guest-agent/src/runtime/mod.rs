@@ -8,6 +8,7 @@
 //! - [`cgroups`]: the container's cgroup (v2, or v1 on hosts that still bind controllers there).
 //! - [`namespaces`], [`mounts`], `child`: the clone and everything the new process does up to
 //!   `execve`; `step`: the steps it reports.
+//! - [`security`]: seccomp, capabilities, no_new_privs, masked paths, devices, user namespace.
 //! - [`process`]: [`Container`]: start, stdio, signal, wait, teardown.
 
 pub mod cgroups;
@@ -17,6 +18,7 @@ pub mod exec;
 pub mod mounts;
 pub mod namespaces;
 pub mod process;
+pub mod security;
 pub mod spec;
 mod step;
 pub mod user;
@@ -25,7 +27,7 @@ use std::path::PathBuf;
 
 pub use command::{ImageConfig, Overrides};
 pub use process::{
-    block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, StdioConfig,
+    block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, Relay, StdioConfig,
     StdioMode, FORWARDED_SIGNALS,
 };
 pub use spec::{ContainerSpec, Limits, Network, Process, Rootfs};
@@ -55,6 +57,9 @@ pub enum ContainerError {
     /// A setup step in the new process failed.
     #[error("container setup failed while {0}")]
     Setup(&'static str, #[source] std::io::Error),
+    /// A security option is invalid or cannot be prepared.
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
     /// A system call in the runtime failed.
     #[error("{0} failed")]
     Os(&'static str, #[source] std::io::Error),

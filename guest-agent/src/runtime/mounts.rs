@@ -1,6 +1,8 @@
 //! The container's filesystem view, built inside its new mount namespace: the root (an overlay
 //! or a bind-mounted directory), `/proc`, a read-only `/sys`, a small `/dev` on tmpfs with the
-//! usual device nodes, `/dev/pts` (a new instance), `/dev/shm`, then `pivot_root` into it.
+//! usual device nodes, `/dev/pts` (a new instance), `/dev/shm`, volumes, docker's masked and
+//! read-only paths, then `pivot_root` into it. Every mount but `/dev` (and `/dev/pts` in it) is
+//! `nodev`: a device node in the image or a volume cannot be opened.
 //!
 //! Everything here runs in the freshly cloned process and therefore only makes system calls on
 //! prepared C strings or literals: no allocation (see `namespaces::spawn`). All mounts live and
@@ -10,6 +12,7 @@
 use std::ffi::{CStr, CString};
 
 use super::namespaces::errno;
+use super::security::paths;
 use super::step::{trace, Fail, Step};
 
 /// How the root filesystem is mounted, prepared by the parent.
@@ -130,28 +133,11 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
     (c"dev/stderr", c"/proc/self/fd/2"),
 ];
 
-/// Parts of /proc that reach host-wide kernel settings: made read-only (as Docker does).
-const PROC_READONLY: [&CStr; 5] = [
-    c"proc/sys",
-    c"proc/sysrq-trigger",
-    c"proc/irq",
-    c"proc/bus",
-    c"proc/fs",
-];
-
-/// Files in /proc that leak host information: covered with /dev/null (as Docker does).
-const PROC_MASKED_FILES: [&CStr; 5] = [
-    c"proc/kcore",
-    c"proc/keys",
-    c"proc/timer_list",
-    c"proc/sched_debug",
-    c"proc/latency_stats",
-];
-
-/// Makes the host-wide parts of the container's /proc read-only and masks the leaky files.
-/// Paths this kernel does not have are skipped.
-fn protect_proc() -> Result<(), Fail> {
-    for p in PROC_READONLY {
+/// Makes docker's read-only paths read-only and hides its masked paths (see
+/// [`paths`]). Paths this kernel does not have are skipped.
+fn protect_paths() -> Result<(), Fail> {
+    let ro = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for p in paths::READ_ONLY {
         match mount(p, p, None, libc::MS_BIND | libc::MS_REC, None, Step::Proc) {
             Err(f) if f.errno == libc::ENOENT => continue,
             r => r?,
@@ -160,23 +146,58 @@ fn protect_proc() -> Result<(), Fail> {
             p,
             p,
             None,
-            libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
+            libc::MS_BIND | libc::MS_REMOUNT | ro,
             None,
             Step::Proc,
         )?;
     }
-    for p in PROC_MASKED_FILES {
-        match mount(c"dev/null", p, None, libc::MS_BIND, None, Step::Proc) {
-            Err(f) if f.errno == libc::ENOENT => {}
-            r => r?,
+    for p in paths::MASKED {
+        // SAFETY: all-zero is a valid stat buffer; `p` is a valid C string.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; lstat writes into `st`.
+        if unsafe { libc::lstat(p.as_ptr(), &raw mut st) } < 0 {
+            if errno() == libc::ENOENT {
+                continue;
+            }
+            return Err(Fail {
+                step: Step::Proc,
+                errno: errno(),
+            });
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            mount(c"tmpfs", p, Some(c"tmpfs"), ro, None, Step::Proc)?;
+        } else {
+            mount(c"dev/null", p, None, libc::MS_BIND, None, Step::Proc)?;
         }
     }
     Ok(())
+}
+
+/// Remounts the bind mount at `path` with `flags` added to the ones it has (nodev, read-only).
+fn remount_bind(path: &CStr, flags: libc::c_ulong, step: Step) -> Result<(), Fail> {
+    // SAFETY: all-zero is a valid statvfs buffer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string; statvfs writes into `st`.
+    check(unsafe { libc::statvfs(path.as_ptr(), &raw mut st) }, step)?;
+    let mut keep = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            keep |= ms_flag;
+        }
+    }
+    mount(
+        c"none",
+        path,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | keep | flags,
+        None,
+        step,
+    )
 }
 
 /// Makes one device node; where mknod is not allowed, bind-mounts the host's node instead.
@@ -310,23 +331,97 @@ fn mount_volumes(volumes: &[VolumeMount]) -> Result<(), Fail> {
             None,
             Step::Volumes,
         )?;
-        if v.readonly {
-            mount(
-                c"none",
-                &v.target,
-                None,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                None,
-                Step::Volumes,
-            )?;
-        }
+        let ro = if v.readonly { libc::MS_RDONLY } else { 0 };
+        remount_bind(&v.target, libc::MS_NODEV | ro, Step::Volumes)?;
     }
     Ok(())
 }
 
+/// With `--userns`: the image's directories to show id-mapped, and the user namespace whose
+/// mapping they get (host root's files then belong to container root).
+#[derive(Debug)]
+pub(crate) struct IdMapped {
+    pub userns_fd: libc::c_int,
+    pub paths: Vec<CString>,
+    /// Let container root bind ports below 1024 in its own network namespace.
+    pub low_ports: bool,
+}
+
+/// Replaces the mount at `path` (in this mount namespace) by a copy of it whose file owners are
+/// mapped through the user namespace `userns_fd`.
+fn idmap_onto(path: &CStr, userns_fd: libc::c_int) -> Result<(), Fail> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let fail = || Fail {
+        step: Step::RootMount,
+        errno: errno(),
+    };
+    trace(Step::RootMount);
+    // SAFETY: `path` is a valid C string; the flags ask for a detached copy of its mount.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    let tree = libc::c_int::try_from(tree).map_err(|_| fail())?;
+    if tree < 0 {
+        return Err(fail());
+    }
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: u64::try_from(userns_fd).unwrap_or(u64::MAX),
+    };
+    // SAFETY: `attr` is a valid mount_attr of the size passed; "" with AT_EMPTY_PATH means
+    // the detached mount itself.
+    let mut r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &raw const attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: moves the detached mount onto `path`, a valid C string.
+        r = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+    }
+    let result = if r < 0 { Err(fail()) } else { Ok(()) };
+    // SAFETY: closes the descriptor open_tree returned.
+    unsafe { libc::close(tree) };
+    result
+}
+
 /// Builds the root and pivots into it. Runs in the container's first process, inside its new
 /// mount (and PID) namespace.
-pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<(), Fail> {
+pub(crate) fn enter_rootfs(
+    root: &RootMount,
+    volumes: &[VolumeMount],
+    idmapped: Option<&IdMapped>,
+) -> Result<(), Fail> {
     // Nothing below may reach the host: make every mount private first.
     mount(
         c"none",
@@ -336,13 +431,18 @@ pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<
         None,
         Step::MakePrivate,
     )?;
+    if let Some(m) = idmapped {
+        for p in &m.paths {
+            idmap_onto(p, m.userns_fd)?;
+        }
+    }
     let (target, readonly) = match root {
         RootMount::Overlay { options, target } => {
             mount(
                 c"overlay",
                 target,
                 Some(c"overlay"),
-                0,
+                libc::MS_NODEV,
                 Some(options),
                 Step::RootMount,
             )?;
@@ -357,6 +457,7 @@ pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<
                 None,
                 Step::RootMount,
             )?;
+            remount_bind(path, libc::MS_NODEV, Step::RootMount)?;
             (path.as_c_str(), *readonly)
         }
     };
@@ -418,16 +519,22 @@ pub(crate) fn enter_rootfs(root: &RootMount, volumes: &[VolumeMount]) -> Result<
         check(r, Step::Dev)?;
     }
     mount_volumes(volumes)?;
-    protect_proc()?;
+    if idmapped.is_some_and(|m| m.low_ports) {
+        // Container root is not privileged in the network namespace (the host's user namespace
+        // owns it): let it bind ports below 1024 there, as it may with docker.
+        let path = c"proc/sys/net/ipv4/ip_unprivileged_port_start";
+        // SAFETY: valid C string; the file is closed right after the write.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        check(fd, Step::Loopback)?;
+        // SAFETY: writes one byte from a literal to the descriptor just opened.
+        let n = unsafe { libc::write(fd, c"0".as_ptr().cast(), 1) };
+        // SAFETY: closes it.
+        unsafe { libc::close(fd) };
+        check(i32::try_from(n).unwrap_or(-1), Step::Loopback)?;
+    }
+    protect_paths()?;
     if readonly {
-        mount(
-            c"none",
-            c".",
-            None,
-            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-            None,
-            Step::RootMount,
-        )?;
+        remount_bind(c".", libc::MS_RDONLY, Step::RootMount)?;
     }
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves the
     // new root alone (the method runc uses, no put_old directory needed).

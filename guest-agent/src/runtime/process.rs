@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use super::cgroups::Cgroup;
 use super::child::{self, ChildPlan};
 use super::command::env_value;
-use super::mounts::{RootMount, VolumeMount};
+use super::mounts::{IdMapped, RootMount, VolumeMount};
 use super::namespaces::{self, errno};
 use super::spec::{ContainerSpec, Network, Rootfs};
 use super::step::{self, Fail, Step};
@@ -53,12 +53,86 @@ impl StdioConfig {
         Self::default()
     }
 
+    /// The runtime's own streams, except terminals: a stream that is a terminal becomes a pipe
+    /// ([`Container::relay_stdio`] copies it), so the container never holds the terminal and
+    /// cannot push input into it (TIOCSTI), change its settings or read it behind the runtime's
+    /// back. A terminal stdin is relayed only while the runtime is in the foreground (else the
+    /// container gets /dev/null, and a backgrounded `mvm run &` is not stopped by SIGTTIN).
+    pub fn without_terminals() -> Self {
+        use std::io::IsTerminal;
+        let out = |tty: bool| {
+            if tty {
+                StdioMode::Piped
+            } else {
+                StdioMode::Inherit
+            }
+        };
+        let stdin = if !std::io::stdin().is_terminal() {
+            StdioMode::Inherit
+        } else if foreground() {
+            StdioMode::Piped
+        } else {
+            StdioMode::Null
+        };
+        StdioConfig {
+            stdin,
+            stdout: out(std::io::stdout().is_terminal()),
+            stderr: out(std::io::stderr().is_terminal()),
+        }
+    }
+
+    /// What a container on the host gets: [`StdioConfig::without_terminals`]; with `--userns`,
+    /// every stream through a pipe (relayed), because container root, an unprivileged host
+    /// user, could not reopen the runtime's own files and terminals through /dev/stdout.
+    pub fn for_host(spec: &ContainerSpec) -> Self {
+        let mut s = Self::without_terminals();
+        if spec.security.userns.is_some() {
+            for m in [&mut s.stdin, &mut s.stdout, &mut s.stderr] {
+                if *m == StdioMode::Inherit {
+                    *m = StdioMode::Piped;
+                }
+            }
+        }
+        s
+    }
+
     /// All three streams as pipes (what the guest agent streams over vsock).
     pub fn piped() -> Self {
         StdioConfig {
             stdin: StdioMode::Piped,
             stdout: StdioMode::Piped,
             stderr: StdioMode::Piped,
+        }
+    }
+}
+
+fn uid(n: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(n)
+}
+
+fn gid(n: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(n)
+}
+
+/// Whether this process is in the foreground process group of the terminal on stdin.
+fn foreground() -> bool {
+    // SAFETY: tcgetpgrp and getpgrp take no pointers.
+    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// Threads copying between the runtime's own stdio and a container's pipes (see
+/// [`Container::relay_stdio`]); host only, the guest agent stays single-threaded.
+#[derive(Debug)]
+pub struct Relay {
+    outputs: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Waits until the container's stdout and stderr are drained (call after the container has
+    /// exited). The stdin copy is left to end with the process.
+    pub fn finish(self) {
+        for h in self.outputs {
+            let _ = h.join();
         }
     }
 }
@@ -164,6 +238,37 @@ impl Container {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let posture = spec.security.prepare()?;
+        // --userns: the user namespace exists before the container; its descriptor stays open
+        // until the container has joined it.
+        let userns = spec
+            .security
+            .userns
+            .as_ref()
+            .map(super::security::userns::create)
+            .transpose()
+            .map_err(super::security::SecurityError::from)?;
+        let idmapped = match &userns {
+            None => None,
+            Some(fd) => Some(IdMapped {
+                userns_fd: fd.as_raw_fd(),
+                paths: match &spec.rootfs {
+                    Rootfs::Dir { path, .. } => vec![path.clone()],
+                    Rootfs::Overlay { lower, .. } => lower.clone(),
+                }
+                .iter()
+                .map(|p| cstring(&p.display().to_string(), "the root filesystem path"))
+                .collect::<Result<_, _>>()?,
+                low_ports: spec.network == Network::None,
+            }),
+        };
+        log::debug!(
+            "container {}: capabilities {:?}, no_new_privs {}, seccomp {}",
+            spec.id,
+            posture.caps,
+            spec.security.no_new_privs,
+            if posture.has_seccomp() { "on" } else { "off" }
+        );
         if log::log_enabled!(log::Level::Debug) {
             step::trace_to_stderr();
         }
@@ -193,6 +298,11 @@ impl Container {
                 StdioMode::Piped => {
                     let (r, w) = pipe()?;
                     let (mine, theirs) = if i == 0 { (w, r) } else { (r, w) };
+                    if let Some(m) = &spec.security.userns {
+                        // Container root may reopen its own pipe (/dev/stdout), as with runc.
+                        rustix::fs::fchown(&theirs, Some(uid(m.host_uid)), Some(gid(m.host_gid)))
+                            .map_err(|e| ContainerError::Os("fchown stdio", e.into()))?;
+                    }
                     stdio_fds[i] = Some(theirs.as_raw_fd());
                     child_ends.push(theirs);
                     parent_ends[i] = Some(File::from(mine));
@@ -214,7 +324,8 @@ impl Container {
             uid: identity.uid,
             gid: identity.gid,
             groups: identity.groups.clone(),
-            last_cap: child::last_cap(),
+            posture,
+            idmapped,
             init: spec.init,
             stdio: stdio_fds,
             sync_read: sync_r.as_raw_fd(),
@@ -235,6 +346,7 @@ impl Container {
         drop(sync_r);
         drop(err_w);
         drop(child_ends);
+        let _keep_userns_until_started = userns;
 
         let mut container = Container {
             id: spec.id.clone(),
@@ -323,6 +435,31 @@ impl Container {
     /// The reading end of the container's stderr ([`StdioMode::Piped`] only).
     pub fn take_stderr(&mut self) -> Option<File> {
         self.stderr.take()
+    }
+
+    /// Copies this process's stdin into the container's piped stdin, and the container's piped
+    /// stdout and stderr to this process's, on threads. Only the piped streams are relayed.
+    pub fn relay_stdio(&mut self) -> Relay {
+        use std::io::Write;
+        if let Some(mut w) = self.take_stdin() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+            });
+        }
+        let mut outputs = Vec::new();
+        if let Some(mut r) = self.take_stdout() {
+            outputs.push(std::thread::spawn(move || {
+                let mut out = std::io::stdout().lock();
+                let _ = std::io::copy(&mut r, &mut out);
+                let _ = out.flush();
+            }));
+        }
+        if let Some(mut r) = self.take_stderr() {
+            outputs.push(std::thread::spawn(move || {
+                let _ = std::io::copy(&mut r, &mut std::io::stderr().lock());
+            }));
+        }
+        Relay { outputs }
     }
 
     /// Sends `sig` to the container's PID 1. Without `init`, PID 1 ignores signals it has no
@@ -577,6 +714,7 @@ mod tests {
             init: false,
             cgroup_parent: None,
             mounts: Vec::new(),
+            security: Default::default(),
         }
     }
 

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::security::Security;
+
 /// Longest container id (it names the cgroup and the default hostname).
 pub const MAX_ID_LEN: usize = 64;
 /// Longest hostname the kernel accepts.
@@ -59,6 +61,9 @@ pub enum SpecError {
     /// names.
     #[error("invalid mount {0:?}: the source must be an absolute path and the target an absolute path without '..'")]
     BadMount(String),
+    /// A capability, seccomp profile or id mapping is invalid.
+    #[error("{0}")]
+    Security(String),
     /// The cgroup parent is not a relative path of plain names.
     #[error("invalid cgroup parent {0:?}: use a relative path such as \"mvm\"")]
     BadCgroupParent(String),
@@ -100,6 +105,10 @@ pub struct ContainerSpec {
     /// Directories or files bind-mounted into the container, in order, after its root.
     #[serde(default)]
     pub mounts: Vec<BindMount>,
+    /// Seccomp, capabilities, no_new_privs and the user namespace (docker's defaults when
+    /// absent).
+    #[serde(default)]
+    pub security: Security,
 }
 
 /// One process: a container's first, or one `exec` starts in a running container.
@@ -329,6 +338,22 @@ impl ContainerSpec {
         for m in &self.mounts {
             m.check()?;
         }
+        self.security
+            .validate()
+            .map_err(|e| SpecError::Security(e.to_string()))?;
+        if self.security.userns.is_some()
+            && matches!(
+                self.rootfs,
+                Rootfs::Dir {
+                    readonly: false,
+                    ..
+                }
+            )
+        {
+            return Err(SpecError::Security(
+                "--userns needs an overlay or a read-only root directory".into(),
+            ));
+        }
         if let Some(p) = &self.cgroup_parent {
             let ok = !p.is_empty()
                 && !p.starts_with('/')
@@ -457,6 +482,7 @@ mod tests {
             init: false,
             cgroup_parent: None,
             mounts: Vec::new(),
+            security: Security::default(),
         }
     }
 

@@ -44,10 +44,16 @@ pub enum Step {
     Exec,
     /// Bind-mounting volumes.
     Volumes,
+    /// Starting a new session (no controlling terminal).
+    Session,
+    /// Installing the seccomp filter.
+    Seccomp,
+    /// Entering the user namespace.
+    UserNamespace,
 }
 
 impl Step {
-    const ALL: [Step; 19] = [
+    const ALL: [Step; 22] = [
         Step::Sync,
         Step::MakePrivate,
         Step::RootMount,
@@ -67,6 +73,9 @@ impl Step {
         Step::Fork,
         Step::Exec,
         Step::Volumes,
+        Step::Session,
+        Step::Seccomp,
+        Step::UserNamespace,
     ];
 
     /// The step with this wire number.
@@ -96,6 +105,9 @@ impl Step {
             Step::Fork => "starting the command under init",
             Step::Exec => "executing the command",
             Step::Volumes => "mounting volumes",
+            Step::Session => "starting a new session",
+            Step::Seccomp => "installing the seccomp filter",
+            Step::UserNamespace => "entering the user namespace",
         }
     }
 }
