@@ -436,7 +436,10 @@ fn bad_flags_exit_2_and_create_nothing() {
 #[test]
 fn isolation_process_runs_the_command_on_the_host() {
     let Some(f) = fixture() else { return };
+    // A process run is a record too: under the fixture's root, not the host's /var/lib/mvm.
     let o = Command::new(MVM)
+        .arg("--root")
+        .arg(&f.state)
         .args(["run", "--isolation", "process", "--rootfs"])
         .arg(&f.rootfs)
         .args([
