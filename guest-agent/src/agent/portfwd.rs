@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::poll::{read_some, set_nonblocking, write_some, READ, WRITE};
-use super::vsock::{VsockListener, VsockStream};
+use super::vsock::{peer_allowed, VsockListener, VsockStream};
 
 /// Parses `80,443` into ports; entries that are not ports are skipped.
 pub fn parse_ports(text: &str) -> Vec<u16> {
@@ -128,7 +128,11 @@ impl PortForwarder {
         };
         let port = *port;
         let vsock = match listener.accept() {
-            Ok(c) => c,
+            // Only the host: not a container reaching the port through vsock loopback.
+            Ok((c, peer)) if peer_allowed(peer) => c,
+            Ok((_, peer)) => {
+                return log::debug!("published port {port}: closing a connection from {peer:?}")
+            }
             Err(e) => return log::warn!("published port {port}: accept failed: {e}"),
         };
         // The guest's own loopback: refused or accepted at once.
