@@ -365,10 +365,11 @@ fn load_oci_layout(store: &Store, root: &Path) -> Result<Vec<Staged>> {
                 source,
             }
         })?;
-        store.write_blob(&config)?;
+        // Layers first: one refused (a bomb, say) leaves no config behind either.
         for layer in &image.layers {
             import_layout_blob(store, root, layer, "layer")?;
         }
+        store.write_blob(&config)?;
         store.write_blob(&body)?;
         staged.push(Staged {
             names,
