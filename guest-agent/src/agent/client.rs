@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn output_sent_before_an_answer_is_kept_up_to_the_cap() {
         let (ours, theirs) = UnixStream::pair().expect("pair");
-        let flood = 64 << 20;
+        let flood: usize = 64 << 20;
         let agent = fake_agent(theirs, move |conn| {
             Frame::read_from(conn).expect("signal request");
             for _ in 0..flood / (256 << 10) {
@@ -327,8 +327,8 @@ mod tests {
         agent.join().expect("agent");
         assert!(client.pending_bytes <= MAX_PENDING_OUTPUT);
         assert_eq!(
-            client.dropped_output() as usize + client.pending_bytes,
-            flood,
+            client.dropped_output() + client.pending_bytes as u64,
+            flood as u64,
             "every byte is kept or counted"
         );
     }
