@@ -6,11 +6,12 @@
 //! pid is not mistaken for it). A record that says running whose process is gone is shown as
 //! exited: the VMM died (`kill -9`), and `rm` cleans up after it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rootfs_builder::rootdir;
 use serde::{Deserialize, Serialize};
 
 /// Errors of the state store.
@@ -46,6 +47,9 @@ pub enum StateError {
     /// An id prefix that matches several containers.
     #[error("'{0}' matches more than one container; give more of the id")]
     Ambiguous(String),
+    /// The mvm root is not safe to use.
+    #[error(transparent)]
+    Root(#[from] rootdir::RootDirError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -183,10 +187,11 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (creating if needed) `<root>/containers`.
+    /// Opens (creating if needed) `<root>/containers`, root-only like the whole mvm root
+    /// ([`rootdir::prepare_root`]).
     pub fn open(root: &Path) -> Result<Self, StateError> {
+        rootdir::prepare_root(root)?;
         let dir = root.join("containers");
-        fs::create_dir_all(dir.join("names")).map_err(io_err(&dir))?;
         Ok(StateStore { dir })
     }
 
@@ -199,7 +204,7 @@ impl StateStore {
     pub fn create(&self, record: &ContainerRecord) -> Result<(), StateError> {
         validate_name(&record.name)?;
         let name_path = self.dir.join("names").join(&record.name);
-        let mut f = match OpenOptions::new()
+        let mut f = match rootdir::private_file()
             .write(true)
             .create_new(true)
             .open(&name_path)
@@ -213,7 +218,7 @@ impl StateStore {
         f.write_all(record.id.as_bytes())
             .map_err(io_err(&name_path))?;
         let dir = self.container_dir(&record.id);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        rootdir::create_dir(&dir, rootdir::PRIVATE_DIR)?;
         self.save(record)
     }
 
@@ -225,7 +230,7 @@ impl StateStore {
             path: path.clone(),
             source,
         })?;
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = rootdir::create_private_file(&tmp).map_err(io_err(&tmp))?;
         f.write_all(&json).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))

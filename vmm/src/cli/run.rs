@@ -4,6 +4,7 @@
 //! The flags follow `docker run`. Image resolution is one seam, [`resolve_source`]: everything
 //! after it only needs a root filesystem (lower directories) and an image config.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -294,9 +295,12 @@ fn run_container(
     let mounts = volumes(args)?;
     let id = args.name.clone().unwrap_or_else(random_id);
     let dir = root.join("containers").join(&id);
-    std::fs::create_dir_all(root.join("containers"))
-        .with_context(|| format!("cannot create {}", root.join("containers").display()))?;
-    match std::fs::create_dir(&dir) {
+    // Root-only, as all of the root: the kept layer may hold the container's setuid files.
+    rootfs_builder::rootdir::prepare_root(root)?;
+    match std::fs::DirBuilder::new()
+        .mode(rootfs_builder::rootdir::PRIVATE_DIR)
+        .create(&dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(bad_input(format!(

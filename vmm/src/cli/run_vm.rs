@@ -94,7 +94,7 @@ fn agent_initramfs(root: &Path, agent: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
     let dir = root.join("cache");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    rootfs_builder::rootdir::prepare_root(root)?;
     let out = dir.join(format!("agent-{}-{mtime}.cpio", meta.len()));
     if !out.exists() {
         let mut cpio = Initramfs::new();

@@ -15,7 +15,7 @@
 //! the VM. SIGINT and SIGTERM end the VM (the VMM's own handlers) and so reach the same path;
 //! before the VM starts they are caught by [`catch_termination`] and checked with [`terminated`].
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
@@ -98,7 +98,7 @@ fn runner_failure(stderr: &str, code: i32) -> anyhow::Error {
 /// tells the waiting parent the container id.
 pub fn announce_ready(id: &str, dir: &Path) -> anyhow::Result<()> {
     let log_path = dir.join("runner.log");
-    let log = OpenOptions::new()
+    let log = rootfs_builder::rootdir::private_file()
         .create(true)
         .append(true)
         .open(&log_path)
@@ -253,7 +253,7 @@ pub struct LogSink {
 impl LogSink {
     /// Opens (appends to) `path`; `echo` also writes to this process's stdout and stderr.
     pub fn new(path: &Path, echo: bool) -> anyhow::Result<Self> {
-        let file = OpenOptions::new()
+        let file = rootfs_builder::rootdir::private_file()
             .create(true)
             .append(true)
             .open(path)
