@@ -49,10 +49,20 @@ fn published_busybox() -> Option<Published> {
     let reg = Registry::start()?;
     let dir = tempfile::tempdir().unwrap();
     let busybox = format!("{}/test/busybox", reg.host());
-    let builder = dir.path().join("builder");
+    push_layout(dir.path(), &layout, &busybox);
+    Some(Published {
+        _reg: reg,
+        dir,
+        busybox,
+    })
+}
+
+/// `mvm load` + `mvm push` of the OCI layout `layout` as `reference`, from a store in `dir`.
+fn push_layout(dir: &Path, layout: &Path, reference: &str) {
+    let builder = dir.join("builder");
     for args in [
-        vec!["load", "-i", layout.to_str().unwrap(), "-t", &busybox],
-        vec!["push", "-q", &busybox],
+        vec!["load", "-i", layout.to_str().unwrap(), "-t", reference],
+        vec!["push", "-q", reference],
     ] {
         let o = Command::new(MVM)
             .arg("--root")
@@ -62,11 +72,6 @@ fn published_busybox() -> Option<Published> {
             .unwrap();
         assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
     }
-    Some(Published {
-        _reg: reg,
-        dir,
-        busybox,
-    })
 }
 
 /// A test's VM prerequisites, a registry with busybox, the boot lock and the user's `--root`.
@@ -496,4 +501,96 @@ fn run_with_bad_flags_fails_with_one_line_and_changes_nothing() {
             .unwrap_or(0);
         assert_eq!(containers, 0, "{flags:?} left a container record");
     }
+}
+
+/// An image holding only `/probe`, `tests/linux/vsock_probe.rs` built static, pushed next to
+/// busybox; returns its reference.
+fn published_probe(reg: &Published) -> String {
+    let dir = reg.dir.path();
+    let probe = dir.join("vsock_probe");
+    let out = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "panic=abort",
+            "-C",
+            "strip=symbols",
+        ])
+        .args(["-C", "target-feature=+crt-static"])
+        .args(["--target", "x86_64-unknown-linux-gnu", "-o"])
+        .arg(&probe)
+        .arg(common::kernel::repo_root().join("tests/linux/vsock_probe.rs"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rustc: {}", text(&out.stderr));
+    let layout = dir.join("probe-oci");
+    let mut w = rootfs_builder::oci_writer::OciLayoutWriter::new(&layout).unwrap();
+    w.add_layer_entries(&[rootfs_builder::oci_writer::LayerEntry::File(
+        "probe".into(),
+        0o755,
+        std::fs::read(&probe).unwrap(),
+    )])
+    .unwrap();
+    w.finish(&Default::default(), "latest").unwrap();
+    let reference = reg.busybox.replace("/test/busybox", "/test/probe");
+    push_layout(dir, &layout, &reference);
+    reference
+}
+
+#[test]
+fn a_container_in_a_microvm_cannot_reach_the_agent_through_vsock_loopback() {
+    let Some(Setup {
+        vm,
+        reg,
+        _one,
+        root,
+    }) = setup()
+    else {
+        return;
+    };
+    let image = published_probe(&reg);
+    // CID 1 is vsock loopback, 3 the guest's own CID (mvm's GUEST_CID). The test kernel has
+    // the loopback transport, so the connection is made; the agent must not answer it.
+    let (out, took) = run_vm(
+        vm,
+        &root,
+        &[
+            "--rm",
+            "--network",
+            "none",
+            "--image",
+            &image,
+            "--",
+            "/probe",
+            "1",
+            "3",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    eprintln!("run took {took:?}\n{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("probe ")).collect();
+    let tried: Vec<String> = lines
+        .iter()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        tried,
+        [
+            "probe uid=0 cid=1",
+            "probe uid=0 cid=3",
+            "probe uid=65534 cid=1",
+            "probe uid=65534 cid=3"
+        ],
+        "{stdout}"
+    );
+    for line in &lines {
+        assert!(
+            !line.contains("answered"),
+            "the agent answered a container: {line}"
+        );
+    }
+    assert_eq!(leftovers(&root), Vec::<PathBuf>::new());
 }

@@ -5,4 +5,5 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;

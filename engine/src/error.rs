@@ -52,6 +52,9 @@ pub enum Error {
     /// Something that should have happened did not.
     #[error("{0}")]
     Failed(String),
+    /// The mvm root is not safe to use (another user's, writable by others).
+    #[error(transparent)]
+    Root(#[from] rootfs_builder::rootdir::RootDirError),
     /// The container state store.
     #[error(transparent)]
     State(#[from] StateError),

@@ -3,7 +3,7 @@
 //! frames ([`LogSink`] is the agent client's sink); a container's or a process's through pipes,
 //! which [`Pumps`] read.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -31,7 +31,7 @@ pub struct LogSink {
 impl LogSink {
     /// Opens (appends to) `path`; `echo` also writes to this process's stdout and stderr.
     pub fn new(path: &Path, echo: bool) -> Result<Self, Error> {
-        let file = OpenOptions::new()
+        let file = rootfs_builder::rootdir::private_file()
             .create(true)
             .append(true)
             .open(path)

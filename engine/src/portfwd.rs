@@ -2,17 +2,23 @@
 //! guest port over the VM's vsock Unix socket, so publishing needs no root and no host network
 //! changes. For each accepted connection the forwarder connects to the vsock socket, sends
 //! `CONNECT <guest port>\n`, waits for `OK <n>\n` and then copies bytes both ways until either side
-//! closes.
+//! closes. Bounded: at most [`MAX_FORWARDED`] connections per published port at once (more are
+//! closed as they arrive), each with two small threads and fixed-size copy buffers.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
+
+/// Most connections one published port forwards at once; more are closed as they arrive.
+pub const MAX_FORWARDED: usize = 256;
+/// Stack of each copying thread (they hold an 8 KiB buffer and little else).
+const COPY_THREAD_STACK: usize = 128 << 10;
 
 /// Errors of port publishing.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +94,15 @@ pub struct PortForwarder {
 impl PortForwarder {
     /// Binds the host side of `mapping` and forwards connections to `vsock_socket`.
     pub fn start(mapping: PortMapping, vsock_socket: &Path) -> Result<Self, PortError> {
+        Self::start_limited(mapping, vsock_socket, MAX_FORWARDED)
+    }
+
+    /// Like [`PortForwarder::start`], forwarding at most `max` connections at once.
+    fn start_limited(
+        mapping: PortMapping,
+        vsock_socket: &Path,
+        max: usize,
+    ) -> Result<Self, PortError> {
         let listener = TcpListener::bind(mapping.host).map_err(|source| PortError::Bind {
             addr: mapping.host,
             source,
@@ -101,7 +116,7 @@ impl PortForwarder {
         let stop_flag = stop.clone();
         let accept_thread = thread::Builder::new()
             .name(format!("portfwd-{}", local.port()))
-            .spawn(move || accept_loop(listener, socket, mapping.guest_port, stop_flag))
+            .spawn(move || accept_loop(listener, socket, mapping.guest_port, stop_flag, max))
             .map_err(|source| PortError::Bind {
                 addr: mapping.host,
                 source,
@@ -130,20 +145,37 @@ impl Drop for PortForwarder {
     }
 }
 
-fn accept_loop(listener: TcpListener, socket: PathBuf, guest_port: u16, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    socket: PathBuf,
+    guest_port: u16,
+    stop: Arc<AtomicBool>,
+    max: usize,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(tcp) = conn else { continue };
-        let socket = socket.clone();
-        let _ = thread::Builder::new()
+        if active.load(Ordering::SeqCst) >= max {
+            log::debug!("port {guest_port}: {max} connections forwarded already, closing one");
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let (socket, done) = (socket.clone(), Arc::clone(&active));
+        let spawned = thread::Builder::new()
             .name("portfwd-conn".into())
+            .stack_size(COPY_THREAD_STACK)
             .spawn(move || {
                 if let Err(e) = forward(tcp, &socket, guest_port) {
                     log::debug!("port {guest_port}: connection ended: {e}");
                 }
+                done.fetch_sub(1, Ordering::SeqCst);
             });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -180,10 +212,13 @@ pub fn connect_guest(vsock_socket: &Path, port: u32) -> io::Result<UnixStream> {
 fn forward(tcp: TcpStream, socket: &Path, guest_port: u16) -> io::Result<()> {
     let unix = connect_guest(socket, u32::from(guest_port))?;
     let (mut tcp_r, mut unix_w) = (tcp.try_clone()?, unix.try_clone()?);
-    let upstream = thread::spawn(move || {
-        let _ = io::copy(&mut tcp_r, &mut unix_w);
-        let _ = unix_w.shutdown(Shutdown::Write);
-    });
+    let upstream = thread::Builder::new()
+        .name("portfwd-up".into())
+        .stack_size(COPY_THREAD_STACK)
+        .spawn(move || {
+            let _ = io::copy(&mut tcp_r, &mut unix_w);
+            let _ = unix_w.shutdown(Shutdown::Write);
+        })?;
     let (mut unix_r, mut tcp_w) = (BufReader::new(unix), tcp);
     let _ = copy_buffered(&mut unix_r, &mut tcp_w);
     let _ = tcp_w.shutdown(Shutdown::Write);
@@ -270,6 +305,32 @@ mod tests {
         assert!(reply.is_empty());
         drop(fwd);
         vm.join().unwrap();
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_closed_as_they_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vsock.sock");
+        // A VM side that takes connections and never answers: forwarded ones stay open.
+        let listener = UnixListener::bind(&sock).unwrap();
+        let held = thread::spawn(move || {
+            listener
+                .incoming()
+                .take(2)
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+        });
+        let fwd = PortForwarder::start_limited("0:80".parse().unwrap(), &sock, 2).unwrap();
+        let first = TcpStream::connect(fwd.local_addr()).unwrap();
+        let second = TcpStream::connect(fwd.local_addr()).unwrap();
+        let vm_side = held.join().unwrap();
+        let mut third = TcpStream::connect(fwd.local_addr()).unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(third.read(&mut buf).unwrap(), 0, "closed at once");
+        drop((first, second, vm_side));
     }
 
     #[test]

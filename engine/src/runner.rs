@@ -5,8 +5,8 @@
 //! taken then, once), writes the spec with the image digest it resolved to `<dir>/spec.json`, and
 //! starts mvm again with [`RUNNER_ENV`] naming that directory, in a new session with stdin from
 //! /dev/null and stdout and stderr on pipes. The runner (`crate::run::resume`) takes the record
-//! over ([`RunGuard::adopt`]), reads the spec, starts the container; then it moves its own stdout and stderr to `<dir>/runner.log`
-//! and writes the container id on the original stdout. The parent returns that id; if the runner
+//! over ([`RunGuard::adopt`]), reads the spec, starts the container; then it moves its own stdout
+//! and stderr to `<dir>/runner.log` and writes the container id on the original stdout. The parent returns that id; if the runner
 //! exits first, the parent repeats the runner's error line and exits with its code. Either way
 //! nothing is left behind on failure: [`RunGuard`] removes the record of a container that never
 //! started.
@@ -17,7 +17,7 @@
 //! VM's network device, which ends with the VM. SIGINT and SIGTERM end a VM (see
 //! `vmm::signals`) or are forwarded to a container or process, and so reach the same path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
@@ -135,7 +135,7 @@ fn runner_failure(stderr: &str, code: i32) -> Error {
 /// tells the waiting parent the container id.
 pub(crate) fn announce_ready(id: &str, dir: &Path) -> Result<(), Error> {
     let log_path = dir.join("runner.log");
-    let log = OpenOptions::new()
+    let log = rootfs_builder::rootdir::private_file()
         .create(true)
         .append(true)
         .open(&log_path)

@@ -12,11 +12,12 @@
 //! exited: the runner died (`kill -9`), and `rm` cleans up after it.
 
 use std::fmt;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rootfs_builder::rootdir;
 use serde::{Deserialize, Serialize};
 
 /// Errors of the state store.
@@ -52,6 +53,9 @@ pub enum StateError {
     /// An id prefix that matches several containers.
     #[error("'{0}' matches more than one container; give more of the id")]
     Ambiguous(String),
+    /// The mvm root is not safe to use.
+    #[error(transparent)]
+    Root(#[from] rootdir::RootDirError),
 }
 
 impl StateError {
@@ -254,10 +258,11 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (creating if needed) `<root>/containers`.
+    /// Opens (creating if needed) `<root>/containers`, root-only like the whole mvm root
+    /// ([`rootdir::prepare_root`]).
     pub fn open(root: &Path) -> Result<Self, StateError> {
+        rootdir::prepare_root(root)?;
         let dir = root.join("containers");
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         Ok(StateStore { dir })
     }
 
@@ -293,9 +298,9 @@ impl StateStore {
             Err(e) => return Err(io_err(&name_path)(e)),
         }
         let dir = self.container_dir(&record.id);
-        if let Err(e) = fs::create_dir(&dir) {
+        if let Err(e) = rootdir::create_dir(&dir, rootdir::PRIVATE_DIR) {
             let _ = fs::remove_file(&name_path);
-            return Err(io_err(&dir)(e));
+            return Err(e.into());
         }
         self.save(record)
     }
@@ -308,7 +313,7 @@ impl StateStore {
             path: path.clone(),
             source,
         })?;
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = rootdir::create_private_file(&tmp).map_err(io_err(&tmp))?;
         f.write_all(&json).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))

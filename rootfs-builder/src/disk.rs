@@ -14,6 +14,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::rootdir;
 use crate::rootfs::validate_key;
 
 /// The filesystem label of root filesystem disks.
@@ -171,9 +172,9 @@ pub fn rootfs_disk(
     if out.is_file() {
         return Ok(out);
     }
-    std::fs::create_dir_all(cache_dir).map_err(|source| DiskError::Write {
+    rootdir::create_dir_all(cache_dir, rootdir::PRIVATE_DIR).map_err(|e| DiskError::Write {
         path: cache_dir.to_path_buf(),
-        source,
+        source: std::io::Error::other(e),
     })?;
     let usage = tree_usage(rootfs)?;
     eprintln!(
@@ -219,7 +220,7 @@ pub fn scratch_disk(path: &Path, size: u64) -> Result<(), DiskError> {
         source,
     };
     let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(werr)?;
+        let file = rootdir::create_private_file(&tmp).map_err(werr)?;
         file.set_len(size / BLOCK * BLOCK).map_err(werr)?;
         drop(file);
         let mut cmd = Command::new("mkfs.ext4");
@@ -263,7 +264,8 @@ fn write_ext4(
     // The estimate is generous; if mke2fs still runs out of blocks, grow and try again.
     let mut attempt = 0;
     let result = loop {
-        let _ = std::fs::remove_file(&tmp);
+        // Made here, private, before the tool writes into it.
+        rootdir::create_private_file(&tmp).map_err(werr)?;
         let mut cmd = Command::new("mkfs.ext4");
         cmd.args([
             "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", label,
@@ -292,6 +294,7 @@ fn write_ext4(
     };
     match result {
         Ok(size) => {
+            keep_private(&tmp).map_err(werr)?;
             std::fs::rename(&tmp, out).map_err(werr)?;
             Ok(size)
         }
@@ -304,6 +307,10 @@ fn write_ext4(
 
 fn write_erofs(dir: &Path, out: &Path, uuid: &str) -> Result<u64, DiskError> {
     let tmp = temp_path(out);
+    rootdir::create_private_file(&tmp).map_err(|source| DiskError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
     let mut cmd = Command::new("mkfs.erofs");
     cmd.args(["--quiet", "-T0", "-U", uuid]).arg(&tmp).arg(dir);
     if let Err(e) = run_tool(cmd, "mkfs.erofs", "erofs-utils", out) {
@@ -311,11 +318,22 @@ fn write_erofs(dir: &Path, out: &Path, uuid: &str) -> Result<u64, DiskError> {
         return Err(e);
     }
     let size = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
-    std::fs::rename(&tmp, out).map_err(|source| DiskError::Write {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    keep_private(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|source| DiskError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
     Ok(size)
+}
+
+/// A tool that replaced the file it was given may have made it with its own mode: back to 0600.
+fn keep_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(path)?.mode() & 0o7777 != rootdir::PRIVATE_FILE {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(rootdir::PRIVATE_FILE))?;
+    }
+    Ok(())
 }
 
 fn run_tool(
@@ -421,6 +439,9 @@ mod tests {
         let cache = tmp.path().join("disks");
         let img = rootfs_disk(&tree, &cache, "sha256:feedbeef", DiskFormat::Ext4).unwrap();
         assert_eq!(img, cache.join("sha256:feedbeef.ext4"));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&img), 0o600, "disk images are private");
+        assert_eq!(mode(&cache), 0o700);
 
         let fsck = Command::new("fsck.ext4")
             .arg("-fn")
@@ -487,6 +508,7 @@ mod tests {
         scratch_disk(&img, 1 << 30).unwrap();
         let meta = std::fs::metadata(&img).unwrap();
         assert_eq!(meta.len(), 1 << 30);
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
         assert!(
             meta.blocks() * 512 < 64 * MIB,
             "allocated {} bytes",

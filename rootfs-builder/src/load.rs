@@ -22,7 +22,7 @@ use crate::manifest::{
     self, Descriptor, ImageConfigFile, ImageIndex, ImageManifest, Manifest, ManifestError,
 };
 use crate::reference::{Reference, ReferenceError};
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 
 mod extract;
 
@@ -291,7 +291,8 @@ fn read_layout_blob(root: &Path, desc: &Descriptor, what: &str, limit: u64) -> R
     Ok(data)
 }
 
-/// Copies a layout blob into the store, checking digest and size on the way.
+/// Copies a layout layer into the store, checking digest and size on the way and the layer
+/// limits before it is stored.
 fn import_layout_blob(store: &Store, root: &Path, desc: &Descriptor, what: &str) -> Result<()> {
     if store.has_blob(&desc.digest) {
         return Ok(());
@@ -304,7 +305,8 @@ fn import_layout_blob(store: &Store, root: &Path, desc: &Descriptor, what: &str)
         }
         Err(e) => return Err(io_err("open", &path)(e)),
     };
-    match store.import(&mut file, &desc.digest, Some(desc.size)) {
+    let check = |path: &Path| store::check_layer_file(path, &desc.digest, &desc.media_type);
+    match store.import_checked(&mut file, &desc.digest, Some(desc.size), check) {
         Ok(_) => Ok(()),
         Err(StoreError::Digest(source)) => Err(LoadError::Verify {
             what: format!("{what} {}", desc.digest),
@@ -363,10 +365,11 @@ fn load_oci_layout(store: &Store, root: &Path) -> Result<Vec<Staged>> {
                 source,
             }
         })?;
-        store.write_blob(&config)?;
+        // Layers first: one refused (a bomb, say) leaves no config behind either.
         for layer in &image.layers {
             import_layout_blob(store, root, layer, "layer")?;
         }
+        store.write_blob(&config)?;
         store.write_blob(&body)?;
         staged.push(Staged {
             names,
@@ -540,7 +543,8 @@ fn import_archive_layer(
     }
     // Second pass: into the store, checked again (the file could change in between).
     if !store.has_blob(&digest) {
-        match store.import(&mut open()?, &digest, Some(size)) {
+        let check = |path: &Path| store::check_layer_file(path, &digest, media_type);
+        match store.import_checked(&mut open()?, &digest, Some(size), check) {
             Ok(_) => {}
             Err(StoreError::Digest(source)) => return Err(verify(source)),
             Err(e) => return Err(e.into()),

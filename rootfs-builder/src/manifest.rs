@@ -72,6 +72,15 @@ pub enum ManifestError {
     /// More layers than any real image has.
     #[error("manifest lists {0} layers (at most {MAX_LAYERS} are accepted)")]
     TooManyLayers(usize),
+    /// A layer over the size limit of every layer.
+    #[error("layer {digest} refused")]
+    LayerLimit {
+        /// The layer's digest.
+        digest: Digest,
+        /// The limit it is over.
+        #[source]
+        source: crate::limits::LimitError,
+    },
     /// The index has no entry for the platform we run.
     #[error("no {wanted} image in the index (it has: {available})")]
     NoPlatform {
@@ -318,6 +327,15 @@ pub fn validate_image_manifest(manifest: &ImageManifest) -> Result<(), ManifestE
         .find(|l| !is_layer_media_type(&l.media_type))
     {
         return Err(ManifestError::UnsupportedLayer(layer.media_type.clone()));
+    }
+    let limits = crate::limits::LayerLimits::default();
+    for layer in &manifest.layers {
+        limits
+            .check_compressed(layer.size)
+            .map_err(|source| ManifestError::LayerLimit {
+                digest: layer.digest.clone(),
+                source,
+            })?;
     }
     Ok(())
 }

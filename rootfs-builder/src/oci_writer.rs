@@ -83,6 +83,12 @@ pub enum LayerEntry {
     Whiteout(String),
     /// An opaque marker: hides everything lower layers put in this directory.
     Opaque(String),
+    /// A device node: its path, whether it is a block (else character) device, mode, major
+    /// and minor numbers (for tests of what mvm does with an image's device nodes).
+    Device(String, bool, u32, u32, u32),
+    /// A regular file with its mode, contents and extended attributes, written as pax
+    /// `SCHILY.xattr.<name>` records (`security.capability` holds file capabilities).
+    FileWithXattrs(String, u32, Vec<u8>, Vec<(String, Vec<u8>)>),
 }
 
 /// The runtime part of an image config (the fields mvm uses).
@@ -223,6 +229,29 @@ impl OciLayoutWriter {
                         let wh = Path::new(dir).join(".wh..wh..opq");
                         b.append_data(&mut header(0o644), wh, io::empty())
                             .map_err(werr)?;
+                    }
+                    LayerEntry::Device(p, block, mode, major, minor) => {
+                        let mut h = header(*mode);
+                        h.set_entry_type(if *block {
+                            tar::EntryType::Block
+                        } else {
+                            tar::EntryType::Char
+                        });
+                        h.set_device_major(*major).map_err(werr)?;
+                        h.set_device_minor(*minor).map_err(werr)?;
+                        b.append_data(&mut h, p, io::empty()).map_err(werr)?;
+                    }
+                    LayerEntry::FileWithXattrs(p, mode, data, xattrs) => {
+                        let records = pax_records(xattrs);
+                        let mut h = header(0o644);
+                        h.set_entry_type(tar::EntryType::XHeader);
+                        h.set_size(records.len() as u64);
+                        let name = format!("PaxHeaders/{}", p.trim_start_matches('/'));
+                        b.append_data(&mut h, name, records.as_slice())
+                            .map_err(werr)?;
+                        let mut h = header(*mode);
+                        h.set_size(data.len() as u64);
+                        b.append_data(&mut h, p, data.as_slice()).map_err(werr)?;
                     }
                 }
             }
@@ -376,6 +405,23 @@ fn config_json(c: &ImageConfig, layers: &[LayerBlob]) -> Vec<u8> {
     json.to_string().into_bytes()
 }
 
+/// Pax records (`<len> SCHILY.xattr.<name>=<value>\n`, the length counting itself) for
+/// `xattrs`; values may be binary.
+fn pax_records(xattrs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in xattrs {
+        let body_len = 1 + "SCHILY.xattr.".len() + name.len() + 1 + value.len() + 1;
+        let mut len = body_len + 1;
+        while len.to_string().len() + body_len != len {
+            len += 1;
+        }
+        out.extend_from_slice(format!("{len} SCHILY.xattr.{name}=").as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    out
+}
+
 fn header(mode: u32) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_mode(mode);
@@ -487,6 +533,49 @@ mod tests {
             "latest"
         );
         assert_eq!(index["manifests"][0]["digest"], digests[0].1.as_str());
+    }
+
+    #[test]
+    fn device_and_xattr_entries_round_trip_through_the_unpacker() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = OciLayoutWriter::new(&tmp.path().join("oci")).unwrap();
+        let cap = vec![
+            1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let layer = w
+            .add_layer_entries(&[
+                LayerEntry::Device("dev/sda".into(), true, 0o660, 8, 0),
+                LayerEntry::FileWithXattrs(
+                    "bin/ping".into(),
+                    0o755,
+                    b"binary".to_vec(),
+                    vec![
+                        ("user.mvm".into(), b"yes".to_vec()),
+                        ("user.bin".into(), cap),
+                    ],
+                ),
+            ])
+            .unwrap();
+        let blob = w.blob_path(&layer.descriptor.digest);
+        let dest = tmp.path().join("root");
+        let staged = crate::unpack::stage_layers(
+            &[(blob, LayerMediaType::TarGzip)],
+            &dest,
+            &crate::limits::LayerLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(staged.devices.len(), 1);
+        assert_eq!(staged.devices[0].path, "/dev/sda");
+        staged.publish().unwrap();
+        assert_eq!(std::fs::read(dest.join("bin/ping")).unwrap(), b"binary");
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let mut buf = [0u8; 32];
+        match rustix::fs::getxattr(dest.join("bin/ping"), "user.bin", &mut buf[..]) {
+            Ok(n) => assert_eq!(buf[..n].len(), 20, "binary value kept whole"),
+            Err(e) => eprintln!("filesystem without user xattrs ({e})"),
+        }
     }
 
     #[test]

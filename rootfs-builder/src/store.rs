@@ -16,7 +16,7 @@
 //! pull in progress.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -25,9 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, DigestError, DigestWriter};
+use crate::limits::{LayerLimits, LimitError};
 pub use crate::manifest::ImageConfig;
 use crate::manifest::{self, ImageConfigFile, Manifest, ManifestError};
 use crate::reference::{Reference, ReferenceError};
+use crate::rootdir::{self, RootDirError};
+use crate::unpack::{self, LayerMediaType, UnpackError};
 
 /// Errors from the image store.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,27 @@ pub enum StoreError {
     /// Content did not match its digest.
     #[error("content check failed")]
     Digest(#[from] DigestError),
+    /// The root directory is not safe to use.
+    #[error(transparent)]
+    Root(#[from] RootDirError),
+    /// A layer is over one of the limits every layer is held to.
+    #[error("layer {digest} refused")]
+    LayerLimit {
+        /// The layer's digest.
+        digest: Digest,
+        /// The limit.
+        #[source]
+        source: LimitError,
+    },
+    /// A layer cannot be read as a layer.
+    #[error("layer {digest} is unusable")]
+    Layer {
+        /// The layer's digest.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: UnpackError,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -223,13 +247,11 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Store {
     /// Opens (creating if needed) the store under `<root>/images` and removes temp files left
-    /// by processes that no longer run.
+    /// by processes that no longer run. The root and its directories are created root-only, and
+    /// checked (see [`rootdir::prepare_root`]).
     pub fn open(root: &Path) -> Result<Store> {
+        rootdir::prepare_root(root)?;
         let dir = root.join("images");
-        for sub in ["blobs/sha256", "tmp"] {
-            let p = dir.join(sub);
-            fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
-        }
         let store = Store { dir };
         store.clean_stale_temp();
         Ok(store)
@@ -278,7 +300,7 @@ impl Store {
             .dir
             .join("tmp")
             .join(format!("{}.{n}", std::process::id()));
-        let file = OpenOptions::new()
+        let file = rootdir::private_file()
             .write(true)
             .create_new(true)
             .open(&path)
@@ -327,6 +349,18 @@ impl Store {
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<PathBuf> {
+        self.import_checked(reader, digest, size, |_| Ok(()))
+    }
+
+    /// Like [`Store::import`], and `check` reads the complete, digest-checked file before it
+    /// enters the store: what `check` refuses is never stored.
+    pub fn import_checked(
+        &self,
+        reader: &mut dyn Read,
+        digest: &Digest,
+        size: Option<u64>,
+        check: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         if self.has_blob(digest) {
             return Ok(self.blob_path(digest));
         }
@@ -347,6 +381,7 @@ impl Store {
             Err(e) => return Err(io_err("cannot copy into", &path)(e)),
         }
         writer.finish(digest, size)?;
+        check(&path)?;
         self.commit_blob(temp, digest)
     }
 
@@ -357,7 +392,7 @@ impl Store {
 
     fn lock(&self, name: &str, op: libc::c_int) -> Result<StoreLock> {
         let path = self.dir.join(name);
-        let file = OpenOptions::new()
+        let file = rootdir::private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -400,7 +435,7 @@ impl Store {
         let data =
             serde_json::to_vec_pretty(index).map_err(|e| StoreError::BadIndex(path.clone(), e))?;
         let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = rootdir::create_private_file(&tmp)?;
             f.write_all(&data)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
@@ -615,6 +650,24 @@ impl Store {
     }
 }
 
+/// Holds the layer blob at `path` (not yet in the store) to the [`LayerLimits`] every layer
+/// must keep: its size, what it expands to and its entry count.
+pub fn check_layer_file(path: &Path, digest: &Digest, media_type: &str) -> Result<()> {
+    let refused = |e| match e {
+        UnpackError::Limit { source, .. } => StoreError::LayerLimit {
+            digest: digest.clone(),
+            source,
+        },
+        source => StoreError::Layer {
+            digest: digest.clone(),
+            source,
+        },
+    };
+    let media_type = LayerMediaType::parse(media_type).map_err(refused)?;
+    unpack::check_layer(path, media_type, &LayerLimits::default()).map_err(refused)?;
+    Ok(())
+}
+
 /// fsync a directory so a rename in it is durable; failures only weaken durability.
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
@@ -739,6 +792,32 @@ mod tests {
         );
         store.import(&mut &b"content"[..], &good, Some(7)).unwrap();
         assert!(store.has_blob(&good));
+    }
+
+    #[test]
+    fn the_store_is_private_and_a_refused_layer_never_enters_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let store = Store::open(&root).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o710);
+        assert_eq!(mode(&store.dir().join("blobs/sha256")), 0o700);
+        put_image(&store, "a:1", &[b"layer"]);
+        assert_eq!(mode(&store.blob_path(&Digest::of_bytes(b"layer"))), 0o600);
+        assert_eq!(mode(&store.dir().join("index.json")), 0o600);
+
+        // Not a tar archive: refused before it is stored.
+        let data = b"not a layer at all";
+        let digest = Digest::of_bytes(data);
+        let err = store
+            .import_checked(&mut &data[..], &digest, None, |p| {
+                check_layer_file(p, &digest, crate::manifest::OCI_LAYER_TAR_GZIP)
+            })
+            .unwrap_err();
+        assert!(err.to_string().starts_with("layer sha256:"), "{err}");
+        assert!(!store.has_blob(&digest));
+        assert_eq!(fs::read_dir(store.dir().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

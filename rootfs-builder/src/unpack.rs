@@ -14,9 +14,16 @@
 //! root), `.` components are dropped, `..` is applied lexically and an entry that climbs above the
 //! root is refused. Hard-link targets follow the same rules and must already exist in the root.
 //! Whiteouts (`.wh.NAME`) remove the lower entry; an opaque marker (`.wh..wh..opq`) removes what
-//! lower layers put in its directory. Ownership, device nodes and xattrs are applied when running
-//! as root; otherwise ownership is left to the caller and device nodes are skipped with a warning.
-//! Directory modes and mtimes are applied after each layer, once their contents are written.
+//! lower layers put in its directory. Ownership and xattrs (file capabilities among them) are
+//! applied when running as root; otherwise ownership is left to the caller. Device nodes are never
+//! created: they are recorded ([`DeviceNode`]) for the container runtime (see [`devices`]). Set-id
+//! bits and capabilities stay, for the container: the tree lives under mvm's root-only directories
+//! ([`crate::rootdir`]), where no other host user reaches it. Directory modes and mtimes are
+//! applied after each layer, once their contents are written.
+//!
+//! Every layer is held to the [`LayerLimits`]: its compressed size, what it expands to (the tar
+//! stream, and file data a sparse entry expands) and its entry count. Past a limit, unpacking stops
+//! with [`UnpackError::Limit`] and nothing is published.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -28,9 +35,14 @@ use std::sync::atomic::AtomicBool;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::limits::{Budget, LayerLimits, LimitError};
+
 mod apply;
+pub mod devices;
 
 use apply::{Applier, ApplyError};
+use devices::Devices;
+pub use devices::{DeviceKind, DeviceNode};
 
 /// The compression of a layer blob, from its OCI or Docker media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +142,15 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+    /// The layer is over one of the [`LayerLimits`]; nothing was published.
+    #[error("layer {} refused", .path.display())]
+    Limit {
+        /// The layer file.
+        path: PathBuf,
+        /// The limit.
+        #[source]
+        source: LimitError,
+    },
     /// The destination of [`unpack_layers`] already exists.
     #[error("{} already exists", .0.display())]
     DestinationExists(PathBuf),
@@ -157,7 +178,9 @@ pub struct UnpackStats {
     pub hardlinks: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
-    /// Device nodes and unknown entry types skipped.
+    /// Device nodes recorded (never created on the host).
+    pub devices: u64,
+    /// Unknown entry types skipped.
     pub skipped: u64,
     /// Bytes of regular file data written.
     pub bytes: u64,
@@ -170,6 +193,7 @@ impl UnpackStats {
         self.symlinks += o.symlinks;
         self.hardlinks += o.hardlinks;
         self.whiteouts += o.whiteouts;
+        self.devices += o.devices;
         self.skipped += o.skipped;
         self.bytes += o.bytes;
     }
@@ -181,15 +205,37 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// Set once `openat2` returned ENOSYS, so later lookups go straight to the fallback walk.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
-/// Unpacks `layers` (bottom first) into a new directory `dest`.
-///
-/// The layers are applied in a temporary directory next to `dest`, which is renamed into place
-/// only when every layer applied: a crash or an error never leaves a partial `dest`. Fails with
-/// [`UnpackError::DestinationExists`] when `dest` is already there (another process won a race).
+/// Unpacks `layers` (bottom first) into a new directory `dest`, with the default
+/// [`LayerLimits`] (see [`stage_layers`] and [`StagedTree::publish`]).
 pub fn unpack_layers(
     layers: &[(PathBuf, LayerMediaType)],
     dest: &Path,
 ) -> Result<UnpackStats, UnpackError> {
+    stage_layers(layers, dest, &LayerLimits::default())?.publish()
+}
+
+/// Layers applied in a private directory next to their destination, not yet visible there.
+/// Dropped unpublished, the directory is removed.
+#[derive(Debug)]
+pub struct StagedTree {
+    tmp: PathBuf,
+    dest: PathBuf,
+    /// What the layers wrote.
+    pub stats: UnpackStats,
+    /// The device nodes the layers carry, by path (none was created).
+    pub devices: Vec<DeviceNode>,
+    published: bool,
+}
+
+/// Applies `layers` (bottom first) in a temporary directory next to `dest`, held to `limits`.
+///
+/// [`StagedTree::publish`] then renames it into place: a crash or an error never leaves a partial
+/// `dest`. Fails with [`UnpackError::DestinationExists`] when `dest` is already there.
+pub fn stage_layers(
+    layers: &[(PathBuf, LayerMediaType)],
+    dest: &Path,
+    limits: &LayerLimits,
+) -> Result<StagedTree, UnpackError> {
     let dest_err = |source| UnpackError::Destination {
         path: dest.to_path_buf(),
         source,
@@ -197,10 +243,6 @@ pub fn unpack_layers(
     if dest.symlink_metadata().is_ok() {
         return Err(UnpackError::DestinationExists(dest.to_path_buf()));
     }
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
     let name = dest
         .file_name()
         .ok_or_else(|| dest_err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
@@ -211,65 +253,197 @@ pub fn unpack_layers(
     let mut tmp_name = OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".unpack-{}-{nanos}", std::process::id()));
-    let tmp = parent.join(tmp_name);
+    let tmp = parent_of(dest).join(tmp_name);
     std::fs::create_dir(&tmp).map_err(dest_err)?;
-    let result = (|| {
-        let mut total = UnpackStats::default();
-        for (path, media_type) in layers {
-            total.add(&apply_layer(&tmp, path, *media_type)?);
-        }
-        let root = open_root(&tmp).map_err(dest_err)?;
+    let mut staged = StagedTree {
+        tmp,
+        dest: dest.to_path_buf(),
+        stats: UnpackStats::default(),
+        devices: Vec::new(),
+        published: false,
+    };
+    let mut devices = Devices::default();
+    for (path, media_type) in layers {
+        let stats = apply_layer_to(&staged.tmp, path, *media_type, limits, &mut devices)?;
+        staged.stats.add(&stats);
+    }
+    staged.devices = devices.into_nodes();
+    Ok(staged)
+}
+
+impl StagedTree {
+    /// Makes the tree durable and renames it to its destination. Fails with
+    /// [`UnpackError::DestinationExists`] when another process got there first.
+    pub fn publish(mut self) -> Result<UnpackStats, UnpackError> {
+        let dest_err = |source| UnpackError::Destination {
+            path: self.dest.clone(),
+            source,
+        };
+        let root = open_root(&self.tmp).map_err(dest_err)?;
         rustix::fs::syncfs(&root).map_err(|e| dest_err(e.into()))?;
-        let parent_fd = open_root(parent).map_err(dest_err)?;
-        let tmp_leaf = tmp.file_name().unwrap_or_default();
+        let parent_fd = open_root(parent_of(&self.dest)).map_err(dest_err)?;
+        let tmp_leaf = self.tmp.file_name().unwrap_or_default();
+        let leaf = self.dest.file_name().unwrap_or_default();
         match rustix::fs::renameat_with(
             &parent_fd,
             tmp_leaf,
             &parent_fd,
-            name,
+            leaf,
             rustix::fs::RenameFlags::NOREPLACE,
         ) {
-            Ok(()) => Ok(total),
+            Ok(()) => {
+                self.published = true;
+                Ok(self.stats)
+            }
             Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
-                Err(UnpackError::DestinationExists(dest.to_path_buf()))
+                Err(UnpackError::DestinationExists(self.dest.clone()))
             }
             Err(e) => Err(dest_err(e.into())),
         }
-    })();
-    if result.is_err() {
-        if let Err(e) = std::fs::remove_dir_all(&tmp) {
-            log::warn!("cannot remove {}: {e}", tmp.display());
-        }
     }
-    result
 }
 
-/// Applies one layer to the existing directory `root`.
+impl Drop for StagedTree {
+    fn drop(&mut self) {
+        if !self.published {
+            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
+                log::warn!("cannot remove {}: {e}", self.tmp.display());
+            }
+        }
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Applies one layer to the existing directory `root`, with the default [`LayerLimits`]. Device
+/// nodes are skipped (and counted).
 pub fn apply_layer(
     root: &Path,
     layer: &Path,
     media_type: LayerMediaType,
 ) -> Result<UnpackStats, UnpackError> {
+    let mut devices = Devices::default();
+    apply_layer_to(
+        root,
+        layer,
+        media_type,
+        &LayerLimits::default(),
+        &mut devices,
+    )
+}
+
+fn apply_layer_to(
+    root: &Path,
+    layer: &Path,
+    media_type: LayerMediaType,
+    limits: &LayerLimits,
+    devices: &mut Devices,
+) -> Result<UnpackStats, UnpackError> {
+    let (stream, budget) = open_layer(layer, media_type, limits)?;
+    let root_fd = open_root(root).map_err(|source| UnpackError::OpenLayer {
+        path: layer.to_path_buf(),
+        source,
+    })?;
+    let mut applier = Applier::new(root_fd.as_fd(), true)
+        .with_limits(*limits, budget.clone())
+        .with_devices(std::mem::take(devices));
+    let result = applier.apply(stream);
+    *devices = applier.take_devices();
+    result.map_err(|e| layer_error(layer, &budget, e))
+}
+
+/// The error of a failed layer: a limit when the budget ran out, whatever else went wrong with
+/// the reading or writing.
+fn layer_error(layer: &Path, budget: &Budget, e: ApplyError) -> UnpackError {
+    let limit = |source| UnpackError::Limit {
+        path: layer.to_path_buf(),
+        source,
+    };
+    if let Some(source) = budget.tripped() {
+        return limit(source);
+    }
+    match e {
+        ApplyError::Archive(source) => UnpackError::BadArchive {
+            path: layer.to_path_buf(),
+            source,
+        },
+        ApplyError::Limit(source) => limit(source),
+        ApplyError::Unpack(e) => e,
+    }
+}
+
+/// The decompressed tar stream of a layer, counted against the budget its size allows.
+fn open_layer(
+    layer: &Path,
+    media_type: LayerMediaType,
+    limits: &LayerLimits,
+) -> Result<(Box<dyn Read>, Budget), UnpackError> {
     let open_err = |source| UnpackError::OpenLayer {
         path: layer.to_path_buf(),
         source,
     };
     let file = File::open(layer).map_err(open_err)?;
-    let reader = BufReader::with_capacity(256 * 1024, file);
-    let stream: Box<dyn Read> = match media_type {
-        LayerMediaType::Tar => Box::new(reader),
-        LayerMediaType::TarGzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
-        LayerMediaType::TarZstd => Box::new(ZstdReader::new(reader)),
-    };
-    let root_fd = open_root(root).map_err(open_err)?;
-    let mut applier = Applier::new(root_fd.as_fd(), true);
-    applier.apply(stream).map_err(|e| match e {
-        ApplyError::Archive(source) => UnpackError::BadArchive {
+    let size = file.metadata().map_err(open_err)?.len();
+    limits
+        .check_compressed(size)
+        .map_err(|source| UnpackError::Limit {
             path: layer.to_path_buf(),
             source,
-        },
-        ApplyError::Unpack(e) => e,
-    })
+        })?;
+    let (bytes, over) = limits.budget(size);
+    let budget = Budget::new(bytes, over);
+    let reader = BufReader::with_capacity(256 * 1024, file);
+    let stream: Box<dyn Read> = match media_type {
+        LayerMediaType::Tar => Box::new(budget.reader(reader)),
+        LayerMediaType::TarGzip => {
+            Box::new(budget.reader(flate2::bufread::MultiGzDecoder::new(reader)))
+        }
+        LayerMediaType::TarZstd => Box::new(budget.reader(ZstdReader::new(reader))),
+    };
+    Ok((stream, budget))
+}
+
+/// What [`check_layer`] found in a layer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LayerCheck {
+    /// Entries in the archive.
+    pub entries: u64,
+}
+
+/// Reads a layer through without writing anything, holding it to `limits`: its size, what it
+/// expands to and its entry count. A layer that passes unpacks within the same limits.
+pub fn check_layer(
+    layer: &Path,
+    media_type: LayerMediaType,
+    limits: &LayerLimits,
+) -> Result<LayerCheck, UnpackError> {
+    let (stream, budget) = open_layer(layer, media_type, limits)?;
+    let mut found = LayerCheck::default();
+    let result = (|| -> Result<(), ApplyError> {
+        let mut archive = tar::Archive::new(stream);
+        for entry in archive.entries().map_err(ApplyError::Archive)? {
+            let mut entry = entry.map_err(ApplyError::Archive)?;
+            found.entries += 1;
+            limits
+                .check_entries(found.entries)
+                .map_err(ApplyError::Limit)?;
+            let copied = if entry.header().entry_type().is_gnu_sparse() {
+                // What the holes expand to counts as well.
+                io::copy(&mut budget.reader(&mut entry), &mut io::sink())
+            } else {
+                io::copy(&mut entry, &mut io::sink())
+            };
+            copied.map_err(ApplyError::Archive)?;
+        }
+        Ok(())
+    })();
+    result.map_err(|e| layer_error(layer, &budget, e))?;
+    Ok(found)
 }
 
 fn open_root(path: &Path) -> io::Result<OwnedFd> {

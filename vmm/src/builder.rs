@@ -27,6 +27,7 @@ use vmm_sys_util::signal::Killable;
 use crate::boot::loader::{self, LoadedKernel, LoaderError};
 use crate::boot::{paging, regs};
 use crate::config::{ConfigError, HostLimits, VmConfig};
+use crate::console_log::ConsoleLog;
 use crate::device_manager::{
     DeviceManager, DeviceManagerError, Subscriber, VirtioMmioDevice, VmEventManager,
 };
@@ -112,7 +113,8 @@ impl std::fmt::Debug for VmBuilder {
 
 impl VmBuilder {
     /// Validates `config`, creates the VM and its memory, loads the kernel and initrd, and sets
-    /// up the serial console (to `config.serial_out`, else stdout) and the i8042.
+    /// up the serial console (to `config.serial_out`, a bounded [`ConsoleLog`], else stdout) and
+    /// the i8042.
     pub fn new(config: VmConfig) -> Result<Self, BuildError> {
         let kvm = Vm::open_kvm().map_err(BuildError::Vm)?;
         config
@@ -121,7 +123,7 @@ impl VmBuilder {
         // Opened only once the input is known to be good: bad input leaves no file behind.
         let out: Box<dyn Write + Send> = match &config.serial_out {
             Some(path) => Box::new(
-                std::fs::File::create(path).map_err(|e| BuildError::SerialOut(path.clone(), e))?,
+                ConsoleLog::create(path).map_err(|e| BuildError::SerialOut(path.clone(), e))?,
             ),
             None => Box::new(std::io::stdout()),
         };

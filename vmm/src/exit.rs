@@ -183,7 +183,7 @@ impl ExitState {
             *reason = Some(exit);
         }
         if let Err(e) = self.evt.write(1) {
-            log::warn!("cannot wake the event loop: {e}");
+            devices::warn_limited!("cannot wake the event loop: {e}");
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod console_log;
 pub mod cpuid;
 pub mod device_manager;
 pub mod event_loop;

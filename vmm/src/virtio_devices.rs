@@ -339,9 +339,13 @@ mod tests {
                 "refused",
                 "resets_sent",
                 "rx_bytes",
+                "rx_dropped",
                 "rx_packets",
+                "tx_buffered",
                 "tx_bytes",
-                "tx_packets"
+                "tx_overflow_resets",
+                "tx_packets",
+                "tx_paused"
             ]
         );
     }

@@ -11,7 +11,6 @@
 use std::io;
 use std::sync::Arc;
 
-use log::warn;
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -117,7 +116,7 @@ pub fn raise_queue_interrupt(irq: QueueIrq<'_>) {
         counter.inc();
     }
     if let Err(e) = irq.interrupt.trigger(InterruptKind::Queue) {
-        warn!("{}: raising the queue interrupt failed: {e}", irq.device);
+        crate::warn_limited!("{}: raising the queue interrupt failed: {e}", irq.device);
     }
 }
 
@@ -215,7 +214,7 @@ impl RequestQueue {
             }),
             Ok(false) => {}
             Err(e) => {
-                warn!("{device}: request queue unusable, waiting for a reset: {e}");
+                crate::warn_limited!("{device}: request queue unusable, waiting for a reset: {e}");
                 metrics.queue_errors.inc();
                 active.broken = true;
             }

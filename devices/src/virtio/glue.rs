@@ -30,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -71,7 +71,7 @@ impl DeviceEvents {
     /// Registers the activation eventfd; call from `MutEventSubscriber::init`.
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            warn!("registering a device activation eventfd failed: {e:?}");
+            crate::warn_limited!("registering a device activation eventfd failed: {e:?}");
         }
     }
 
@@ -91,7 +91,7 @@ impl DeviceEvents {
 
     fn signal(&self) {
         if let Err(e) = self.activate_evt.write(1) {
-            warn!("signalling device activation failed: {e}");
+            crate::warn_limited!("signalling device activation failed: {e}");
         }
     }
 
@@ -125,13 +125,13 @@ impl DeviceEvents {
             let evt = match evt.try_clone() {
                 Ok(evt) => evt,
                 Err(e) => {
-                    warn!("cloning a queue eventfd failed: {e}");
+                    crate::warn_limited!("cloning a queue eventfd failed: {e}");
                     continue;
                 }
             };
             match ops.add(Events::new(&evt, EventSet::IN)) {
                 Ok(()) => self.registered.push((index, evt)),
-                Err(e) => warn!("registering a queue eventfd failed: {e:?}"),
+                Err(e) => crate::warn_limited!("registering a queue eventfd failed: {e:?}"),
             }
         }
     }
@@ -180,7 +180,7 @@ impl<T: RequestDevice> EventDevice for T {
     fn on_queue(&mut self, index: usize, _ops: &mut EventOps) {
         match index {
             0 => self.process_request_queue(),
-            n => warn!("{}: event for unknown queue {n}", T::NAME),
+            n => crate::warn_limited!("{}: event for unknown queue {n}", T::NAME),
         }
     }
 }
@@ -198,7 +198,7 @@ pub fn process<D: EventDevice>(device: &mut D, events: Events, ops: &mut EventOp
         DeviceEvent::Queue(index) => device.on_queue(index, ops),
         DeviceEvent::Other => {
             if !device.on_other(&events, ops) {
-                warn!("{}: unexpected event on fd {}", D::NAME, events.fd());
+                crate::warn_limited!("{}: unexpected event on fd {}", D::NAME, events.fd());
                 let _ = ops.remove(events);
             }
         }

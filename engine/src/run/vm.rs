@@ -67,7 +67,7 @@ fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, Error> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
     let dir = root.join("cache");
-    std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+    rootfs_builder::rootdir::prepare_root(root)?;
     let out = dir.join(format!("agent-{}-{mtime}.cpio", meta.len()));
     if !out.exists() {
         let build = || -> Result<(), InitramfsError> {

@@ -1,5 +1,12 @@
 //! The host's side of the protocol: open a session, create and start a container, stream its
 //! output and collect its exit code.
+//!
+//! Bounded, whatever the agent sends (in a VM it runs on a guest kernel mvm does not trust):
+//! output is read one frame at a time and handed to the sink before the next is read, so a slow
+//! sink holds the agent back (vsock credit, then the agent stops reading the process's pipe).
+//! Output that arrives while no sink is there (a request is being answered) is kept up to
+//! [`MAX_PENDING_OUTPUT`] bytes and the rest dropped and counted; exit events are kept up to
+//! [`MAX_PENDING_EXITS`].
 
 use std::io::{Read, Write};
 
@@ -7,6 +14,11 @@ use crate::protocol::{
     Event, Frame, FrameKind, ProtocolError, Request, Response, PROTOCOL_VERSION,
 };
 use crate::runtime::spec::{ContainerSpec, Process};
+
+/// Output kept while a request without a sink is answered; more is dropped (and said so).
+pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
+/// Exit events kept for processes nobody waits for yet; more are dropped.
+pub const MAX_PENDING_EXITS: usize = 1024;
 
 /// Errors of an agent session.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +65,12 @@ pub struct AgentClient<C: Read + Write> {
     exited: Vec<(u32, i32)>,
     /// Output that arrived while a request without a sink was answered; handed to the next sink.
     pending: Vec<Frame>,
+    /// Payload bytes in `pending`.
+    pending_bytes: usize,
+    /// Output bytes dropped because `pending` was full.
+    dropped: u64,
+    /// Of those, the ones no warning has mentioned yet.
+    dropped_unreported: u64,
 }
 
 impl<C: Read + Write> AgentClient<C> {
@@ -62,6 +80,9 @@ impl<C: Read + Write> AgentClient<C> {
             conn,
             exited: Vec::new(),
             pending: Vec::new(),
+            pending_bytes: 0,
+            dropped: 0,
+            dropped_unreported: 0,
         };
         match client.call_silent(&Request::Hello {
             version: PROTOCOL_VERSION,
@@ -106,7 +127,7 @@ impl<C: Read + Write> AgentClient<C> {
                         r => Ok(r),
                     }
                 }
-                FrameKind::Stdout | FrameKind::Stderr => self.pending.push(frame),
+                FrameKind::Stdout | FrameKind::Stderr => self.hold(frame),
                 _ => {
                     struct Unused;
                     impl OutputSink for Unused {
@@ -119,7 +140,32 @@ impl<C: Read + Write> AgentClient<C> {
         }
     }
 
+    /// Keeps output for the next sink, within [`MAX_PENDING_OUTPUT`].
+    fn hold(&mut self, frame: Frame) {
+        let len = frame.payload.len();
+        if self.pending_bytes + len > MAX_PENDING_OUTPUT {
+            self.dropped += len as u64;
+            self.dropped_unreported += len as u64;
+            return;
+        }
+        self.pending_bytes += len;
+        self.pending.push(frame);
+    }
+
+    /// Output bytes dropped so far because they arrived while no sink was there.
+    pub fn dropped_output(&self) -> u64 {
+        self.dropped
+    }
+
     fn flush_pending(&mut self, sink: &mut dyn OutputSink) {
+        let unreported = std::mem::take(&mut self.dropped_unreported);
+        if unreported > 0 {
+            log::warn!(
+                "{unreported} bytes of output arrived while mvm waited for an answer from the \
+                 agent, past the {MAX_PENDING_OUTPUT} it keeps: they were dropped"
+            );
+        }
+        self.pending_bytes = 0;
         for frame in std::mem::take(&mut self.pending) {
             match frame.kind {
                 FrameKind::Stdout => sink.stdout(frame.stream, &frame.payload),
@@ -133,7 +179,12 @@ impl<C: Read + Write> AgentClient<C> {
             FrameKind::Stdout => sink.stdout(frame.stream, &frame.payload),
             FrameKind::Stderr => sink.stderr(frame.stream, &frame.payload),
             FrameKind::Event => match frame.parse::<Event>()? {
-                Event::Exited { stream, code, .. } => self.exited.push((stream, code)),
+                Event::Exited { stream, code, .. } if self.exited.len() < MAX_PENDING_EXITS => {
+                    self.exited.push((stream, code));
+                }
+                Event::Exited { stream, .. } => {
+                    log::debug!("dropping the exit of stream {stream}: too many pending");
+                }
             },
             other => return Err(ProtocolError::Unexpected(other).into()),
         }
@@ -221,5 +272,125 @@ impl<C: Read + Write> AgentClient<C> {
     /// The connection, e.g. to set timeouts.
     pub fn conn(&self) -> &C {
         &self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Plays an agent on the other end of `conn`: answers Hello, then runs `rest`.
+    fn fake_agent(
+        conn: UnixStream,
+        rest: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let hello = Frame::read_from(&mut conn).expect("hello");
+            assert_eq!(hello.kind, FrameKind::Request);
+            let answer = Response::Hello {
+                version: PROTOCOL_VERSION,
+                agent: "fake".into(),
+            };
+            Frame::json(FrameKind::Response, &answer)
+                .and_then(|f| f.write_to(&mut conn))
+                .expect("answer hello");
+            rest(&mut conn);
+        })
+    }
+
+    fn stdout_frame(len: usize) -> Frame {
+        Frame {
+            kind: FrameKind::Stdout,
+            stream: 1,
+            payload: vec![b'x'; len],
+        }
+    }
+
+    #[test]
+    fn output_sent_before_an_answer_is_kept_up_to_the_cap() {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let flood: usize = 64 << 20;
+        let agent = fake_agent(theirs, move |conn| {
+            Frame::read_from(conn).expect("signal request");
+            for _ in 0..flood / (256 << 10) {
+                stdout_frame(256 << 10).write_to(conn).expect("flood");
+            }
+            Frame::json(FrameKind::Response, &Response::Ok)
+                .and_then(|f| f.write_to(conn))
+                .expect("answer");
+        });
+        let mut client = AgentClient::open(ours).expect("open");
+        client.signal("c", 1, 15).expect("signal answered");
+        agent.join().expect("agent");
+        assert!(client.pending_bytes <= MAX_PENDING_OUTPUT);
+        assert_eq!(
+            client.dropped_output() + client.pending_bytes as u64,
+            flood as u64,
+            "every byte is kept or counted"
+        );
+    }
+
+    /// Counts what it is given and stalls once, early, for a while.
+    struct SlowSink {
+        got: usize,
+        stalled: bool,
+        written: Arc<AtomicUsize>,
+        lead: usize,
+    }
+
+    impl OutputSink for SlowSink {
+        fn stdout(&mut self, _: u32, data: &[u8]) {
+            self.got += data.len();
+            if !self.stalled && self.got >= 1 << 20 {
+                self.stalled = true;
+                std::thread::sleep(Duration::from_millis(300));
+                self.lead = self.written.load(Ordering::SeqCst) - self.got;
+            }
+        }
+        fn stderr(&mut self, _: u32, _: &[u8]) {}
+    }
+
+    #[test]
+    fn a_slow_sink_holds_the_agent_back() {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let written = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&written);
+        let total = 32 << 20;
+        let agent = fake_agent(theirs, move |conn| {
+            for _ in 0..total / (64 << 10) {
+                stdout_frame(64 << 10).write_to(conn).expect("output");
+                counter.fetch_add(64 << 10, Ordering::SeqCst);
+            }
+            let exited = Event::Exited {
+                id: "c".into(),
+                stream: 1,
+                code: 0,
+            };
+            Frame::json(FrameKind::Event, &exited)
+                .and_then(|f| f.write_to(conn))
+                .expect("exit");
+        });
+        let mut client = AgentClient::open(ours).expect("open");
+        let mut sink = SlowSink {
+            got: 0,
+            stalled: false,
+            written,
+            lead: 0,
+        };
+        assert_eq!(client.stream_until_exit(1, &mut sink).expect("exit"), 0);
+        agent.join().expect("agent");
+        assert_eq!(sink.got, total);
+        // While the sink stalled, the agent got no further than the socket buffers and a frame.
+        assert!(
+            sink.lead <= 4 << 20,
+            "the agent ran {} bytes ahead",
+            sink.lead
+        );
     }
 }

@@ -2,6 +2,10 @@
 //! the kernel command line), a vsock listener on that port whose connections are relayed to
 //! `127.0.0.1:<port>` in the guest, where the container (which shares the guest's network)
 //! listens. The host's end is mvm's port forwarder, which connects to the same vsock port.
+//!
+//! Bounded: a connection from anything but the host (a container reaching the port through vsock
+//! loopback) is closed at once, at most [`MAX_RELAYS`] relays run, and each buffers at most
+//! [`RELAY_BUF`] bytes per direction (it stops reading that side while they wait).
 
 use std::collections::HashMap;
 use std::io;
@@ -9,10 +13,12 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::poll::{read_some, set_nonblocking, write_some, READ, WRITE};
-use super::vsock::{VsockListener, VsockStream};
+use super::vsock::{peer_allowed, VsockListener, VsockStream};
 
 /// Bytes buffered per direction of a relay before it stops reading that side.
-const RELAY_BUF: usize = 64 * 1024;
+pub const RELAY_BUF: usize = 64 * 1024;
+/// Most relays at once, all published ports together; more connections are closed at once.
+pub const MAX_RELAYS: usize = 256;
 
 /// What a descriptor of the port forwarder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +126,15 @@ impl PortForwarder {
         };
         let port = *port;
         let vsock = match listener.accept() {
-            Ok(c) => c,
+            Ok((c, peer)) if peer_allowed(peer) => c,
+            Ok((_, peer)) => {
+                return log::debug!("published port {port}: closing a connection from {peer:?}")
+            }
             Err(e) => return log::warn!("published port {port}: accept failed: {e}"),
         };
+        if self.relays.len() >= MAX_RELAYS {
+            return log::debug!("published port {port}: {MAX_RELAYS} relays run, closing one more");
+        }
         // The guest's own loopback: refused or accepted at once.
         let tcp = match TcpStream::connect(("127.0.0.1", port)) {
             Ok(t) => t,
@@ -190,4 +202,23 @@ fn drain<W: io::Write>(
         let _ = shutdown(to);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_side_that_never_stops_sending_fills_its_buffer_and_no_more() {
+        let mut pipe = Pipe::default();
+        let mut buf = [0u8; 16 * 1024];
+        fill(&mut io::repeat(7), &mut pipe, &mut buf).unwrap();
+        assert_eq!(pipe.buf.len(), RELAY_BUF);
+        assert!(
+            !pipe.wants_read(),
+            "reading stops until the other side takes some"
+        );
+        fill(&mut io::repeat(7), &mut pipe, &mut buf).unwrap();
+        assert_eq!(pipe.buf.len(), RELAY_BUF);
+    }
 }

@@ -24,7 +24,7 @@ use crate::runtime::{Container, ContainerSpec, Process, StdioConfig, StdioMode};
 
 use super::poll::{read_some, set_nonblocking, write_some, Poller, READ, WRITE};
 use super::portfwd::{PortForwarder, PortToken};
-use super::vsock::{VsockListener, VsockStream};
+use super::vsock::{peer_allowed, VsockListener, VsockStream, VMADDR_CID_HOST};
 
 /// A bidirectional byte stream the agent serves.
 pub trait Conn: Read + Write + AsRawFd + 'static {}
@@ -43,10 +43,22 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn accept(&self) -> io::Result<Box<dyn Conn>> {
+    /// The next connection; `None` for one from a peer the agent does not answer (on vsock,
+    /// anything but the host: see [`VsockAddr::is_host`]), which is closed at once.
+    fn accept(&self) -> io::Result<Option<Box<dyn Conn>>> {
         Ok(match self {
-            Listener::Unix(l) => Box::new(l.accept()?.0),
-            Listener::Vsock(l) => Box::new(l.accept()?),
+            Listener::Unix(l) => Some(Box::new(l.accept()?.0)),
+            Listener::Vsock(l) => {
+                let (stream, peer) = l.accept()?;
+                if !peer_allowed(peer) {
+                    log::debug!(
+                        "closing an agent connection from {peer:?}: the agent answers the host \
+                         (CID {VMADDR_CID_HOST}) only"
+                    );
+                    return Ok(None);
+                }
+                Some(Box::new(stream))
+            }
         })
     }
 
@@ -314,7 +326,8 @@ impl Agent {
 
     fn accept(&mut self, listener: &Listener) {
         let conn = match listener.accept() {
-            Ok(c) => c,
+            Ok(Some(c)) => c,
+            Ok(None) => return,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted =>

@@ -6,7 +6,7 @@ use super::progress::{human, Progress};
 use super::{PullOptions, RegistryError};
 use crate::manifest::{self, Descriptor, ImageConfigFile, Manifest};
 use crate::reference::Reference;
-use crate::store::{Image, Store};
+use crate::store::{self, Image, Store};
 
 /// Pulls `reference` into `store` and returns the stored image.
 pub fn pull(
@@ -90,6 +90,10 @@ fn fetch(
     }
     let mut temp = store.temp_blob()?;
     client.fetch_blob(desc, &mut temp, &label, progress)?;
+    if kind == "layer" {
+        // Held to the layer limits before it enters the store (a bomb never does).
+        store::check_layer_file(temp.path(), &desc.digest, &desc.media_type)?;
+    }
     store.commit_blob(temp, &desc.digest)?;
     progress.line(&format!("{label}: pulled {}", human(desc.size)));
     Ok(())

@@ -14,11 +14,15 @@ use std::sync::atomic::Ordering;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
+use super::devices::{DeviceKind, DeviceNode, Devices};
 use super::{UnpackError, UnpackStats, NO_OPENAT2, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::limits::{Budget, LayerLimits, LimitError};
 
 pub(super) enum ApplyError {
     /// The archive itself is unreadable.
     Archive(io::Error),
+    /// The layer is over a limit.
+    Limit(LimitError),
     /// An entry was refused or could not be written.
     Unpack(UnpackError),
 }
@@ -48,6 +52,12 @@ pub(super) struct Applier<'a> {
     written: HashSet<RelPath>,
     dirs: HashMap<RelPath, DirFixup>,
     stats: UnpackStats,
+    /// Device nodes of this layer and the ones below it.
+    devices: Devices,
+    limits: LayerLimits,
+    /// What this layer may still expand to (file data of sparse entries counts).
+    budget: Option<Budget>,
+    entries: u64,
 }
 
 impl<'a> Applier<'a> {
@@ -59,7 +69,29 @@ impl<'a> Applier<'a> {
             written: HashSet::new(),
             dirs: HashMap::new(),
             stats: UnpackStats::default(),
+            devices: Devices::default(),
+            limits: LayerLimits::default(),
+            budget: None,
+            entries: 0,
         }
+    }
+
+    /// Holds the layer to `limits`; `budget` is what it may still expand to.
+    pub(super) fn with_limits(mut self, limits: LayerLimits, budget: Budget) -> Self {
+        self.limits = limits;
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Continues the device records of the layers below.
+    pub(super) fn with_devices(mut self, devices: Devices) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// The device records, with this layer's changes.
+    pub(super) fn take_devices(&mut self) -> Devices {
+        std::mem::take(&mut self.devices)
     }
 
     pub(super) fn apply(&mut self, stream: impl Read) -> Result<UnpackStats, ApplyError> {
@@ -67,6 +99,10 @@ impl<'a> Applier<'a> {
         let entries = archive.entries().map_err(ApplyError::Archive)?;
         for entry in entries {
             let mut entry = entry.map_err(ApplyError::Archive)?;
+            self.entries += 1;
+            self.limits
+                .check_entries(self.entries)
+                .map_err(ApplyError::Limit)?;
             self.entry(&mut entry)?;
         }
         self.fix_dirs();
@@ -102,6 +138,10 @@ impl<'a> Applier<'a> {
             entry: name.clone(),
             source,
         };
+        if !kind.is_hard_link() {
+            // Whatever this entry is replaces a device node a lower layer recorded there.
+            self.devices.forget(&rel);
+        }
         if kind.is_dir() {
             self.make_dir(parent.as_fd(), leaf).map_err(werr)?;
             self.dirs.insert(rel.clone(), meta.dir_fixup(self.is_root));
@@ -127,10 +167,12 @@ impl<'a> Applier<'a> {
             self.finish_at(parent.as_fd(), leaf, &meta).map_err(werr)?;
             self.stats.symlinks += 1;
         } else if kind.is_hard_link() {
-            self.hard_link(&name, entry, parent.as_fd(), leaf)?;
-        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            self.special(&name, parent.as_fd(), leaf, kind, &meta)
-                .map_err(werr)?;
+            self.hard_link(&name, &rel, entry, parent.as_fd(), leaf)?;
+        } else if kind.is_character_special() || kind.is_block_special() {
+            remove_existing(parent.as_fd(), leaf).map_err(werr)?;
+            self.record_device(&rel, kind, &meta);
+        } else if kind.is_fifo() {
+            self.fifo(parent.as_fd(), leaf, &meta).map_err(werr)?;
         } else {
             log::warn!("skipping layer entry {name:?} of unsupported type {kind:?}");
             self.stats.skipped += 1;
@@ -273,7 +315,13 @@ impl<'a> Applier<'a> {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = rustix::fs::openat(parent, leaf, flags, Mode::from_raw_mode(0o600))?;
         let mut file = File::from(fd);
-        let n = io::copy(entry, &mut file)?;
+        let n = match &self.budget {
+            // A sparse entry expands its holes: that counts as well.
+            Some(b) if entry.header().entry_type().is_gnu_sparse() => {
+                io::copy(&mut b.reader(entry), &mut file)?
+            }
+            _ => io::copy(entry, &mut file)?,
+        };
         if self.is_root {
             rustix::fs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))?;
             set_xattrs(file.as_fd(), &meta.xattrs);
@@ -302,6 +350,7 @@ impl<'a> Applier<'a> {
     fn hard_link<R: Read>(
         &mut self,
         name: &str,
+        rel: &[OsString],
         entry: &tar::Entry<'_, R>,
         parent: BorrowedFd<'_>,
         leaf: &OsStr,
@@ -317,6 +366,13 @@ impl<'a> Applier<'a> {
                 String::from_utf8_lossy(&raw)
             ),
         })?;
+        if let Some(node) = self.devices.get(&target).cloned() {
+            // A link to a device node is one more device node, recorded the same way.
+            self.devices.record(rel, node);
+            self.stats.devices += 1;
+            return Ok(());
+        }
+        self.devices.forget(rel);
         let Some((tleaf, tparent_rel)) = target.split_last() else {
             return Err(bad(name, "hard link to the root directory"));
         };
@@ -358,38 +414,36 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
-    fn special(
-        &mut self,
-        name: &str,
-        parent: BorrowedFd<'_>,
-        leaf: &OsStr,
-        kind: tar::EntryType,
-        meta: &EntryMeta,
-    ) -> io::Result<()> {
-        let file_type = if kind.is_fifo() {
-            FileType::Fifo
-        } else if kind.is_block_special() {
-            FileType::BlockDevice
-        } else {
-            FileType::CharacterDevice
+    /// Records a device node; it is never created on the host.
+    fn record_device(&mut self, rel: &[OsString], kind: tar::EntryType, meta: &EntryMeta) {
+        let node = DeviceNode {
+            path: String::new(),
+            kind: if kind.is_block_special() {
+                DeviceKind::Block
+            } else {
+                DeviceKind::Char
+            },
+            major: meta.dev.0,
+            minor: meta.dev.1,
+            mode: meta.mode & 0o7777,
+            uid: meta.uid,
+            gid: meta.gid,
         };
-        if file_type != FileType::Fifo && !self.is_root {
-            log::warn!("skipping device node {name:?}: creating it needs root");
-            self.stats.skipped += 1;
-            return Ok(());
-        }
+        log::debug!(
+            "device node {:?} ({:?} {}:{}) recorded, not created",
+            rel,
+            node.kind,
+            node.major,
+            node.minor
+        );
+        self.devices.record(rel, node);
+        self.stats.devices += 1;
+    }
+
+    fn fifo(&mut self, parent: BorrowedFd<'_>, leaf: &OsStr, meta: &EntryMeta) -> io::Result<()> {
         remove_existing(parent, leaf)?;
-        let dev = rustix::fs::makedev(meta.dev.0, meta.dev.1);
         let mode = Mode::from_raw_mode(meta.mode & 0o7777);
-        match rustix::fs::mknodat(parent, leaf, file_type, mode, dev) {
-            Ok(()) => {}
-            Err(Errno::PERM) => {
-                log::warn!("skipping device node {name:?}: mknod is not permitted here");
-                self.stats.skipped += 1;
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        }
+        rustix::fs::mknodat(parent, leaf, FileType::Fifo, mode, 0)?;
         self.finish_at(parent, leaf, meta)?;
         self.stats.files += 1;
         Ok(())
@@ -418,6 +472,9 @@ impl<'a> Applier<'a> {
         if leaf_bytes == OPAQUE_MARKER.as_bytes() {
             self.make_opaque(parent.as_fd(), parent_rel.to_vec())
                 .map_err(werr)?;
+            let written = &self.written;
+            self.devices
+                .forget_below_unless(parent_rel, |k| written.contains(k));
         } else if leaf_bytes.starts_with(b".wh..wh.") {
             // Other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): not part of the image.
             return Ok(());
@@ -427,6 +484,9 @@ impl<'a> Applier<'a> {
                 return Err(bad(name, "whiteout without a valid name"));
             }
             remove_all_at(parent.as_fd(), OsStr::from_bytes(hidden)).map_err(werr)?;
+            let mut gone = parent_rel.to_vec();
+            gone.push(OsString::from_vec(hidden.to_vec()));
+            self.devices.forget(&gone);
         }
         self.stats.whiteouts += 1;
         Ok(())

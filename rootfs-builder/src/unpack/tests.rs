@@ -5,6 +5,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use super::apply::{Applier, ApplyError};
 use super::*;
+use crate::limits::{LayerLimits, LimitError};
 
 /// One archive entry, written with raw names so hostile paths survive `tar`'s own checks.
 enum E<'a> {
@@ -14,6 +15,7 @@ enum E<'a> {
     Hard(&'a str, &'a str),
     Fifo(&'a str),
     Char(&'a str, u32, u32),
+    Block(&'a str, u32, u32),
 }
 
 fn tar_bytes(entries: &[E<'_>]) -> Vec<u8> {
@@ -27,6 +29,7 @@ fn tar_bytes(entries: &[E<'_>]) -> Vec<u8> {
             E::Hard(n, t) => (n, t, b"", tar::EntryType::Link, 0o644),
             E::Fifo(n) => (n, "", b"", tar::EntryType::Fifo, 0o644),
             E::Char(n, _, _) => (n, "", b"", tar::EntryType::Char, 0o666),
+            E::Block(n, _, _) => (n, "", b"", tar::EntryType::Block, 0o660),
         };
         let old = h.as_old_mut();
         old.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -37,7 +40,7 @@ fn tar_bytes(entries: &[E<'_>]) -> Vec<u8> {
         h.set_mtime(1_000_000);
         h.set_uid(1234);
         h.set_gid(4321);
-        if let E::Char(_, major, minor) = e {
+        if let E::Char(_, major, minor) | E::Block(_, major, minor) = e {
             h.set_device_major(*major).unwrap();
             h.set_device_minor(*minor).unwrap();
         }
@@ -90,6 +93,7 @@ impl Fixture {
             .apply(File::open(layer).unwrap())
             .map_err(|e| match e {
                 ApplyError::Archive(e) => panic!("archive error {e}"),
+                ApplyError::Limit(e) => panic!("limit {e}"),
                 ApplyError::Unpack(e) => e,
             })
     }
@@ -408,19 +412,181 @@ fn modes_setuid_and_mtimes_are_applied_and_dirs_fixed_last() {
     }
 }
 
-#[test]
-fn device_nodes_are_created_as_root_or_skipped() {
-    let f = fixture();
-    let stats = f.apply(&[E::Char("dev/null", 1, 3)]).unwrap();
-    let node = f.root.join("dev/null");
-    if stats.skipped == 1 {
-        eprintln!("mknod not permitted here; the node was skipped as designed");
-        assert!(node.symlink_metadata().is_err());
-    } else {
-        let meta = node.symlink_metadata().unwrap();
-        assert!(meta.file_type().is_char_device());
-        assert_eq!(meta.rdev(), rustix::fs::makedev(1, 3));
+/// Every path below `dir` that is a device node.
+fn device_nodes_below(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let ft = p.symlink_metadata().unwrap().file_type();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_char_device() || ft.is_block_device() {
+                found.push(p);
+            }
+        }
     }
+    found
+}
+
+#[test]
+fn device_nodes_are_recorded_and_never_created() {
+    let f = fixture();
+    let lower = f.layer(
+        "lower.tar",
+        &[
+            E::Char("dev/null", 1, 3),
+            E::Block("dev/sda", 8, 0),
+            E::Hard("dev/disk", "dev/sda"),
+            E::Char("opt/fuse", 10, 229),
+            E::Char("gone/x", 4, 1),
+            E::Fifo("run/fifo"),
+        ],
+    );
+    // The upper layer whites one out, hides another behind an opaque directory and replaces a
+    // third with a file.
+    let upper = f.layer(
+        "upper.tar",
+        &[
+            E::File("gone/.wh.x", b"", 0o644),
+            E::File("opt/.wh..wh..opq", b"", 0o644),
+            E::File("dev/disk", b"a file now", 0o644),
+        ],
+    );
+    let dest = f.base.join("rootfs");
+    let layers = [(lower, LayerMediaType::Tar), (upper, LayerMediaType::Tar)];
+    let staged = stage_layers(&layers, &dest, &LayerLimits::default()).unwrap();
+    let nodes: Vec<(String, DeviceKind, u32, u32)> = staged
+        .devices
+        .iter()
+        .map(|d| (d.path.clone(), d.kind, d.major, d.minor))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("/dev/null".into(), DeviceKind::Char, 1, 3),
+            ("/dev/sda".into(), DeviceKind::Block, 8, 0),
+        ]
+    );
+    assert_eq!(
+        (staged.devices[1].mode, staged.devices[1].uid),
+        (0o660, 1234)
+    );
+    assert_eq!(staged.stats.devices, 5);
+    staged.publish().unwrap();
+    assert_eq!(device_nodes_below(&dest), Vec::<PathBuf>::new());
+    assert!(!dest.join("dev/null").exists());
+    assert_eq!(fs::read(dest.join("dev/disk")).unwrap(), b"a file now");
+    let fifo = dest.join("run/fifo").symlink_metadata().unwrap();
+    assert!(fifo.file_type().is_fifo(), "fifos are not devices and stay");
+}
+
+/// A gzip layer holding one file of `size` zero bytes.
+fn zeros_layer(f: &Fixture, size: usize) -> PathBuf {
+    let tar = tar_bytes(&[E::File("zeros", &vec![0u8; size], 0o644)]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let path = f.base.join("zeros-gz.tar");
+    fs::write(&path, gz.finish().unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn a_decompression_bomb_is_refused_and_nothing_is_published() {
+    let f = fixture();
+    // 64 MiB of zeros is about 64 KiB of gzip: 1000 times, past the 16 MiB anything may take.
+    let bomb = zeros_layer(&f, 64 << 20);
+    let limits = LayerLimits::default();
+    let err = check_layer(&bomb, LayerMediaType::TarGzip, &limits).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit {
+                source: LimitError::Ratio { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let dest = f.base.join("rootfs");
+    let err = unpack_layers(&[(bomb, LayerMediaType::TarGzip)], &dest).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit {
+                source: LimitError::Ratio { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        chain.contains("decompression bomb") && !chain.contains('\n'),
+        "{chain}"
+    );
+    assert!(!dest.exists());
+    f.assert_outside_untouched();
+    // Zeros within the free allowance are fine.
+    let small = zeros_layer(&f, 8 << 20);
+    check_layer(&small, LayerMediaType::TarGzip, &limits).unwrap();
+}
+
+#[test]
+fn too_many_entries_or_too_large_a_blob_is_refused() {
+    let f = fixture();
+    let names: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
+    let entries: Vec<E<'_>> = names.iter().map(|n| E::File(n, b"", 0o644)).collect();
+    let layer = f.layer("many.tar", &entries);
+    let few = LayerLimits {
+        entries: 49,
+        ..LayerLimits::default()
+    };
+    let err = check_layer(&layer, LayerMediaType::Tar, &few).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit {
+                source: LimitError::Entries { limit: 49 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let dest = f.base.join("rootfs");
+    let err = stage_layers(&[(layer.clone(), LayerMediaType::Tar)], &dest, &few).unwrap_err();
+    assert!(matches!(err, UnpackError::Limit { .. }), "{err:?}");
+    assert!(fs::read_dir(&f.base).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".rootfs")));
+    let enough = LayerLimits {
+        entries: 50,
+        ..LayerLimits::default()
+    };
+    assert_eq!(
+        check_layer(&layer, LayerMediaType::Tar, &enough)
+            .unwrap()
+            .entries,
+        50
+    );
+    let tiny = LayerLimits {
+        compressed: 1024,
+        ..LayerLimits::default()
+    };
+    let err = check_layer(&layer, LayerMediaType::Tar, &tiny).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit {
+                source: LimitError::Compressed { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 
-use log::{debug, warn};
+use log::debug;
 
 use super::backend::{id_bytes, DiskBackend};
 use super::metrics::BlockMetrics;
@@ -74,7 +74,7 @@ impl Disk {
                     status::OK
                 }
                 Err(e) => {
-                    warn!("virtio-blk: flush failed: {e}");
+                    crate::warn_limited!("virtio-blk: flush failed: {e}");
                     status::IOERR
                 }
             },
@@ -116,7 +116,7 @@ impl Disk {
             let n = usize::try_from(left).map_or(BOUNCE_LEN, |l| l.min(BOUNCE_LEN));
             let buf = &mut self.bounce[..n];
             if let Err(e) = self.backend.read_at(buf, offset) {
-                warn!("virtio-blk: read at {offset:#x} failed: {e}");
+                crate::warn_limited!("virtio-blk: read at {offset:#x} failed: {e}");
                 return status::IOERR;
             }
             if req.data.write_all(buf).is_err() {
@@ -146,7 +146,7 @@ impl Disk {
                 return status::IOERR;
             }
             if let Err(e) = self.backend.write_at(buf, offset) {
-                warn!("virtio-blk: write at {offset:#x} failed: {e}");
+                crate::warn_limited!("virtio-blk: write at {offset:#x} failed: {e}");
                 return status::IOERR;
             }
             offset += n as u64;
@@ -189,7 +189,7 @@ impl Disk {
                 self.backend.discard(offset, len)
             };
             if let Err(e) = r {
-                warn!("virtio-blk: discard/write-zeroes at {offset:#x} failed: {e}");
+                crate::warn_limited!("virtio-blk: discard/write-zeroes at {offset:#x} failed: {e}");
                 return status::IOERR;
             }
         }

@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -237,7 +237,9 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if !self.has_status(status::DRIVER) || self.has_status(status::FEATURES_OK) {
-            warn!("virtio-mmio: driver features written outside negotiation, ignored");
+            crate::warn_limited!(
+                "virtio-mmio: driver features written outside negotiation, ignored"
+            );
             return;
         }
         let (shift, mask) = match self.driver_features_sel {
@@ -251,7 +253,7 @@ impl MmioTransport {
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
         if !self.queue_config_allowed() {
-            warn!(
+            crate::warn_limited!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}, ignored",
                 self.status
             );
@@ -278,7 +280,9 @@ impl MmioTransport {
             _ => true,
         };
         if !ok {
-            warn!("virtio-mmio: invalid value {value:#x} for queue register {offset:#x}");
+            crate::warn_limited!(
+                "virtio-mmio: invalid value {value:#x} for queue register {offset:#x}"
+            );
             slot.rejected = true;
         }
     }
@@ -292,11 +296,11 @@ impl MmioTransport {
         match evt {
             Some(evt) if self.activated => {
                 if let Err(e) = evt.write(1) {
-                    warn!("virtio-mmio: signalling queue {value} failed: {e}");
+                    crate::warn_limited!("virtio-mmio: signalling queue {value} failed: {e}");
                 }
             }
             Some(_) => debug!("virtio-mmio: notify for queue {value} before DRIVER_OK, ignored"),
-            None => warn!("virtio-mmio: notify for unknown queue {value}"),
+            None => crate::warn_limited!("virtio-mmio: notify for unknown queue {value}"),
         }
     }
 
@@ -307,7 +311,7 @@ impl MmioTransport {
         }
         let old = self.status;
         if old & !value != 0 {
-            warn!("virtio-mmio: status {old:#x} -> {value:#x} clears bits, ignored");
+            crate::warn_limited!("virtio-mmio: status {old:#x} -> {value:#x} clears bits, ignored");
             return;
         }
         let added = value & !old;
@@ -326,19 +330,21 @@ impl MmioTransport {
                 self.status |= status::FEATURES_OK;
             } else {
                 // The driver reads FEATURES_OK back, sees it missing and gives up.
-                warn!("virtio-mmio: driver did not accept VERSION_1 (legacy drivers unsupported)");
+                crate::warn_limited!(
+                    "virtio-mmio: driver did not accept VERSION_1 (legacy drivers unsupported)"
+                );
             }
         }
         if added & status::DRIVER_OK != 0 && self.has_status(status::FEATURES_OK) {
             self.status |= status::DRIVER_OK;
             if let Err(e) = self.activate() {
-                warn!(
+                crate::warn_limited!(
                     "virtio-mmio: activating device type {} failed: {e}",
                     self.device_type
                 );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    warn!("virtio-mmio: raising the config interrupt failed: {e}");
+                    crate::warn_limited!("virtio-mmio: raising the config interrupt failed: {e}");
                 }
             }
         }
@@ -406,7 +412,7 @@ impl MmioTransport {
         self.status = if device_ok {
             0
         } else {
-            warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device type {} cannot be reset",
                 self.device_type
             );

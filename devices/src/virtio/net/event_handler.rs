@@ -25,7 +25,7 @@ impl Net {
         };
         match res {
             Ok(()) => self.backend_registered = on,
-            Err(e) => log::error!("{NAME}: cannot (un)watch the backend: {e:?}"),
+            Err(e) => crate::error_limited!("{NAME}: cannot (un)watch the backend: {e:?}"),
         }
     }
 

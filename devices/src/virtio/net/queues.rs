@@ -120,7 +120,9 @@ impl NetQueues {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxStop::Drained,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::warn!("virtio-net: backend receive failed, stopping receive: {e}");
+                        crate::warn_limited!(
+                            "virtio-net: backend receive failed, stopping receive: {e}"
+                        );
                         m.rx_backend_errors.inc();
                         break RxStop::BackendFailed;
                     }

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::{Queue, Writer};
 use vm_memory::GuestMemoryMmap;
 
@@ -56,7 +56,7 @@ fn fill_chain(
     let n = writer.available_bytes().min(buf.len());
     let bytes = &mut buf[..n];
     if let Err(e) = getrandom(bytes) {
-        warn!("{NAME}: getrandom failed: {e}");
+        crate::warn_limited!("{NAME}: getrandom failed: {e}");
         metrics.entropy_errors.inc();
         return 0;
     }

@@ -8,6 +8,8 @@ use super::{CONN_BUF_ALLOC, HOST_CID};
 
 /// Send a CREDIT_UPDATE once the guest's view of our free space lags this far behind.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
+/// Capacity an emptied `tx_buf` may keep; a larger one is given back.
+const KEEP_TX_CAPACITY: usize = 16 * 1024;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +157,10 @@ impl Connection {
         let n = write_some(&mut self.stream, &self.tx_buf)?;
         self.tx_buf.drain(..n);
         self.consumed(n);
+        if self.tx_buf.is_empty() && self.tx_buf.capacity() > KEEP_TX_CAPACITY {
+            // A burst is over: do not hold its memory for the life of the connection.
+            self.tx_buf = Vec::new();
+        }
         Ok(())
     }
 
@@ -244,6 +250,10 @@ mod tests {
             std::thread::yield_now();
         }
         reader.join().expect("reader");
+        assert!(
+            c.tx_buf.capacity() <= KEEP_TX_CAPACITY,
+            "burst memory given back"
+        );
         assert!(c.needs_credit_update());
         assert_eq!(c.credit_update().fwd_cnt as usize, pushed);
         assert!(!c.needs_credit_update());

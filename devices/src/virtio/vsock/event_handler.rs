@@ -17,9 +17,15 @@ impl Vsock {
         }
     }
 
+    /// Fills the guest's receive buffers; where that made room, takes the packets TX held back
+    /// (backpressure), and so on while both move.
     fn run_rx(&mut self) {
         if let Some(queues) = self.active.as_mut() {
             queues.process_rx(&mut self.muxer);
+            while queues.tx_paused() && self.muxer.accepts_guest_packets() {
+                queues.process_tx(&mut self.muxer);
+                queues.process_rx(&mut self.muxer);
+            }
         }
     }
 }

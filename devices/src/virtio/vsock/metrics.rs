@@ -31,6 +31,14 @@ pub struct VsockMetrics {
     pub resets_sent: Counter,
     /// Connections open now.
     pub connections: Counter,
+    /// Control packets for the guest dropped because [`super::MAX_RX_BACKLOG`] were waiting.
+    pub rx_dropped: Counter,
+    /// Times the device stopped taking the guest's packets until it drained its receive queue.
+    pub tx_paused: Counter,
+    /// Connections reset because guest data for host sockets reached [`super::MAX_TX_BUFFERED`].
+    pub tx_overflow_resets: Counter,
+    /// Guest data buffered for host sockets now, in bytes.
+    pub tx_buffered: Counter,
 }
 
 impl Counters for VsockMetrics {}

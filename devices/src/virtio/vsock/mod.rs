@@ -42,6 +42,18 @@ pub const MAX_PKT_DATA: usize = 64 * 1024;
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Most connections at once; more are refused with RST (guest) or closed (host).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Control packets (RST, RESPONSE, credit updates) waiting for the guest's receive buffers at
+/// which the device stops taking packets from the guest's transmit queue, until the guest has
+/// taken some: each guest packet makes at most one, so a guest that sends without receiving
+/// is held here instead of growing the queue.
+pub const RX_BACKLOG_PAUSE: usize = QUEUE_SIZE as usize;
+/// Most control packets waiting for the guest, whatever made them (host programs connecting and
+/// closing too); past it, new ones are dropped and counted (`rx_dropped`).
+pub const MAX_RX_BACKLOG: usize = 4096;
+/// Most guest data buffered for slow host sockets, all connections together (64 MiB; each one
+/// also stays within its credit, [`CONN_BUF_ALLOC`]). A guest packet that would go past it
+/// resets its connection.
+pub const MAX_TX_BUFFERED: usize = 64 << 20;
 
 /// Why the vsock device could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::{ConnState, Connection};
 use super::packet::{op, shutdown, VsockHeader, TYPE_STREAM};
-use super::{VsockError, VsockMetrics, HOST_CID, MAX_CONNECTIONS, MIN_GUEST_CID};
+use super::{
+    VsockError, VsockMetrics, HOST_CID, MAX_CONNECTIONS, MAX_RX_BACKLOG, MAX_TX_BUFFERED,
+    MIN_GUEST_CID, RX_BACKLOG_PAUSE,
+};
 
 mod host;
 
@@ -46,8 +49,13 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, Key>,
     pending: HashMap<RawFd, PendingHost>,
     rxq: VecDeque<RxItem>,
+    /// Control packets in `rxq` (data items are at most one per connection).
+    ctrl_queued: usize,
+    /// Guest data waiting in the connections' `tx_buf`s, all together.
+    tx_buffered: usize,
     next_port: u32,
     max_connections: usize,
+    max_tx_buffered: usize,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -98,8 +106,11 @@ impl Muxer {
             by_fd: HashMap::new(),
             pending: HashMap::new(),
             rxq: VecDeque::new(),
+            ctrl_queued: 0,
+            tx_buffered: 0,
             next_port: FIRST_LOCAL_PORT,
             max_connections: MAX_CONNECTIONS,
+            max_tx_buffered: MAX_TX_BUFFERED,
             metrics,
         })
     }
@@ -124,9 +135,31 @@ impl Muxer {
         self.conns.len()
     }
 
+    /// Whether the device should take more packets from the guest now: not while
+    /// [`RX_BACKLOG_PAUSE`] control packets wait for it to receive them (backpressure).
+    pub fn accepts_guest_packets(&self) -> bool {
+        self.ctrl_queued < RX_BACKLOG_PAUSE
+    }
+
+    /// Control packets waiting for the guest.
+    pub fn rx_backlog(&self) -> usize {
+        self.ctrl_queued
+    }
+
+    /// Memory the muxer holds for the guest's traffic: waiting control packets and guest data
+    /// buffered for host sockets (bounded by [`MAX_RX_BACKLOG`] and [`MAX_TX_BUFFERED`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.ctrl_queued * std::mem::size_of::<RxItem>() + self.tx_buffered
+    }
+
     /// Changes the connection limit (default [`MAX_CONNECTIONS`]).
     pub fn set_max_connections(&mut self, max: usize) {
         self.max_connections = max;
+    }
+
+    /// Changes the limit on guest data buffered for host sockets (default [`MAX_TX_BUFFERED`]).
+    pub fn set_max_tx_buffered(&mut self, max: usize) {
+        self.max_tx_buffered = max;
     }
 
     /// Forgets every connection (the driver reset the device); host streams are closed.
@@ -136,6 +169,7 @@ impl Muxer {
             self.remove(key);
         }
         self.rxq.clear();
+        self.ctrl_queued = 0;
     }
 
     /// Handles whatever host sockets are ready: new host connections, `CONNECT` lines, host
@@ -146,7 +180,7 @@ impl Muxer {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    log::warn!("vsock: epoll_wait failed: {e}");
+                    crate::warn_limited!("vsock: epoll_wait failed: {e}");
                 }
                 return;
             }
@@ -175,8 +209,28 @@ impl Muxer {
             let fd = conn.stream.as_raw_fd();
             let _ = epoll_ctl(&self.epoll, fd, conn.registered, 0);
             self.by_fd.remove(&fd);
+            self.set_tx_buffered(self.tx_buffered.saturating_sub(conn.tx_buf.len()));
         }
         self.metrics.connections.set(self.conns.len() as u64);
+    }
+
+    fn set_tx_buffered(&mut self, n: usize) {
+        self.tx_buffered = n;
+        self.metrics.tx_buffered.set(n as u64);
+    }
+
+    /// Queues a control packet for the guest, unless [`MAX_RX_BACKLOG`] already wait.
+    fn push_ctrl(&mut self, h: VsockHeader) {
+        if self.ctrl_queued >= MAX_RX_BACKLOG {
+            self.metrics.rx_dropped.inc();
+            crate::warn_limited!(
+                "vsock: the guest takes no packets; {MAX_RX_BACKLOG} wait, dropping a {:?}",
+                h.op
+            );
+            return;
+        }
+        self.ctrl_queued += 1;
+        self.rxq.push_back(RxItem::Ctrl(h));
     }
 
     /// Removes the connection and tells the guest with RST.
@@ -190,7 +244,7 @@ impl Muxer {
 
     fn push_rst(&mut self, rst: VsockHeader) {
         self.metrics.resets_sent.inc();
-        self.rxq.push_back(RxItem::Ctrl(rst));
+        self.push_ctrl(rst);
     }
 
     /// Registers the epoll events the connection needs now (none: not registered).
@@ -218,7 +272,7 @@ impl Muxer {
         let fd = conn.stream.as_raw_fd();
         match epoll_ctl(&self.epoll, fd, conn.registered, want.bits()) {
             Ok(()) => conn.registered = want.bits(),
-            Err(e) => log::warn!("vsock: epoll_ctl on a connection failed: {e}"),
+            Err(e) => crate::warn_limited!("vsock: epoll_ctl on a connection failed: {e}"),
         }
     }
 
@@ -235,12 +289,19 @@ impl Muxer {
             ConnState::Established => {}
         }
         if evset.contains(EventSet::OUT) {
-            if conn.flush().is_err() {
+            let before = conn.tx_buf.len();
+            let flushed = conn.flush();
+            let after = conn.tx_buf.len();
+            self.set_tx_buffered((self.tx_buffered + after).saturating_sub(before));
+            if flushed.is_err() {
                 return self.reset_conn(key);
             }
+            let Some(conn) = self.conns.get_mut(&key) else {
+                return;
+            };
             if conn.needs_credit_update() {
                 let h = conn.credit_update();
-                self.rxq.push_back(RxItem::Ctrl(h));
+                self.push_ctrl(h);
             }
             if self.finish_if_done(key) {
                 return;
@@ -256,7 +317,7 @@ impl Muxer {
             // The host closed its side entirely.
             conn.state = ConnState::Closing;
             let h = conn.header(op::SHUTDOWN, 0, shutdown::BOTH);
-            self.rxq.push_back(RxItem::Ctrl(h));
+            self.push_ctrl(h);
         }
         self.update_interest(key);
     }
@@ -282,7 +343,10 @@ impl Muxer {
     pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(VsockHeader, usize)> {
         while let Some(item) = self.rxq.pop_front() {
             let key = match item {
-                RxItem::Ctrl(h) => return Some((h, 0)),
+                RxItem::Ctrl(h) => {
+                    self.ctrl_queued -= 1;
+                    return Some((h, 0));
+                }
                 RxItem::Data(key) => key,
             };
             let Some(conn) = self.conns.get_mut(&key) else {
@@ -369,19 +433,35 @@ impl Muxer {
                 conn.state = ConnState::Established;
             }
             op::RW if conn.state == ConnState::Established && !conn.peer_shut_send => {
-                if conn.push_guest_data(data).is_err() {
+                let before = conn.tx_buf.len();
+                let pushed = conn.push_guest_data(data);
+                let after = conn.tx_buf.len();
+                self.set_tx_buffered((self.tx_buffered + after).saturating_sub(before));
+                if pushed.is_err() {
                     return self.reset_conn(key);
                 }
+                if self.tx_buffered > self.max_tx_buffered {
+                    self.metrics.tx_overflow_resets.inc();
+                    crate::warn_limited!(
+                        "vsock: {} bytes of guest data wait for host sockets; resetting a \
+                         connection",
+                        self.tx_buffered
+                    );
+                    return self.reset_conn(key);
+                }
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 self.metrics.tx_bytes.add(data.len() as u64);
                 if conn.needs_credit_update() {
                     let h = conn.credit_update();
-                    self.rxq.push_back(RxItem::Ctrl(h));
+                    self.push_ctrl(h);
                 }
             }
             op::CREDIT_UPDATE => {}
             op::CREDIT_REQUEST => {
                 let h = conn.credit_update();
-                self.rxq.push_back(RxItem::Ctrl(h));
+                self.push_ctrl(h);
             }
             op::SHUTDOWN => {
                 conn.peer_shut_rcv |= hdr.flags & shutdown::RCV != 0;
@@ -427,7 +507,7 @@ impl Muxer {
         let resp = conn.header(op::RESPONSE, 0, 0);
         self.metrics.guest_connects.inc();
         self.insert(key, conn);
-        self.rxq.push_back(RxItem::Ctrl(resp));
+        self.push_ctrl(resp);
     }
 }
 
@@ -660,6 +740,60 @@ mod tests {
         r.m.send_pkt(&sd, &[]);
         assert_eq!(next_pkt(&mut r.m).0.op, op::RST);
         assert_eq!(r.m.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_guest_flood_it_never_receives_stays_capped() {
+        let mut r = rig();
+        // Data for connections that do not exist: each is answered with RST, which waits for
+        // the guest's receive buffers. The guest never gives any.
+        let flood = 200_000u32;
+        for port in 0..flood {
+            r.m.send_pkt(&guest_hdr(op::RW, port, 9, 0), &[]);
+        }
+        assert_eq!(r.m.rx_backlog(), MAX_RX_BACKLOG);
+        assert!(!r.m.accepts_guest_packets());
+        assert_eq!(
+            r.metrics.rx_dropped.get(),
+            u64::from(flood) - MAX_RX_BACKLOG as u64
+        );
+        let cap = MAX_RX_BACKLOG * 64;
+        assert!(
+            r.m.queued_bytes() <= cap,
+            "{} bytes queued",
+            r.m.queued_bytes()
+        );
+        // What was kept still reaches the guest, in order, then nothing.
+        let mut buf = vec![0u8; 1024];
+        let mut got = Vec::new();
+        while let Some((h, _)) = r.m.recv_pkt(&mut buf) {
+            got.push(h.dst_port);
+        }
+        let kept = u32::try_from(MAX_RX_BACKLOG).expect("fits");
+        assert_eq!(got, (0..kept).collect::<Vec<_>>());
+        assert_eq!(r.m.queued_bytes(), 0);
+        assert!(r.m.accepts_guest_packets());
+    }
+
+    #[test]
+    fn guest_data_piling_up_for_slow_host_sockets_resets_the_connection_past_the_cap() {
+        let mut r = rig();
+        r.m.set_max_tx_buffered(100 << 10);
+        let listener = UnixListener::bind(listener_path(&r.path, 5000)).expect("listen");
+        r.m.send_pkt(&guest_hdr(op::REQUEST, 40000, 5000, 0), &[]);
+        assert_eq!(next_pkt(&mut r.m).0.op, op::RESPONSE);
+        // The host program accepts and never reads.
+        let (_host, _) = listener.accept().expect("accept");
+        let chunk = vec![1u8; 32 << 10];
+        let mut sent = 0;
+        while r.m.connection_count() == 1 && sent < 64 << 20 {
+            r.m.send_pkt(&guest_hdr(op::RW, 40000, 5000, 32 << 10), &chunk);
+            sent += chunk.len();
+            assert!(r.m.queued_bytes() <= (100 << 10) + chunk.len() + MAX_RX_BACKLOG * 64);
+        }
+        assert_eq!(r.metrics.tx_overflow_resets.get(), 1);
+        assert_eq!(r.m.connection_count(), 0);
+        assert_eq!(r.metrics.tx_buffered.get(), 0, "freed with the connection");
     }
 
     #[test]

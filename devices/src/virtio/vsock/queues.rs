@@ -4,6 +4,9 @@
 //! Every chain comes from the guest and is treated as hostile: chains that point outside guest
 //! memory, lack the right kind of descriptor, are too short for the header or claim a payload
 //! they do not carry are dropped (TX) or returned empty (RX) and counted.
+//!
+//! Backpressure: while the muxer holds [`super::RX_BACKLOG_PAUSE`] control packets the guest has
+//! not received, TX chains stay in the ring ([`VsockQueues::tx_paused`]); serving RX resumes them.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::packet::{VsockHeader, HDR_LEN};
 use super::{Muxer, VsockMetrics, MAX_PKT_DATA, NAME};
-use crate::virtio::chains::{drain_queue, notify_guest, QueueIrq};
+use crate::virtio::chains::{notify_guest, QueueIrq};
 use crate::virtio::VirtioInterrupt;
 
 /// The queues of an activated vsock device.
@@ -27,6 +30,8 @@ pub struct VsockQueues {
     interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<VsockMetrics>,
     buf: Vec<u8>,
+    /// TX stopped because the guest does not take its packets; chains may wait in the ring.
+    tx_paused: bool,
 }
 
 impl VsockQueues {
@@ -47,13 +52,31 @@ impl VsockQueues {
             interrupt,
             metrics,
             buf: vec![0; MAX_PKT_DATA],
+            tx_paused: false,
         }
     }
 
-    /// Hands every packet the guest queued to the muxer.
+    /// Whether TX processing stopped for backpressure and should resume once the guest has
+    /// taken packets (see [`Muxer::accepts_guest_packets`]).
+    pub fn tx_paused(&self) -> bool {
+        self.tx_paused
+    }
+
+    /// Hands the packets the guest queued to the muxer, as long as it takes them.
     pub fn process_tx(&mut self, muxer: &mut Muxer) {
         let (mem, buf, m) = (&self.mem, &mut self.buf, &*self.metrics);
-        drain_queue(&mut self.tx, mem, irq(&*self.interrupt), |chain| {
+        let mut taken = false;
+        self.tx_paused = false;
+        loop {
+            if !muxer.accepts_guest_packets() {
+                self.tx_paused = true;
+                m.tx_paused.inc();
+                break;
+            }
+            let Some(chain) = self.tx.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
             let pkt = chain.reader(mem).ok().and_then(|mut r| {
                 let mut hdr = [0u8; HDR_LEN];
                 r.read_exact(&mut hdr).ok()?;
@@ -72,7 +95,13 @@ impl VsockQueues {
                 }
                 None => m.bad_packets.inc(),
             }
-        });
+            // A head index the ring cannot hold is the guest's loss; nothing to return.
+            let _ = self.tx.add_used(mem, head, 0);
+            taken = true;
+        }
+        if taken {
+            notify_guest(&mut self.tx, mem, irq(&*self.interrupt));
+        }
     }
 
     /// Moves the muxer's packets into the guest's receive buffers. Returns true if packets
@@ -144,7 +173,7 @@ mod tests {
     };
     use crate::virtio::vsock::muxer::listener_path;
     use crate::virtio::vsock::packet::{op, TYPE_STREAM};
-    use crate::virtio::vsock::HOST_CID;
+    use crate::virtio::vsock::{HOST_CID, RX_BACKLOG_PAUSE};
 
     struct Rig<'a> {
         mem: &'a GuestMemoryMmap,
@@ -254,6 +283,90 @@ mod tests {
         assert_eq!(r.metrics.bad_packets.get(), chains.len() as u64);
         assert!(!r.muxer.has_pending_rx(), "no connection was opened");
         assert_eq!(r.muxer.connection_count(), 0);
+    }
+
+    /// Reads the packet the device wrote into the used RX buffer with head `id`.
+    fn rx_packet(r: &Rig<'_>, id: u32) -> (VsockHeader, Vec<u8>) {
+        let addr = r.rxq.desc_addr(id as u16);
+        let mut hdr = [0u8; HDR_LEN];
+        hdr.copy_from_slice(&read_mem(r.mem, addr, HDR_LEN));
+        let h = VsockHeader::from_bytes(&hdr);
+        let data = read_mem(r.mem, addr + HDR_LEN as u64, h.len as usize);
+        (h, data)
+    }
+
+    #[test]
+    fn a_guest_that_sends_without_receiving_is_held_back_and_data_still_flows() {
+        use std::io::Write as _;
+        let mem = guest_memory();
+        let mut r = rig(&mem);
+        let listener = UnixListener::bind(listener_path(&r.path, 80)).expect("listen");
+        write_mem(r.mem, DATA_START, &request(7, 80).to_bytes());
+        r.txq.add(&[Desc::r(DATA_START, 44)]);
+        r.q.process_tx(&mut r.muxer);
+        let (mut host, _) = listener.accept().expect("accept");
+        // Every CREDIT_REQUEST is answered with a CREDIT_UPDATE the guest never receives: it
+        // gives no receive buffers and keeps its transmit ring full.
+        let mut ask = request(7, 80);
+        ask.op = op::CREDIT_REQUEST;
+        write_mem(r.mem, DATA_START + 0x1000, &ask.to_bytes());
+        let (mut added, mut used) = (1usize, 0usize);
+        for _ in 0..1000 {
+            while added - used < 16 {
+                r.txq.add(&[Desc::r(DATA_START + 0x1000, 44)]);
+                added += 1;
+            }
+            r.q.process_tx(&mut r.muxer);
+            used += r.txq.take_used().len();
+            if r.q.tx_paused() {
+                break;
+            }
+        }
+        assert!(r.q.tx_paused(), "TX never paused");
+        assert_eq!(r.muxer.rx_backlog(), RX_BACKLOG_PAUSE);
+        assert!(r.muxer.queued_bytes() <= RX_BACKLOG_PAUSE * 64);
+        // More guest packets wait in the ring until it receives.
+        while added - used < 16 {
+            r.txq.add(&[Desc::r(DATA_START + 0x1000, 44)]);
+            added += 1;
+        }
+        r.q.process_tx(&mut r.muxer);
+        assert!(r.txq.take_used().is_empty(), "taken while paused");
+        assert_eq!(r.muxer.rx_backlog(), RX_BACKLOG_PAUSE);
+        assert!(r.metrics.tx_paused.get() >= 2);
+
+        // Host data for the guest still flows once it gives buffers, and the held-back packets
+        // are then taken (as the event loop does after serving RX).
+        host.write_all(b"still flowing").expect("host write");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        r.muxer.process_host_events();
+        let mut seen_data = false;
+        for _ in 0..1000 {
+            for i in 0..16 {
+                r.rxq
+                    .add(&[Desc::w(DATA_START + 0x10_000 + i * 0x1000, 4096)]);
+            }
+            r.q.process_rx(&mut r.muxer);
+            while r.q.tx_paused() && r.muxer.accepts_guest_packets() {
+                r.q.process_tx(&mut r.muxer);
+                r.q.process_rx(&mut r.muxer);
+            }
+            used += r.txq.take_used().len();
+            for (id, _) in r.rxq.take_used() {
+                let (h, data) = rx_packet(&r, id);
+                if h.op == op::RW {
+                    assert_eq!(data, b"still flowing");
+                    seen_data = true;
+                }
+            }
+            assert!(r.muxer.rx_backlog() <= RX_BACKLOG_PAUSE + 1);
+            if seen_data && used == added && !r.muxer.has_pending_rx() {
+                break;
+            }
+        }
+        assert!(seen_data, "host data never reached the guest");
+        assert_eq!(used, added, "every held-back packet was taken in the end");
+        assert!(!r.q.tx_paused());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vmm_sys_util::epoll::EventSet;
 
-use super::{epoll_ctl, ConnState, Connection, Muxer, RxItem, FIRST_LOCAL_PORT};
+use super::{epoll_ctl, ConnState, Connection, Muxer, FIRST_LOCAL_PORT};
 use crate::virtio::vsock::packet::op;
 use crate::virtio::vsock::VsockError;
 
@@ -136,7 +136,9 @@ impl Muxer {
                 Ok((stream, _)) => {
                     if self.conns.len() + self.pending.len() >= self.max_connections {
                         self.metrics.limit_refused.inc();
-                        log::warn!("vsock: connection limit reached, closing a host connection");
+                        crate::warn_limited!(
+                            "vsock: connection limit reached, closing a host connection"
+                        );
                         continue;
                     }
                     let fd = stream.as_raw_fd();
@@ -155,7 +157,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("vsock: accept failed: {e}");
+                        crate::warn_limited!("vsock: accept failed: {e}");
                     }
                     return;
                 }
@@ -215,7 +217,7 @@ impl Muxer {
         let req = conn.header(op::REQUEST, 0, 0);
         self.metrics.host_connects.inc();
         self.insert(key, conn);
-        self.rxq.push_back(RxItem::Ctrl(req));
+        self.push_ctrl(req);
     }
 
     fn alloc_port(&mut self) -> u32 {
