@@ -98,7 +98,7 @@ fn exec_cat(client: &mut AgentClient<UnixStream>) -> u32 {
         env: vec!["PATH=/bin".into()],
         ..Default::default()
     };
-    client.exec("web", process, true).unwrap()
+    client.exec("web", process, true, None).unwrap()
 }
 
 fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> ContainerSpec {
@@ -126,7 +126,7 @@ fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
     client
         .create("c1", &spec(dir.path(), &rootfs, &["sh", "-c", script]))
         .unwrap();
-    let stream = client.start("c1").unwrap();
+    let stream = client.start("c1", None).unwrap();
     let mut out = Captured::default();
     let code = client.stream_until_exit(stream, &mut out).unwrap();
     assert_eq!(code, 3);
@@ -141,7 +141,10 @@ fn agent_runs_a_container_streams_its_output_and_returns_its_exit_code() {
         .create("c1", &spec(dir.path(), &rootfs, &["true"]))
         .unwrap_err();
     assert_eq!(err.to_string(), "container c1 already exists");
-    assert!(matches!(client.start("nope"), Err(ClientError::Refused(_))));
+    assert!(matches!(
+        client.start("nope", None),
+        Err(ClientError::Refused(_))
+    ));
 
     client.shutdown().unwrap();
     let status = agent.child.wait().unwrap();
@@ -160,7 +163,7 @@ fn agent_forwards_stdin_and_signals() {
     client
         .create("cat", &spec(dir.path(), &rootfs, &["cat"]))
         .unwrap();
-    let stream = client.start("cat").unwrap();
+    let stream = client.start("cat", None).unwrap();
     client.stdin(stream, b"echo me\n").unwrap();
     client.stdin(stream, b"").unwrap();
     let mut out = Captured::default();
@@ -172,7 +175,7 @@ fn agent_forwards_stdin_and_signals() {
     client
         .create("sleep", &spec(&sleeper, &rootfs, &["sleep", "1000"]))
         .unwrap();
-    let stream = client.start("sleep").unwrap();
+    let stream = client.start("sleep", None).unwrap();
     client.signal("sleep", stream, libc::SIGKILL).unwrap();
     let code = client
         .stream_until_exit(stream, &mut Captured::default())
@@ -214,7 +217,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
     client
         .create("web", &spec(dir.path(), &rootfs, &["sh", "-c", main]))
         .unwrap();
-    let first = client.start("web").unwrap();
+    let first = client.start("web", None).unwrap();
 
     // The exec'd process shares the container's hostname, root filesystem and PID namespace.
     let check =
@@ -229,6 +232,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
                 ..Default::default()
             },
             false,
+            None,
         )
         .unwrap();
     assert_ne!(stream, first);
@@ -252,6 +256,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
                 ..Default::default()
             },
             false,
+            None,
         )
         .unwrap();
     let mut missing_out = Captured::default();
@@ -288,6 +293,7 @@ fn agent_execs_a_second_process_inside_the_running_container() {
             ..Default::default()
         },
         false,
+        None,
     );
     assert_eq!(err.unwrap_err().to_string(), "container web is not running");
 }
@@ -303,7 +309,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
     client
         .create("web", &spec(dir.path(), &rootfs, &["sleep", "1000"]))
         .unwrap();
-    let main = client.start("web").unwrap();
+    let main = client.start("web", None).unwrap();
 
     // Four clients exec at the same time, each in its own session, as `mvm exec` does.
     let workers: Vec<_> = (0..4)
@@ -323,7 +329,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
                         env: vec!["PATH=/bin".into()],
                         ..Default::default()
                     };
-                    let stream = c.exec("web", process, false).unwrap();
+                    let stream = c.exec("web", process, false, None).unwrap();
                     let mut out = Captured::default();
                     let code = c.stream_until_exit(stream, &mut out).unwrap();
                     assert_eq!(code, want, "worker {w} exec {i}");
@@ -354,6 +360,7 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
                 ..Default::default()
             },
             false,
+            None,
         )
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));

@@ -557,7 +557,7 @@ fn a_container_run_without_rm_is_a_record_that_ps_lists_and_rm_removes() {
         .find(|l| l.contains(&name))
         .map(str::to_string)
         .unwrap_or_default();
-    assert!(line.contains("exited (4)"), "{}", stdout(&ps));
+    assert!(line.contains("Exited (4)"), "{}", stdout(&ps));
     assert!(!stdout(&mvm(&f, &["ps"])).contains(&name));
     assert_eq!(stdout(&mvm(&f, &["logs", &name])), "logged\n");
     let inspect = mvm(&f, &["inspect", &name]);
@@ -603,7 +603,7 @@ fn a_detached_container_runs_execs_logs_and_stops() {
     let ps = stdout(&mvm(&f, &["ps"]));
     assert!(
         ps.lines()
-            .any(|l| l.starts_with(&id[..12]) && l.contains("running")),
+            .any(|l| l.starts_with(&id[..12]) && l.contains(" Up ")),
         "{ps}"
     );
 
@@ -639,7 +639,7 @@ fn a_detached_container_runs_execs_logs_and_stops() {
     let all = stdout(&mvm(&f, &["ps", "-a"]));
     assert!(
         all.lines()
-            .any(|l| l.contains(&name) && l.contains("exited (0)")),
+            .any(|l| l.contains(&name) && l.contains("Exited (0)")),
         "{all}"
     );
     assert!(mvm(&f, &["rm", &name]).status.success());

@@ -217,11 +217,13 @@ fn run_in_container(host: &Host, root: &Path) -> (ProbeReport, bool) {
         cgroup_parent: None,
         mounts: Vec::new(),
         security: Default::default(),
+        etc_files: Vec::new(),
     };
     let stdio = StdioConfig {
         stdin: StdioMode::Null,
         stdout: StdioMode::Piped,
         stderr: StdioMode::Piped,
+        terminal: None,
     };
     let mut c = Container::start(&spec, &stdio).unwrap();
     let limited = c.cgroup().is_some();

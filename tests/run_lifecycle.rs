@@ -228,10 +228,10 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     assert!(page.contains(NGINX_INDEX.trim()), "{page}");
 
     let table = ps(s, root, false);
-    let line = table.lines().find(|l| l.contains(" web ")).unwrap_or("");
+    let line = table.lines().find(|l| l.ends_with(" web")).unwrap_or("");
     assert!(line.starts_with(&id[..12]), "{table}");
     assert!(
-        line.contains("nginx-test") && line.contains("running"),
+        line.contains("nginx-test") && line.contains(" Up "),
         "{table}"
     );
     assert!(
@@ -295,11 +295,11 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     assert!(followed.status.success());
     assert!(text(&followed.stdout).contains("\"GET / HTTP/1.1\" 200"));
 
-    assert!(!ps(s, root, false).contains(" web "));
+    assert!(!ps(s, root, false).lines().any(|l| l.ends_with(" web")));
     let all = ps(s, root, true);
     assert!(
         all.lines()
-            .any(|l| l.contains(" web ") && l.contains("exited (0)")),
+            .any(|l| l.ends_with(" web") && l.contains("Exited (0)")),
         "{all}"
     );
     let out = mvm(s, root, &["inspect", "web"]);
@@ -430,7 +430,7 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     // SAFETY: kill has no memory preconditions; the pid is the runner this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !ps(s, root, true).contains("exited (unknown)") {
+    while !ps(s, root, true).contains("Exited (unknown)") {
         assert!(Instant::now() < deadline, "{}", ps(s, root, true));
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -11,6 +11,8 @@
 //! ([`Error::exit_code`]).
 #![deny(missing_docs)]
 
+pub mod copy;
+pub mod dns;
 pub mod error;
 pub mod hostnet;
 pub mod image;
@@ -22,6 +24,8 @@ pub mod run;
 pub mod runner;
 pub mod spec;
 pub mod state;
+pub mod stats;
+pub mod terminal;
 pub mod units;
 
 pub use error::{CommandExit, Error};

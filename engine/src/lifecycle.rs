@@ -14,9 +14,11 @@
 //! `vmm::signals`), then SIGKILL; a runner that died without cleaning up (`kill -9`) is cleaned
 //! up after by `rm`.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,8 +28,12 @@ use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::{self, Process, StdioConfig, StdioMode};
 
 use crate::error::{bad_input, io_error, CommandExit, Error};
+use crate::logs::{read_log, LogCursor, LOG_FILE};
+use crate::microvm::AgentInput;
+use crate::portfwd::PortMapping;
 use crate::spec::Isolation;
 use crate::state::{process_alive, ContainerRecord, StateError, StateStore, Status};
+use crate::terminal::{self, DetachKeys, InputRelay, PipeInput, PtyInput, RawMode, TerminalInput};
 
 /// How long `stop` waits for the runner after SIGKILL reached the container, before it stops the
 /// runner itself (SIGTERM: a VM ends, the runner still records the exit).
@@ -59,7 +65,7 @@ pub fn is_live(r: &ContainerRecord) -> bool {
     matches!(r.live_status(), Status::Running | Status::Created)
 }
 
-fn require_running(r: &ContainerRecord) -> Result<(), Error> {
+pub(crate) fn require_running(r: &ContainerRecord) -> Result<(), Error> {
     if r.live_status() == Status::Running {
         Ok(())
     } else {
@@ -68,7 +74,10 @@ fn require_running(r: &ContainerRecord) -> Result<(), Error> {
 }
 
 /// A new agent session with the container's VM.
-fn agent(store: &StateStore, r: &ContainerRecord) -> Result<AgentClient<UnixStream>, Error> {
+pub(crate) fn agent(
+    store: &StateStore,
+    r: &ContainerRecord,
+) -> Result<AgentClient<UnixStream>, Error> {
     let vsock = store.container_dir(&r.id).join("vsock.sock");
     let conn =
         devices::virtio::vsock::host_connect(&vsock, AGENT_VSOCK_PORT, Duration::from_secs(10))
@@ -79,25 +88,35 @@ fn agent(store: &StateStore, r: &ContainerRecord) -> Result<AgentClient<UnixStre
     })
 }
 
-/// Copies the container's log to `out`; with `follow`, goes on until the container has exited.
-/// A reader that went away (a closed pipe) ends it quietly.
-pub fn logs(root: &Path, name: &str, follow: bool, out: &mut dyn Write) -> Result<(), Error> {
+/// Copies the container's log (rotated files first) to `out`, or its last `tail` lines; with
+/// `follow`, goes on until the container has exited. A reader that went away (a closed pipe)
+/// ends it quietly.
+pub fn logs(
+    root: &Path,
+    name: &str,
+    follow: bool,
+    tail: Option<usize>,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
     let (store, r) = find(root, name)?;
-    let path = store.container_dir(&r.id).join("container.log");
-    let mut offset = 0u64;
+    let path = store.container_dir(&r.id).join(LOG_FILE);
+    let mut cursor = LogCursor::default();
+    let mut first = true;
     loop {
         // Whether the runner still lives is checked before reading, so the last read after it
         // ended sees everything it wrote.
         let live = follow && is_live(&store.get(&r.id).unwrap_or_else(|_| r.clone()));
-        if let Ok(mut f) = std::fs::File::open(&path) {
-            let mut buf = Vec::new();
-            f.seek(SeekFrom::Start(offset))
-                .and_then(|_| f.read_to_end(&mut buf))
-                .map_err(io_error("read", &path))?;
-            offset += buf.len() as u64;
-            if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
-                return Ok(());
+        let written = match (first, tail) {
+            (true, Some(n)) => {
+                let mut all = Vec::new();
+                read_log(&path, &mut cursor, &mut all).map_err(io_error("read", &path))?;
+                out.write_all(last_lines(&all, n))
             }
+            _ => read_log(&path, &mut cursor, &mut *out),
+        };
+        first = false;
+        if written.and_then(|()| out.flush()).is_err() {
+            return Ok(());
         }
         if !live {
             return Ok(());
@@ -106,14 +125,56 @@ pub fn logs(root: &Path, name: &str, follow: bool, out: &mut dyn Write) -> Resul
     }
 }
 
-/// Runs `process` in the running container, its output on this process's stdout and stderr and,
-/// when `interactive`, this process's stdin as its stdin; returns its exit code.
-pub fn exec(root: &Path, name: &str, process: Process, interactive: bool) -> Result<i32, Error> {
+/// The last `n` lines of `data` (a last line without its newline counts).
+fn last_lines(data: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return &[];
+    }
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    let start = body
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1);
+    &data[start..]
+}
+
+/// How `exec` connects the command to the user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// This process's stdin is the command's (`-i`).
+    pub interactive: bool,
+    /// The command gets a terminal of its own, shown on the user's (`-t`).
+    pub tty: bool,
+    /// Keys that detach from the command and leave it running (`--detach-keys`, with `-it`).
+    pub detach_keys: Option<DetachKeys>,
+}
+
+/// What `exec` and `attach` return when the user detached (as docker: a message, code 1).
+fn detached() -> Error {
+    CommandExit(1, "read escape sequence".into()).into()
+}
+
+/// Runs `process` in the running container, its output on this process's stdout and stderr (or
+/// its terminal on the user's, with `tty`) and, when `interactive`, this process's stdin as its
+/// stdin; returns its exit code.
+pub fn exec(
+    root: &Path,
+    name: &str,
+    process: Process,
+    options: &ExecOptions,
+) -> Result<i32, Error> {
     let (store, r) = find(root, name)?;
     require_running(&r)?;
+    if options.tty {
+        // Before any thread starts, so every thread leaves SIGWINCH to the relay.
+        terminal::block_winch()?;
+    }
     match r.isolation {
-        Isolation::Vm => exec_in_vm(&store, &r, process, interactive),
-        Isolation::Container => exec_in_container(&store, &r, process, interactive),
+        Isolation::Vm => exec_in_vm(&store, &r, process, options),
+        Isolation::Container => exec_in_container(&store, &r, process, options),
         Isolation::Process => Err(bad_input(format!(
             "container {} is a plain process (--isolation process): there is nothing to exec into",
             r.name
@@ -121,14 +182,36 @@ pub fn exec(root: &Path, name: &str, process: Process, interactive: bool) -> Res
     }
 }
 
+/// The user's terminal for an `exec -t` or `attach`: raw mode (with input), the relay of input
+/// and size changes. `on_detach` ends the wait when the detach keys are typed.
+fn show_terminal(
+    input: Box<dyn TerminalInput>,
+    options: &ExecOptions,
+    on_detach: Box<dyn FnOnce() + Send>,
+) -> Result<(InputRelay, Option<RawMode>), Error> {
+    let raw = if options.tty && options.interactive {
+        RawMode::enter()?
+    } else {
+        None
+    };
+    let detach = if options.tty {
+        options.detach_keys.clone()
+    } else {
+        None
+    };
+    let relay = InputRelay::start(input, options.interactive, detach, on_detach)?;
+    Ok((relay, raw))
+}
+
 fn exec_in_vm(
     store: &StateStore,
     r: &ContainerRecord,
     process: Process,
-    interactive: bool,
+    options: &ExecOptions,
 ) -> Result<i32, Error> {
     let mut client = agent(store, r)?;
-    let stream = match client.exec(MAIN_CONTAINER, process, interactive) {
+    let size = options.tty.then(|| terminal::size().unwrap_or_default());
+    let stream = match client.exec(MAIN_CONTAINER, process, options.interactive, size) {
         Ok(s) => s,
         // As docker: 127 for a command that is not there, 126 for one that cannot run.
         Err(ClientError::Refused(msg)) => {
@@ -142,19 +225,38 @@ fn exec_in_vm(
             })
         }
     };
-    if interactive {
-        crate::microvm::forward_stdin(&store.container_dir(&r.id).join("vsock.sock"), stream);
+    let detached_flag = Arc::new(AtomicBool::new(false));
+    let (relay, raw) = if options.interactive || options.tty {
+        let vsock = store.container_dir(&r.id).join("vsock.sock");
+        let input = AgentInput::connect(&vsock, stream)?;
+        let conn = client
+            .conn()
+            .try_clone()
+            .map_err(|e| Error::System("dup the agent connection".into(), e))?;
+        let flag = detached_flag.clone();
+        let on_detach = Box::new(move || {
+            flag.store(true, Ordering::SeqCst);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        });
+        let (relay, raw) = show_terminal(Box::new(input), options, on_detach)?;
+        (Some(relay), raw)
+    } else {
+        (None, None)
+    };
+    let result = client.stream_until_exit(stream, &mut InheritOutput);
+    drop(relay);
+    drop(raw);
+    if detached_flag.load(Ordering::SeqCst) {
+        return Err(detached());
     }
-    client
-        .stream_until_exit(stream, &mut InheritOutput)
-        .map_err(|source| Error::Agent {
-            what: format!("exec in {}: the session broke", r.name),
-            source,
-        })
+    result.map_err(|source| Error::Agent {
+        what: format!("exec in {}: the session broke", r.name),
+        source,
+    })
 }
 
 /// The first process of a container on the host, while its runner (whose child it is) lives.
-fn host_process(r: &ContainerRecord) -> Option<i32> {
+pub(crate) fn host_process(r: &ContainerRecord) -> Option<i32> {
     let runner = r.pid?;
     r.process_pid.filter(|_| process_alive(runner, r.pid_start))
 }
@@ -163,7 +265,7 @@ fn exec_in_container(
     store: &StateStore,
     r: &ContainerRecord,
     process: Process,
-    interactive: bool,
+    options: &ExecOptions,
 ) -> Result<i32, Error> {
     let pid =
         host_process(r).ok_or_else(|| bad_input(format!("container {} is not running", r.name)))?;
@@ -181,23 +283,81 @@ fn exec_in_container(
         env.push(var.clone());
     }
     let process = Process { env, ..process };
-    let stdio = StdioConfig {
-        stdin: if interactive {
-            StdioMode::Piped
-        } else {
-            StdioMode::Null
-        },
-        stdout: StdioMode::Inherit,
-        stderr: StdioMode::Inherit,
+    let stdio = if options.tty {
+        StdioConfig::terminal(terminal::size().unwrap_or_default())
+    } else {
+        StdioConfig {
+            stdin: if options.interactive {
+                StdioMode::Piped
+            } else {
+                StdioMode::Null
+            },
+            stdout: StdioMode::Inherit,
+            stderr: StdioMode::Inherit,
+            terminal: None,
+        }
     };
     let spec = crate::runner::read_spec(&store.container_dir(&r.id))?;
     let mut child = runtime::exec::exec(pid, &r.cgroup_dirs, &process, &spec.security, &stdio)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut stdin);
-        });
+    let detached_flag = Arc::new(AtomicBool::new(false));
+    let flag = detached_flag.clone();
+    let on_detach = Box::new(move || flag.store(true, Ordering::SeqCst));
+    let mut output = None;
+    let (relay, raw) = match child.terminal.take() {
+        Some(master) => {
+            let mut from = master
+                .try_clone()
+                .map_err(|e| Error::System("dup the terminal".into(), e))?;
+            output = Some(thread::spawn(move || {
+                // Ends with EIO once the command and everything holding its terminal are gone.
+                let _ = std::io::copy(&mut from, &mut TerminalOut);
+            }));
+            let (relay, raw) = show_terminal(Box::new(PtyInput(master)), options, on_detach)?;
+            (Some(relay), raw)
+        }
+        None => match child.stdin.take() {
+            Some(stdin) => (
+                Some(InputRelay::start(
+                    Box::new(PipeInput(Some(stdin))),
+                    true,
+                    None,
+                    on_detach,
+                )?),
+                None,
+            ),
+            None => (None, None),
+        },
+    };
+    let code = loop {
+        if detached_flag.load(Ordering::SeqCst) {
+            break None;
+        }
+        if let Some(code) = child.try_wait()? {
+            break Some(code);
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    drop(relay);
+    if let (Some(out), Some(_)) = (output, code) {
+        let _ = out.join();
     }
-    Ok(child.wait()?)
+    drop(raw);
+    code.ok_or_else(detached)
+}
+
+/// This process's stdout, flushed after every write (a terminal's output as it comes).
+struct TerminalOut;
+
+impl Write for TerminalOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
 }
 
 /// Waits until the runner of `r` has ended; false if it still runs after `limit`.
@@ -342,6 +502,38 @@ pub fn remove(root: &Path, name: &str, force: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// Waits until the container has exited (`mvm wait`); returns its exit code (None when its
+/// runner died without recording one).
+pub fn wait(root: &Path, name: &str) -> Result<Option<i32>, Error> {
+    let (store, r) = find(root, name)?;
+    loop {
+        let now = match store.load(&r.id) {
+            Ok(now) => now,
+            // Removed meanwhile (`--rm`): its code went with it.
+            Err(_) => return Ok(None),
+        };
+        if !is_live(&now) {
+            return Ok(now.exit_code);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The container's published ports (`mvm port`).
+pub fn ports(root: &Path, name: &str) -> Result<Vec<PortMapping>, Error> {
+    let (_, r) = find(root, name)?;
+    Ok(r.ports.iter().filter_map(|p| p.parse().ok()).collect())
+}
+
+/// Gives the container a new name (`mvm rename`), running or not.
+pub fn rename(root: &Path, name: &str, new: &str) -> Result<(), Error> {
+    let (store, r) = find(root, name)?;
+    store.rename(&r, new).map_err(|e| match e {
+        StateError::InvalidName(e) => bad_input(e.to_string()),
+        e => e.into(),
+    })
+}
+
 /// The record, with the status as seen now.
 pub fn inspect(root: &Path, name: &str) -> Result<ContainerRecord, Error> {
     let (_, mut r) = find(root, name)?;
@@ -381,6 +573,14 @@ mod tests {
     }
 
     #[test]
+    fn the_tail_is_the_last_lines() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 1), b"c");
+        assert_eq!(last_lines(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(last_lines(b"a\n", 0), b"");
+    }
+
+    #[test]
     fn a_process_record_has_nothing_to_exec_into() {
         let root = tempfile::tempdir().unwrap();
         let store = StateStore::open(root.path()).unwrap();
@@ -388,7 +588,13 @@ mod tests {
         let mut r = record("plain", Status::Running, me);
         r.isolation = Isolation::Process;
         store.create(&r).unwrap();
-        let e = exec(root.path(), "plain", Process::default(), false).unwrap_err();
+        let e = exec(
+            root.path(),
+            "plain",
+            Process::default(),
+            &ExecOptions::default(),
+        )
+        .unwrap_err();
         assert!(e.is_bad_input(), "{e}");
         assert!(e.to_string().contains("nothing to exec into"), "{e}");
     }

@@ -2,6 +2,7 @@
 //! as a read-only disk, talk to the agent over vsock, start the container, stream its output and
 //! return its exit code; then power the VM off.
 
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +14,14 @@ use devices::virtio::block::BlockConfig;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
-use guest_agent::runtime::ContainerSpec;
+use guest_agent::runtime::{ContainerSpec, TermSize};
 use vmm::builder::{BuildError, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
-use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
+use vmm::virtio_devices::{self, AttachedDevices, DeviceSetupError, DevicesConfig, NetworkMode};
 
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
+use crate::terminal::TerminalInput;
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -53,6 +55,9 @@ pub enum MicroVmError {
     /// The agent refused the container or the session broke.
     #[error("guest agent")]
     Agent(#[source] ClientError),
+    /// A further session with the agent could not be opened.
+    #[error("cannot reach the guest agent")]
+    AgentConnect(#[source] devices::virtio::vsock::VsockError),
 }
 
 /// What to run and how.
@@ -87,6 +92,10 @@ pub struct MicroVmSpec {
     pub timeout: Option<Duration>,
     /// How long the guest may take to boot to its agent.
     pub boot_timeout: Duration,
+    /// The size of the container's terminal, when its spec asks for one.
+    pub terminal: Option<TermSize>,
+    /// With user networking, the resolvers passt's DNS forwarder uses (the host's when empty).
+    pub dns: Vec<IpAddr>,
 }
 
 impl MicroVmSpec {
@@ -99,7 +108,17 @@ impl MicroVmSpec {
     pub fn console_path(&self) -> PathBuf {
         self.run_dir.join("console.log")
     }
+
+    /// The VMM's device counters, rewritten every [`METRICS_PERIOD`] (what `mvm stats` reads).
+    pub fn metrics_path(&self) -> PathBuf {
+        self.run_dir.join(METRICS_FILE)
+    }
 }
+
+/// The device counters' file in a VM's directory.
+pub const METRICS_FILE: &str = "metrics.json";
+/// How often the device counters are written.
+pub const METRICS_PERIOD: Duration = Duration::from_secs(1);
 
 /// A started microVM whose container runs.
 pub struct MicroVm {
@@ -111,6 +130,38 @@ pub struct MicroVm {
     timed_out: Arc<AtomicBool>,
     console: PathBuf,
     tap_name: Option<String>,
+    metrics: Option<MetricsWriter>,
+}
+
+/// A thread that writes the VMM's device counters to a file until the VM ends.
+struct MetricsWriter {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl MetricsWriter {
+    fn start(devices: AttachedDevices, path: PathBuf) -> Option<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    if let Err(e) = devices.write_metrics(&path) {
+                        log::debug!("device counters: {e}");
+                    }
+                    thread::park_timeout(METRICS_PERIOD);
+                }
+            })
+            .ok()?;
+        Some(MetricsWriter { stop, thread })
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
 }
 
 impl std::fmt::Debug for MicroVm {
@@ -172,6 +223,9 @@ impl MicroVm {
                 network: spec.network.clone(),
                 vsock: Some(vsock.clone()),
                 rng: true,
+                dns_forward: (spec.network == NetworkMode::User)
+                    .then_some(crate::dns::USER_DNS_FORWARDER),
+                dns: spec.dns.clone(),
             },
         )?;
         let handle = builder.handle();
@@ -215,7 +269,9 @@ impl MicroVm {
         client
             .create(MAIN_CONTAINER, &spec.container)
             .map_err(stop_on_error)?;
-        let stream = client.start(MAIN_CONTAINER).map_err(stop_on_error)?;
+        let stream = client
+            .start(MAIN_CONTAINER, spec.terminal)
+            .map_err(stop_on_error)?;
         let ports = spec
             .ports
             .iter()
@@ -239,8 +295,14 @@ impl MicroVm {
             _ports: ports,
             timed_out,
             console: spec.console_path(),
-            tap_name: attached.tap_name,
+            tap_name: attached.tap_name.clone(),
+            metrics: MetricsWriter::start(attached, spec.metrics_path()),
         })
+    }
+
+    /// The stream id of the container's first process.
+    pub fn stream(&self) -> u32 {
+        self.stream
     }
 
     /// The host tap device of the VM's network, with `--network tap`.
@@ -258,6 +320,9 @@ impl MicroVm {
     /// signal n).
     pub fn wait(mut self, sink: &mut dyn OutputSink) -> Result<i32, MicroVmError> {
         let result = self.client.stream_until_exit(self.stream, sink);
+        if let Some(m) = self.metrics.take() {
+            m.finish();
+        }
         if self.timed_out.load(Ordering::SeqCst) {
             let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
             return Ok(EXIT_TIMEOUT);
@@ -323,32 +388,44 @@ fn wait_for_agent(
     }
 }
 
-/// Copies this process's stdin to the container's stdin over a second agent session.
-pub fn forward_stdin(vsock: &std::path::Path, stream: u32) {
-    let Ok(conn) =
-        devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(5))
-    else {
-        return;
-    };
-    thread::spawn(move || {
-        use std::io::Read;
-        let Ok(mut client) = AgentClient::open(conn) else {
-            return;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        let mut stdin = std::io::stdin().lock();
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = client.stdin(stream, b"");
-                    return;
-                }
-                Ok(n) => {
-                    if client.stdin(stream, &buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+/// The user's input for a process in a VM, over an agent session of its own (the process's
+/// output stays on the session that started it): stdin frames, terminal sizes, end-of-file.
+pub struct AgentInput {
+    client: AgentClient<UnixStream>,
+    stream: u32,
+}
+
+impl std::fmt::Debug for AgentInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentInput")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl AgentInput {
+    /// Opens a session with the agent behind `vsock` for process `stream` of the container.
+    pub fn connect(vsock: &std::path::Path, stream: u32) -> Result<AgentInput, MicroVmError> {
+        let conn =
+            devices::virtio::vsock::host_connect(vsock, AGENT_VSOCK_PORT, Duration::from_secs(10))
+                .map_err(MicroVmError::AgentConnect)?;
+        let client = AgentClient::open(conn).map_err(MicroVmError::Agent)?;
+        Ok(AgentInput { client, stream })
+    }
+}
+
+impl TerminalInput for AgentInput {
+    fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.client
+            .stdin(self.stream, data)
+            .map_err(std::io::Error::other)
+    }
+    fn resize(&mut self, size: TermSize) -> std::io::Result<()> {
+        self.client
+            .resize(MAIN_CONTAINER, self.stream, size)
+            .map_err(std::io::Error::other)
+    }
+    fn end(&mut self) {
+        let _ = self.client.stdin(self.stream, b"");
+    }
 }

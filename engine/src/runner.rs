@@ -35,7 +35,7 @@ pub const RUNNER_ENV: &str = "MVM_RUNNER";
 pub const SPEC_FILE: &str = "spec.json";
 
 /// What a container directory keeps after its run (until `mvm rm`): the record, the spec, the
-/// logs and a container's writable layer.
+/// logs (rotated ones too) and a container's writable layer.
 const KEEP: &[&str] = &[
     "state.json",
     SPEC_FILE,
@@ -241,13 +241,24 @@ impl RunGuard {
         self.record.started = Some(now());
         self.record.taps = taps;
         self.record.process_pid = process_pid;
-        self.store.save(&self.record)
+        self.save()
     }
 
     /// Records where the container's cgroup is (so `mvm exec` can join it).
     pub fn cgroups(&mut self, dirs: Vec<PathBuf>) -> Result<(), StateError> {
         self.record.cgroup_dirs = dirs;
-        self.store.save(&self.record)
+        self.save()
+    }
+
+    /// Saves what the runner knows; the name is the store's (`mvm rename` changes it there).
+    fn save(&mut self) -> Result<(), StateError> {
+        let mine = self.record.clone();
+        let saved = self.store.update(&self.record.id, |r| {
+            let name = std::mem::take(&mut r.name);
+            *r = ContainerRecord { name, ..mine };
+        })?;
+        self.record = saved;
+        Ok(())
     }
 
     /// The container exited with `code`.
@@ -262,7 +273,7 @@ impl RunGuard {
         }
         self.record.status = Status::Exited;
         self.record.finished = Some(now());
-        if let Err(e) = self.store.save(&self.record) {
+        if let Err(e) = self.save() {
             log::warn!("cannot record the exit of {}: {e}", self.record.name);
         }
     }
@@ -293,7 +304,11 @@ pub fn clean_run_dir(dir: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        if KEEP.iter().any(|k| name.as_encoded_bytes() == k.as_bytes()) {
+        let rotated_log = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(crate::logs::LOG_FILE)?.strip_prefix('.'))
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        if rotated_log || KEEP.iter().any(|k| name.as_encoded_bytes() == k.as_bytes()) {
             continue;
         }
         let path = e.path();
@@ -348,7 +363,13 @@ mod tests {
         let store = StateStore::open(root.path()).unwrap();
         let mut guard = RunGuard::create(store.clone(), record("web"), false).unwrap();
         let dir = guard.dir().to_path_buf();
-        for f in ["vsock.sock", "rootfs.ext4", "container.log", "console.log"] {
+        for f in [
+            "vsock.sock",
+            "rootfs.ext4",
+            "container.log",
+            "container.log.1",
+            "console.log",
+        ] {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
         guard.running(vec!["mvm-tap0".into()], None).unwrap();
@@ -364,7 +385,15 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["console.log", "container.log", "state.json"]);
+        assert_eq!(
+            left,
+            [
+                "console.log",
+                "container.log",
+                "container.log.1",
+                "state.json"
+            ]
+        );
     }
 
     #[test]

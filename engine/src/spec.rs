@@ -17,7 +17,9 @@ use rootfs_builder::reference::Reference;
 use serde::{Deserialize, Serialize};
 use vmm::virtio_devices::NetworkMode;
 
+use crate::dns::Dns;
 use crate::error::{bad_input, Error};
+use crate::logs::LogOptions;
 use crate::portfwd::PortMapping;
 use crate::state;
 pub use crate::state::Isolation;
@@ -188,6 +190,19 @@ pub struct RunSpec {
     /// Run in the background: return the id once the container runs.
     #[serde(default)]
     pub detach: bool,
+    /// Keep the container's stdin open and feed it this process's (`-i`).
+    #[serde(default)]
+    pub interactive: bool,
+    /// Give the container's first process a terminal of its own (`-t`); mvm shows it on the
+    /// user's terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// /etc/resolv.conf and /etc/hosts of the container (`--dns`, `--add-host`).
+    #[serde(default)]
+    pub dns: Dns,
+    /// Rotation of the container log (`--log-opt`).
+    #[serde(default)]
+    pub log: LogOptions,
     /// Guest kernel (`--isolation vm`; default `<root>/kernel/vmlinux`).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
@@ -214,6 +229,10 @@ impl RunSpec {
             timeout: None,
             remove: false,
             detach: false,
+            interactive: false,
+            tty: false,
+            dns: Dns::default(),
+            log: LogOptions::default(),
             kernel: None,
             kernel_args: None,
         }
@@ -266,6 +285,7 @@ impl RunSpec {
             Source::Rootfs { .. } => {}
         }
         self.validate_limits()?;
+        self.dns.validate()?;
         self.security
             .validate()
             .map_err(|e| bad_input(e.to_string()))?;
@@ -411,6 +431,18 @@ mod tests {
             timeout: Some(Duration::from_millis(1500)),
             remove: true,
             detach: true,
+            interactive: true,
+            tty: true,
+            dns: Dns {
+                servers: vec!["10.0.0.53".parse().unwrap()],
+                image_resolv_conf: false,
+                add_hosts: vec!["db:10.0.0.7".parse().unwrap()],
+                image_hosts: false,
+            },
+            log: LogOptions {
+                max_size: 1 << 20,
+                max_file: 2,
+            },
             kernel: Some(dir.join("vmlinux")),
             kernel_args: Some("mvm.log=debug".into()),
         }

@@ -376,15 +376,63 @@ impl StateStore {
         }
     }
 
+    /// Changes a record under the container directory's lock (so a runner saving its status and
+    /// a `rename` never undo each other) and returns it as saved.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut ContainerRecord),
+    ) -> Result<ContainerRecord, StateError> {
+        let dir = self.container_dir(id);
+        let lock = fs::File::open(&dir).map_err(io_err(&dir))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(&dir)(e.into()))?;
+        let mut record = self.load(id)?;
+        change(&mut record);
+        self.save(&record)?;
+        Ok(record)
+    }
+
+    /// Gives container `record` the name `new` (free, and valid): the new name's link is made
+    /// first (atomically, so two renames cannot take one name), then the record, then the old
+    /// link goes.
+    pub fn rename(&self, record: &ContainerRecord, new: &str) -> Result<(), StateError> {
+        validate_name(new)?;
+        let new_link = self.dir.join(new);
+        match std::os::unix::fs::symlink(&record.id, &new_link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StateError::NameInUse(new.to_string()))
+            }
+            Err(e) => return Err(io_err(&new_link)(e)),
+        }
+        let mut old = String::new();
+        if let Err(e) = self.update(&record.id, |r| {
+            old = std::mem::replace(&mut r.name, new.to_string());
+        }) {
+            let _ = fs::remove_file(&new_link);
+            return Err(e);
+        }
+        let old_link = self.dir.join(&old);
+        if fs::read_link(&old_link).is_ok_and(|id| id.as_os_str() == record.id.as_str()) {
+            fs::remove_file(&old_link).map_err(io_err(&old_link))?;
+        }
+        Ok(())
+    }
+
     /// Forgets a container: its directory (logs, sockets, disks, writable layer) and its name.
     pub fn remove(&self, record: &ContainerRecord) -> Result<(), StateError> {
         let dir = self.container_dir(&record.id);
+        // The name as saved last (it may have been renamed since `record` was read).
+        let name = self
+            .load(&record.id)
+            .map_or_else(|_| record.name.clone(), |r| r.name);
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&dir)(e)),
         }
-        let name_path = self.dir.join(&record.name);
+        let name_path = self.dir.join(&name);
         match fs::read_link(&name_path) {
             Ok(id) if id.as_os_str() == record.id.as_str() => {
                 fs::remove_file(&name_path).map_err(io_err(&name_path))?
@@ -503,6 +551,32 @@ mod tests {
             Err(StateError::NameInUse(_))
         ));
         assert_eq!(store.list().unwrap(), [web]);
+    }
+
+    #[test]
+    fn rename_moves_the_name_and_keeps_everything_else() {
+        let root = tempfile::tempdir().unwrap();
+        let store = StateStore::open(root.path()).unwrap();
+        let web = record("web");
+        store.create(&web).unwrap();
+        store.create(&record("db")).unwrap();
+        assert!(matches!(
+            store.rename(&web, "db"),
+            Err(StateError::NameInUse(_))
+        ));
+        store.rename(&web, "front").unwrap();
+        assert!(matches!(store.get("web"), Err(StateError::NotFound(_))));
+        let r = store.get("front").unwrap();
+        assert_eq!((r.id.as_str(), r.name.as_str()), (web.id.as_str(), "front"));
+        // A runner saving its status keeps the new name.
+        let saved = store
+            .update(&web.id, |r| r.status = Status::Exited)
+            .unwrap();
+        assert_eq!(saved.name, "front");
+        // Removing with the old record removes the new name.
+        store.remove(&web).unwrap();
+        assert!(!root.path().join("containers/front").exists());
+        assert!(store.get("db").is_ok());
     }
 
     #[test]

@@ -17,16 +17,29 @@
 //! [`Response::Hello`] with its version, or an error if the major version differs. After that the
 //! client sends requests one at a time; each gets exactly one response. Events (a process exited)
 //! and stdout/stderr frames may arrive at any time, interleaved with responses.
+//!
+//! A process with a terminal (`-t`: [`ContainerSpec::terminal`], or `terminal` in
+//! [`Request::Exec`]) has one output stream: stdout frames carry what its terminal shows, stdin
+//! frames what it reads, and [`Request::Resize`] changes its terminal's size (its foreground
+//! process group gets SIGWINCH). Ctrl-C and the like travel as bytes in stdin frames; the
+//! terminal turns them into signals.
+//!
+//! `mvm cp` runs as processes too: [`Request::CopyOut`] streams a tar archive as stdout frames,
+//! [`Request::CopyIn`] reads one from stdin frames; errors come as stderr frames and a nonzero
+//! exit code.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::pty::TermSize;
 use crate::runtime::spec::{ContainerSpec, Process};
+use crate::runtime::stats::{ContainerStats, ProcessInfo};
 
 /// Protocol version spoken by this build. Bumped on incompatible changes (2: typed container
-/// spec, one [`Process`] type, no `wait` and `stats` requests).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// spec, one [`Process`] type, no `wait` and `stats` requests; 3: terminals, attach, stats, top
+/// and copies).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest payload a frame may carry; larger frames are a protocol error.
 pub const MAX_PAYLOAD: u32 = 1 << 20;
@@ -224,6 +237,9 @@ pub enum Request {
     Start {
         /// Container id.
         id: String,
+        /// The size of its terminal, when its spec asks for one (24 x 80 when absent).
+        #[serde(default)]
+        terminal: Option<TermSize>,
     },
     /// Runs another process in a running container; the response names its stream id.
     Exec {
@@ -235,6 +251,59 @@ pub enum Request {
         /// always stream back.
         #[serde(default)]
         stdin: bool,
+        /// A new terminal of this size for the process (`exec -t`); its output then comes as
+        /// stdout frames only.
+        #[serde(default)]
+        terminal: Option<TermSize>,
+    },
+    /// Changes the size of a process's terminal.
+    Resize {
+        /// Container id.
+        id: String,
+        /// Stream id of the process.
+        stream: u32,
+        /// The new size.
+        size: TermSize,
+    },
+    /// This session also gets the output and the exit of a process another session started
+    /// (`mvm attach`); it may send its stdin and resize its terminal like any session.
+    Attach {
+        /// Container id.
+        id: String,
+        /// Stream id of the process.
+        stream: u32,
+    },
+    /// The container's resource use now ([`Response::Stats`]).
+    Stats {
+        /// Container id.
+        id: String,
+    },
+    /// The container's processes ([`Response::Processes`]).
+    Top {
+        /// Container id.
+        id: String,
+    },
+    /// Streams `path` of the container as a tar archive (`mvm cp CONTAINER:PATH ...`); answered
+    /// like an exec.
+    CopyOut {
+        /// Container id.
+        id: String,
+        /// The path inside the container (`DIR/.` for a directory's contents).
+        path: String,
+        /// Follow a symbolic link `path` names (`-L`).
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Writes the tar archive that follows as stdin frames to `path` of the container (`mvm cp
+    /// ... CONTAINER:PATH`); answered like an exec.
+    CopyIn {
+        /// Container id.
+        id: String,
+        /// The destination inside the container.
+        path: String,
+        /// Keep the archive's owners (`-a`); else everything belongs to the container's root.
+        #[serde(default)]
+        keep_owner: bool,
     },
     /// Sends a signal to a process (the container's first process when `stream` is 1).
     Signal {
@@ -268,6 +337,16 @@ pub enum Response {
         stream: u32,
         /// Its process id (in the agent's pid namespace).
         pid: i32,
+    },
+    /// Answer to [`Request::Stats`].
+    Stats {
+        /// What the container uses.
+        stats: ContainerStats,
+    },
+    /// Answer to [`Request::Top`].
+    Processes {
+        /// Its processes, by pid.
+        processes: Vec<ProcessInfo>,
     },
     /// The request failed; `message` is one line for the user.
     Error {
@@ -305,6 +384,10 @@ mod tests {
                 ..Default::default()
             },
             stdin: false,
+            terminal: Some(TermSize {
+                rows: 40,
+                cols: 120,
+            }),
         };
         Frame::json(FrameKind::Request, &req)
             .unwrap()
@@ -378,6 +461,83 @@ mod tests {
         // A spec the runtime does not know is refused before it reaches it.
         let bad = json.replace(r#""env":["A=1"]"#, r#""privileged":true"#);
         assert!(serde_json::from_str::<Request>(&bad).is_err());
+    }
+
+    #[test]
+    fn new_requests_and_answers_round_trip() {
+        for req in [
+            Request::Start {
+                id: "main".into(),
+                terminal: None,
+            },
+            Request::Resize {
+                id: "main".into(),
+                stream: 1,
+                size: TermSize {
+                    rows: 50,
+                    cols: 200,
+                },
+            },
+            Request::Attach {
+                id: "main".into(),
+                stream: 1,
+            },
+            Request::Stats { id: "main".into() },
+            Request::Top { id: "main".into() },
+            Request::CopyOut {
+                id: "main".into(),
+                path: "/etc/.".into(),
+                follow: false,
+            },
+            Request::CopyIn {
+                id: "main".into(),
+                path: "/srv".into(),
+                keep_owner: true,
+            },
+        ] {
+            let json = serde_json::to_string(&req).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Request>(&json).unwrap(),
+                req,
+                "{json}"
+            );
+        }
+        // An old client's start, without a terminal, still parses.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"start","id":"main"}"#).unwrap(),
+            Request::Start {
+                id: "main".into(),
+                terminal: None
+            }
+        );
+        let stats = Response::Stats {
+            stats: ContainerStats {
+                cpu_usec: 1,
+                memory_bytes: 2,
+                memory_limit: Some(3),
+                memory_total: 4,
+                pids: 5,
+                net_rx_bytes: 6,
+                net_tx_bytes: 7,
+                block_read_bytes: None,
+                block_write_bytes: Some(8),
+                online_cpus: 2,
+            },
+        };
+        let json = serde_json::to_string(&stats).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), stats);
+        let top = Response::Processes {
+            processes: vec![ProcessInfo {
+                pid: 7,
+                ppid: 1,
+                uid: 0,
+                started: 1_700_000_000,
+                cpu_ms: 20,
+                command: "sh -c sleep 9".into(),
+            }],
+        };
+        let json = serde_json::to_string(&top).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), top);
     }
 
     #[test]

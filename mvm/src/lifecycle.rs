@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::Args;
-use engine::lifecycle;
+use engine::lifecycle::{self, ExecOptions};
 use engine::portfwd::PortMapping;
 use engine::state::{ContainerRecord, Status};
+use engine::terminal::{DetachKeys, DEFAULT_DETACH_KEYS};
 use guest_agent::runtime::Process;
 
 use crate::error::{bad_input, from_engine};
@@ -23,6 +24,13 @@ pub struct PsArgs {
     /// Only print ids.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Only containers that match: name=TEXT (part of the name) or status=created|running|exited;
+    /// repeated keys match any of their values.
+    #[arg(short = 'f', long = "filter", value_name = "KEY=VALUE")]
+    pub filter: Vec<String>,
+    /// `table` (default) or `json` (one object per line).
+    #[arg(long, value_name = "FORMAT", default_value = "table")]
+    pub format: String,
 }
 
 /// Flags of `mvm logs`.
@@ -31,6 +39,9 @@ pub struct LogsArgs {
     /// Keep printing new output until the container exits.
     #[arg(short = 'f', long)]
     pub follow: bool,
+    /// Only the last N lines (`all` for everything).
+    #[arg(short = 'n', long, value_name = "N")]
+    pub tail: Option<String>,
     /// Container name or id.
     pub name: String,
 }
@@ -41,9 +52,12 @@ pub struct ExecArgs {
     /// Feed this terminal's stdin to the command.
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Accepted for docker compatibility; there are no terminals, so output is not a tty.
+    /// Give the command a terminal of its own, shown on this one.
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Keys that detach from the command and leave it running (with -it).
+    #[arg(long, value_name = "KEYS", default_value = DEFAULT_DETACH_KEYS)]
+    pub detach_keys: String,
     /// Set an environment variable (KEY=VALUE).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -100,6 +114,32 @@ pub struct RmArgs {
     pub name: String,
 }
 
+/// Flags of `mvm wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Container names or ids.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// Flags of `mvm port`.
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    /// Container name or id.
+    pub name: String,
+    /// Only this container port (PORT or PORT/tcp).
+    pub port: Option<String>,
+}
+
+/// Flags of `mvm rename`.
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    /// Container name or id.
+    pub name: String,
+    /// The new name.
+    pub new_name: String,
+}
+
 /// Flags of `mvm inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -109,31 +149,133 @@ pub struct InspectArgs {
 
 /// `mvm ps`.
 pub fn ps(root: &Path, args: &PsArgs) -> anyhow::Result<i32> {
+    let filter = PsFilter::parse(&args.filter).map_err(bad_input)?;
+    let json = match args.format.as_str() {
+        "table" => false,
+        "json" => true,
+        other => {
+            return Err(bad_input(format!(
+                "invalid --format {other:?}: use table or json"
+            )))
+        }
+    };
     let shown: Vec<_> = lifecycle::list(root)
         .map_err(from_engine)?
         .into_iter()
-        .filter(|r| args.all || r.live_status() == Status::Running)
+        .rev()
+        .filter(|r| filter.matches(r, args.all))
         .collect();
+    let now = engine::state::now();
     if args.quiet {
         for r in &shown {
             outln!("{}", short_id(&r.id));
         }
+    } else if json {
+        for r in &shown {
+            outln!("{}", ps_json(r, now));
+        }
     } else {
-        print!("{}", ps_table(&shown, engine::state::now()));
+        print!("{}", ps_table(&shown, now));
     }
     Ok(0)
+}
+
+/// `ps -f`: keys AND-ed, the values of one key OR-ed.
+#[derive(Debug, Default)]
+struct PsFilter {
+    names: Vec<String>,
+    statuses: Vec<Status>,
+}
+
+impl PsFilter {
+    fn parse(filters: &[String]) -> Result<Self, String> {
+        let mut f = PsFilter::default();
+        for text in filters {
+            match text.split_once('=') {
+                Some(("name", v)) => f.names.push(v.to_string()),
+                Some(("status", v)) => f.statuses.push(match v {
+                    "created" => Status::Created,
+                    "running" => Status::Running,
+                    "exited" => Status::Exited,
+                    _ => {
+                        return Err(format!(
+                            "invalid filter {text:?}: status is created, running or exited"
+                        ))
+                    }
+                }),
+                _ => {
+                    return Err(format!(
+                        "invalid filter {text:?}: use name=TEXT or status=STATUS"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// A status filter shows what it names, running or not (as docker's).
+    fn matches(&self, r: &ContainerRecord, all: bool) -> bool {
+        let status = r.live_status();
+        let status_ok = if self.statuses.is_empty() {
+            all || status == Status::Running
+        } else {
+            self.statuses.contains(&status)
+        };
+        let name_ok =
+            self.names.is_empty() || self.names.iter().any(|n| r.name.contains(n.as_str()));
+        status_ok && name_ok
+    }
 }
 
 fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-fn status_text(r: &ContainerRecord) -> String {
+/// How long ago, as docker says it: `Less than a second`, `1 second`, `5 seconds`, `About a
+/// minute`, `3 minutes`, `About an hour`, `5 hours`, `3 days`, `2 weeks`, `3 months`, `2 years`.
+pub fn human_duration(secs: u64) -> String {
+    let hours = (secs + 1800) / 3600;
+    match secs {
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        2..=59 => format!("{secs} seconds"),
+        60..=119 => "About a minute".into(),
+        120..=3599 => format!("{} minutes", secs / 60),
+        _ if hours == 1 => "About an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", secs / 3600 / 24 / 365),
+    }
+}
+
+/// `Up 3 minutes`, `Exited (0) 2 seconds ago`, `Created`.
+fn status_text(r: &ContainerRecord, now: u64) -> String {
     match (r.live_status(), r.exit_code) {
-        (Status::Created, _) => "created".into(),
-        (Status::Running, _) => "running".into(),
-        (Status::Exited, Some(code)) => format!("exited ({code})"),
-        (Status::Exited, None) => "exited (unknown)".into(),
+        (Status::Created, _) => "Created".into(),
+        (Status::Running, _) => {
+            let since = r.started.unwrap_or(r.created);
+            format!("Up {}", human_duration(now.saturating_sub(since)))
+        }
+        (Status::Exited, code) => {
+            let code = code.map_or("unknown".to_string(), |c| c.to_string());
+            match r.finished {
+                Some(t) => format!(
+                    "Exited ({code}) {} ago",
+                    human_duration(now.saturating_sub(t))
+                ),
+                None => format!("Exited ({code})"),
+            }
+        }
+    }
+}
+
+fn state_text(r: &ContainerRecord) -> &'static str {
+    match r.live_status() {
+        Status::Created => "created",
+        Status::Running => "running",
+        Status::Exited => "exited",
     }
 }
 
@@ -148,59 +290,94 @@ fn ports_text(r: &ContainerRecord) -> String {
         .join(", ")
 }
 
-/// `1h02m`, `5m12s`, `40s`.
-fn duration_text(secs: u64) -> String {
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    if h >= 24 {
-        format!("{}d{:02}h", h / 24, h % 24)
-    } else if h > 0 {
-        format!("{h}h{m:02}m")
-    } else if m > 0 {
-        format!("{m}m{s:02}s")
+/// The command, quoted and cut at 20 characters as docker shows it.
+fn command_text(r: &ContainerRecord) -> String {
+    let full = r.command.join(" ");
+    let cut: String = full.chars().take(20).collect();
+    if cut.len() < full.len() {
+        format!("\"{cut}…\"")
     } else {
-        format!("{s}s")
+        format!("\"{full}\"")
     }
 }
 
-/// The `ps` table: ID NAME IMAGE STATUS PORTS UPTIME.
+/// The `ps` table: CONTAINER ID, IMAGE, COMMAND, CREATED, STATUS, PORTS, NAMES (newest first).
 fn ps_table(records: &[ContainerRecord], now: u64) -> String {
-    let mut rows = vec![["ID", "NAME", "IMAGE", "STATUS", "PORTS", "UPTIME"].map(String::from)];
+    let mut rows = vec![[
+        "CONTAINER ID",
+        "IMAGE",
+        "COMMAND",
+        "CREATED",
+        "STATUS",
+        "PORTS",
+        "NAMES",
+    ]
+    .map(String::from)];
     for r in records {
-        let uptime = match (r.live_status(), r.started) {
-            (Status::Running, Some(t)) => duration_text(now.saturating_sub(t)),
-            _ => "-".into(),
-        };
         rows.push([
             short_id(&r.id).to_string(),
-            r.name.clone(),
             r.image.clone(),
-            status_text(r),
+            command_text(r),
+            format!("{} ago", human_duration(now.saturating_sub(r.created))),
+            status_text(r, now),
             ports_text(r),
-            uptime,
+            r.name.clone(),
         ]);
     }
     table(&rows)
 }
 
+/// One container as `ps --format json` prints it (docker's keys).
+fn ps_json(r: &ContainerRecord, now: u64) -> String {
+    serde_json::json!({
+        "ID": short_id(&r.id),
+        "Names": r.name,
+        "Image": r.image,
+        "Command": r.command.join(" "),
+        "CreatedAt": r.created,
+        "RunningFor": format!("{} ago", human_duration(now.saturating_sub(r.created))),
+        "Ports": ports_text(r),
+        "State": state_text(r),
+        "Status": status_text(r, now),
+        "Isolation": r.isolation,
+    })
+    .to_string()
+}
+
 /// `mvm logs`.
 pub fn logs(root: &Path, args: &LogsArgs) -> anyhow::Result<i32> {
+    let tail = match args.tail.as_deref() {
+        None | Some("all") => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            bad_input(format!(
+                "invalid --tail {n:?}: use a number of lines or all"
+            ))
+        })?),
+    };
     let mut out = std::io::stdout().lock();
-    lifecycle::logs(root, &args.name, args.follow, &mut out).map_err(from_engine)?;
+    lifecycle::logs(root, &args.name, args.follow, tail, &mut out).map_err(from_engine)?;
     Ok(0)
 }
 
 /// `mvm exec`: runs a command in the running container; returns its exit code.
 pub fn exec(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
-    if args.tty {
-        log::warn!("exec -t: there are no terminals; running without one");
+    if args.tty && args.interactive && !engine::terminal::stdin_is_terminal() {
+        return Err(bad_input(
+            "the input device is not a TTY: drop -t, or run from a terminal",
+        ));
     }
+    let options = ExecOptions {
+        interactive: args.interactive,
+        tty: args.tty,
+        detach_keys: DetachKeys::parse(&args.detach_keys).map_err(from_engine)?,
+    };
     let process = Process {
         args: args.command.clone(),
         env: args.env.clone(),
         cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
         user: args.user.clone(),
     };
-    lifecycle::exec(root, &args.name, process, args.interactive).map_err(from_engine)
+    lifecycle::exec(root, &args.name, process, &options).map_err(from_engine)
 }
 
 /// `mvm stop`.
@@ -255,6 +432,55 @@ pub fn rm(root: &Path, args: &RmArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `mvm wait`: waits for each container to exit and prints its exit code.
+pub fn wait(root: &Path, args: &WaitArgs) -> anyhow::Result<i32> {
+    for name in &args.names {
+        match lifecycle::wait(root, name).map_err(from_engine)? {
+            Some(code) => outln!("{code}"),
+            // docker's code for a container whose end it could not learn.
+            None => outln!("-1"),
+        }
+    }
+    Ok(0)
+}
+
+/// `mvm port`: `80/tcp -> 127.0.0.1:8080`, one line per published port.
+pub fn port(root: &Path, args: &PortArgs) -> anyhow::Result<i32> {
+    let want = match args.port.as_deref() {
+        None => None,
+        Some(p) => Some(
+            p.trim_end_matches("/tcp")
+                .parse::<u16>()
+                .map_err(|_| bad_input(format!("invalid port {p:?}: use PORT or PORT/tcp")))?,
+        ),
+    };
+    let ports = lifecycle::ports(root, &args.name).map_err(from_engine)?;
+    let shown: Vec<_> = ports
+        .iter()
+        .filter(|m| want.is_none_or(|p| m.guest_port == p))
+        .collect();
+    if let (Some(p), true) = (want, shown.is_empty()) {
+        return Err(bad_input(format!(
+            "no public port '{p}/tcp' published for {}",
+            args.name
+        )));
+    }
+    for m in shown {
+        if want.is_some() {
+            outln!("{}", m.host);
+        } else {
+            outln!("{}/tcp -> {}", m.guest_port, m.host);
+        }
+    }
+    Ok(0)
+}
+
+/// `mvm rename`.
+pub fn rename(root: &Path, args: &RenameArgs) -> anyhow::Result<i32> {
+    lifecycle::rename(root, &args.name, &args.new_name).map_err(from_engine)?;
+    Ok(0)
+}
+
 /// `mvm inspect`: the record as JSON, with the status as seen now.
 pub fn inspect(root: &Path, args: &InspectArgs) -> anyhow::Result<i32> {
     let r = lifecycle::inspect(root, &args.name).map_err(from_engine)?;
@@ -294,7 +520,9 @@ mod tests {
         let web = record("web", Status::Running, me());
         let mut old = record("old", Status::Exited, None);
         old.exit_code = Some(137);
+        old.finished = Some(1000 + 300);
         old.ports.clear();
+        old.command = vec!["sh".into(), "-c".into(), "sleep 1000; echo done".into()];
         let table = ps_table(&[web, old], 1000 + 312);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
@@ -307,38 +535,98 @@ mod tests {
         };
         assert_eq!(
             cols(lines[0]),
-            ["ID", "NAME", "IMAGE", "STATUS", "PORTS", "UPTIME"]
+            [
+                "CONTAINER ID",
+                "IMAGE",
+                "COMMAND",
+                "CREATED",
+                "STATUS",
+                "PORTS",
+                "NAMES"
+            ]
         );
         assert_eq!(
             cols(lines[1]),
             [
                 "abcdef012345",
-                "web",
                 "nginx",
-                "running",
+                "\"nginx\"",
+                "5 minutes ago",
+                "Up 5 minutes",
                 "127.0.0.1:8080->80/tcp",
-                "5m12s"
+                "web"
             ]
         );
-        assert!(lines[2].contains("exited (137)"), "{}", lines[2]);
-        assert!(lines[2].trim_end().ends_with('-'));
+        assert!(
+            lines[2].contains("Exited (137) 12 seconds ago"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[2].contains("\"sh -c sleep 1000; ec…\""),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].ends_with("old"));
         // Columns line up.
-        assert_eq!(lines[0].find("STATUS"), lines[1].find("running"));
+        assert_eq!(lines[0].find("STATUS"), lines[1].find("Up 5"));
+    }
+
+    #[test]
+    fn ps_filters_and_json() {
+        let web = record("web-1", Status::Running, me());
+        let mut old = record("old", Status::Exited, None);
+        old.exit_code = Some(0);
+        let by = |f: &[&str], all: bool| {
+            let f = PsFilter::parse(&f.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+            [&web, &old]
+                .into_iter()
+                .filter(|r| f.matches(r, all))
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(by(&[], false), ["web-1"]);
+        assert_eq!(by(&[], true), ["web-1", "old"]);
+        assert_eq!(by(&["status=exited"], false), ["old"]);
+        assert_eq!(
+            by(&["status=exited", "status=running"], false),
+            ["web-1", "old"]
+        );
+        assert_eq!(by(&["name=web"], true), ["web-1"]);
+        assert!(by(&["name=web", "status=exited"], true).is_empty());
+        assert!(PsFilter::parse(&["status=paused".into()]).is_err());
+        assert!(PsFilter::parse(&["label=x".into()]).is_err());
+        let json: serde_json::Value = serde_json::from_str(&ps_json(&web, 1000 + 61)).unwrap();
+        assert_eq!(json["Names"], "web-1");
+        assert_eq!(json["State"], "running");
+        assert_eq!(json["Status"], "Up About a minute");
+        assert_eq!(json["Ports"], "127.0.0.1:8080->80/tcp");
     }
 
     #[test]
     fn a_running_record_whose_runner_died_is_listed_as_exited() {
         let r = record("web", Status::Running, Some(i32::MAX));
-        assert_eq!(status_text(&r), "exited (unknown)");
+        assert_eq!(status_text(&r, 2000), "Exited (unknown)");
         assert!(!lifecycle::is_live(&r));
     }
 
     #[test]
-    fn durations_are_short() {
-        assert_eq!(duration_text(40), "40s");
-        assert_eq!(duration_text(312), "5m12s");
-        assert_eq!(duration_text(3720), "1h02m");
-        assert_eq!(duration_text(90000), "1d01h");
+    fn durations_read_as_dockers() {
+        for (secs, text) in [
+            (0, "Less than a second"),
+            (1, "1 second"),
+            (40, "40 seconds"),
+            (90, "About a minute"),
+            (312, "5 minutes"),
+            (3700, "About an hour"),
+            (5 * 3600, "5 hours"),
+            (3 * 86400, "3 days"),
+            (20 * 86400, "2 weeks"),
+            (100 * 86400, "3 months"),
+            (800 * 86400, "2 years"),
+        ] {
+            assert_eq!(human_duration(secs), text, "{secs}");
+        }
     }
 
     #[test]
@@ -362,6 +650,7 @@ mod tests {
             root.path(),
             &LogsArgs {
                 follow: false,
+                tail: None,
                 name: "nope".into(),
             },
         )
@@ -418,6 +707,7 @@ mod tests {
             &ExecArgs {
                 interactive: false,
                 tty: false,
+                detach_keys: DEFAULT_DETACH_KEYS.into(),
                 env: vec![],
                 workdir: None,
                 user: None,

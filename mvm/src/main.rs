@@ -17,12 +17,14 @@ use crate::error::{from_engine, report, EXIT_BAD_INPUT};
 mod output;
 
 mod boot;
+mod copy;
 mod error;
 mod example;
 mod image;
 mod info;
 mod lifecycle;
 mod run;
+mod stats;
 mod version;
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
@@ -73,6 +75,18 @@ enum Command {
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
     Inspect(lifecycle::InspectArgs),
+    /// Copy files between a container and the host (a tar stream; `-` for stdin/stdout).
+    Cp(copy::CpArgs),
+    /// Show containers' CPU, memory, network and disk use, and their processes' count.
+    Stats(stats::StatsArgs),
+    /// Show the processes of a container.
+    Top(stats::TopArgs),
+    /// Wait until containers exit and print their exit codes.
+    Wait(lifecycle::WaitArgs),
+    /// Show a container's published ports.
+    Port(lifecycle::PortArgs),
+    /// Give a container a new name.
+    Rename(lifecycle::RenameArgs),
 }
 
 fn main() {
@@ -120,6 +134,12 @@ fn run_main() -> i32 {
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
+        Command::Cp(args) => copy::cp(&root_dir(cli.root), &args),
+        Command::Stats(args) => stats::stats(&root_dir(cli.root), &args),
+        Command::Top(args) => stats::top(&root_dir(cli.root), &args),
+        Command::Wait(args) => lifecycle::wait(&root_dir(cli.root), &args),
+        Command::Port(args) => lifecycle::port(&root_dir(cli.root), &args),
+        Command::Rename(args) => lifecycle::rename(&root_dir(cli.root), &args),
     };
     report(result)
 }

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use engine::dns::{Dns, HostEntry};
+use engine::logs::LogOptions;
 use engine::spec::{self, Isolation, Network, RunSpec, Source};
 use engine::units::{format_size, parse_duration, parse_size};
 use engine::{Exit, RunOutcome};
@@ -52,6 +54,28 @@ pub struct RunArgs {
     /// Run in the background and print the container id.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// Keep stdin open and feed it to the container.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the container a terminal of its own, shown on this one (raw mode with -i; the size
+    /// follows this terminal's).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// A DNS server for the container (repeatable), or `none` to keep the image's
+    /// /etc/resolv.conf. With --network user passt's forwarder passes queries on to it from the
+    /// host (the host's resolvers by default).
+    #[arg(long = "dns", value_name = "IP")]
+    pub dns: Vec<String>,
+    /// Add a line to the container's /etc/hosts: NAME:IP (IP may be host-gateway).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// Keep the image's /etc/hosts (no name lines written by mvm).
+    #[arg(long)]
+    pub no_hosts: bool,
+    /// Container log rotation: max-size=SIZE (-1: none) or max-file=N (default 20m and 5, as
+    /// docker's local driver).
+    #[arg(long = "log-opt", value_name = "KEY=VALUE")]
+    pub log_opt: Vec<String>,
     /// Memory limit, e.g. 256M, 1.5G (a VM's memory; 256M by default).
     #[arg(long, short = 'm', visible_alias = "memory", value_name = "SIZE")]
     pub mem: Option<String>,
@@ -207,9 +231,35 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
             .map_err(|e| bad_input(e.to_string()))?,
         remove: args.rm,
         detach: args.detach,
+        interactive: args.interactive,
+        tty: args.tty,
+        dns: dns(args)?,
+        log: {
+            let mut log = LogOptions::default();
+            for opt in &args.log_opt {
+                log.apply(opt).map_err(engine_err)?;
+            }
+            log
+        },
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
     })
+}
+
+/// The `--dns`, `--add-host` and `--no-hosts` flags.
+fn dns(args: &RunArgs) -> anyhow::Result<Dns> {
+    let mut dns = Dns {
+        image_hosts: args.no_hosts,
+        ..Dns::default()
+    };
+    for server in &args.dns {
+        dns.add_server(server).map_err(from_engine)?;
+    }
+    for entry in &args.add_host {
+        dns.add_hosts
+            .push(entry.parse::<HostEntry>().map_err(from_engine)?);
+    }
+    Ok(dns)
 }
 
 /// The `--security-opt`, `--cap-add`, `--cap-drop` and `--userns` flags (the engine checks
@@ -233,6 +283,11 @@ fn security(args: &RunArgs) -> anyhow::Result<Security> {
 /// Runs `mvm run`; returns the command's exit code (0 after `-d`, with the id printed).
 pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     let spec = to_spec(args)?;
+    if spec.tty && spec.interactive && !spec.detach && !engine::terminal::stdin_is_terminal() {
+        return Err(bad_input(
+            "the input device is not a TTY: drop -t, or run from a terminal",
+        ));
+    }
     let memory_limit = spec.limits.memory_bytes;
     match engine::run(root, spec).map_err(from_engine)? {
         RunOutcome::Detached(id) => {
@@ -307,6 +362,28 @@ mod tests {
         assert_eq!(s.command.env, ["MVM_TEST_FROM_HERE=x", "A=1"]);
         assert_eq!(s.command.cmd, ["echo", "hi"]);
         assert_eq!(s.isolation, Isolation::Vm);
+        let s = spec(&[
+            "-it",
+            "--image",
+            "busybox",
+            "--dns",
+            "10.0.0.53",
+            "--add-host",
+            "db:10.0.0.7",
+            "--log-opt",
+            "max-size=1m",
+            "--log-opt",
+            "max-file=3",
+            "sh",
+        ])
+        .unwrap();
+        assert!(s.interactive && s.tty);
+        assert_eq!(
+            s.dns.servers,
+            ["10.0.0.53".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(s.dns.add_hosts[0].to_string(), "db:10.0.0.7");
+        assert_eq!((s.log.max_size, s.log.max_file), (1 << 20, 3));
     }
 
     #[test]
@@ -318,6 +395,9 @@ mod tests {
             &["--image", "x", "--network", "bogus"],
             &["--image", "x", "-v", "/nonexistent/dir:/data"],
             &["--rootfs", "/nonexistent/dir"],
+            &["--image", "x", "--dns", "not-an-ip"],
+            &["--image", "x", "--add-host", "nocolon"],
+            &["--image", "x", "--log-opt", "max-file=0"],
             &[],
         ] {
             let e = spec(flags).unwrap_err();

@@ -134,6 +134,12 @@ pub struct DevicesConfig {
     /// Attach an entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// With user networking, the guest address passt answers DNS on (`--dns-forward`).
+    #[serde(default)]
+    pub dns_forward: Option<std::net::Ipv4Addr>,
+    /// The resolvers passt forwards those queries to; the host's when empty.
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The devices attached to a VM: their metrics, and what the caller may need to know (the tap).
@@ -200,6 +206,8 @@ pub fn attach(
         NetworkMode::User => Some(NetBackendConfig::User(PasstConfig {
             tcp_ports: Vec::new(),
             udp_ports: Vec::new(),
+            dns_forward: config.dns_forward,
+            dns: config.dns.clone(),
         })),
         NetworkMode::Tap { name, host_ip } => Some(NetBackendConfig::Tap(TapConfig {
             name: name.clone(),

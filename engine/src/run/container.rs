@@ -7,9 +7,11 @@ use guest_agent::runtime::{
 };
 
 use super::context::{Exit, Run};
+use crate::dns::{self, Reach};
 use crate::error::{io_error, Error};
 use crate::logs::Pumps;
 use crate::spec::Network;
+use crate::terminal::{PipeInput, PtyInput};
 
 /// Runs the container on the host; returns its exit.
 pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
@@ -35,13 +37,26 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         process: run.process.clone(),
         hostname: spec.hostname.clone(),
         limits: spec.limits.clone(),
-        terminal: false,
+        terminal: spec.tty,
         network,
         init: spec.init,
         cgroup_parent: None,
         mounts: spec.volumes.clone(),
         security: spec.security.clone(),
+        etc_files: Vec::new(),
     };
+    let mut container = container;
+    let reach = match network {
+        RuntimeNetwork::Host => Reach::Host,
+        RuntimeNetwork::None => Reach::None,
+    };
+    container.etc_files = dns::etc_files(
+        &spec.dns,
+        &run.guard.record().name,
+        container.effective_hostname(),
+        reach,
+        &dns::host_resolv_conf(),
+    )?;
     if let Some(m) = &container.security.userns {
         if let Rootfs::Overlay { upper, work, .. } = &container.rootfs {
             for d in [upper, work] {
@@ -50,31 +65,45 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
             }
         }
     }
-    // Output goes through pipes to the log (and the terminal); a terminal's input is relayed
-    // too, so the container never holds the terminal (see `StdioConfig::for_host`).
-    let stdio = StdioConfig {
-        stdin: StdioConfig::for_host(&container).stdin,
-        stdout: StdioMode::Piped,
-        stderr: StdioMode::Piped,
+    let mut c = if spec.tty {
+        Container::start(&container, &StdioConfig::terminal(run.terminal_size()))?
+    } else {
+        // Output goes through pipes to the log (and the terminal); a terminal's input is
+        // relayed too, so the container never holds the terminal (see `StdioConfig::for_host`).
+        let stdio = StdioConfig {
+            stdin: StdioConfig::for_host(&container).stdin,
+            stdout: StdioMode::Piped,
+            stderr: StdioMode::Piped,
+            terminal: None,
+        };
+        Container::start(&container, &stdio)?
     };
-    let mut c = Container::start(&container, &stdio)?;
-    if let Some(mut w) = c.take_stdin() {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
-        });
-    }
     if let Some(cgroup) = c.cgroup() {
         run.guard.cgroups(cgroup.dirs().to_vec())?;
     }
     run.started(Vec::new(), Some(c.pid()))?;
-    let pumps = Pumps::start(
-        c.take_stdout(),
-        c.take_stderr(),
-        &run.log_path(),
-        !run.runner,
-    )?;
+    let log = run.log()?;
+    let (pumps, relay, _raw) = match c.take_terminal() {
+        Some(master) => {
+            let output = master
+                .try_clone()
+                .map_err(|e| Error::System("dup the container's terminal".into(), e))?;
+            let pumps = Pumps::start(Some(output), None, &log, !run.runner)?;
+            let (relay, raw) = run.relay_terminal(Box::new(PtyInput(master)))?;
+            (pumps, relay, raw)
+        }
+        None => {
+            let relay = match c.take_stdin() {
+                Some(w) => Some(run.relay_input(Box::new(PipeInput(Some(w))))?),
+                None => None,
+            };
+            let pumps = Pumps::start(c.take_stdout(), c.take_stderr(), &log, !run.runner)?;
+            (pumps, relay, None)
+        }
+    };
     let exit = c.wait_forwarding_signals();
     pumps.finish();
+    drop(relay);
     let exit = exit?;
     Ok(run.exited(exit.code, exit.oom_killed))
 }

@@ -3,11 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use guest_agent::runtime::Process;
+use guest_agent::runtime::{Process, TermSize};
 
 use crate::error::Error;
+use crate::logs::{ContainerLog, LOG_FILE};
 use crate::runner::{self, RunGuard};
 use crate::spec::RunSpec;
+use crate::terminal::{self, InputRelay, RawMode, TerminalInput};
 
 /// How a container ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,9 +50,38 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The container log, echoed to the terminal in the foreground.
-    pub fn log_path(&self) -> PathBuf {
-        self.guard.dir().join("container.log")
+    /// The container log (echoed to the terminal in the foreground), rotating as the spec says.
+    pub fn log(&self) -> Result<ContainerLog, Error> {
+        ContainerLog::open(&self.guard.dir().join(LOG_FILE), self.spec.log)
+    }
+
+    /// The size the container's terminal starts with: the user's terminal's.
+    pub fn terminal_size(&self) -> TermSize {
+        if self.runner {
+            TermSize::default()
+        } else {
+            terminal::size().unwrap_or_default()
+        }
+    }
+
+    /// In the foreground, shows the container's terminal on the user's: raw mode while the
+    /// returned guard lives (with `-i` on a terminal), input relayed with `-i`, the size followed.
+    pub fn relay_terminal(
+        &self,
+        input: Box<dyn TerminalInput>,
+    ) -> Result<(Option<InputRelay>, Option<RawMode>), Error> {
+        if self.runner {
+            return Ok((None, None));
+        }
+        let interactive = self.spec.interactive;
+        let raw = if interactive { RawMode::enter()? } else { None };
+        let relay = InputRelay::start(input, interactive, None, Box::new(|| {}))?;
+        Ok((Some(relay), raw))
+    }
+
+    /// Relays this process's stdin to the container's (no terminal).
+    pub fn relay_input(&self, input: Box<dyn TerminalInput>) -> Result<InputRelay, Error> {
+        InputRelay::start(input, true, None, Box::new(|| {}))
     }
 
     /// The container exited with `code`: records it.

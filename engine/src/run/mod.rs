@@ -55,6 +55,9 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
     );
     if !spec.detach {
         take_signals(spec.isolation)?;
+        if spec.tty {
+            crate::terminal::block_winch()?;
+        }
     }
     let guard = RunGuard::create(store, record, spec.remove)?;
     runner::write_spec(guard.dir(), &spec)?;

@@ -13,10 +13,11 @@ use rootfs_builder::initramfs::{Initramfs, InitramfsError};
 use vmm::virtio_devices::NetworkMode;
 
 use super::context::{Exit, Run};
+use crate::dns::{self, Reach};
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::image;
 use crate::logs::LogSink;
-use crate::microvm::{MicroVm, MicroVmSpec};
+use crate::microvm::{AgentInput, MicroVm, MicroVmSpec};
 use crate::units::parse_duration;
 
 /// How long a guest may take to boot to its agent without `MVM_BOOT_TIMEOUT`.
@@ -109,8 +110,23 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     let run_dir = run.guard.dir().to_path_buf();
     let disk = rootfs_disk(run.root, &run.rootfs, &run_dir)?;
     let volumes = volume_disks(&spec.volumes, &run_dir)?;
+    let net = crate::hostnet::guest_net_param(&network);
+    let name = run.guard.record().name.clone();
+    let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
+    let reach = match (&network, &net) {
+        (NetworkMode::User, n) => Reach::User {
+            addr: n.as_ref().map(|n| n.addr),
+            gateway: n.as_ref().and_then(|n| n.gateway),
+        },
+        (NetworkMode::Tap { .. }, n) => Reach::Tap {
+            addr: n.as_ref().map(|n| n.addr),
+            gateway: n.as_ref().and_then(|n| n.gateway),
+        },
+        (NetworkMode::None, _) => Reach::None,
+    };
+    let etc_files = dns::etc_files(&spec.dns, &name, &hostname, reach, &dns::host_resolv_conf())?;
     let boot = BootParams {
-        net: crate::hostnet::guest_net_param(&network),
+        net,
         volumes: volumes.params,
         ..BootParams::default()
     };
@@ -122,19 +138,21 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
             work: PathBuf::from(guest::WORK_DIR),
         },
         process: run.process.clone(),
-        hostname: spec.hostname.clone(),
+        // The container's name, as on the host (the agent's id is always `main`).
+        hostname: Some(hostname),
         // The VM gets the memory and CPUs; the container inside may use all of them.
         limits: Limits {
             memory_bytes: None,
             cpus: None,
             pids_max: spec.limits.pids_max,
         },
-        terminal: false,
+        terminal: spec.tty,
         network: Network::Host,
         init: spec.init,
         cgroup_parent: None,
         mounts: volumes.mounts,
         security: spec.security.clone(),
+        etc_files,
     };
     let vm_spec = MicroVmSpec {
         kernel: spec.kernel_path(run.root),
@@ -151,6 +169,8 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         container,
         timeout: spec.timeout,
         boot_timeout: boot_timeout(),
+        terminal: spec.tty.then(|| run.terminal_size()),
+        dns: spec.dns.servers.clone(),
     };
     if let Some(sig) = vmm::signals::received() {
         let msg = format!("stopped by signal {sig} before the VM started");
@@ -161,9 +181,21 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         vm.tap_name().map(str::to_string).into_iter().collect(),
         None,
     )?;
-    let mut sink = LogSink::new(&run.log_path(), !run.runner)?;
-    let code = vm.wait(&mut sink)?;
-    Ok(run.exited(code, false))
+    let mut sink = LogSink::new(run.log()?, !run.runner);
+    // The user's input (-i) and terminal size (-t) go over a session of their own.
+    let (relay, _raw) = if (spec.interactive || spec.tty) && !run.runner {
+        let input = AgentInput::connect(&vm_spec.vsock_path(), vm.stream())?;
+        if spec.tty {
+            run.relay_terminal(Box::new(input))?
+        } else {
+            (Some(run.relay_input(Box::new(input))?), None)
+        }
+    } else {
+        (None, None)
+    };
+    let code = vm.wait(&mut sink);
+    drop(relay);
+    Ok(run.exited(code?, false))
 }
 
 /// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs

@@ -14,6 +14,8 @@ use crate::protocol::{
     Event, Frame, FrameKind, ProtocolError, Request, Response, PROTOCOL_VERSION,
 };
 use crate::runtime::spec::{ContainerSpec, Process};
+use crate::runtime::stats::{ContainerStats, ProcessInfo};
+use crate::runtime::TermSize;
 
 /// Output kept while a request without a sink is answered; more is dropped (and said so).
 pub const MAX_PENDING_OUTPUT: usize = 4 << 20;
@@ -200,24 +202,93 @@ impl<C: Read + Write> AgentClient<C> {
         .map(drop)
     }
 
-    /// Starts container `id`; returns the stream id of its first process.
-    pub fn start(&mut self, id: &str) -> Result<u32, ClientError> {
-        match self.call_silent(&Request::Start { id: id.to_string() })? {
+    /// Starts container `id` (on a terminal of size `terminal` when its spec asks for one);
+    /// returns the stream id of its first process.
+    pub fn start(&mut self, id: &str, terminal: Option<TermSize>) -> Result<u32, ClientError> {
+        let req = Request::Start {
+            id: id.to_string(),
+            terminal,
+        };
+        self.started(&req)
+    }
+
+    /// Starts another process in container `id`, with stdin frames when `stdin` and on a new
+    /// terminal of size `terminal` if given; returns its stream id.
+    pub fn exec(
+        &mut self,
+        id: &str,
+        process: Process,
+        stdin: bool,
+        terminal: Option<TermSize>,
+    ) -> Result<u32, ClientError> {
+        let req = Request::Exec {
+            id: id.to_string(),
+            process,
+            stdin,
+            terminal,
+        };
+        self.started(&req)
+    }
+
+    /// Streams `path` of container `id` as a tar archive (stdout frames of the stream returned).
+    pub fn copy_out(&mut self, id: &str, path: &str, follow: bool) -> Result<u32, ClientError> {
+        let req = Request::CopyOut {
+            id: id.to_string(),
+            path: path.to_string(),
+            follow,
+        };
+        self.started(&req)
+    }
+
+    /// Writes the tar archive sent next as stdin frames of the stream returned to `path` of
+    /// container `id`.
+    pub fn copy_in(&mut self, id: &str, path: &str, keep_owner: bool) -> Result<u32, ClientError> {
+        let req = Request::CopyIn {
+            id: id.to_string(),
+            path: path.to_string(),
+            keep_owner,
+        };
+        self.started(&req)
+    }
+
+    fn started(&mut self, req: &Request) -> Result<u32, ClientError> {
+        match self.call_silent(req)? {
             Response::Started { stream, .. } => Ok(stream),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
 
-    /// Starts another process in container `id`, with stdin frames when `stdin`; returns its
-    /// stream id.
-    pub fn exec(&mut self, id: &str, process: Process, stdin: bool) -> Result<u32, ClientError> {
-        let req = Request::Exec {
+    /// Gives the terminal of process `stream` of container `id` a new size.
+    pub fn resize(&mut self, id: &str, stream: u32, size: TermSize) -> Result<(), ClientError> {
+        let req = Request::Resize {
             id: id.to_string(),
-            process,
-            stdin,
+            stream,
+            size,
         };
-        match self.call_silent(&req)? {
-            Response::Started { stream, .. } => Ok(stream),
+        self.call_silent(&req).map(drop)
+    }
+
+    /// Gets the output and the exit of process `stream` of container `id` on this session too.
+    pub fn attach(&mut self, id: &str, stream: u32) -> Result<(), ClientError> {
+        let req = Request::Attach {
+            id: id.to_string(),
+            stream,
+        };
+        self.call_silent(&req).map(drop)
+    }
+
+    /// What container `id` uses now.
+    pub fn stats(&mut self, id: &str) -> Result<ContainerStats, ClientError> {
+        match self.call_silent(&Request::Stats { id: id.to_string() })? {
+            Response::Stats { stats } => Ok(stats),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The processes of container `id`.
+    pub fn top(&mut self, id: &str) -> Result<Vec<ProcessInfo>, ClientError> {
+        match self.call_silent(&Request::Top { id: id.to_string() })? {
+            Response::Processes { processes } => Ok(processes),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

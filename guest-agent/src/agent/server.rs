@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
 use crate::protocol::{Event, Frame, FrameKind, Request, Response, PROTOCOL_VERSION};
+use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
-use crate::runtime::{Container, ContainerSpec, Process, StdioConfig, StdioMode};
+use crate::runtime::{stats, Container, ContainerSpec, Process, StdioConfig, StdioMode, TermSize};
 
 use super::poll::{read_some, set_nonblocking, write_some, Poller, READ, WRITE};
 use super::portfwd::{PortForwarder, PortToken};
@@ -76,6 +77,9 @@ const OUT_HIGH: usize = 1 << 20;
 const STDIN_HIGH: usize = 1 << 20;
 /// Largest read from a pipe or a connection at a time.
 const CHUNK: usize = 32 * 1024;
+/// How long a terminal is still read after its process exited, for output a background process
+/// that keeps the terminal open goes on writing (a pipe's end-of-file cannot be waited for then).
+const TERMINAL_DRAIN: Duration = Duration::from_secs(1);
 
 /// What a descriptor in the poll set is.
 #[derive(Debug, Clone)]
@@ -189,6 +193,12 @@ struct Proc {
     stream: u32,
     /// The session its output and exit go to.
     session: Option<u64>,
+    /// Sessions attached to it later (`mvm attach`): they get its output and exit too.
+    watchers: Vec<u64>,
+    /// The master of its terminal (`-t`), which its stdin and stdout also are.
+    terminal: Option<File>,
+    /// When its exit was seen (a terminal is drained for [`TERMINAL_DRAIN`] after).
+    exited_at: Option<Instant>,
     handle: Handle,
     stdin: Option<Stdin>,
     stdout: Option<File>,
@@ -257,7 +267,8 @@ impl Agent {
             poller.add(listener.fd(), READ, Token::Listener);
             poller.add(children.as_raw_fd(), READ, Token::Children);
             self.interest(&mut poller);
-            for (token, events) in poller.wait(-1)? {
+            let timeout = if self.draining_terminals() { 100 } else { -1 };
+            for (token, events) in poller.wait(timeout)? {
                 match token {
                     Token::Listener => self.accept(&listener),
                     Token::Session(id) => {
@@ -306,8 +317,10 @@ impl Agent {
         for (&key, p) in &self.procs {
             let room = p
                 .session
-                .and_then(|id| self.sessions.get(&id))
-                .is_none_or(|s| s.out.len() < OUT_HIGH);
+                .iter()
+                .chain(&p.watchers)
+                .filter_map(|id| self.sessions.get(id))
+                .all(|s| s.out.len() < OUT_HIGH);
             if room {
                 if let Some(f) = &p.stdout {
                     poller.add(f.as_raw_fd(), READ, Token::Stdout(key));
@@ -401,9 +414,37 @@ impl Agent {
         match req {
             Request::Hello { .. } => error("hello was already sent"),
             Request::Create { id, spec } => self.create(id, *spec),
-            Request::Start { id } => self.start(&id, session),
-            Request::Exec { id, process, stdin } => self.exec(&id, process, stdin, session),
+            Request::Start { id, terminal } => self.start(&id, terminal, session),
+            Request::Exec {
+                id,
+                process,
+                stdin,
+                terminal,
+            } => self.exec(&id, process, stdin, terminal, session),
             Request::Signal { id, stream, signal } => self.signal(&id, stream, signal),
+            Request::Resize { id, stream, size } => self.resize(&id, stream, size),
+            Request::Attach { id, stream } => self.attach(&id, stream, session),
+            Request::Stats { id } => self.stats(&id),
+            Request::Top { id } => match self.running(&id) {
+                Ok((_, dirs)) => Response::Processes {
+                    processes: stats::top(&dirs),
+                },
+                Err(r) => r,
+            },
+            Request::CopyOut { id, path, follow } => {
+                self.copy(&id, CopyJob::Out { path, follow }, session)
+            }
+            Request::CopyIn {
+                id,
+                path,
+                keep_owner,
+            } => {
+                let owner = Owner {
+                    base: (0, 0),
+                    keep: keep_owner,
+                };
+                self.copy(&id, CopyJob::In { path, owner }, session)
+            }
             Request::Shutdown => {
                 self.stopping = true;
                 Response::Ok
@@ -439,7 +480,7 @@ impl Agent {
         Response::Ok
     }
 
-    fn start(&mut self, id: &str, session: u64) -> Response {
+    fn start(&mut self, id: &str, terminal: Option<TermSize>, session: u64) -> Response {
         let spec = match self.containers.get(id) {
             Some(e) if e.processes.contains_key(&MAIN_STREAM) => {
                 return error(&format!("container {id} was already started"))
@@ -447,7 +488,12 @@ impl Agent {
             Some(e) => e.spec.clone(),
             None => return error(&format!("no such container: {id}")),
         };
-        let mut container = match Container::start(&spec, &StdioConfig::piped()) {
+        let stdio = if spec.terminal {
+            StdioConfig::terminal(terminal.unwrap_or_default())
+        } else {
+            StdioConfig::piped()
+        };
+        let mut container = match Container::start(&spec, &stdio) {
             Ok(c) => c,
             Err(e) => return error(&e.to_string()),
         };
@@ -456,17 +502,19 @@ impl Agent {
             .cgroup()
             .map(|c| c.dirs().to_vec())
             .unwrap_or_default();
-        let (stdin, stdout, stderr) = (
+        let stdio = [
             container.take_stdin(),
             container.take_stdout(),
             container.take_stderr(),
-        );
+        ];
+        let terminal = container.take_terminal();
         let key = self.add_proc(
             id,
             MAIN_STREAM,
             session,
             Handle::Main(container),
-            [stdin, stdout, stderr],
+            stdio,
+            terminal,
         );
         if let Some(e) = self.containers.get_mut(id) {
             e.cgroup_dirs = cgroup_dirs;
@@ -478,25 +526,36 @@ impl Agent {
         }
     }
 
-    fn exec(&mut self, id: &str, mut process: Process, stdin: bool, session: u64) -> Response {
-        let (container_pid, cgroup_dirs, mut env, security) = {
-            let Some(entry) = self.containers.get(id) else {
-                return error(&format!("no such container: {id}"));
-            };
-            let main = entry
-                .processes
-                .get(&MAIN_STREAM)
-                .and_then(|k| self.procs.get(k));
-            let pid = match main {
-                Some(p) if p.exit.is_none() => p.handle.pid(),
-                _ => return error(&format!("container {id} is not running")),
-            };
-            (
-                pid,
-                entry.cgroup_dirs.clone(),
-                entry.spec.process.env.clone(),
-                entry.spec.security.clone(),
-            )
+    /// The pid of a running container's first process and its cgroup directories.
+    fn running(&self, id: &str) -> Result<(i32, Vec<PathBuf>), Response> {
+        let Some(entry) = self.containers.get(id) else {
+            return Err(error(&format!("no such container: {id}")));
+        };
+        let main = entry
+            .processes
+            .get(&MAIN_STREAM)
+            .and_then(|k| self.procs.get(k));
+        match main {
+            Some(p) if p.exit.is_none() => Ok((p.handle.pid(), entry.cgroup_dirs.clone())),
+            _ => Err(error(&format!("container {id} is not running"))),
+        }
+    }
+
+    fn exec(
+        &mut self,
+        id: &str,
+        mut process: Process,
+        stdin: bool,
+        terminal: Option<TermSize>,
+        session: u64,
+    ) -> Response {
+        let (container_pid, cgroup_dirs) = match self.running(id) {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        let (mut env, security) = match self.containers.get(id) {
+            Some(e) => (e.spec.process.env.clone(), e.spec.security.clone()),
+            None => return error(&format!("no such container: {id}")),
         };
         // The process's variables override the container's.
         for var in &process.env {
@@ -513,23 +572,87 @@ impl Agent {
             },
             stdout: StdioMode::Piped,
             stderr: StdioMode::Piped,
+            terminal,
         };
-        let mut child = match exec(container_pid, &cgroup_dirs, &process, &security, &stdio) {
-            Ok(c) => c,
-            Err(e) => return error(&e.to_string()),
-        };
+        match exec(container_pid, &cgroup_dirs, &process, &security, &stdio) {
+            Ok(child) => self.add_exec(id, child, session),
+            Err(e) => error(&e.to_string()),
+        }
+    }
+
+    /// Records a process started in container `id` under its next stream id.
+    fn add_exec(&mut self, id: &str, mut child: ExecProcess, session: u64) -> Response {
         let pid = child.pid();
         let pipes = [child.stdin.take(), child.stdout.take(), child.stderr.take()];
+        let terminal = child.terminal.take();
         let Some(entry) = self.containers.get_mut(id) else {
             return error(&format!("no such container: {id}"));
         };
         let stream = entry.next_stream;
         entry.next_stream += 1;
-        let key = self.add_proc(id, stream, session, Handle::Exec(child), pipes);
+        let key = self.add_proc(id, stream, session, Handle::Exec(child), pipes, terminal);
         if let Some(e) = self.containers.get_mut(id) {
             e.processes.insert(stream, key);
         }
         Response::Started { stream, pid }
+    }
+
+    /// `mvm cp`: a forked copy of the agent packs or unpacks the container's files.
+    fn copy(&mut self, id: &str, job: CopyJob, session: u64) -> Response {
+        let (pid, _) = match self.running(id) {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        let copy_in = matches!(job, CopyJob::In { .. });
+        match archive::spawn(pid, job) {
+            Ok(mut child) => {
+                if !copy_in {
+                    child.stdin = None;
+                }
+                self.add_exec(id, child, session)
+            }
+            Err(e) => error(&e.to_string()),
+        }
+    }
+
+    fn stats(&self, id: &str) -> Response {
+        match self.running(id) {
+            Ok((pid, dirs)) => Response::Stats {
+                stats: stats::read(&dirs, pid),
+            },
+            Err(r) => r,
+        }
+    }
+
+    fn resize(&self, id: &str, stream: u32, size: TermSize) -> Response {
+        let p = match self.find(id, stream) {
+            Ok(key) => &self.procs[&key],
+            Err(r) => return r,
+        };
+        match &p.terminal {
+            Some(t) => match size.apply(t) {
+                Ok(()) => Response::Ok,
+                Err(e) => error(&format!("resize: {e}")),
+            },
+            None => error(&format!("process {stream} of {id} has no terminal")),
+        }
+    }
+
+    fn attach(&mut self, id: &str, stream: u32, session: u64) -> Response {
+        let key = match self.find(id, stream) {
+            Ok(key) => key,
+            Err(r) => return r,
+        };
+        let Some(p) = self.procs.get_mut(&key) else {
+            return error(&format!("container {id} has no process {stream}"));
+        };
+        if p.reported {
+            return error(&format!("process {stream} of {id} has exited"));
+        }
+        if p.session != Some(session) && !p.watchers.contains(&session) {
+            p.watchers.push(session);
+        }
+        Response::Ok
     }
 
     /// Records a started process; its pipes become non-blocking. Returns its key.
@@ -540,8 +663,14 @@ impl Agent {
         session: u64,
         handle: Handle,
         [stdin, stdout, stderr]: [Option<File>; 3],
+        terminal: Option<File>,
     ) -> u64 {
         let pid = handle.pid();
+        // A terminal is the process's stdin and stdout at once.
+        let (stdin, stdout) = match &terminal {
+            Some(t) => (t.try_clone().ok(), t.try_clone().ok()),
+            None => (stdin, stdout),
+        };
         let nonblocking = |f: Option<File>| {
             f.filter(|f| match set_nonblocking(f.as_raw_fd(), true) {
                 Ok(()) => true,
@@ -558,6 +687,9 @@ impl Agent {
                 container: container.to_string(),
                 stream,
                 session: Some(session),
+                watchers: Vec::new(),
+                terminal: nonblocking(terminal),
+                exited_at: None,
                 handle,
                 stdin: nonblocking(stdin).map(|file| Stdin {
                     file,
@@ -679,9 +811,19 @@ impl Agent {
             stream: p.stream,
             payload: buf,
         };
-        if let Some(s) = p.session.and_then(|id| self.sessions.get_mut(&id)) {
-            s.send(&frame);
+        for id in p.session.iter().chain(&p.watchers) {
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.send(&frame);
+            }
         }
+    }
+
+    /// Whether a terminal of a process that exited is still being read (the loop then wakes up
+    /// to stop reading it in time).
+    fn draining_terminals(&self) -> bool {
+        self.procs
+            .values()
+            .any(|p| p.terminal.is_some() && p.exited_at.is_some() && p.stdout.is_some())
     }
 
     /// Collects the exit status of every process that ended; as PID 1 also reaps orphans.
@@ -697,7 +839,10 @@ impl Agent {
                 Handle::Exec(e) => e.try_wait(),
             };
             match exit {
-                Ok(Some(code)) => p.exit = Some(code),
+                Ok(Some(code)) => {
+                    p.exit = Some(code);
+                    p.exited_at = Some(Instant::now());
+                }
                 Ok(None) => {}
                 Err(e) => {
                     log::warn!("waiting for process {}: {e}", p.handle.pid());
@@ -720,29 +865,37 @@ impl Agent {
     /// event, and the answer to any `wait` for it.
     fn report_exits(&mut self) {
         for p in self.procs.values_mut() {
+            // A terminal a background process still holds open: stop reading it in time.
+            if p.terminal.is_some() && p.exited_at.is_some_and(|t| t.elapsed() >= TERMINAL_DRAIN) {
+                p.stdout = None;
+            }
             let (Some(code), None, None, false) = (p.exit, &p.stdout, &p.stderr, p.reported) else {
                 continue;
             };
             p.reported = true;
             p.stdin = None;
-            let Some(s) = p.session.and_then(|id| self.sessions.get_mut(&id)) else {
-                continue;
-            };
-            if p.oom_killed {
-                let msg = b"mvm: the container was killed: out of memory (memory limit reached)\n";
-                s.send(&Frame {
-                    kind: FrameKind::Stderr,
-                    stream: p.stream,
-                    payload: msg.to_vec(),
-                });
-            }
+            p.terminal = None;
             let event = Event::Exited {
                 id: p.container.clone(),
                 stream: p.stream,
                 code,
             };
-            if let Ok(f) = Frame::json(FrameKind::Event, &event) {
-                s.send(&f);
+            for id in p.session.iter().chain(&p.watchers) {
+                let Some(s) = self.sessions.get_mut(id) else {
+                    continue;
+                };
+                if p.oom_killed {
+                    let msg =
+                        b"mvm: the container was killed: out of memory (memory limit reached)\n";
+                    s.send(&Frame {
+                        kind: FrameKind::Stderr,
+                        stream: p.stream,
+                        payload: msg.to_vec(),
+                    });
+                }
+                if let Ok(f) = Frame::json(FrameKind::Event, &event) {
+                    s.send(&f);
+                }
             }
         }
     }
@@ -762,9 +915,15 @@ impl Agent {
             .collect();
         for id in dead {
             self.sessions.remove(&id);
-            for p in self.procs.values_mut().filter(|p| p.session == Some(id)) {
-                p.session = None;
-                p.stdin = None;
+            for p in self.procs.values_mut() {
+                p.watchers.retain(|w| *w != id);
+                if p.session == Some(id) {
+                    p.session = None;
+                    // A terminal's input is shared with the sessions attached to it.
+                    if p.terminal.is_none() {
+                        p.stdin = None;
+                    }
+                }
             }
         }
     }

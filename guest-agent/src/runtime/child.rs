@@ -45,6 +45,8 @@ pub(crate) struct ChildPlan {
     pub init: bool,
     /// Fds to put on 0, 1, 2 (None: inherit).
     pub stdio: [Option<RawFd>; 3],
+    /// stdin is a terminal slave that becomes the new session's controlling terminal.
+    pub controlling_terminal: bool,
     pub sync_read: RawFd,
     pub sync_write: RawFd,
     pub err_read: RawFd,
@@ -112,6 +114,13 @@ fn setup(plan: &ChildPlan) -> Result<std::convert::Infallible, Fail> {
                 return Err(fail(Step::Stdio));
             }
         }
+    }
+    if plan.controlling_terminal {
+        // The new terminal the runtime opened (never the user's) becomes this session's.
+        controlling_terminal().map_err(|errno| Fail {
+            step: Step::Stdio,
+            errno,
+        })?;
     }
 
     // Nothing but stdio reaches the command: descriptors this runtime inherited without
@@ -204,6 +213,13 @@ pub(crate) fn finish_posture(posture: &Prepared, extra: u64) -> Result<(), Fail>
         },
         errno,
     })
+}
+
+/// Makes the terminal on stdin the controlling terminal of this process's new session.
+pub(crate) fn controlling_terminal() -> Result<(), i32> {
+    // SAFETY: fd 0 is the terminal slave put there by dup2; the call has no memory effects.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
+    rustix::process::ioctl_tiocsctty(fd).map_err(|e| e.raw_os_error())
 }
 
 /// Marks every descriptor above 2 close-on-exec (no allocation).

@@ -52,6 +52,8 @@ pub struct ExecProcess {
     pub stdout: Option<File>,
     /// Read end of its stderr, when piped.
     pub stderr: Option<File>,
+    /// The master of its terminal, with [`StdioConfig::terminal`].
+    pub terminal: Option<File>,
     exited: bool,
 }
 
@@ -135,11 +137,11 @@ pub fn exec(
         .iter()
         .map(|a| cstring(a))
         .collect::<Result<_, _>>()?;
-    let envp: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|e| cstring(e))
-        .collect::<Result<_, _>>()?;
+    let mut env = spec.env.clone();
+    if stdio.terminal.is_some() && super::command::env_value(&env, "TERM").is_none() {
+        env.push(super::TERM_DEFAULT.to_string());
+    }
+    let envp: Vec<CString> = env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?;
     let candidates = program_candidates(&spec.args[0], &spec.env)?;
     let cwd = cstring(if spec.cwd.is_empty() { "/" } else { &spec.cwd })?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
@@ -149,9 +151,23 @@ pub fn exec(
     let groups: Vec<libc::gid_t> = ident.groups.clone();
     let posture = security.prepare()?;
 
-    let (child_in, parent_in) = stdio_pair(stdio.stdin, true)?;
-    let (child_out, parent_out) = stdio_pair(stdio.stdout, false)?;
-    let (child_err, parent_err) = stdio_pair(stdio.stderr, false)?;
+    let (child_in, parent_in, child_out, parent_out, child_err, parent_err, terminal);
+    if let Some(size) = stdio.terminal {
+        let pty = super::pty::open(size)?;
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| ContainerError::Os("dup the terminal", e))
+        };
+        (child_out, child_err) = (Some(dup(&pty.slave)?), Some(dup(&pty.slave)?));
+        child_in = Some(pty.slave);
+        (parent_in, parent_out, parent_err) = (None, None, None);
+        terminal = Some(pty.master);
+    } else {
+        (child_in, parent_in) = stdio_pair(stdio.stdin, true)?;
+        (child_out, parent_out) = stdio_pair(stdio.stdout, false)?;
+        (child_err, parent_err) = stdio_pair(stdio.stderr, false)?;
+        terminal = None;
+    }
     let (go_read, go_write) = pipe()?;
 
     let plan = Plan {
@@ -166,6 +182,7 @@ pub fn exec(
             child_out.as_ref().map(AsRawFd::as_raw_fd),
             child_err.as_ref().map(AsRawFd::as_raw_fd),
         ],
+        controlling_terminal: terminal.is_some(),
         cwd: &cwd,
         candidates: &candidates,
         argv: &argv_ptrs,
@@ -191,6 +208,7 @@ pub fn exec(
         stdin: parent_in,
         stdout: parent_out,
         stderr: parent_err,
+        terminal,
         exited: false,
     };
     for dir in cgroup_dirs {
@@ -234,6 +252,7 @@ struct Plan<'a> {
     root_fd: RawFd,
     go_read: RawFd,
     stdio: [Option<RawFd>; 3],
+    controlling_terminal: bool,
     cwd: &'a CString,
     candidates: &'a [CString],
     argv: &'a [*const libc::c_char],
@@ -343,6 +362,9 @@ fn command(plan: &Plan<'_>) -> ! {
             }
         }
     }
+    if plan.controlling_terminal && super::child::controlling_terminal().is_err() {
+        die(126);
+    }
     if plan.posture.drop_bounding().is_err() {
         die(126);
     }
@@ -382,6 +404,24 @@ fn command(plan: &Plan<'_>) -> ! {
 }
 
 impl ExecProcess {
+    /// A child of this process that is not a command in the container (the agent's copies),
+    /// with the runtime's ends of its pipes.
+    pub(crate) fn from_child(
+        pid: libc::pid_t,
+        stdin: Option<File>,
+        stdout: Option<File>,
+        stderr: Option<File>,
+    ) -> Self {
+        ExecProcess {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            terminal: None,
+            exited: false,
+        }
+    }
+
     /// Pid of the keeper (signal it to signal the command).
     pub fn pid(&self) -> libc::pid_t {
         self.pid

@@ -9,8 +9,11 @@
 //! - [`namespaces`], [`mounts`], `child`: the clone and everything the new process does up to
 //!   `execve`; `step`: the steps it reports.
 //! - [`security`]: seccomp, capabilities, no_new_privs, masked paths, devices, user namespace.
+//! - [`stats`]: resource use and processes (`stats`, `top`); [`archive`]: `cp`'s tar streams.
 //! - [`process`]: [`Container`]: start, stdio, signal, wait, teardown.
+//! - [`pty`]: a new terminal for `-t`.
 
+pub mod archive;
 pub mod cgroups;
 mod child;
 pub mod command;
@@ -18,8 +21,10 @@ pub mod exec;
 pub mod mounts;
 pub mod namespaces;
 pub mod process;
+pub mod pty;
 pub mod security;
 pub mod spec;
+pub mod stats;
 mod step;
 pub mod user;
 
@@ -28,8 +33,9 @@ use std::path::PathBuf;
 pub use command::{ImageConfig, Overrides};
 pub use process::{
     block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, Relay, StdioConfig,
-    StdioMode, FORWARDED_SIGNALS,
+    StdioMode, FORWARDED_SIGNALS, TERM_DEFAULT,
 };
+pub use pty::TermSize;
 pub use spec::{ContainerSpec, Limits, Network, Process, Rootfs};
 pub use step::{Fail, Step};
 
@@ -63,4 +69,19 @@ pub enum ContainerError {
     /// A system call in the runtime failed.
     #[error("{0} failed")]
     Os(&'static str, #[source] std::io::Error),
+}
+
+/// An error and its sources on one line (`outer: inner`), as a user reads it.
+pub fn error_line(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !text.ends_with(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = s.source();
+    }
+    text
 }

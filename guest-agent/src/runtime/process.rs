@@ -10,15 +10,20 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use super::cgroups::Cgroup;
 use super::child::{self, ChildPlan};
 use super::command::env_value;
 use super::mounts::{IdMapped, RootMount, VolumeMount};
 use super::namespaces::{self, errno};
+use super::pty::{self, TermSize};
 use super::spec::{ContainerSpec, Network, Rootfs};
 use super::step::{self, Fail, Step};
 use super::{user, ContainerError};
+
+/// `TERM` of a process given a terminal when its environment names none (as docker's).
+pub const TERM_DEFAULT: &str = "TERM=xterm";
 
 /// Signals a foreground runtime forwards to the container (see
 /// [`Container::wait_forwarding_signals`]).
@@ -45,6 +50,10 @@ pub struct StdioConfig {
     pub stdout: StdioMode,
     /// Standard error.
     pub stderr: StdioMode,
+    /// A new terminal of this size instead (`-t`): the process gets its slave as stdin, stdout,
+    /// stderr and controlling terminal, the runtime keeps the master (see [`super::pty`]); the
+    /// three modes above are then ignored.
+    pub terminal: Option<TermSize>,
 }
 
 impl StdioConfig {
@@ -78,6 +87,7 @@ impl StdioConfig {
             stdin,
             stdout: out(std::io::stdout().is_terminal()),
             stderr: out(std::io::stderr().is_terminal()),
+            terminal: None,
         }
     }
 
@@ -102,6 +112,15 @@ impl StdioConfig {
             stdin: StdioMode::Piped,
             stdout: StdioMode::Piped,
             stderr: StdioMode::Piped,
+            terminal: None,
+        }
+    }
+
+    /// A new terminal of `size` for the process (see [`StdioConfig::terminal`]).
+    pub fn terminal(size: TermSize) -> Self {
+        StdioConfig {
+            terminal: Some(size),
+            ..Self::default()
         }
     }
 }
@@ -157,6 +176,7 @@ pub struct Container {
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
+    terminal: Option<File>,
     exit: Option<ContainerExit>,
 }
 
@@ -195,6 +215,7 @@ impl Container {
                 return Err(ContainerError::NotADirectory(p));
             }
         }
+        write_etc_files(spec)?;
         let process = &spec.process;
         let identity = user::resolve(process.user.as_deref(), &spec.rootfs.read_dirs())?;
         let mut env = process.env.clone();
@@ -203,6 +224,9 @@ impl Container {
         }
         if env_value(&env, "HOSTNAME").is_none() {
             env.push(format!("HOSTNAME={}", spec.effective_hostname()));
+        }
+        if stdio.terminal.is_some() && env_value(&env, "TERM").is_none() {
+            env.push(TERM_DEFAULT.to_string());
         }
         let root = match &spec.rootfs {
             Rootfs::Dir { path, readonly } => RootMount::Bind {
@@ -279,10 +303,22 @@ impl Container {
         let mut parent_ends: [Option<File>; 3] = [None, None, None];
         let mut child_ends: Vec<OwnedFd> = Vec::new();
         let mut stdio_fds: [Option<RawFd>; 3] = [None; 3];
-        for (i, mode) in [stdio.stdin, stdio.stdout, stdio.stderr]
-            .into_iter()
-            .enumerate()
-        {
+        let mut terminal = None;
+        let modes = if let Some(size) = stdio.terminal {
+            let pty = pty::open(size)?;
+            if let Some(m) = &spec.security.userns {
+                // Container root owns its terminal, as with runc.
+                rustix::fs::fchown(&pty.slave, Some(uid(m.host_uid)), Some(gid(m.host_gid)))
+                    .map_err(|e| ContainerError::Os("fchown the terminal", e.into()))?;
+            }
+            stdio_fds = [Some(pty.slave.as_raw_fd()); 3];
+            child_ends.push(pty.slave);
+            terminal = Some(pty.master);
+            [StdioMode::Inherit; 3]
+        } else {
+            [stdio.stdin, stdio.stdout, stdio.stderr]
+        };
+        for (i, mode) in modes.into_iter().enumerate() {
             match mode {
                 StdioMode::Inherit => {}
                 StdioMode::Null => {
@@ -328,6 +364,7 @@ impl Container {
             idmapped,
             init: spec.init,
             stdio: stdio_fds,
+            controlling_terminal: terminal.is_some(),
             sync_read: sync_r.as_raw_fd(),
             sync_write: sync_w.as_raw_fd(),
             err_read: err_r.as_raw_fd(),
@@ -355,6 +392,7 @@ impl Container {
             stdin: parent_ends[0].take(),
             stdout: parent_ends[1].take(),
             stderr: parent_ends[2].take(),
+            terminal,
             exit: None,
         };
         if let Some(cg) = &container.cgroup {
@@ -435,6 +473,12 @@ impl Container {
     /// The reading end of the container's stderr ([`StdioMode::Piped`] only).
     pub fn take_stderr(&mut self) -> Option<File> {
         self.stderr.take()
+    }
+
+    /// The master of the container's terminal ([`StdioConfig::terminal`] only): read it for the
+    /// container's output, write it for its input, resize it with [`TermSize::apply`].
+    pub fn take_terminal(&mut self) -> Option<File> {
+        self.terminal.take()
     }
 
     /// Copies this process's stdin into the container's piped stdin, and the container's piped
@@ -541,6 +585,62 @@ impl Container {
         let status = wait_forwarding_signals(self.pid, &self.id)?;
         Ok(self.finish(status))
     }
+}
+
+/// Writes the spec's `/etc` files into the writable layer of an overlay root, where the image
+/// has a directory `/etc` (or none). They belong to container root.
+fn write_etc_files(spec: &ContainerSpec) -> Result<(), ContainerError> {
+    let Rootfs::Overlay { lower, upper, .. } = &spec.rootfs else {
+        if !spec.etc_files.is_empty() {
+            log::debug!("a directory root gets no generated /etc files");
+        }
+        return Ok(());
+    };
+    if spec.etc_files.is_empty() {
+        return Ok(());
+    }
+    // The topmost layer that has /etc decides what it is; a link or a file there is left alone.
+    let image_etc = lower
+        .iter()
+        .find_map(|l| std::fs::symlink_metadata(l.join("etc")).ok());
+    if image_etc.is_some_and(|m| !m.is_dir()) {
+        log::warn!(
+            "the image's /etc is not a directory: no /etc/hosts or /etc/resolv.conf written"
+        );
+        return Ok(());
+    }
+    let os = |what| move |e| ContainerError::Os(what, e);
+    let etc = upper.join("etc");
+    match std::fs::create_dir(&etc) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(os("create /etc in the container's layer")(e)),
+    }
+    let owner = spec
+        .security
+        .userns
+        .as_ref()
+        .map_or((0, 0), |m| (m.host_uid, m.host_gid));
+    let chown = |p: &std::path::Path| {
+        std::os::unix::fs::lchown(p, Some(owner.0), Some(owner.1))
+            .map_err(os("chown a file in /etc"))
+    };
+    chown(&etc)?;
+    for f in &spec.etc_files {
+        let path = etc.join(&f.name);
+        // Nothing of the layer is followed: an old file or link there is replaced.
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(os("write a file in /etc"))?;
+        std::io::Write::write_all(&mut file, f.content.as_bytes())
+            .map_err(os("write a file in /etc"))?;
+        chown(&path)?;
+    }
+    Ok(())
 }
 
 /// The wait status of child `pid` if it has ended, without blocking (`flags` are added to
@@ -715,6 +815,7 @@ mod tests {
             cgroup_parent: None,
             mounts: Vec::new(),
             security: Default::default(),
+            etc_files: Vec::new(),
         }
     }
 

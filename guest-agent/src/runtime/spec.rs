@@ -51,9 +51,9 @@ pub enum SpecError {
     /// Pids limit of zero.
     #[error("pids limit must be at least 1")]
     BadPids,
-    /// A terminal was requested.
-    #[error("terminal mode is not supported yet: run without a TTY")]
-    TerminalUnsupported,
+    /// A file for /etc is not named by a plain file name.
+    #[error("invalid /etc file name {0:?}: use a plain file name")]
+    BadEtcFile(String),
     /// A memory size that does not parse.
     #[error("invalid size {0:?}: use a number with an optional unit b, k, m, g or t (e.g. 256M)")]
     BadSize(String),
@@ -87,7 +87,8 @@ pub struct ContainerSpec {
     /// Resource limits, applied through a cgroup.
     #[serde(default)]
     pub limits: Limits,
-    /// Allocate a terminal. Must be false for now.
+    /// The first process gets a terminal of its own (`-t`): the runtime keeps its master (the
+    /// agent relays it as the process's stdout and stdin frames).
     #[serde(default)]
     pub terminal: bool,
     /// Network namespace.
@@ -109,6 +110,21 @@ pub struct ContainerSpec {
     /// absent).
     #[serde(default)]
     pub security: Security,
+    /// Files written to `/etc` in the container's writable layer before it starts (its
+    /// resolv.conf, hosts and hostname); an overlay root only.
+    #[serde(default)]
+    pub etc_files: Vec<EtcFile>,
+}
+
+/// A file the runtime writes to the container's `/etc` (in its writable layer, so the container
+/// may change it, as with docker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcFile {
+    /// The file's name in `/etc` (`hosts`).
+    pub name: String,
+    /// Its content.
+    pub content: String,
 }
 
 /// One process: a container's first, or one `exec` starts in a running container.
@@ -332,8 +348,14 @@ impl ContainerSpec {
         if self.limits.pids_max == Some(0) {
             return Err(SpecError::BadPids);
         }
-        if self.terminal {
-            return Err(SpecError::TerminalUnsupported);
+        for f in &self.etc_files {
+            let plain = !f.name.is_empty()
+                && f.name != "."
+                && f.name != ".."
+                && !f.name.contains(['/', '\0']);
+            if !plain || f.content.contains('\0') {
+                return Err(SpecError::BadEtcFile(f.name.clone()));
+            }
         }
         for m in &self.mounts {
             m.check()?;
@@ -483,6 +505,7 @@ mod tests {
             cgroup_parent: None,
             mounts: Vec::new(),
             security: Security::default(),
+            etc_files: Vec::new(),
         }
     }
 
@@ -541,8 +564,11 @@ mod tests {
         s.limits.cpus = Some(f64::NAN);
         assert!(matches!(s.validate(), Err(SpecError::BadCpus(_))));
         let mut s = spec();
-        s.terminal = true;
-        assert_eq!(s.validate(), Err(SpecError::TerminalUnsupported));
+        s.etc_files = vec![EtcFile {
+            name: "../passwd".into(),
+            content: String::new(),
+        }];
+        assert!(matches!(s.validate(), Err(SpecError::BadEtcFile(_))));
         let mut s = spec();
         s.cgroup_parent = Some("../escape".into());
         assert!(matches!(s.validate(), Err(SpecError::BadCgroupParent(_))));

@@ -8,6 +8,7 @@
 //! no virtio-net header.
 
 use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -41,6 +42,14 @@ pub struct PasstConfig {
     pub tcp_ports: Vec<PortForward>,
     /// UDP ports forwarded from the host to the guest.
     pub udp_ports: Vec<PortForward>,
+    /// An address passt answers DNS queries on for the guest, passing them on from the host
+    /// (`--dns-forward`).
+    #[serde(default)]
+    pub dns_forward: Option<Ipv4Addr>,
+    /// The resolvers those queries go to (`--dns`); the host's (its /etc/resolv.conf) when
+    /// empty.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
 }
 
 /// A running passt process and mvm's connection to it.
@@ -75,6 +84,12 @@ impl Passt {
         }
         if !config.udp_ports.is_empty() {
             args.extend(["--udp-ports".to_string(), port_spec(&config.udp_ports)]);
+        }
+        if let Some(addr) = config.dns_forward {
+            args.extend(["--dns-forward".to_string(), addr.to_string()]);
+        }
+        for addr in &config.dns {
+            args.extend(["--dns".to_string(), addr.to_string()]);
         }
         args
     }
@@ -324,6 +339,8 @@ pub(crate) mod tests {
                 guest_port: 80,
             }],
             udp_ports: vec![],
+            dns_forward: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            dns: vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53))],
         };
         let args = Passt::args(&cfg, 5);
         assert_eq!(
@@ -334,7 +351,11 @@ pub(crate) mod tests {
                 "--fd",
                 "5",
                 "--tcp-ports",
-                "8080:80"
+                "8080:80",
+                "--dns-forward",
+                "169.254.1.1",
+                "--dns",
+                "127.0.0.53"
             ]
         );
     }
