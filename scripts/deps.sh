@@ -10,6 +10,8 @@ packages=(
   e2fsprogs erofs-utils busybox-static
   # networking
   iproute2 passt curl socat
+  # tests: an interactive terminal (tmux) and a DNS server on the host (dnsmasq)
+  tmux dnsmasq-base
   # benchmarks
   python3
   # tests and benchmarks: a real OCI registry, the peers we compare against

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::protocol::{Frame, FrameKind, Request, Response};
-use guest_agent::runtime::{ContainerSpec, Process};
+use guest_agent::runtime::{ContainerSpec, Process, TermSize};
 
 /// A root filesystem from Debian's busybox-static package: /bin/busybox plus applet links.
 fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
@@ -27,7 +27,7 @@ fn busybox_rootfs(dir: &Path) -> Option<PathBuf> {
     std::fs::hard_link(busybox, &dst)
         .or_else(|_| std::fs::copy(busybox, &dst).map(drop))
         .unwrap();
-    for applet in ["sh", "echo", "cat", "sleep", "hostname", "true"] {
+    for applet in ["sh", "echo", "cat", "sleep", "hostname", "true", "stty"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     Some(root)
@@ -386,4 +386,130 @@ fn agent_serves_many_sessions_at_once_and_streams_large_output() {
 
     client.signal("web", main, 9).unwrap();
     assert_eq!(client.stream_until_exit(main, &mut out).unwrap(), 137);
+}
+
+/// Reads the session's frames until process `stream` has shown `text`.
+fn read_until(client: &mut AgentClient<UnixStream>, out: &mut Captured, stream: u32, text: &str) {
+    client
+        .conn()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    while !out.out(stream).contains(text) {
+        client
+            .read_frame(out)
+            .unwrap_or_else(|e| panic!("waiting for {text:?}: {e}; got {:?}", out.out(stream)));
+    }
+    client.conn().set_read_timeout(None).unwrap();
+}
+
+#[test]
+fn agent_gives_processes_terminals_and_reports_copies_stats_and_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    // The first process on a terminal of its own: its output is the terminal's (CR LF).
+    let mut first = spec(
+        dir.path(),
+        &rootfs,
+        &["sh", "-c", "stty size; exec sleep 999"],
+    );
+    first.terminal = true;
+    client.create("tty", &first).unwrap();
+    let size = TermSize { rows: 33, cols: 91 };
+    // Another session attaches to it, as `mvm attach` does, and sees what follows.
+    let main = client.start("tty", Some(size)).unwrap();
+    let mut watcher = agent.connect();
+    watcher.attach("tty", main).unwrap();
+    let mut out = Captured::default();
+    read_until(&mut client, &mut out, main, "33 91\r\n");
+
+    // exec -it: a terminal, resized, whose line discipline turns ^C into SIGINT for the
+    // foreground process group (sleep and the shell that traps it).
+    let script = "stty size; read line; echo got=$line; stty size; \
+                  trap 'echo got-int; exit 3' INT; echo ready; sleep 1000";
+    let sh = Process {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    let tty = client.exec("tty", sh, true, Some(size)).unwrap();
+    let mut input = agent.connect();
+    read_until(&mut client, &mut out, tty, "33 91\r\n");
+    input
+        .resize("tty", tty, TermSize { rows: 10, cols: 20 })
+        .unwrap();
+    input.stdin(tty, b"hello\n").unwrap();
+    read_until(&mut client, &mut out, tty, "got=hello\r\n10 20\r\n");
+    read_until(&mut client, &mut out, tty, "ready\r\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .top("tty")
+        .unwrap()
+        .iter()
+        .any(|p| p.command == "sleep 1000")
+    {
+        assert!(Instant::now() < deadline, "sleep never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    input.stdin(tty, b"\x03").unwrap();
+    assert_eq!(client.stream_until_exit(tty, &mut out).unwrap(), 3);
+    assert!(out.out(tty).ends_with("got-int\r\n"), "{:?}", out.out(tty));
+    assert!(input.resize("tty", main + 100, size).is_err());
+
+    // What the container uses, and its processes.
+    let stats = client.stats("tty").unwrap();
+    assert!(stats.pids >= 1 && stats.memory_total > 0, "{stats:?}");
+    let top = client.top("tty").unwrap();
+    assert!(top.iter().any(|p| p.command == "sleep 999"), "{top:?}");
+
+    // A copy in, then out again: the archive crosses the protocol as stdin and stdout frames.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    tar.append_data(&mut h, "box", std::io::empty()).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o700);
+    h.set_size(6);
+    tar.append_data(&mut h, "box/run.sh", &b"exit 9"[..])
+        .unwrap();
+    let tar = tar.into_inner().unwrap();
+    let s = client.copy_in("tty", "/srv", false).unwrap();
+    client.stdin(s, &tar).unwrap();
+    client.stdin(s, b"").unwrap();
+    let mut copy = Captured::default();
+    assert_eq!(
+        client.stream_until_exit(s, &mut copy).unwrap(),
+        0,
+        "{}",
+        copy.err(s)
+    );
+    let p = Process {
+        args: vec!["sh".into(), "/srv/run.sh".into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    let s = client.exec("tty", p, false, None).unwrap();
+    assert_eq!(client.stream_until_exit(s, &mut out).unwrap(), 9);
+    let s = client.copy_out("tty", "/srv", false).unwrap();
+    assert_eq!(client.stream_until_exit(s, &mut copy).unwrap(), 0);
+    let names: Vec<String> = tar::Archive::new(copy.out.get(&s).unwrap().as_slice())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["srv", "srv/run.sh"]);
+    let s = client.copy_out("tty", "/nope", false).unwrap();
+    assert_eq!(client.stream_until_exit(s, &mut copy).unwrap(), 1);
+    assert_eq!(copy.err(s), "/nope: no such file or directory\n");
+
+    client.signal("tty", main, 9).unwrap();
+    assert_eq!(client.stream_until_exit(main, &mut out).unwrap(), 137);
+    // The attached session hears the exit too, after the output it was there for.
+    let mut seen = Captured::default();
+    assert_eq!(watcher.stream_until_exit(main, &mut seen).unwrap(), 137);
 }

@@ -215,9 +215,21 @@ fn copy_out(
     let consumed = consumer
         .join()
         .unwrap_or_else(|_| Err(Error::Failed("the unpacking thread failed".into())));
-    // The producer's error says why when both failed (the consumer then saw a cut archive).
-    produced?;
-    consumed
+    first_cause(produced, consumed)
+}
+
+/// The error that says why a copy failed: a refusal on the unpacking side (the packing side
+/// then only saw its pipe close), else the packing side's (the unpacking side then only saw a
+/// cut archive), else the unpacking side's.
+fn first_cause(
+    produced: Result<(), Error>,
+    consumed: Result<Summary, Error>,
+) -> Result<Summary, Error> {
+    match (produced, consumed) {
+        (_, Err(e)) if e.is_bad_input() => Err(e),
+        (Err(e), _) => Err(e),
+        (Ok(()), consumed) => consumed,
+    }
 }
 
 fn copy_in(
@@ -305,8 +317,11 @@ fn copy_in(
     let produced = producer
         .join()
         .unwrap_or_else(|_| Err(Error::Failed("the packing thread failed".into())));
-    let produced = produced?;
-    consumed.map(|s| if s == Summary::default() { produced } else { s })
+    let summary = produced
+        .as_ref()
+        .map_or_else(|_| Summary::default(), |s| *s);
+    first_cause(produced.map(drop), consumed)
+        .map(|s| if s == Summary::default() { summary } else { s })
 }
 
 /// The archive a VM's agent streams (stdout frames) and its error line (stderr frames).

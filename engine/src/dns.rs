@@ -3,8 +3,9 @@
 //! (`--dns none`, `--no-hosts`).
 //!
 //! - resolv.conf: with `--network user` the one nameserver is passt's DNS forwarder
-//!   ([`USER_DNS_FORWARDER`]), which passes queries on from the host to the `--dns` servers, or
-//!   to the host's own resolvers: so even a resolver only the host can reach (127.0.0.53) works.
+//!   ([`USER_DNS_FORWARDER`]), which passes queries on from the host to the first `--dns`
+//!   server, or to the host's first resolver: so a resolver only the host reaches works, as long
+//!   as it is not on a loopback address (passt does not forward there; `--dns` refuses one).
 //!   A container in the host's network gets the host's file. Anywhere else the `--dns` servers,
 //!   or the host's without its loopback ones (unreachable from the container); with none left,
 //!   docker's fallback, Google's public resolvers.

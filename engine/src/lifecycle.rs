@@ -312,7 +312,13 @@ fn exec_in_container(
                 // Ends with EIO once the command and everything holding its terminal are gone.
                 let _ = std::io::copy(&mut from, &mut TerminalOut);
             }));
-            let (relay, raw) = show_terminal(Box::new(PtyInput(master)), options, on_detach)?;
+            // mvm holds the only master: detaching would hang the command up, so there are no
+            // detach keys here (a VM's agent keeps its terminal).
+            let options = ExecOptions {
+                detach_keys: None,
+                ..options.clone()
+            };
+            let (relay, raw) = show_terminal(Box::new(PtyInput(master)), &options, on_detach)?;
             (Some(relay), raw)
         }
         None => match child.stdin.take() {

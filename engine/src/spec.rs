@@ -361,6 +361,14 @@ impl RunSpec {
                 )));
             }
         }
+        let user_network = matches!(self.network, None | Some(Network::User));
+        if let Some(ip) = self.dns.servers.iter().find(|ip| ip.is_loopback()) {
+            if user_network {
+                return Err(bad_input(format!(
+                    "--dns {ip}: with --network user passt forwards queries from the host, and not                      to a loopback address: give one the host reaches on an interface"
+                )));
+            }
+        }
         if self.volumes.len() > MAX_VM_VOLUMES {
             return Err(bad_input(format!(
                 "at most {MAX_VM_VOLUMES} volumes (-v) per VM"
@@ -498,6 +506,11 @@ mod tests {
         assert!(refused(&|s| s.network = Some(Network::Host)).contains("'host'"));
         assert!(refused(&|s| s.kernel = Some(root.join("missing"))).contains("no guest kernel"));
         assert!(refused(&|s| s.name = Some("../x".into())).contains("../x"));
+        assert!(refused(&|s| {
+            s.network = Some(Network::User);
+            s.dns.servers = vec!["127.0.0.53".parse().unwrap()];
+        })
+        .contains("loopback"));
         refused(&|s| s.limits.cpus = Some(0.0));
         refused(&|s| s.limits.pids_max = Some(0));
         refused(&|s| s.security.cap_add = vec!["NOT_A_CAP".into()]);

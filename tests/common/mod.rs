@@ -9,6 +9,7 @@ pub mod container;
 pub mod guests;
 pub mod kernel;
 pub mod netns;
+pub mod tmux;
 pub mod vm;
 
 /// Path of the `mvm` binary under test.

@@ -335,6 +335,19 @@ impl<C: Read + Write> AgentClient<C> {
         }
     }
 
+    /// Reads one frame (output, or an exit kept for [`AgentClient::stream_until_exit`]) and
+    /// hands its output to `sink`: for callers that watch output as it comes.
+    pub fn read_frame(&mut self, sink: &mut dyn OutputSink) -> Result<(), ClientError> {
+        self.flush_pending(sink);
+        let frame = Frame::read_from(&mut self.conn)?;
+        if frame.kind == FrameKind::Response {
+            return Err(ClientError::Unexpected(
+                "a response nobody asked for".into(),
+            ));
+        }
+        self.dispatch(frame, sink)
+    }
+
     /// Asks the agent to stop every container and end (in a guest: power the VM off).
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.call_silent(&Request::Shutdown).map(drop)

@@ -271,6 +271,9 @@ fn die(code: libc::c_int) -> ! {
 /// The keeper: joins the container, forks the command, relays signals, exits with its status.
 fn keeper(plan: &Plan<'_>) -> ! {
     // SAFETY (whole function): only system calls on descriptors and memory prepared before fork.
+    // The keeper dies with the runtime (the agent, or mvm), and the command with it.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mut byte = 0u8;
     // SAFETY: reads one byte into a valid buffer; blocks until the runtime placed us in the cgroup.
     if unsafe { libc::read(plan.go_read, (&raw mut byte).cast(), 1) } != 1 {
