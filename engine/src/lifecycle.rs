@@ -351,6 +351,75 @@ fn exec_in_container(
     code.ok_or_else(detached)
 }
 
+/// Shows the output of a running container's first process here and, unless `no_stdin`, feeds
+/// it this terminal's input (`mvm attach`); returns its exit code, or the detach error when the
+/// detach keys were typed (the container goes on).
+pub fn attach(
+    root: &Path,
+    name: &str,
+    detach_keys: Option<DetachKeys>,
+    no_stdin: bool,
+) -> Result<i32, Error> {
+    let (store, r) = find(root, name)?;
+    require_running(&r)?;
+    let spec = crate::runner::read_spec(&store.container_dir(&r.id))?;
+    let options = ExecOptions {
+        interactive: spec.interactive && !no_stdin,
+        tty: spec.tty,
+        detach_keys,
+    };
+    if options.tty {
+        terminal::block_winch()?;
+    }
+    match r.isolation {
+        Isolation::Vm => attach_vm(&store, &r, &options),
+        _ => Err(bad_input(format!(
+            "container {} runs on the host: attach works with containers in a microVM for now \
+             (use mvm logs -f and mvm exec -it)",
+            r.name
+        ))),
+    }
+}
+
+fn attach_vm(store: &StateStore, r: &ContainerRecord, options: &ExecOptions) -> Result<i32, Error> {
+    let mut client = agent(store, r)?;
+    client
+        .attach(MAIN_CONTAINER, MAIN_STREAM)
+        .map_err(|source| Error::Agent {
+            what: format!("attach to {}", r.name),
+            source,
+        })?;
+    let detached_flag = Arc::new(AtomicBool::new(false));
+    let vsock = store.container_dir(&r.id).join("vsock.sock");
+    let mut input = AgentInput::connect(&vsock, MAIN_STREAM)?;
+    if options.tty {
+        // Its terminal takes this one's size now (as after a resize).
+        if let Some(size) = terminal::size() {
+            let _ = input.resize(size);
+        }
+    }
+    let conn = client
+        .conn()
+        .try_clone()
+        .map_err(|e| Error::System("dup the agent connection".into(), e))?;
+    let flag = detached_flag.clone();
+    let on_detach = Box::new(move || {
+        flag.store(true, Ordering::SeqCst);
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    });
+    let (relay, raw) = show_terminal(Box::new(input), options, on_detach)?;
+    let result = client.stream_until_exit(MAIN_STREAM, &mut InheritOutput);
+    drop(relay);
+    drop(raw);
+    if detached_flag.load(Ordering::SeqCst) {
+        return Err(detached());
+    }
+    result.map_err(|source| Error::Agent {
+        what: format!("attach to {}: the session broke", r.name),
+        source,
+    })
+}
+
 /// This process's stdout, flushed after every write (a terminal's output as it comes).
 struct TerminalOut;
 

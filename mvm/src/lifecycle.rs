@@ -114,6 +114,19 @@ pub struct RmArgs {
     pub name: String,
 }
 
+/// Flags of `mvm attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Keys that detach and leave the container running.
+    #[arg(long, value_name = "KEYS", default_value = DEFAULT_DETACH_KEYS)]
+    pub detach_keys: String,
+    /// Do not feed this terminal's input to the container.
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// Container name or id.
+    pub name: String,
+}
+
 /// Flags of `mvm wait`.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
@@ -430,6 +443,13 @@ pub fn rm(root: &Path, args: &RmArgs) -> anyhow::Result<i32> {
     lifecycle::remove(root, &args.name, args.force).map_err(from_engine)?;
     outln!("{}", args.name);
     Ok(0)
+}
+
+/// `mvm attach`: the container's first process on this terminal until it exits (its code) or
+/// the detach keys are typed.
+pub fn attach(root: &Path, args: &AttachArgs) -> anyhow::Result<i32> {
+    let keys = DetachKeys::parse(&args.detach_keys).map_err(from_engine)?;
+    lifecycle::attach(root, &args.name, keys, args.no_stdin).map_err(from_engine)
 }
 
 /// `mvm wait`: waits for each container to exit and prints its exit code.

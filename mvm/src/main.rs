@@ -75,6 +75,8 @@ enum Command {
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
     Inspect(lifecycle::InspectArgs),
+    /// Show a running container's terminal or output here, with input (detach: ctrl-p,ctrl-q).
+    Attach(lifecycle::AttachArgs),
     /// Copy files between a container and the host (a tar stream; `-` for stdin/stdout).
     Cp(copy::CpArgs),
     /// Show containers' CPU, memory, network and disk use, and their processes' count.
@@ -134,6 +136,7 @@ fn run_main() -> i32 {
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
+        Command::Attach(args) => lifecycle::attach(&root_dir(cli.root), &args),
         Command::Cp(args) => copy::cp(&root_dir(cli.root), &args),
         Command::Stats(args) => stats::stats(&root_dir(cli.root), &args),
         Command::Top(args) => stats::top(&root_dir(cli.root), &args),
