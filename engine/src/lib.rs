@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod microvm;
 pub mod portfwd;
+pub mod restart;
 pub mod run;
 pub mod runner;
 pub mod spec;

@@ -62,7 +62,10 @@ pub fn list(root: &Path) -> Result<Vec<ContainerRecord>, Error> {
 
 /// Whether the container's runner still lives (it runs or is being set up).
 pub fn is_live(r: &ContainerRecord) -> bool {
-    matches!(r.live_status(), Status::Running | Status::Created)
+    matches!(
+        r.live_status(),
+        Status::Running | Status::Restarting | Status::Created
+    )
 }
 
 pub(crate) fn require_running(r: &ContainerRecord) -> Result<(), Error> {
@@ -475,6 +478,8 @@ fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> R
     if !is_live(r) {
         return Ok(());
     }
+    // Its runner does not restart it (`--restart`) once it ends.
+    store.update(&r.id, |r| r.stopped_by_user = true)?;
     let mut client = match r.isolation {
         Isolation::Vm => agent(store, r).ok(),
         _ => None,

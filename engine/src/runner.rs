@@ -11,6 +11,10 @@
 //! nothing is left behind on failure: [`RunGuard`] removes the record of a container that never
 //! started.
 //!
+//! With a `--restart` policy the runner runs the container again after it exits (see
+//! [`crate::restart`]): [`RunGuard::exited`] records it as restarting, the restart as running
+//! again, and the count in the record.
+//!
 //! On every exit path after the start, [`RunGuard`] records the exit (code and time), removes
 //! what only a running container needs (sockets, the root filesystem disk, the overlay's work
 //! directory) and, with `--rm`, the whole record. The tap device and passt process belong to the
@@ -25,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{io_error, CommandExit, Error, EXIT_FAILURE};
-use crate::spec::RunSpec;
+use crate::restart::RestartPolicy;
+use crate::spec::{Isolation, RunSpec};
 use crate::state::{now, this_process, ContainerRecord, StateError, StateStore, Status};
 
 /// Set in the environment of the background runner: the container's directory.
@@ -169,6 +174,7 @@ pub struct RunGuard {
     dir: PathBuf,
     remove: bool,
     released: bool,
+    restart: RestartPolicy,
 }
 
 impl RunGuard {
@@ -186,6 +192,7 @@ impl RunGuard {
             dir,
             remove,
             released: false,
+            restart: RestartPolicy::No,
         })
     }
 
@@ -204,6 +211,7 @@ impl RunGuard {
             dir,
             remove,
             released: false,
+            restart: RestartPolicy::No,
         })
     }
 
@@ -231,17 +239,51 @@ impl RunGuard {
         &self.record
     }
 
-    /// The container runs (`process_pid`: its first process on the host, if it is one).
+    /// The container runs (`process_pid`: its first process on the host, if it is one); after
+    /// [`RunGuard::restarting`], once more.
     pub fn running(
         &mut self,
         taps: Vec<String>,
         process_pid: Option<i32>,
     ) -> Result<(), StateError> {
+        if self.record.status == Status::Restarting {
+            self.record.restart_count += 1;
+        }
         self.record.status = Status::Running;
         self.record.started = Some(now());
+        self.record.exit_code = None;
+        self.record.finished = None;
         self.record.taps = taps;
         self.record.process_pid = process_pid;
         self.save()
+    }
+
+    /// The runner runs the container again after it exits, as `policy` says (see
+    /// [`RunGuard::exited`]).
+    pub fn restart_policy(&mut self, policy: RestartPolicy) {
+        self.restart = policy;
+    }
+
+    /// Whether the container exited and the runner is to run it again: it shows as restarting.
+    pub fn restarts(&self) -> bool {
+        self.record.status == Status::Restarting
+    }
+
+    /// Between two runs (`--restart`): what only a running container needs goes, as after any
+    /// run; the record, the writable layer and the logs stay.
+    pub fn clean_between_runs(&self) {
+        clean_run_dir(&self.dir);
+    }
+
+    /// Whether the runner is to end instead of running the container again: the user stopped
+    /// it (`mvm stop`, `rm -f`) or removed its record, or the runner itself got SIGINT or
+    /// SIGTERM while no container ran.
+    pub fn told_to_stop(&self) -> bool {
+        let stopped = self
+            .store
+            .load(&self.record.id)
+            .map_or(true, |r| r.stopped_by_user);
+        stopped || signalled(self.record.isolation)
     }
 
     /// Records where the container's cgroup is (so `mvm exec` can join it).
@@ -250,21 +292,43 @@ impl RunGuard {
         self.save()
     }
 
-    /// Saves what the runner knows; the name is the store's (`mvm rename` changes it there).
+    /// Saves what the runner knows; the name and a stop by the user are the store's (`mvm
+    /// rename` and `mvm stop` change them there).
     fn save(&mut self) -> Result<(), StateError> {
         let mine = self.record.clone();
         let saved = self.store.update(&self.record.id, |r| {
             let name = std::mem::take(&mut r.name);
-            *r = ContainerRecord { name, ..mine };
+            let stopped_by_user = r.stopped_by_user;
+            *r = ContainerRecord {
+                name,
+                stopped_by_user,
+                ..mine
+            };
         })?;
         self.record = saved;
         Ok(())
     }
 
-    /// The container exited with `code`.
+    /// The container exited with `code`: it shows as exited, or as restarting when its restart
+    /// policy runs it again (decided here, so no reader ever sees it exited in between).
     pub fn exited(&mut self, code: i32) {
         self.record.exit_code = Some(code);
-        self.finish();
+        let again = self.restart.any()
+            && !self.told_to_stop()
+            && self
+                .restart
+                .restarts(code, self.record.restart_count, false);
+        if !again {
+            self.finish();
+            return;
+        }
+        self.record.status = Status::Restarting;
+        self.record.finished = Some(now());
+        self.record.process_pid = None;
+        self.record.cgroup_dirs.clear();
+        if let Err(e) = self.save() {
+            log::warn!("cannot record the exit of {}: {e}", self.record.name);
+        }
     }
 
     fn finish(&mut self) {
@@ -293,6 +357,17 @@ impl Drop for RunGuard {
         }
         self.finish();
         clean_run_dir(&self.dir);
+    }
+}
+
+/// Whether this process got SIGINT or SIGTERM while no container ran: blocked and pending (a
+/// container or process on the host), or recorded by the handler (a VM).
+fn signalled(isolation: Isolation) -> bool {
+    match isolation {
+        Isolation::Vm => vmm::signals::received().is_some(),
+        Isolation::Container | Isolation::Process => {
+            guest_agent::runtime::forwarded_signal_pending()
+        }
     }
 }
 
@@ -435,6 +510,49 @@ mod tests {
         let r = store.get("bg").unwrap();
         assert_eq!((r.status, r.process_pid), (Status::Exited, Some(1)));
         assert!(dir.join(SPEC_FILE).exists());
+    }
+
+    #[test]
+    fn a_restart_policy_shows_the_exit_as_restarting_until_the_user_stops_it() {
+        let root = tempfile::tempdir().unwrap();
+        let store = StateStore::open(root.path()).unwrap();
+        let mut guard = RunGuard::create(store.clone(), record("svc"), false).unwrap();
+        guard.restart_policy(RestartPolicy::OnFailure {
+            max_retries: Some(1),
+        });
+        guard.running(vec![], Some(7)).unwrap();
+        guard.exited(3);
+        let r = store.get("svc").unwrap();
+        assert!(guard.restarts());
+        assert_eq!(
+            (r.status, r.exit_code, r.process_pid),
+            (Status::Restarting, Some(3), None)
+        );
+        guard.running(vec![], Some(8)).unwrap();
+        let r = store.get("svc").unwrap();
+        assert_eq!(
+            (r.status, r.exit_code, r.restart_count),
+            (Status::Running, None, 1)
+        );
+        // The one restart it was allowed is spent.
+        guard.exited(3);
+        assert!(!guard.restarts());
+        assert_eq!(store.get("svc").unwrap().status, Status::Exited);
+
+        // `mvm stop` marks the record; the runner's own saves keep the mark, and it does not
+        // restart what the user stopped.
+        let mut guard = RunGuard::create(store.clone(), record("always"), false).unwrap();
+        guard.restart_policy(RestartPolicy::Always);
+        guard.running(vec![], Some(9)).unwrap();
+        store
+            .update(&guard.record().id, |r| r.stopped_by_user = true)
+            .unwrap();
+        guard.cgroups(vec![]).unwrap();
+        assert!(store.get("always").unwrap().stopped_by_user);
+        guard.exited(143);
+        assert!(!guard.restarts());
+        let r = store.get("always").unwrap();
+        assert_eq!((r.status, r.restart_count), (Status::Exited, 0));
     }
 
     #[test]

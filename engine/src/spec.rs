@@ -21,6 +21,7 @@ use crate::dns::Dns;
 use crate::error::{bad_input, Error};
 use crate::logs::LogOptions;
 use crate::portfwd::PortMapping;
+pub use crate::restart::RestartPolicy;
 use crate::state;
 pub use crate::state::Isolation;
 use crate::units::format_size;
@@ -190,6 +191,10 @@ pub struct RunSpec {
     /// Run in the background: return the id once the container runs.
     #[serde(default)]
     pub detach: bool,
+    /// When the background runner starts the container again after it exits (`--restart`,
+    /// with `-d`).
+    #[serde(default)]
+    pub restart: RestartPolicy,
     /// Keep the container's stdin open and feed it this process's (`-i`).
     #[serde(default)]
     pub interactive: bool,
@@ -229,6 +234,7 @@ impl RunSpec {
             timeout: None,
             remove: false,
             detach: false,
+            restart: RestartPolicy::No,
             interactive: false,
             tty: false,
             dns: Dns::default(),
@@ -285,6 +291,7 @@ impl RunSpec {
             Source::Rootfs { .. } => {}
         }
         self.validate_limits()?;
+        self.validate_restart()?;
         self.dns.validate()?;
         self.security
             .validate()
@@ -307,6 +314,25 @@ impl RunSpec {
             },
             Isolation::Process => Ok(()),
         }
+    }
+
+    fn validate_restart(&self) -> Result<(), Error> {
+        if !self.restart.any() {
+            return Ok(());
+        }
+        if !self.detach {
+            return Err(bad_input(format!(
+                "--restart {}: the background runner keeps the policy: add -d",
+                self.restart
+            )));
+        }
+        if self.remove {
+            return Err(bad_input(format!(
+                "--restart {} and --rm conflict: a container that restarts is not removed when it exits",
+                self.restart
+            )));
+        }
+        Ok(())
     }
 
     fn validate_limits(&self) -> Result<(), Error> {
@@ -437,8 +463,11 @@ mod tests {
                 ..Security::default()
             },
             timeout: Some(Duration::from_millis(1500)),
-            remove: true,
+            remove: false,
             detach: true,
+            restart: RestartPolicy::OnFailure {
+                max_retries: Some(3),
+            },
             interactive: true,
             tty: true,
             dns: Dns {
@@ -511,6 +540,8 @@ mod tests {
             s.dns.servers = vec!["127.0.0.53".parse().unwrap()];
         })
         .contains("loopback"));
+        assert!(refused(&|s| s.remove = true).contains("--rm conflict"));
+        assert!(refused(&|s| s.detach = false).contains("add -d"));
         refused(&|s| s.limits.cpus = Some(0.0));
         refused(&|s| s.limits.pids_max = Some(0));
         refused(&|s| s.security.cap_add = vec!["NOT_A_CAP".into()]);

@@ -109,6 +109,8 @@ pub enum Status {
     Created,
     /// Its process is running.
     Running,
+    /// Its process exited and the runner starts it again (`--restart`).
+    Restarting,
     /// It ended.
     Exited,
 }
@@ -159,6 +161,12 @@ pub struct ContainerRecord {
     /// Tap devices the VM uses, removed by `rm` when the runner died without cleaning up.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// How many times the runner started it again (`--restart`).
+    #[serde(default)]
+    pub restart_count: u32,
+    /// `mvm stop` (or `rm -f`) ended it: the runner does not restart it.
+    #[serde(default)]
+    pub stopped_by_user: bool,
 }
 
 impl ContainerRecord {
@@ -189,13 +197,15 @@ impl ContainerRecord {
             started: None,
             finished: None,
             taps: Vec::new(),
+            restart_count: 0,
+            stopped_by_user: false,
         }
     }
 
     /// The status as seen now: a running record whose process is gone counts as exited.
     pub fn live_status(&self) -> Status {
         match (self.status, self.pid) {
-            (Status::Running | Status::Created, Some(pid))
+            (Status::Running | Status::Restarting | Status::Created, Some(pid))
                 if !process_alive(pid, self.pid_start) =>
             {
                 Status::Exited

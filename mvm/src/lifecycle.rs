@@ -209,11 +209,12 @@ impl PsFilter {
                 Some(("status", v)) => f.statuses.push(match v {
                     "created" => Status::Created,
                     "running" => Status::Running,
+                    "restarting" => Status::Restarting,
                     "exited" => Status::Exited,
                     _ => {
                         return Err(format!(
-                            "invalid filter {text:?}: status is created, running or exited"
-                        ))
+                        "invalid filter {text:?}: status is created, running, restarting or exited"
+                    ))
                     }
                 }),
                 _ => {
@@ -230,7 +231,7 @@ impl PsFilter {
     fn matches(&self, r: &ContainerRecord, all: bool) -> bool {
         let status = r.live_status();
         let status_ok = if self.statuses.is_empty() {
-            all || status == Status::Running
+            all || matches!(status, Status::Running | Status::Restarting)
         } else {
             self.statuses.contains(&status)
         };
@@ -263,24 +264,26 @@ pub fn human_duration(secs: u64) -> String {
     }
 }
 
-/// `Up 3 minutes`, `Exited (0) 2 seconds ago`, `Created`.
+/// `Up 3 minutes`, `Exited (0) 2 seconds ago`, `Restarting (3) 1 second ago`, `Created`.
 fn status_text(r: &ContainerRecord, now: u64) -> String {
+    let ended = |word: &str, code: Option<i32>| {
+        let code = code.map_or("unknown".to_string(), |c| c.to_string());
+        match r.finished {
+            Some(t) => format!(
+                "{word} ({code}) {} ago",
+                human_duration(now.saturating_sub(t))
+            ),
+            None => format!("{word} ({code})"),
+        }
+    };
     match (r.live_status(), r.exit_code) {
         (Status::Created, _) => "Created".into(),
         (Status::Running, _) => {
             let since = r.started.unwrap_or(r.created);
             format!("Up {}", human_duration(now.saturating_sub(since)))
         }
-        (Status::Exited, code) => {
-            let code = code.map_or("unknown".to_string(), |c| c.to_string());
-            match r.finished {
-                Some(t) => format!(
-                    "Exited ({code}) {} ago",
-                    human_duration(now.saturating_sub(t))
-                ),
-                None => format!("Exited ({code})"),
-            }
-        }
+        (Status::Restarting, code) => ended("Restarting", code),
+        (Status::Exited, code) => ended("Exited", code),
     }
 }
 
@@ -288,6 +291,7 @@ fn state_text(r: &ContainerRecord) -> &'static str {
     match r.live_status() {
         Status::Created => "created",
         Status::Running => "running",
+        Status::Restarting => "restarting",
         Status::Exited => "exited",
     }
 }
@@ -352,6 +356,7 @@ fn ps_json(r: &ContainerRecord, now: u64) -> String {
         "Ports": ports_text(r),
         "State": state_text(r),
         "Status": status_text(r, now),
+        "RestartCount": r.restart_count,
         "Isolation": r.isolation,
     })
     .to_string()
@@ -621,6 +626,23 @@ mod tests {
         assert_eq!(json["State"], "running");
         assert_eq!(json["Status"], "Up About a minute");
         assert_eq!(json["Ports"], "127.0.0.1:8080->80/tcp");
+    }
+
+    #[test]
+    fn a_restarting_container_is_listed_with_its_last_exit_and_restarts() {
+        let mut r = record("svc", Status::Restarting, me());
+        (r.exit_code, r.finished, r.restart_count) = (Some(3), Some(1990), 2);
+        assert_eq!(status_text(&r, 2000), "Restarting (3) 10 seconds ago");
+        assert!(lifecycle::is_live(&r));
+        assert!(PsFilter::parse(&[]).unwrap().matches(&r, false));
+        let json: serde_json::Value = serde_json::from_str(&ps_json(&r, 2000)).unwrap();
+        assert_eq!(
+            (&json["State"], &json["RestartCount"]),
+            (&"restarting".into(), &2.into())
+        );
+        // Its runner gone, it is exited.
+        r.pid = Some(i32::MAX);
+        assert_eq!(status_text(&r, 2000), "Exited (3) 10 seconds ago");
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Run in the background and print the container id.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// With -d, start the container again when it exits: no, on-failure[:N] (at most N
+    /// times), always or unless-stopped (as always: there is no daemon). mvm stop ends it.
+    #[arg(long, value_name = "POLICY", default_value = "no")]
+    pub restart: String,
     /// Keep stdin open and feed it to the container.
     #[arg(short = 'i', long)]
     pub interactive: bool,
@@ -231,6 +235,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
             .map_err(|e| bad_input(e.to_string()))?,
         remove: args.rm,
         detach: args.detach,
+        restart: args.restart.parse().map_err(engine_err)?,
         interactive: args.interactive,
         tty: args.tty,
         dns: dns(args)?,

@@ -23,9 +23,13 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         _ => RuntimeNetwork::None,
     };
     let (upper, work) = (dir.join("upper"), dir.join("work"));
-    for d in [&upper, &work] {
-        std::fs::create_dir(d).map_err(io_error("create", d))?;
+    // A restart (`--restart`) keeps the writable layer of the run before.
+    match std::fs::create_dir(&upper) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && run.is_restart() => {}
+        Err(e) => return Err(io_error("create", &upper)(e)),
+        Ok(()) => {}
     }
+    std::fs::create_dir(&work).map_err(io_error("create", &work))?;
     let container = ContainerSpec {
         // The name: it names the cgroup and is the default hostname.
         id: run.guard.record().name.clone(),

@@ -34,20 +34,27 @@ pub(super) struct Run<'a> {
     /// The first process.
     pub process: Process,
     /// The record, while the container runs.
-    pub guard: RunGuard,
+    pub guard: &'a mut RunGuard,
     /// Whether this is the background runner.
     pub runner: bool,
+    /// The runner's first run: it tells the parent once the container runs (a restart does not).
+    pub announce: bool,
 }
 
 impl Run<'_> {
     /// The container runs: records it (with its first process's host pid, if it has one) and,
-    /// in the runner, tells the parent.
+    /// in the runner's first run, tells the parent.
     pub fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
         self.guard.running(taps, process_pid)?;
-        if self.runner {
+        if self.announce {
             runner::announce_ready(&self.guard.record().id, self.guard.dir())?;
         }
         Ok(())
+    }
+
+    /// Whether the runner runs the container again (`--restart`).
+    pub fn is_restart(&self) -> bool {
+        self.runner && !self.announce
     }
 
     /// The container log (echoed to the terminal in the foreground), rotating as the spec says.
@@ -85,7 +92,7 @@ impl Run<'_> {
     }
 
     /// The container exited with `code`: records it.
-    pub fn exited(mut self, code: i32, oom_killed: bool) -> Exit {
+    pub fn exited(self, code: i32, oom_killed: bool) -> Exit {
         self.guard.exited(code);
         Exit {
             name: self.guard.record().name.clone(),

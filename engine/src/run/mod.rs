@@ -5,7 +5,7 @@
 //!    spec; the image config and the spec's overrides give the command ([`command::resolve`]).
 //! 3. The container is registered ([`RunGuard`]: one record, one name namespace, one id
 //!    generator for every isolation) and the spec written next to its record.
-//! 4. With `-d` the runner takes it from there ([`runner`]); else this process runs it: in a
+//! 4. With `-d` the runner takes it from there ([`runner`]; it also keeps `--restart`); else this process runs it: in a
 //!    microVM ([`vm`]), a container on the host ([`container`]) or a plain process ([`process`]),
 //!    its output going to the container log and the terminal ([`crate::logs`]).
 
@@ -15,11 +15,13 @@ mod process;
 mod vm;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use guest_agent::runtime::{command, spec::SpecError, ImageConfig, Process};
 
 use crate::error::{bad_input, Error};
 use crate::image;
+use crate::restart::Backoff;
 use crate::runner::{self, RunGuard, RUNNER_ENV};
 use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
@@ -59,28 +61,73 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
             crate::terminal::block_winch()?;
         }
     }
-    let guard = RunGuard::create(store, record, spec.remove)?;
+    let mut guard = RunGuard::create(store, record, spec.remove)?;
     runner::write_spec(guard.dir(), &spec)?;
     if spec.detach {
         return runner::detach(guard).map(RunOutcome::Detached);
     }
-    execute(root, &spec, rootfs.dir, process, guard, false).map(RunOutcome::Exited)
+    execute(
+        root,
+        &spec,
+        rootfs.dir,
+        process,
+        &mut guard,
+        Caller::Foreground,
+    )
+    .map(RunOutcome::Exited)
 }
 
 /// The runner's side of `-d` (see [`runner`]): takes over the container registered in `dir`
-/// and runs its spec (the image is the one the spec pins); returns the container's exit code.
+/// and runs its spec (the image is the one the spec pins), again after each exit as its
+/// `--restart` policy says ([`crate::restart`]); returns the container's last exit code. A run
+/// that fails to start ends the runner with its error.
 pub fn resume(dir: &Path) -> Result<i32, Error> {
     let (store, id) = StateStore::of_container_dir(dir)
         .ok_or_else(|| bad_input(format!("{RUNNER_ENV}={}: not a container", dir.display())))?;
     let record = store.load(&id)?;
     let mut spec = runner::read_spec(dir)?;
     take_signals(spec.isolation)?;
-    let guard = RunGuard::adopt(store.clone(), record, spec.remove)?;
+    let mut guard = RunGuard::adopt(store.clone(), record, spec.remove)?;
     let root = store.root();
     let rootfs = resolve_source(root, &mut spec.source)?;
     let process = resolve_process(&spec, &rootfs.config)?;
-    execute(root, &spec, rootfs.dir, process, guard, true).map(|exit| exit.code)
+    guard.restart_policy(spec.restart);
+    let mut backoff = Backoff::default();
+    let mut caller = Caller::Runner { first: true };
+    loop {
+        let began = Instant::now();
+        let exit = execute(
+            root,
+            &spec,
+            rootfs.dir.clone(),
+            process.clone(),
+            &mut guard,
+            caller,
+        )?;
+        if !guard.restarts() {
+            return Ok(exit.code);
+        }
+        caller = Caller::Runner { first: false };
+        guard.clean_between_runs();
+        let delay = backoff.next(began.elapsed());
+        log::info!(
+            "{} exited with code {}: restarting in {delay:?} (--restart {})",
+            exit.name,
+            exit.code,
+            spec.restart
+        );
+        let until = Instant::now() + delay;
+        while Instant::now() < until {
+            if guard.told_to_stop() {
+                return Ok(exit.code);
+            }
+            std::thread::sleep(RESTART_POLL.min(until - Instant::now()));
+        }
+    }
 }
+
+/// How often a runner waiting to restart a container looks for a stop.
+const RESTART_POLL: Duration = Duration::from_millis(100);
 
 /// From here on SIGINT and SIGTERM no longer end this process at once, so every path goes
 /// through the record's cleanup: a VM's handler records them (the VM ends with them, or the run
@@ -131,15 +178,27 @@ fn resolve_process(spec: &RunSpec, config: &ImageConfig) -> Result<Process, Erro
     Ok(process)
 }
 
-/// Runs the registered container in this process. `runner`: this is the background runner
-/// (no terminal; it tells its parent once the container runs).
+/// Who runs a container in this process.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    /// `mvm run` in the foreground, on the user's terminal.
+    Foreground,
+    /// The background runner (no terminal); on its `first` run it tells its parent once the
+    /// container runs.
+    Runner {
+        /// Not a restart.
+        first: bool,
+    },
+}
+
+/// Runs the registered container in this process, once.
 fn execute(
     root: &Path,
     spec: &RunSpec,
     rootfs: PathBuf,
     process: Process,
-    guard: RunGuard,
-    runner: bool,
+    guard: &mut RunGuard,
+    caller: Caller,
 ) -> Result<Exit, Error> {
     let run = Run {
         root,
@@ -147,7 +206,8 @@ fn execute(
         rootfs,
         process,
         guard,
-        runner,
+        runner: matches!(caller, Caller::Runner { .. }),
+        announce: matches!(caller, Caller::Runner { first: true }),
     };
     match spec.isolation {
         Isolation::Vm => vm::run(run),

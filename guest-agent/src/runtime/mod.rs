@@ -32,8 +32,8 @@ use std::path::PathBuf;
 
 pub use command::{ImageConfig, Overrides};
 pub use process::{
-    block_forwarded_signals, wait_forwarding_signals, Container, ContainerExit, Relay, StdioConfig,
-    StdioMode, FORWARDED_SIGNALS, TERM_DEFAULT,
+    block_forwarded_signals, forwarded_signal_pending, wait_forwarding_signals, Container,
+    ContainerExit, Relay, StdioConfig, StdioMode, FORWARDED_SIGNALS, TERM_DEFAULT,
 };
 pub use pty::TermSize;
 pub use spec::{ContainerSpec, Limits, Network, Process, Rootfs};

@@ -740,6 +740,20 @@ fn forwarded_set() -> libc::sigset_t {
     child::signal_set(false, &FORWARDED_SIGNALS)
 }
 
+/// Whether one of [`FORWARDED_SIGNALS`] was sent to this process and waits, blocked (see
+/// [`block_forwarded_signals`]), for the next [`wait_forwarding_signals`]: a process between
+/// two children (a runner about to restart one) asks whether it was told to end.
+pub fn forwarded_signal_pending() -> bool {
+    // SAFETY: sigset_t is plain data; sigemptyset below makes it a valid empty set.
+    let mut pending: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `pending` is valid storage for a set; sigpending only writes to it.
+    let ok = unsafe { libc::sigemptyset(&mut pending) == 0 && libc::sigpending(&mut pending) == 0 };
+    // SAFETY: sigismember only reads the set sigpending filled.
+    ok && FORWARDED_SIGNALS
+        .iter()
+        .any(|s| unsafe { libc::sigismember(&pending, *s) } == 1)
+}
+
 /// Blocks [`FORWARDED_SIGNALS`] in the calling thread so they queue for
 /// [`Container::wait_forwarding_signals`] (call it before starting other threads, so they
 /// inherit the mask). The container gets an unblocked mask.
