@@ -2,12 +2,15 @@
 //! run -it --rm --image busybox sh` gives a prompt, `stty size` matches the pane and follows a
 //! resize, Ctrl-C interrupts `sleep` and the shell stays, `exit 5` makes mvm exit 5 and the
 //! terminal is as it was; the same with `exec -it` into a `-d` container, whose shell the detach
-//! keys leave running. Around that container: `cp` both ways (a tree with a link, an executable
-//! and a nested directory; a link out of the container is not followed), `stats` (memory within
-//! 10% of what it allocated), `top`, and a name served by a DNS server this test starts on the
-//! host (Debian's dnsmasq) resolved through passt's forwarder with `--network user`.
+//! keys leave running, and with `attach` to that container's own shell. Around that container:
+//! `cp` both ways (a tree with a link, an executable and a nested directory; a link out of the
+//! container is not followed), `stats` (memory within 10% of what it allocated), `top`, and a
+//! name served by a DNS server this test starts on the host (Debian's dnsmasq) resolved through
+//! passt's forwarder with `--network user`.
 //!
-//! Two boots, one at a time (tens of seconds each on this host, where every guest system call
+//! A container that fails boots again as its `--restart on-failure:1` says (twice in all).
+//!
+//! Four boots, one at a time (tens of seconds each on this host, where every guest system call
 //! is emulated: the deadlines are generous). The tests skip with a reason without /dev/kvm,
 //! root, the test kernel, the static guest agent, tmux or Debian's package lists.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -302,6 +305,26 @@ fn a_detached_microvm_container_takes_exec_it_cp_stats_top_and_dns() {
         "the container's shell and the detached one: {procs}"
     );
 
+    // attach: the container's own shell on this terminal; the detach keys leave it running.
+    t.type_line(&format!("{MVM} --root {} attach box", s.root.display()));
+    t.type_line("echo attached-$((6*7))");
+    t.wait_line("attached-42", STEP);
+    t.keys(&["C-p", "C-q"]);
+    t.wait_for("detaching from attach", STEP, |sc| {
+        sc.matches("read escape sequence").count() == 2
+    });
+    t.type_line("echo attach-rc=$?");
+    t.wait_line("attach-rc=1", STEP);
+    assert_eq!(
+        settings(&t, "after-attach"),
+        before,
+        "attach left the terminal changed"
+    );
+    assert!(
+        s.top("box").lines().any(|l| l.ends_with(" sh")),
+        "attach ended the shell"
+    );
+
     // cp both ways.
     let src = s.dir.path().join("src");
     tree(&src);
@@ -384,4 +407,39 @@ fn a_detached_microvm_container_takes_exec_it_cp_stats_top_and_dns() {
         let _ = d;
     }
     s.ok(&["rm", "-f", "box"]);
+}
+
+#[test]
+fn a_failing_microvm_container_boots_again_as_its_restart_policy_says() {
+    let Some(s) = Setup::new() else { return };
+    let _one = boot_lock();
+    let started = Instant::now();
+    let out = Command::new(&s.run)
+        .args([
+            "-d",
+            "--name",
+            "flaky",
+            "--network",
+            "none",
+            "--restart",
+            "on-failure:1",
+            "--image",
+            "busybox",
+            "sh",
+            "-c",
+            "echo booted; exit 3",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    assert_eq!(s.ok(&["wait", "flaky"]).trim(), "3");
+    eprintln!("two boots took {:?}", started.elapsed());
+    let r: serde_json::Value = serde_json::from_str(&s.ok(&["inspect", "flaky"])).unwrap();
+    assert_eq!(
+        (&r["status"], &r["exit_code"], &r["restart_count"]),
+        (&"exited".into(), &3.into(), &1.into()),
+        "{r}"
+    );
+    assert_eq!(s.ok(&["logs", "flaky"]), "booted\nbooted\n");
+    s.ok(&["rm", "flaky"]);
 }
