@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use engine::compare::{Comparison, ModeReport};
 use engine::spec::Isolation;
 
-use super::rows::{column_title, digits, notes, sections, Chart, Row};
+use super::rows::{column_title, notes, sections, Chart, Row};
 use super::table::header;
 
 /// The bar colour of each mode (also in the table's column titles).
@@ -51,7 +51,7 @@ pub fn render(c: &Comparison) -> String {
     h.push_str("<h2>Cost</h2>\n<div class=\"charts\" id=\"charts\">\n");
     for r in all.iter().flat_map(|s| &s.rows) {
         if let Some(chart) = &r.chart {
-            h.push_str(&bar_chart(&r.label, chart, &c.modes));
+            h.push_str(&bar_chart(r, chart, &c.modes));
         }
     }
     h.push_str(
@@ -134,8 +134,10 @@ fn table_row(r: &Row) -> String {
     h
 }
 
-/// One horizontal bar per mode, on a linear scale from zero, each labelled with its value.
-fn bar_chart(title: &str, chart: &Chart, modes: &[ModeReport]) -> String {
+/// One horizontal bar per mode, on a linear scale from zero, each labelled with its value as the
+/// table shows it.
+fn bar_chart(row: &Row, chart: &Chart, modes: &[ModeReport]) -> String {
+    let title = row.label.as_str();
     const W: f64 = 380.0;
     const LABEL: f64 = 80.0;
     const BAR_MAX: f64 = 200.0;
@@ -159,10 +161,9 @@ fn bar_chart(title: &str, chart: &Chart, modes: &[ModeReport]) -> String {
         "<svg width=\"{W}\" height=\"{height}\" \
          role=\"img\" aria-label=\"{t}\">\n<text x=\"8\" y=\"18\" font-size=\"13\" \
          font-weight=\"bold\">{t}</text><text x=\"{x}\" y=\"18\" font-size=\"11\" \
-         text-anchor=\"end\" fill=\"#777\">{unit}, {better}</text>\n",
+         text-anchor=\"end\" fill=\"#777\">{better}</text>\n",
         t = esc(title),
         x = W - 8.0,
-        unit = esc(chart.unit),
     );
     for (i, (m, v)) in modes.iter().zip(&chart.values).enumerate() {
         let y = TOP + i as f64 * (BAR_H + GAP);
@@ -186,7 +187,7 @@ fn bar_chart(title: &str, chart: &Chart, modes: &[ModeReport]) -> String {
                     mode_color(m.isolation),
                     LABEL + w + 4.0,
                     y + 13.0,
-                    esc(&digits(*v)),
+                    esc(row.cells.get(i).map_or("", String::as_str)),
                 );
             }
             None => {

@@ -36,8 +36,6 @@ pub struct Row {
 pub struct Chart {
     /// One value per mode (`None`: not measured).
     pub values: Vec<Option<f64>>,
-    /// The unit the values are in (`ms`, `MiB`, `ns`, ...).
-    pub unit: &'static str,
     /// Whether more is better (throughput) or less (time, memory).
     pub higher_is_better: bool,
 }
@@ -331,15 +329,26 @@ fn limits(c: &Comparison) -> Vec<Row> {
         .collect()
 }
 
-/// The verdict of a count where fewer is better: "fewest: vm (0)".
+/// The verdict of a count where fewer is better: "fewest: vm (0)", every mode that ties named.
 fn fewest(c: &Comparison, values: &[Option<String>]) -> String {
-    let best = c
+    let counts: Vec<(String, u64)> = c
         .modes
         .iter()
         .zip(values)
         .filter_map(|(m, v)| Some((m.isolation.to_string(), v.as_deref()?.parse::<u64>().ok()?)))
-        .min_by_key(|(_, n)| *n);
-    best.map_or(String::new(), |(mode, n)| format!("fewest: {mode} ({n})"))
+        .collect();
+    let Some(min) = counts.iter().map(|(_, n)| *n).min() else {
+        return String::new();
+    };
+    if counts.len() < 2 {
+        return String::new();
+    }
+    let best: Vec<String> = counts
+        .into_iter()
+        .filter(|(_, n)| *n == min)
+        .map(|(m, _)| m)
+        .collect();
+    format!("fewest: {} ({min})", best.join(", "))
 }
 
 fn surface(c: &Comparison) -> Vec<Row> {
@@ -469,19 +478,22 @@ fn probes(c: &Comparison) -> Vec<Row> {
             r
         })
         .collect();
-    rows.push(row(
+    let mut total = row(
         c,
-        "allowed in all",
-        |m| Some(format!("{} of {}", m.allowed(), m.probes.len())),
-        |_| {
-            let best = c
-                .modes
-                .iter()
-                .filter(|m| m.status == ModeStatus::Ok)
-                .min_by_key(|m| m.allowed());
-            best.map_or(String::new(), |m| format!("fewest: {}", m.isolation))
-        },
-    ));
+        "allowed, of all probes",
+        |m| Some(m.allowed().to_string()),
+        |v| fewest(c, v),
+    );
+    total.cells = c
+        .modes
+        .iter()
+        .zip(&total.cells)
+        .map(|(m, cell)| match m.status {
+            ModeStatus::Ok => format!("{cell} of {}", m.probes.len()),
+            _ => cell.clone(),
+        })
+        .collect();
+    rows.push(total);
     rows
 }
 
@@ -506,7 +518,6 @@ fn kib_text(kib: f64) -> String {
 fn cost_row(
     c: &Comparison,
     label: &str,
-    unit: &'static str,
     higher_is_better: bool,
     value: impl Fn(&CostReport) -> Option<f64>,
     text: impl Fn(f64) -> String,
@@ -558,7 +569,6 @@ fn cost_row(
     }
     r.chart = Some(Chart {
         values,
-        unit,
         higher_is_better,
     });
     r
@@ -583,19 +593,11 @@ pub fn digits(v: f64) -> String {
 
 fn costs(c: &Comparison) -> Vec<Row> {
     let mut rows = vec![
-        cost_row(
-            c,
-            "start to first output",
-            "ms",
-            false,
-            |k| k.start_ms,
-            ms_text,
-        ),
-        cost_row(c, "run to exit", "ms", false, |k| k.exit_ms, ms_text),
+        cost_row(c, "start to first output", false, |k| k.start_ms, ms_text),
+        cost_row(c, "run to exit", false, |k| k.exit_ms, ms_text),
         cost_row(
             c,
             "host memory (PSS)",
-            "KiB",
             false,
             |k| k.memory_overhead_kib.map(|n| n as f64),
             kib_text,
@@ -603,7 +605,6 @@ fn costs(c: &Comparison) -> Vec<Row> {
         cost_row(
             c,
             "CPU loop vs process",
-            "x",
             true,
             |k| k.cpu_relative,
             |x| format!("{x:.2}x"),
@@ -611,7 +612,6 @@ fn costs(c: &Comparison) -> Vec<Row> {
         cost_row(
             c,
             "syscall (getppid)",
-            "ns",
             false,
             |k| k.syscall_ns,
             |n| {
@@ -625,26 +625,23 @@ fn costs(c: &Comparison) -> Vec<Row> {
         cost_row(
             c,
             "fork+exec+wait",
-            "/s",
             true,
             |k| k.fork_exec_per_s,
-            |n| format!("{n:.0}/s"),
+            |n| format!("{}/s", digits(n)),
         ),
         cost_row(
             c,
             "file write+fsync",
-            "MiB/s",
             true,
             |k| k.disk_write_mib_s,
-            |n| format!("{n:.0} MiB/s"),
+            |n| format!("{} MiB/s", digits(n)),
         ),
         cost_row(
             c,
             "TCP over loopback",
-            "MiB/s",
             true,
             |k| k.tcp_loopback_mib_s,
-            |n| format!("{n:.0} MiB/s"),
+            |n| format!("{} MiB/s", digits(n)),
         ),
     ];
     if let Some(r) = rows.get_mut(6) {
