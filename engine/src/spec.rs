@@ -214,6 +214,12 @@ pub struct RunSpec {
     /// Guest kernel arguments appended to mvm's own (`--isolation vm`).
     #[serde(default)]
     pub kernel_args: Option<String>,
+    /// Put mvm's static agent into the container, read-only at
+    /// [`guest_agent::guest::AGENT_IN_CONTAINER`]: bind-mounted from the host, or in a VM from
+    /// the guest's own agent. `mvm compare` runs its probe from there. A plain process runs it
+    /// from its host path and needs nothing.
+    #[serde(default)]
+    pub mount_agent: bool,
 }
 
 impl RunSpec {
@@ -241,6 +247,7 @@ impl RunSpec {
             log: LogOptions::default(),
             kernel: None,
             kernel_args: None,
+            mount_agent: false,
         }
     }
 
@@ -482,6 +489,7 @@ mod tests {
             },
             kernel: Some(dir.join("vmlinux")),
             kernel_args: Some("mvm.log=debug".into()),
+            mount_agent: true,
         }
     }
 

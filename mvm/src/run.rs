@@ -248,6 +248,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         },
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
+        mount_agent: false,
     })
 }
 
