@@ -94,7 +94,8 @@ pub struct MicroVmSpec {
     pub boot_timeout: Duration,
     /// The size of the container's terminal, when its spec asks for one.
     pub terminal: Option<TermSize>,
-    /// With user networking, the resolvers passt's DNS forwarder uses (the host's when empty).
+    /// With user networking, the resolvers passt advertises (its DHCP; the container's
+    /// resolv.conf is [`crate::dns`]'s).
     pub dns: Vec<IpAddr>,
 }
 
@@ -223,8 +224,8 @@ impl MicroVm {
                 network: spec.network.clone(),
                 vsock: Some(vsock.clone()),
                 rng: true,
-                dns_forward: (spec.network == NetworkMode::User)
-                    .then_some(crate::dns::USER_DNS_FORWARDER),
+                // Unused: see crate::dns.
+                dns_forward: None,
                 dns: spec.dns.clone(),
             },
         )?;

@@ -65,9 +65,9 @@ pub struct RunArgs {
     /// follows this terminal's).
     #[arg(short = 't', long)]
     pub tty: bool,
-    /// A DNS server for the container (repeatable), or `none` to keep the image's
-    /// /etc/resolv.conf. With --network user passt's forwarder passes queries on to it from the
-    /// host (the host's resolvers by default).
+    /// A DNS server for the container (repeatable; the host's non-loopback resolvers by
+    /// default), or `none` to keep the image's /etc/resolv.conf. With --network user queries
+    /// reach it from the host, through passt.
     #[arg(long = "dns", value_name = "IP")]
     pub dns: Vec<String>,
     /// Add a line to the container's /etc/hosts: NAME:IP (IP may be host-gateway).
