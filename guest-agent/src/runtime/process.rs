@@ -785,6 +785,30 @@ mod tests {
     use super::*;
     use crate::runtime::spec::{Limits, Process};
 
+    #[test]
+    fn a_blocked_forwarded_signal_shows_as_pending_until_taken() {
+        // In a thread of its own: the signal is sent to that thread only, which blocks it.
+        std::thread::spawn(|| {
+            block_forwarded_signals().unwrap();
+            assert!(!forwarded_signal_pending());
+            // SAFETY: pthread_kill to this very thread, whose mask blocks SIGHUP.
+            let sent = unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+            assert_eq!(sent, 0);
+            assert!(forwarded_signal_pending());
+            let set = forwarded_set();
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid set and timeout; the siginfo is not asked for.
+            let taken = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) };
+            assert_eq!(taken, libc::SIGHUP);
+            assert!(!forwarded_signal_pending());
+        })
+        .join()
+        .unwrap();
+    }
+
     /// A read-only busybox root, or None (with the reason printed) where the test cannot run.
     fn busybox_root() -> Option<tempfile::TempDir> {
         // SAFETY: geteuid has no preconditions.
