@@ -5,13 +5,13 @@
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::BlockConfig;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
-use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
+use guest_agent::guest::{BootParams, MAIN_CONTAINER, MAIN_STREAM, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::ContainerSpec;
 use vmm::builder::{BuildError, VmBuilder};
@@ -19,6 +19,7 @@ use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
 use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
 
+use crate::control::Controlled;
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
@@ -101,6 +102,60 @@ impl MicroVmSpec {
     }
 }
 
+/// What the control socket may do to a microVM: signal its container through the agent, power
+/// it off. It learns the VM once it is built and that the container runs once it does.
+#[derive(Debug)]
+pub struct VmControl {
+    vsock: PathBuf,
+    handle: Mutex<Option<VmHandle>>,
+    running: AtomicBool,
+}
+
+impl VmControl {
+    /// The control of the VM whose vsock socket is `vsock`.
+    pub fn new(vsock: PathBuf) -> Self {
+        VmControl {
+            vsock,
+            handle: Mutex::new(None),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    fn built(&self, handle: VmHandle) {
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+}
+
+impl Controlled for VmControl {
+    fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        let conn = devices::virtio::vsock::host_connect(
+            &self.vsock,
+            AGENT_VSOCK_PORT,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| format!("cannot reach the guest agent: {e}"))?;
+        let mut client = AgentClient::open(conn).map_err(|e| format!("guest agent: {e}"))?;
+        client
+            .signal(MAIN_CONTAINER, MAIN_STREAM, signal)
+            .map_err(|e| format!("guest agent: {e}"))
+    }
+
+    fn terminate(&self) {
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.stop();
+        }
+    }
+}
+
 /// A started microVM whose container runs.
 pub struct MicroVm {
     handle: VmHandle,
@@ -134,8 +189,9 @@ fn last_console_line(path: &std::path::Path) -> String {
 }
 
 impl MicroVm {
-    /// Boots the VM, waits for its agent and starts the container.
-    pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
+    /// Boots the VM, waits for its agent and starts the container; `control` learns the VM as
+    /// soon as it is built and that the container runs once it does.
+    pub fn start(spec: &MicroVmSpec, control: &VmControl) -> Result<MicroVm, MicroVmError> {
         let boot = BootParams {
             rootfs: Some(ROOTFS_DEVICE.into()),
             port: Some(AGENT_VSOCK_PORT),
@@ -175,6 +231,7 @@ impl MicroVm {
             },
         )?;
         let handle = builder.handle();
+        control.built(handle.clone());
         let vm = builder.start()?;
         let (exit_tx, exit_rx) = mpsc::channel();
         thread::Builder::new()
@@ -222,6 +279,7 @@ impl MicroVm {
             .map(|m| PortForwarder::start(*m, &vsock))
             .collect::<Result<Vec<_>, _>>()
             .inspect_err(|_| stop_and_wait())?;
+        control.running.store(true, Ordering::SeqCst);
         let timed_out = Arc::new(AtomicBool::new(false));
         if let Some(limit) = spec.timeout {
             let (handle, flag) = (handle.clone(), timed_out.clone());

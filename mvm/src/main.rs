@@ -81,10 +81,11 @@ fn main() {
 
 /// Parses the command line, runs the command and returns the process exit code.
 fn run_main() -> i32 {
-    // The background runner of `run -d` (see `engine::runner`): no command line to parse.
-    if let Some(dir) = engine::runner::requested() {
+    // The runner of a microVM or of `run -d` (see `engine::runner`): no command line to parse.
+    if let Some(runner) = engine::runner::requested() {
         init_logging();
-        return report(engine::run::resume(&dir).map_err(from_engine));
+        let exit = engine::run::resume(&runner.dir, runner.foreground).map_err(from_engine);
+        return report(exit.map(|e| run::report_exit(&e, None)));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -239,21 +239,20 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
             outln!("{id}");
             Ok(0)
         }
-        RunOutcome::Exited(Exit {
-            name,
-            code,
-            oom_killed,
-        }) => {
-            if oom_killed {
-                let limit =
-                    memory_limit.map_or(String::new(), |m| format!(" (limit {})", format_size(m)));
-                eprintln!(
-                    "mvm: container {name}: a process was killed for running out of memory{limit}"
-                );
-            }
-            Ok(code)
-        }
+        RunOutcome::Exited(exit) => Ok(report_exit(&exit, memory_limit)),
     }
+}
+
+/// How a run ended, for the user: a line when the OOM killer struck; returns the exit code.
+pub fn report_exit(exit: &Exit, memory_limit: Option<u64>) -> i32 {
+    if exit.oom_killed {
+        let limit = memory_limit.map_or(String::new(), |m| format!(" (limit {})", format_size(m)));
+        eprintln!(
+            "mvm: container {}: a process was killed for running out of memory{limit}",
+            exit.name
+        );
+    }
+    exit.code
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! container through the agent and streams its output.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::virtio::block::BlockConfig;
@@ -16,7 +17,7 @@ use super::context::{Exit, Run};
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::image;
 use crate::logs::LogSink;
-use crate::microvm::{MicroVm, MicroVmSpec};
+use crate::microvm::{MicroVm, MicroVmSpec, VmControl};
 use crate::units::parse_duration;
 
 /// How long a guest may take to boot to its agent without `MVM_BOOT_TIMEOUT`.
@@ -156,12 +157,14 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         let msg = format!("stopped by signal {sig} before the VM started");
         return Err(CommandExit(128 + sig, msg).into());
     }
-    let vm = MicroVm::start(&vm_spec)?;
+    let control = Arc::new(VmControl::new(vm_spec.vsock_path()));
+    let _server = run.serve_control(control.clone());
+    let vm = MicroVm::start(&vm_spec, &control)?;
     run.started(
         vm.tap_name().map(str::to_string).into_iter().collect(),
         None,
     )?;
-    let mut sink = LogSink::new(&run.log_path(), !run.runner)?;
+    let mut sink = LogSink::new(&run.log_path(), !run.detached)?;
     let code = vm.wait(&mut sink)?;
     Ok(run.exited(code, false))
 }
