@@ -218,6 +218,7 @@ impl MicroVm {
             path: spec.rootfs_disk.clone(),
             read_only: true,
             serial: Some("mvm-rootfs".into()),
+            limits: Default::default(),
         }];
         disks.extend(spec.volumes.iter().cloned());
         let vsock = spec.vsock_path();
@@ -228,6 +229,7 @@ impl MicroVm {
                 network: spec.network.clone(),
                 vsock: Some(vsock.clone()),
                 rng: true,
+                net_limit: Default::default(),
             },
         )?;
         let handle = builder.handle();

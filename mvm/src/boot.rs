@@ -83,6 +83,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         network,
         vsock: args.vsock.clone(),
         rng: args.rng,
+        net_limit: Default::default(),
     };
     let mut builder = VmBuilder::new(cfg).map_err(|e| {
         if e.is_bad_input() {

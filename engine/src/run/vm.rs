@@ -222,6 +222,7 @@ fn volume_disks(volumes: &[BindMount], run_dir: &Path) -> Result<VolumeDisks, Er
             path,
             read_only: v.readonly,
             serial: Some(format!("mvm-volume-{i}")),
+            limits: Default::default(),
         });
         params.push(VolumeParam {
             dev: dev.clone(),
