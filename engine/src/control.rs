@@ -170,7 +170,8 @@ enum StopStep {
 /// The server: a thread that answers one connection at a time. Dropping it stops the thread
 /// and removes the socket.
 pub struct ControlServer {
-    path: PathBuf,
+    /// The socket file this server removes when it goes (none: its owner removes it).
+    path: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -184,10 +185,11 @@ impl std::fmt::Debug for ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (a stale socket there is replaced) and serves `target` on a new thread.
+    /// Binds `path` (a stale socket there is replaced) and serves `target` on a new thread;
+    /// the socket goes with the server.
     pub fn start(path: &Path, target: Arc<dyn Controlled>) -> io::Result<ControlServer> {
         let listener = Self::bind(path)?;
-        Self::serve(path, listener, target)
+        Self::serve(listener, target, Some(path))
     }
 
     /// Binds `path` without serving it yet (a stale socket there is replaced).
@@ -202,19 +204,34 @@ impl ControlServer {
         Ok(listener)
     }
 
-    /// Serves `target` on `listener` (bound at `path`) on a new thread.
+    /// Serves `target` on `listener` on a new thread, confined by the control thread's seccomp
+    /// filter where the process has turned filtering on; returns once it serves. `remove`: the
+    /// socket file to remove when the server goes.
     pub fn serve(
-        path: &Path,
         listener: UnixListener,
         target: Arc<dyn Controlled>,
+        remove: Option<&Path>,
     ) -> io::Result<ControlServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve_loop(&listener, target.as_ref(), &flag))?;
+            .spawn(move || {
+                let confined = vmm::seccomp::confine(vmm::seccomp::ThreadKind::Control);
+                let ok = confined.is_ok();
+                let _ = ready_tx.send(confined);
+                if ok {
+                    serve_loop(&listener, target.as_ref(), &flag);
+                }
+            })?;
+        match ready_rx.recv_timeout(IO_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => return Err(io::Error::other("the control thread did not start")),
+        }
         Ok(ControlServer {
-            path: path.to_path_buf(),
+            path: remove.map(Path::to_path_buf),
             stop,
             thread: Some(thread),
         })
@@ -227,7 +244,9 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

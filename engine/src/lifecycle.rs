@@ -315,6 +315,7 @@ fn clean_dead(store: &StateStore, r: &ContainerRecord) {
             }
         }
     }
+    crate::confine::cgroup::remove_leftover(&r.vmm_cgroup_dirs);
     crate::runner::clean_run_dir(&store.container_dir(&r.id));
 }
 

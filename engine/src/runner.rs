@@ -378,6 +378,13 @@ impl RunGuard {
         self.store.save(&self.record)
     }
 
+    /// Records a microVM's VMM process and its cgroup.
+    pub fn vmm(&mut self, pid: i32, cgroup_dirs: Vec<PathBuf>) -> Result<(), StateError> {
+        self.record.vmm_pid = Some(pid);
+        self.record.vmm_cgroup_dirs = cgroup_dirs;
+        self.store.save(&self.record)
+    }
+
     /// Records where the container's cgroup is (so `mvm exec` can join it).
     pub fn cgroups(&mut self, dirs: Vec<PathBuf>) -> Result<(), StateError> {
         self.record.cgroup_dirs = dirs;

@@ -81,6 +81,19 @@ fn main() {
 
 /// Parses the command line, runs the command and returns the process exit code.
 fn run_main() -> i32 {
+    // A VMM process started by its supervisor (see `engine::confine`).
+    if let Some(request) = engine::confine::vmm_request() {
+        init_logging();
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return report(Err(e.into())),
+        };
+        return match request.kind.as_str() {
+            "run" => report(engine::run::vmm_main(&request).map_err(from_engine)),
+            "boot" => report(boot::vmm_main(&request)),
+            other => report(Err(anyhow::anyhow!("unknown VMM job {other:?}"))),
+        };
+    }
     // The runner of a microVM or of `run -d` (see `engine::runner`): no command line to parse.
     if let Some(runner) = engine::runner::requested() {
         init_logging();
@@ -105,7 +118,7 @@ fn run_main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
-        Command::Boot(args) => boot::run(&args),
+        Command::Boot(args) => boot::run(&root_dir(cli.root), &args),
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
         Command::Run(args) => run::run(&root_dir(cli.root), &args),

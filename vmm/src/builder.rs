@@ -387,9 +387,14 @@ impl RunningVm {
 
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
     /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended. The thread
-    /// is confined by the device filter first; then the vCPUs run, unless they are held.
+    /// is confined by the device filter first (unless it already is); then the vCPUs run,
+    /// unless they are held.
     pub fn wait(mut self) -> VmExit {
-        if let Err(e) = seccomp::confine(ThreadKind::Device) {
+        let confined = match seccomp::current() {
+            Some(ThreadKind::Device) => Ok(()),
+            _ => seccomp::confine(ThreadKind::Device),
+        };
+        if let Err(e) = confined {
             self.exit.record(VmExit::EventLoop(format!("{e}")));
             self.stop_vcpus();
             return self.exit.exit().unwrap_or(VmExit::Stopped);

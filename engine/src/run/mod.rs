@@ -29,6 +29,7 @@ use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
+pub use vm::{vmm_main, RunJob};
 
 /// How a run ended for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,16 +101,11 @@ pub fn resume(dir: &Path, foreground: bool) -> Result<Exit, Error> {
 }
 
 /// From here on SIGINT and SIGTERM no longer end this process at once, so every path goes
-/// through the record's cleanup: a VM's handler records them (the VM ends with them, or the run
-/// stops before the VM starts); a container or process gets them forwarded, so they are blocked
-/// here (before any thread starts, so every thread keeps them blocked) for its wait.
-fn take_signals(isolation: Isolation) -> Result<(), Error> {
-    match isolation {
-        Isolation::Vm => vmm::signals::install(),
-        Isolation::Container | Isolation::Process => {
-            guest_agent::runtime::block_forwarded_signals()?;
-        }
-    }
+/// through the record's cleanup: they are blocked here (before any thread starts, so every
+/// thread keeps them blocked) and forwarded to what runs the container: a VM's VMM process
+/// (which ends the VM with them, or stops before the VM starts), a container or process.
+fn take_signals(_isolation: Isolation) -> Result<(), Error> {
+    guest_agent::runtime::block_forwarded_signals()?;
     Ok(())
 }
 

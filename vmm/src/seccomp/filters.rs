@@ -129,6 +129,8 @@ pub const COMMON: &[Rule] = &[
     any(libc::SYS_rt_sigreturn),
     any(libc::SYS_rt_sigprocmask),
     any(libc::SYS_sigaltstack),
+    // Debug builds of Rust's std check that a descriptor is open before closing it.
+    when(libc::SYS_fcntl, &[eq(1, int(libc::F_GETFD))]),
     // The SIGSYS report (getpid, gettid, tgkill) and the vCPU kick.
     any(libc::SYS_getpid),
     any(libc::SYS_gettid),
@@ -175,6 +177,8 @@ pub const VCPU: &[Rule] = &[
     // are duplicated for the event loop, a tap gets its offloads.
     when(libc::SYS_ioctl, &[eq(1, TUNSETOFFLOAD)]),
     when(libc::SYS_fcntl, &[eq(1, int(libc::F_DUPFD_CLOEXEC))]),
+    // A vsock device reset by the guest (on this thread) unregisters its connections.
+    any(libc::SYS_epoll_ctl),
     // Eventfds.
     any(libc::SYS_read),
 ];
@@ -210,6 +214,10 @@ pub const DEVICE: &[Rule] = &[
     when(libc::SYS_ioctl, &[eq(1, TUNSETOFFLOAD)]),
     // Rate limiters' timers.
     any(libc::SYS_timerfd_settime),
+    // Answered ENOSYS by a filter of their own (see [`enosys`]); allowed here so that answer
+    // wins.
+    any(libc::SYS_unlink),
+    any(libc::SYS_unlinkat),
     // passt's end with the network device.
     when(libc::SYS_kill, &[eq(1, int(libc::SIGKILL))]),
     any(libc::SYS_wait4),
@@ -225,6 +233,8 @@ pub const RUNNER: &[Rule] = &[
     any(libc::SYS_getsockname),
     // The VM's end: the event loop's thread is joined, passt reaped.
     any(libc::SYS_wait4),
+    // A detached run's own output goes to its log once the container runs.
+    any(libc::SYS_dup2),
 ];
 
 /// The control socket's server.
@@ -253,6 +263,9 @@ pub fn rules(kind: ThreadKind) -> Vec<Rule> {
 pub fn enosys(kind: ThreadKind) -> &'static [i64] {
     match kind {
         ThreadKind::Runner | ThreadKind::Relay => &[libc::SYS_clone3],
+        // The vsock device removes its socket when the VM is dropped; a confined VMM may not
+        // remove files, so its supervisor does.
+        ThreadKind::Device => &[libc::SYS_unlink, libc::SYS_unlinkat],
         _ => &[],
     }
 }

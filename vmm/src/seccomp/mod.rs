@@ -97,6 +97,10 @@ pub struct Filter {
     program: BpfProgram,
     /// The calls answered ENOSYS ([`filters::enosys`]), a filter of their own.
     enosys: Option<BpfProgram>,
+    /// Kills the process when the SIGSYS report raises SIGSYS again: the VMM is PID 1 of its
+    /// pid namespace, where a signal it sends itself with the default action is ignored, so the
+    /// kernel ends it instead.
+    kill: BpfProgram,
 }
 
 impl Filter {
@@ -112,7 +116,7 @@ impl Filter {
 
     /// Its size in BPF instructions.
     pub fn instructions(&self) -> usize {
-        self.program.len() + self.enosys.as_ref().map_or(0, Vec::len)
+        self.program.len() + self.enosys.as_ref().map_or(0, Vec::len) + self.kill.len()
     }
 }
 
@@ -189,11 +193,33 @@ fn compile_kind(kind: ThreadKind) -> Result<Filter, SeccompError> {
             Some(filter.try_into().map_err(compile_err)?)
         }
     };
+    let raise = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(libc::SIGSYS.unsigned_abs()),
+    )
+    .map_err(compile_err)?;
+    let kill = SeccompFilter::new(
+        [(
+            libc::SYS_tgkill,
+            vec![SeccompRule::new(vec![raise]).map_err(compile_err)?],
+        )]
+        .into_iter()
+        .collect(),
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        TargetArch::x86_64,
+    )
+    .map_err(compile_err)?
+    .try_into()
+    .map_err(compile_err)?;
     Ok(Filter {
         kind,
         syscalls,
         program,
         enosys,
+        kill,
     })
 }
 
@@ -238,6 +264,7 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
     if let Some(p) = &filter.enosys {
         install(p)?;
     }
+    install(&filter.kill)?;
     install(&filter.program)
 }
 

@@ -2,7 +2,9 @@
 //! SIGSYS; the handler writes one line to stderr naming the call and the thread, and the
 //! process dies of SIGSYS. The handler only formats into a stack buffer and makes calls every
 //! filter allows (`write`, `getpid`, `gettid`, `tgkill` with SIGSYS); it is installed with
-//! `SA_RESETHAND`, so the signal it sends itself takes the default action.
+//! `SA_RESETHAND`, so the signal it sends itself takes the default action. A process that is
+//! PID 1 of its pid namespace (a jailed VMM) ignores that signal; every thread's filters
+//! therefore kill the process outright when it raises SIGSYS (`Filter::kill`).
 
 use std::cell::Cell;
 use std::io;
@@ -106,7 +108,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let line = compose(thread_kind(), &NAME.with(Cell::get), i64::from(nr));
     // SAFETY: write, getpid, gettid and tgkill are async-signal-safe and every filter allows
     // them; the buffer lives on this stack. SA_RESETHAND made SIGSYS's action the default, so
-    // the signal ends the process.
+    // the signal ends the process; where it would not (PID 1), the filter kills it first.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
         libc::syscall(
