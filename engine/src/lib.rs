@@ -13,6 +13,8 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod confine;
+pub mod control;
 pub mod error;
 pub mod hostnet;
 pub mod image;

@@ -1,16 +1,19 @@
 //! What can be done to a registered container from any shell, whatever its isolation: list,
 //! logs, exec, stop, kill, remove and inspect (see [`crate::state`] and [`crate::runner`]).
 //!
-//! - A VM: there is no control socket. `exec`, `stop` and `kill` open their own agent session
-//!   over the VM's vsock socket (`<dir>/vsock.sock`; the agent serves several sessions) and
-//!   signal the container's first process there.
-//! - A container or a process on the host: signals go straight to its first process (a child of
-//!   the runner, named in the record); `exec` joins a container's namespaces and cgroup
+//! - `stop` and `kill` ask the process that owns the run through its control socket
+//!   (`<dir>/control.sock`, [`crate::control`]): it signals the container's first process (in a
+//!   VM through the agent) and, for `stop`, ends the run after the grace period. A run without
+//!   a control socket (one that never got to serve it) is stopped and signalled directly: a VM's
+//!   container through its own agent session over the VM's vsock socket, a container or process
+//!   on the host through its first process (a child of the runner, named in the record).
+//! - `exec` in a VM opens its own agent session (`<dir>/vsock.sock`; the agent serves several
+//!   sessions); in a container it joins its namespaces and cgroup
 //!   (`guest_agent::runtime::exec`). A plain process has nothing to exec into.
 //!
 //! When the container exits its runner records the exit code and tears down what it ran, so
 //! `stop` only waits for the runner process (pid and start time from the record) to end. If the
-//! container does not go, `stop` falls back to SIGTERM on the runner (which ends a VM through
+//! run does not end, `stop` falls back to SIGTERM on the runner (which ends a VM through
 //! `vmm::signals`), then SIGKILL; a runner that died without cleaning up (`kill -9`) is cleaned
 //! up after by `rm`.
 
@@ -25,6 +28,7 @@ use guest_agent::guest::{MAIN_CONTAINER, MAIN_STREAM};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::{self, Process, StdioConfig, StdioMode};
 
+use crate::control::{self, ControlError, Request};
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::spec::Isolation;
 use crate::state::{process_alive, ContainerRecord, StateError, StateStore, Status};
@@ -233,12 +237,34 @@ fn signal_host_process(r: &ContainerRecord, sig: i32) -> bool {
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
+/// Asks the owner of the run through its control socket; `None` when nothing answers there (the
+/// caller then acts directly).
+fn ask(store: &StateStore, r: &ContainerRecord, request: &Request) -> Option<Result<(), Error>> {
+    let path = store.container_dir(&r.id).join(control::SOCKET);
+    match control::call(&path, request) {
+        Ok(_) => Some(Ok(())),
+        Err(ControlError::Refused(msg)) => Some(Err(Error::Failed(format!("{}: {msg}", r.name)))),
+        Err(e) => {
+            log::debug!("{e}: acting directly");
+            None
+        }
+    }
+}
+
 /// Stops a live container: SIGTERM to its first process (through the agent in a VM), SIGKILL
 /// after `grace`, then SIGTERM and at last SIGKILL to the runner if it has not ended; returns
 /// once it has.
 fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> Result<(), Error> {
     if !is_live(r) {
         return Ok(());
+    }
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    if let Some(Ok(())) = ask(store, r, &Request::Stop { grace_ms }) {
+        // The owner signals, kills and at last ends the run itself.
+        if wait_gone(r, grace + control::AFTER_KILL + AFTER_KILL) {
+            return Ok(());
+        }
+        log::warn!("{} did not stop through its control socket", r.name);
     }
     let mut client = match r.isolation {
         Isolation::Vm => agent(store, r).ok(),
@@ -289,6 +315,7 @@ fn clean_dead(store: &StateStore, r: &ContainerRecord) {
             }
         }
     }
+    crate::confine::cgroup::remove_leftover(&r.vmm_cgroup_dirs);
     crate::runner::clean_run_dir(&store.container_dir(&r.id));
 }
 
@@ -302,6 +329,9 @@ pub fn stop(root: &Path, name: &str, grace: Duration) -> Result<(), Error> {
 pub fn kill(root: &Path, name: &str, sig: i32) -> Result<(), Error> {
     let (store, r) = find(root, name)?;
     require_running(&r)?;
+    if let Some(result) = ask(&store, &r, &Request::Kill { signal: sig }) {
+        return result;
+    }
     if r.isolation == Isolation::Vm {
         return agent(&store, &r)?
             .signal(MAIN_CONTAINER, MAIN_STREAM, sig)

@@ -2,23 +2,27 @@
 //! as a read-only disk, talk to the agent over vsock, start the container, stream its output and
 //! return its exit code; then power the VM off.
 
-use std::os::unix::net::UnixStream;
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::BlockConfig;
+use devices::virtio::block::{BlockConfig, BlockLimits};
+use devices::virtio::rate_limiter::Limit;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
-use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
+use guest_agent::guest::{BootParams, MAIN_CONTAINER, MAIN_STREAM, ROOTFS_DEVICE};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::ContainerSpec;
 use vmm::builder::{BuildError, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
+use vmm::seccomp::{self, ThreadKind};
 use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
 
+use crate::control::{ControlServer, Controlled};
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
@@ -53,15 +57,23 @@ pub enum MicroVmError {
     /// The agent refused the container or the session broke.
     #[error("guest agent")]
     Agent(#[source] ClientError),
+    /// The control socket could not be bound or served.
+    #[error("control socket {0}")]
+    Control(PathBuf, #[source] io::Error),
+    /// A thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] vmm::seccomp::SeccompError),
 }
 
-/// What to run and how.
-#[derive(Debug, Clone)]
+/// What to run and how (handed to the VMM process as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MicroVmSpec {
     /// Guest kernel.
     pub kernel: PathBuf,
     /// The agent's boot parameters (the root disk, the agent's port and the published ports are
-    /// filled in by [`MicroVm::start`]).
+    /// filled in by [`MicroVm::prepare`]); in JSON as the kernel command line they become.
+    #[serde(with = "boot_params")]
     pub boot: BootParams,
     /// Arguments appended to [`BASE_CMDLINE`] and the boot parameters (e.g. the test kernel's).
     pub kernel_args: String,
@@ -87,6 +99,12 @@ pub struct MicroVmSpec {
     pub timeout: Option<Duration>,
     /// How long the guest may take to boot to its agent.
     pub boot_timeout: Duration,
+    /// Rate limits of the root filesystem disk.
+    #[serde(default)]
+    pub rootfs_limits: BlockLimits,
+    /// The network's rate limit, each direction.
+    #[serde(default)]
+    pub net_limit: Limit,
 }
 
 impl MicroVmSpec {
@@ -95,9 +113,78 @@ impl MicroVmSpec {
         self.run_dir.join("vsock.sock")
     }
 
+    /// The control socket of the run.
+    pub fn control_path(&self) -> PathBuf {
+        self.run_dir.join(crate::control::SOCKET)
+    }
+
     /// The serial console log.
     pub fn console_path(&self) -> PathBuf {
         self.run_dir.join("console.log")
+    }
+}
+
+/// What the control socket may do to a microVM: signal its container through the agent, power
+/// it off. It learns the VM once it is built and that the container runs once it does.
+#[derive(Debug)]
+pub struct VmControl {
+    vsock: PathBuf,
+    handle: Mutex<Option<VmHandle>>,
+    running: AtomicBool,
+}
+
+impl VmControl {
+    /// The control of the VM whose vsock socket is `vsock`.
+    pub fn new(vsock: PathBuf) -> Self {
+        VmControl {
+            vsock,
+            handle: Mutex::new(None),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    fn built(&self, handle: VmHandle) {
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+}
+
+impl Controlled for VmControl {
+    fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        let conn = devices::virtio::vsock::host_connect(
+            &self.vsock,
+            AGENT_VSOCK_PORT,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| format!("cannot reach the guest agent: {e}"))?;
+        let mut client = AgentClient::open(conn).map_err(|e| format!("guest agent: {e}"))?;
+        client
+            .signal(MAIN_CONTAINER, MAIN_STREAM, signal)
+            .map_err(|e| format!("guest agent: {e}"))
+    }
+
+    fn terminate(&self) {
+        if let Some(h) = self
+            .handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.stop();
+        }
+    }
+    fn debug_syscall(&self, thread: &str, nr: i64) -> Result<(), String> {
+        if thread != seccomp::ThreadKind::Control.name() {
+            return Err("only the control thread takes debug system calls".into());
+        }
+        // SAFETY: a test's request: the call gets null arguments, which the kernel checks
+        // (a forbidden call never runs: the filter kills the process first).
+        let r = unsafe { libc::syscall(nr, 0, 0, 0, 0, 0, 0) };
+        log::debug!("debug system call {nr}: {r}");
+        Ok(())
     }
 }
 
@@ -108,6 +195,7 @@ pub struct MicroVm {
     client: AgentClient<UnixStream>,
     stream: u32,
     _ports: Vec<PortForwarder>,
+    _control: ControlServer,
     timed_out: Arc<AtomicBool>,
     console: PathBuf,
     tap_name: Option<String>,
@@ -133,9 +221,49 @@ fn last_console_line(path: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
+/// [`BootParams`] in JSON as their kernel command-line words, which is what they are made for
+/// (and which the agent parses back).
+mod boot_params {
+    use guest_agent::guest::BootParams;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &BootParams, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&p.to_cmdline())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BootParams, D::Error> {
+        let text = String::deserialize(d)?;
+        BootParams::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A microVM set up but not running: the VM with its memory, kernel and initrd, its devices
+/// (disks open, tap or passt up, the vsock socket bound) and its control socket bound. This part
+/// needs mvm's privileges; [`MicroVm::start`] runs the rest, in the jail.
+pub struct PreparedVm {
+    builder: VmBuilder,
+    tap_name: Option<String>,
+    control: UnixListener,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("tap_name", &self.tap_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedVm {
+    /// The host tap device of the VM's network, with `--network tap`.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.tap_name.as_deref()
+    }
+}
+
 impl MicroVm {
-    /// Boots the VM, waits for its agent and starts the container.
-    pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
+    /// Builds the VM and its devices and binds its sockets (see [`PreparedVm`]).
+    pub fn prepare(spec: &MicroVmSpec) -> Result<PreparedVm, MicroVmError> {
         let boot = BootParams {
             rootfs: Some(ROOTFS_DEVICE.into()),
             port: Some(AGENT_VSOCK_PORT),
@@ -162,27 +290,80 @@ impl MicroVm {
             path: spec.rootfs_disk.clone(),
             read_only: true,
             serial: Some("mvm-rootfs".into()),
+            limits: spec.rootfs_limits,
         }];
         disks.extend(spec.volumes.iter().cloned());
-        let vsock = spec.vsock_path();
         let attached = virtio_devices::attach(
             &mut builder,
             &DevicesConfig {
                 disks,
                 network: spec.network.clone(),
-                vsock: Some(vsock.clone()),
+                vsock: Some(spec.vsock_path()),
                 rng: true,
+                net_limit: spec.net_limit,
             },
         )?;
+        let control = ControlServer::bind(&spec.control_path())
+            .map_err(|e| MicroVmError::Control(spec.control_path(), e))?;
+        Ok(PreparedVm {
+            builder,
+            tap_name: attached.tap_name,
+            control,
+        })
+    }
+
+    /// Builds the VM, boots it, waits for its agent and starts the container (one process,
+    /// no jail: [`MicroVm::prepare`], then [`MicroVm::start`]).
+    pub fn run(spec: &MicroVmSpec, control: Arc<VmControl>) -> Result<MicroVm, MicroVmError> {
+        let prepared = Self::prepare(spec)?;
+        Self::start(prepared, spec, control)
+    }
+
+    /// Boots the prepared VM, waits for its agent and starts the container; `control` learns
+    /// the VM as soon as it is built and that the container runs once it does, and answers on
+    /// the control socket. Every thread is confined by its seccomp filter (where the process
+    /// turned filtering on) before the guest runs: the vCPUs, the event loop, the control
+    /// socket's server, then this thread.
+    pub fn start(
+        prepared: PreparedVm,
+        spec: &MicroVmSpec,
+        control: Arc<VmControl>,
+    ) -> Result<MicroVm, MicroVmError> {
+        let PreparedVm {
+            builder,
+            tap_name,
+            control: listener,
+        } = prepared;
+        let vsock = spec.vsock_path();
         let handle = builder.handle();
-        let vm = builder.start()?;
+        control.built(handle.clone());
+        let mut vm = builder.start()?;
+        let release = vm.hold();
         let (exit_tx, exit_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
         thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
+                // wait() reports a failure to confine this thread as the VM's end.
+                let _ = seccomp::confine(ThreadKind::Device);
+                let _ = ready_tx.send(());
                 let _ = exit_tx.send(vm.wait());
             })
             .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
+        let stop_now = |e: MicroVmError| {
+            handle.stop();
+            let _ = exit_rx.recv_timeout(Duration::from_secs(10));
+            e
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            let e = io::Error::other("the event loop did not start");
+            return Err(stop_now(MicroVmError::Build(BuildError::Io(e))));
+        }
+        // The socket file belongs to the run's directory, which the runner cleans.
+        let server = ControlServer::serve(listener, control.clone(), None)
+            .map_err(|e| stop_now(MicroVmError::Control(spec.control_path(), e)))?;
+        seccomp::confine(ThreadKind::Runner).map_err(|e| stop_now(MicroVmError::Seccomp(e)))?;
+        release.release();
 
         let conn = match wait_for_agent(&vsock, &exit_rx, spec.boot_timeout) {
             Ok(conn) => conn,
@@ -222,6 +403,7 @@ impl MicroVm {
             .map(|m| PortForwarder::start(*m, &vsock))
             .collect::<Result<Vec<_>, _>>()
             .inspect_err(|_| stop_and_wait())?;
+        control.running.store(true, Ordering::SeqCst);
         let timed_out = Arc::new(AtomicBool::new(false));
         if let Some(limit) = spec.timeout {
             let (handle, flag) = (handle.clone(), timed_out.clone());
@@ -237,9 +419,10 @@ impl MicroVm {
             client,
             stream,
             _ports: ports,
+            _control: server,
             timed_out,
             console: spec.console_path(),
-            tap_name: attached.tap_name,
+            tap_name,
         })
     }
 

@@ -159,6 +159,12 @@ pub struct ContainerRecord {
     /// Tap devices the VM uses, removed by `rm` when the runner died without cleaning up.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The VMM process of a microVM (a child of the runner `pid`, in its own pid namespace).
+    #[serde(default)]
+    pub vmm_pid: Option<i32>,
+    /// The VMM's cgroup directories (`mvm stats`; removed by `rm` when the runner died first).
+    #[serde(default)]
+    pub vmm_cgroup_dirs: Vec<PathBuf>,
 }
 
 impl ContainerRecord {
@@ -189,6 +195,8 @@ impl ContainerRecord {
             started: None,
             finished: None,
             taps: Vec::new(),
+            vmm_pid: None,
+            vmm_cgroup_dirs: Vec::new(),
         }
     }
 

@@ -85,10 +85,24 @@ fn main() {
 
 /// Parses the command line, runs the command and returns the process exit code.
 fn run_main() -> i32 {
-    // The background runner of `run -d` (see `engine::runner`): no command line to parse.
-    if let Some(dir) = engine::runner::requested() {
+    // A VMM process started by its supervisor (see `engine::confine`).
+    if let Some(request) = engine::confine::vmm_request() {
         init_logging();
-        return report(engine::run::resume(&dir).map_err(from_engine));
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return report(Err(e.into())),
+        };
+        return match request.kind.as_str() {
+            "run" => report(engine::run::vmm_main(&request).map_err(from_engine)),
+            "boot" => report(boot::vmm_main(&request)),
+            other => report(Err(anyhow::anyhow!("unknown VMM job {other:?}"))),
+        };
+    }
+    // The runner of a microVM or of `run -d` (see `engine::runner`): no command line to parse.
+    if let Some(runner) = engine::runner::requested() {
+        init_logging();
+        let exit = engine::run::resume(&runner.dir, runner.foreground).map_err(from_engine);
+        return report(exit.map(|e| run::report_exit(&e, None)));
     }
     // One run of `mvm compare` (see `engine::compare`): likewise.
     if let Some(file) = engine::compare::requested() {
@@ -113,7 +127,7 @@ fn run_main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
-        Command::Boot(args) => boot::run(&args),
+        Command::Boot(args) => boot::run(&root_dir(cli.root), &args),
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
         Command::Run(args) => run::run(&root_dir(cli.root), &args),

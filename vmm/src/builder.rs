@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use crate::device_manager::{
 use crate::event_loop::{self, ConsoleInput};
 use crate::exit::{ExitState, PanicWatcher, VmExit, VmHandle};
 use crate::mptable::{self, MptableError};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
@@ -262,16 +263,28 @@ impl VmBuilder {
             threads: Vec::new(),
             em,
             serial,
+            gate: Arc::new(VcpuGate::default()),
+            held: false,
         };
         // From here on SIGINT/SIGTERM end the VM: the guest may print (and a user may press
         // Ctrl-C) before `wait` runs the loop; the signal then sits in the exit eventfd.
         event_loop::wake_on_signals(&running.exit);
         for vcpu in vcpus {
+            let gate = running.gate.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", running.threads.len()))
                 .spawn(move || {
                     let exit = vcpu.exit_state();
                     let id = vcpu.id();
+                    // Confined before the guest runs its first instruction here.
+                    if let Err(e) = seccomp::confine(ThreadKind::Vcpu) {
+                        exit.record(VmExit::VcpuError {
+                            cpu: id,
+                            message: format!("{e}"),
+                        });
+                        return;
+                    }
+                    gate.wait();
                     // A bug in a device must end the VM with a message, not leave it hanging.
                     let run = std::panic::AssertUnwindSafe(move || vcpu.run());
                     if std::panic::catch_unwind(run).is_err() {
@@ -293,7 +306,42 @@ impl VmBuilder {
     }
 }
 
-/// A VM whose vCPUs are running; [`RunningVm::wait`] runs the event loop until it ends.
+/// Where the vCPU threads wait, confined, until the VM may run: the guest runs its first
+/// instruction only once every thread of the VMM has its seccomp filter.
+#[derive(Debug, Default)]
+struct VcpuGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl VcpuGate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Lets the vCPUs of a held VM run (see [`RunningVm::hold`]).
+#[derive(Debug, Clone)]
+pub struct VcpuRelease(Arc<VcpuGate>);
+
+impl VcpuRelease {
+    /// The guest starts running.
+    pub fn release(&self) {
+        self.0.open();
+    }
+}
+
+/// A started VM: its vCPU threads exist (each confined by its seccomp filter) and run the guest
+/// once [`RunningVm::wait`] runs the event loop, unless [`RunningVm::hold`] holds them for the
+/// caller to release.
 pub struct RunningVm {
     vm: Vm,
     exit: Arc<ExitState>,
@@ -301,6 +349,8 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
     em: VmEventManager,
     serial: Arc<Mutex<SerialDevice>>,
+    gate: Arc<VcpuGate>,
+    held: bool,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -328,9 +378,30 @@ impl RunningVm {
         self.em.remote_endpoint()
     }
 
+    /// Keeps the vCPUs from running the guest until the returned handle releases them (the
+    /// caller confines its own threads first), rather than when [`RunningVm::wait`] starts.
+    pub fn hold(&mut self) -> VcpuRelease {
+        self.held = true;
+        VcpuRelease(self.gate.clone())
+    }
+
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
-    /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended.
+    /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended. The thread
+    /// is confined by the device filter first (unless it already is); then the vCPUs run,
+    /// unless they are held.
     pub fn wait(mut self) -> VmExit {
+        let confined = match seccomp::current() {
+            Some(ThreadKind::Device) => Ok(()),
+            _ => seccomp::confine(ThreadKind::Device),
+        };
+        if let Err(e) = confined {
+            self.exit.record(VmExit::EventLoop(format!("{e}")));
+            self.stop_vcpus();
+            return self.exit.exit().unwrap_or(VmExit::Stopped);
+        }
+        if !self.held {
+            self.gate.open();
+        }
         let exit = event_loop::run(&mut self.em, &self.exit);
         event_loop::stop_waking_on_signals();
         self.stop_vcpus();
@@ -344,6 +415,8 @@ impl RunningVm {
     /// it has finished.
     fn stop_vcpus(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Held vCPUs see the stop flag as soon as they pass the gate.
+        self.gate.open();
         let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
         loop {
             self.threads.retain(|t| !t.is_finished());

@@ -17,6 +17,7 @@ pub mod exit;
 pub mod host;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio_devices;

@@ -10,6 +10,7 @@ use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::metrics::DeviceMetrics;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::{Net, NetBackendConfig, NetConfig, PasstConfig, TapConfig};
+use devices::virtio::rate_limiter::Limit;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
@@ -134,6 +135,9 @@ pub struct DevicesConfig {
     /// Attach an entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// The network device's rate limit, each direction (`--network-rate`).
+    #[serde(default)]
+    pub net_limit: Limit,
 }
 
 /// The devices attached to a VM: their metrics, and what the caller may need to know (the tap).
@@ -208,7 +212,12 @@ pub fn attach(
         })),
     };
     if let Some(backend) = backend {
-        let net = Net::new(&NetConfig { mac: None, backend }).map_err(DeviceSetupError::Net)?;
+        let net = Net::new(&NetConfig {
+            mac: None,
+            backend,
+            limit: config.net_limit,
+        })
+        .map_err(DeviceSetupError::Net)?;
         attached.tap_name = net.tap_name().map(str::to_string);
         attached.mac = Some(net.mac());
         attached.metrics.push(("net".to_string(), net.metrics()));
@@ -274,6 +283,7 @@ mod tests {
             path: img,
             read_only: false,
             serial: None,
+            limits: Default::default(),
         })
         .expect("block");
         let vsock = Vsock::new(&dir.path().join("v.sock"), GUEST_CID).expect("vsock");

@@ -26,6 +26,7 @@ pub mod glue;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;

@@ -2,11 +2,13 @@
 //! image (or `--rootfs`) as the overlay's lower layer and the writable layer in the container's
 //! directory (`upper/`, kept until `mvm rm`).
 
+use std::sync::Arc;
+
 use guest_agent::runtime::{
     Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
 };
 
-use super::context::{Exit, Run};
+use super::context::{Exit, HostProcess, Run};
 use crate::error::{io_error, Error};
 use crate::logs::Pumps;
 use crate::spec::Network;
@@ -76,14 +78,18 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     if let Some(cgroup) = c.cgroup() {
         run.guard.cgroups(cgroup.dirs().to_vec())?;
     }
+    let control = Arc::new(HostProcess::default());
+    let _server = run.serve_control(control.clone());
+    control.set(c.pid());
     run.started(Vec::new(), Some(c.pid()))?;
     let pumps = Pumps::start(
         c.take_stdout(),
         c.take_stderr(),
         &run.log_path(),
-        !run.runner,
+        !run.detached,
     )?;
     let exit = c.wait_forwarding_signals();
+    control.set(0);
     pumps.finish();
     let exit = exit?;
     Ok(run.exited(exit.code, exit.oom_killed))

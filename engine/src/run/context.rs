@@ -2,9 +2,12 @@
 //! ([`Exit`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 use guest_agent::runtime::Process;
 
+use crate::control::{self, ControlServer, Controlled};
 use crate::error::Error;
 use crate::runner::{self, RunGuard};
 use crate::spec::RunSpec;
@@ -20,6 +23,44 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
+/// The control target of a container or process on the host: its first process, once it runs.
+#[derive(Debug, Default)]
+pub(super) struct HostProcess {
+    pid: AtomicI32,
+}
+
+impl HostProcess {
+    /// The first process runs as `pid` (0: it was reaped; nothing to signal any more).
+    pub fn set(&self, pid: i32) {
+        self.pid.store(pid, Ordering::SeqCst);
+    }
+}
+
+impl Controlled for HostProcess {
+    fn running(&self) -> bool {
+        self.pid.load(Ordering::SeqCst) > 0
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid <= 0 {
+            return Err("the container does not run".into());
+        }
+        // SAFETY: kill has no memory preconditions; `pid` is this process's unreaped child.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(format!(
+                "cannot send signal {signal}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    fn terminate(&self) {
+        let _ = self.signal(libc::SIGKILL);
+    }
+}
+
 /// Everything a mode needs to run one registered container. The caller has taken SIGINT and
 /// SIGTERM over for the mode (see `take_signals`).
 pub(super) struct Run<'a> {
@@ -33,19 +74,29 @@ pub(super) struct Run<'a> {
     pub process: Process,
     /// The record, while the container runs.
     pub guard: RunGuard,
-    /// Whether this is the background runner.
-    pub runner: bool,
+    /// Whether this is the runner of `-d` (no terminal; it tells its parent once the container
+    /// runs).
+    pub detached: bool,
 }
 
 impl Run<'_> {
     /// The container runs: records it (with its first process's host pid, if it has one) and,
-    /// in the runner, tells the parent.
+    /// in the runner of `-d`, tells the parent.
     pub fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
         self.guard.running(taps, process_pid)?;
-        if self.runner {
+        if self.detached {
             runner::announce_ready(&self.guard.record().id, self.guard.dir())?;
         }
         Ok(())
+    }
+
+    /// Serves the control socket in the container's directory for `target` (a run without one
+    /// still works: `stop` and `kill` then signal the runner and the container directly).
+    pub fn serve_control(&self, target: Arc<dyn Controlled>) -> Option<ControlServer> {
+        let path = self.guard.dir().join(control::SOCKET);
+        ControlServer::start(&path, target)
+            .inspect_err(|e| log::warn!("no control socket at {}: {e}", path.display()))
+            .ok()
     }
 
     /// The container log, echoed to the terminal in the foreground.

@@ -5,9 +5,13 @@
 //!    spec; the image config and the spec's overrides give the command ([`command::resolve`]).
 //! 3. The container is registered ([`RunGuard`]: one record, one name namespace, one id
 //!    generator for every isolation) and the spec written next to its record.
-//! 4. With `-d` the runner takes it from there ([`runner`]); else this process runs it: in a
-//!    microVM ([`vm`]), a container on the host ([`container`]) or a plain process ([`process`]),
-//!    its output going to the container log and the terminal ([`crate::logs`]).
+//! 4. A microVM, and any run with `-d`, is owned by a runner process ([`runner`]), which reads
+//!    the spec back and runs it ([`resume`]); a foreground `mvm run` is its client: it waits for
+//!    it with the terminal's output and forwards its signals. A foreground container or process
+//!    runs in this process. Either way the run happens in a microVM ([`vm`]), a container on the
+//!    host ([`container`]) or a plain process ([`process`]), its output going to the container
+//!    log and the terminal ([`crate::logs`]), its owner answering on the control socket
+//!    ([`crate::control`]).
 
 mod container;
 mod context;
@@ -26,6 +30,7 @@ use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
 pub(crate) use vm::{find_agent, warm_vm_caches};
+pub use vm::{vmm_main, RunJob};
 
 /// How a run ended for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,20 +59,36 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
         process.args.clone(),
         spec.publish.iter().map(ToString::to_string).collect(),
     );
+    let via_runner = spec.detach || spec.isolation == Isolation::Vm;
     if !spec.detach {
-        take_signals(spec.isolation)?;
+        if via_runner {
+            // Held until the runner runs, then forwarded to it.
+            guest_agent::runtime::block_forwarded_signals()?;
+        } else {
+            take_signals(spec.isolation)?;
+        }
     }
     let guard = RunGuard::create(store, record, spec.remove)?;
     runner::write_spec(guard.dir(), &spec)?;
     if spec.detach {
         return runner::detach(guard).map(RunOutcome::Detached);
     }
+    if via_runner {
+        let name = guard.record().name.clone();
+        let code = runner::foreground(guard)?;
+        return Ok(RunOutcome::Exited(Exit {
+            name,
+            code,
+            oom_killed: false,
+        }));
+    }
     execute(root, &spec, rootfs.dir, process, guard, false).map(RunOutcome::Exited)
 }
 
-/// The runner's side of `-d` (see [`runner`]): takes over the container registered in `dir`
-/// and runs its spec (the image is the one the spec pins); returns the container's exit code.
-pub fn resume(dir: &Path) -> Result<i32, Error> {
+/// The runner's side (see [`runner`]): takes over the container registered in `dir` and runs its
+/// spec (the image is the one the spec pins); returns how the container exited. `foreground`:
+/// for a foreground `mvm run`, whose terminal this process inherited.
+pub fn resume(dir: &Path, foreground: bool) -> Result<Exit, Error> {
     let (store, id) = StateStore::of_container_dir(dir)
         .ok_or_else(|| bad_input(format!("{RUNNER_ENV}={}: not a container", dir.display())))?;
     let record = store.load(&id)?;
@@ -77,20 +98,15 @@ pub fn resume(dir: &Path) -> Result<i32, Error> {
     let root = store.root();
     let rootfs = resolve_source(root, &mut spec.source)?;
     let process = resolve_process(&spec, &rootfs.config)?;
-    execute(root, &spec, rootfs.dir, process, guard, true).map(|exit| exit.code)
+    execute(root, &spec, rootfs.dir, process, guard, !foreground)
 }
 
 /// From here on SIGINT and SIGTERM no longer end this process at once, so every path goes
-/// through the record's cleanup: a VM's handler records them (the VM ends with them, or the run
-/// stops before the VM starts); a container or process gets them forwarded, so they are blocked
-/// here (before any thread starts, so every thread keeps them blocked) for its wait.
-fn take_signals(isolation: Isolation) -> Result<(), Error> {
-    match isolation {
-        Isolation::Vm => vmm::signals::install(),
-        Isolation::Container | Isolation::Process => {
-            guest_agent::runtime::block_forwarded_signals()?;
-        }
-    }
+/// through the record's cleanup: they are blocked here (before any thread starts, so every
+/// thread keeps them blocked) and forwarded to what runs the container: a VM's VMM process
+/// (which ends the VM with them, or stops before the VM starts), a container or process.
+fn take_signals(_isolation: Isolation) -> Result<(), Error> {
+    guest_agent::runtime::block_forwarded_signals()?;
     Ok(())
 }
 
@@ -129,15 +145,15 @@ fn resolve_process(spec: &RunSpec, config: &ImageConfig) -> Result<Process, Erro
     Ok(process)
 }
 
-/// Runs the registered container in this process. `runner`: this is the background runner
-/// (no terminal; it tells its parent once the container runs).
+/// Runs the registered container in this process. `detached`: this is the runner of `-d` (no
+/// terminal; it tells its parent once the container runs).
 fn execute(
     root: &Path,
     spec: &RunSpec,
     rootfs: PathBuf,
     process: Process,
     guard: RunGuard,
-    runner: bool,
+    detached: bool,
 ) -> Result<Exit, Error> {
     let run = Run {
         root,
@@ -145,7 +161,7 @@ fn execute(
         rootfs,
         process,
         guard,
-        runner,
+        detached,
     };
     match spec.isolation {
         Isolation::Vm => vm::run(run),
