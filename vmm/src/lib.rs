@@ -18,6 +18,7 @@ pub mod host;
 pub mod memory;
 pub mod mptable;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;

@@ -90,6 +90,20 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(VsockQueues::queue_states)
+    }
+
+    fn restored(&mut self) {
+        // The host sockets of the saved connections are not in this process: the guest must
+        // drop its ends (a restored agent goes on listening, and the host connects anew).
+        if let Some(queues) = self.active.as_mut() {
+            if !queues.send_transport_reset() {
+                log::warn!("{NAME}: no event buffer for the transport reset after a restore");
+            }
+        }
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.events.deactivated();
