@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 use devices::virtio::block::BlockConfig;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, ROOTFS_DEVICE};
-use guest_agent::protocol::AGENT_VSOCK_PORT;
+use guest_agent::protocol::{Setup, AGENT_VSOCK_PORT};
 use guest_agent::runtime::ContainerSpec;
-use vmm::builder::{BuildError, VmBuilder};
+use vmm::builder::{BuildError, RunningVm, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
-use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
+use vmm::virtio_devices::{self, AttachedDevices, DeviceSetupError, DevicesConfig, NetworkMode};
 
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
+use crate::template::{FileId, TemplateInfo, TemplateKey, TemplateStore};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -53,6 +54,9 @@ pub enum MicroVmError {
     /// The agent refused the container or the session broke.
     #[error("guest agent")]
     Agent(#[source] ClientError),
+    /// A template could not be made or restored.
+    #[error("template {0}: {1}")]
+    Template(String, String),
 }
 
 /// What to run and how.
@@ -87,6 +91,10 @@ pub struct MicroVmSpec {
     pub timeout: Option<Duration>,
     /// How long the guest may take to boot to its agent.
     pub boot_timeout: Duration,
+    /// Where templates live: the VM is restored from its template (made first, by a cold
+    /// boot, if there is none). `None`: a cold boot with the run's parameters on the command
+    /// line, no template made or used.
+    pub templates: Option<TemplateStore>,
 }
 
 impl MicroVmSpec {
@@ -134,7 +142,7 @@ fn last_console_line(path: &std::path::Path) -> String {
 }
 
 impl MicroVm {
-    /// Boots the VM, waits for its agent and starts the container.
+    /// Boots the VM (or restores its template), waits for its agent and starts the container.
     pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
         let boot = BootParams {
             rootfs: Some(ROOTFS_DEVICE.into()),
@@ -143,104 +151,46 @@ impl MicroVm {
             ports: spec.ports.iter().map(|p| p.guest_port).collect(),
             ..spec.boot.clone()
         };
-        let mut cmdline = format!("{BASE_CMDLINE} {}", boot.to_cmdline());
-        if !spec.kernel_args.trim().is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(spec.kernel_args.trim());
+        let Some(store) = &spec.templates else {
+            let config = vm_config(spec, &boot, spec.console_path());
+            let builder = VmBuilder::new(config)?;
+            let (vm, attached) = attach_run_devices(builder, spec)?;
+            let started = Started::new(vm, spec)?;
+            let client = started.agent(spec)?;
+            return started.run_container(spec, client, attached);
+        };
+        let key = template_key(spec, store)?;
+        let dir = match store.find(&key) {
+            Some(dir) => dir,
+            None => make_template(spec, store, &key)?,
+        };
+        let id = key.id();
+        let broken = |e: BuildError| match e {
+            BuildError::Snapshot(e) if e.is_bad_input() => MicroVmError::Template(
+                id.clone(),
+                format!("{e} (remove it with `mvm template rm {id}`, or run with --cold)"),
+            ),
+            e => MicroVmError::Build(e),
+        };
+        let console = vmm::console_log::ConsoleLog::create(&spec.console_path())
+            .map_err(|e| MicroVmError::Build(BuildError::SerialOut(spec.console_path(), e)))?;
+        let builder = VmBuilder::restore(&dir, Box::new(console)).map_err(broken)?;
+        let (vm, attached) = attach_run_devices(builder, spec)?;
+        let started = Started::new(vm, spec)?;
+        let mut client = started.agent(spec)?;
+        let setup = Setup {
+            boot: boot.to_cmdline(),
+            seed: fresh_seed(),
+            time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            mac: attached.mac,
+        };
+        if let Err(e) = client.setup(setup) {
+            started.stop_and_wait();
+            return Err(MicroVmError::Agent(e));
         }
-        let config = VmConfig {
-            kernel: spec.kernel.clone(),
-            initrd: Some(spec.initrd.clone()),
-            cmdline,
-            mem_bytes: spec.mem_bytes,
-            vcpus: spec.vcpus,
-            serial_out: Some(spec.console_path()),
-            serial_stdin: false,
-        };
-        let mut builder = VmBuilder::new(config)?;
-        let mut disks = vec![BlockConfig {
-            path: spec.rootfs_disk.clone(),
-            read_only: true,
-            serial: Some("mvm-rootfs".into()),
-        }];
-        disks.extend(spec.volumes.iter().cloned());
-        let vsock = spec.vsock_path();
-        let attached = virtio_devices::attach(
-            &mut builder,
-            &DevicesConfig {
-                disks,
-                network: spec.network.clone(),
-                vsock: Some(vsock.clone()),
-                rng: true,
-            },
-        )?;
-        let handle = builder.handle();
-        let vm = builder.start()?;
-        let (exit_tx, exit_rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || {
-                let _ = exit_tx.send(vm.wait());
-            })
-            .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
-
-        let conn = match wait_for_agent(&vsock, &exit_rx, spec.boot_timeout) {
-            Ok(conn) => conn,
-            Err(AgentWait::Exited(exit)) => {
-                return Err(MicroVmError::EarlyExit {
-                    exit,
-                    console: last_console_line(&spec.console_path()),
-                })
-            }
-            Err(AgentWait::Timeout) => {
-                handle.stop();
-                let _ = exit_rx.recv_timeout(Duration::from_secs(10));
-                return Err(MicroVmError::AgentTimeout(
-                    spec.boot_timeout.as_secs(),
-                    spec.console_path(),
-                ));
-            }
-        };
-        // On a failure, stop the VM and wait for its vCPUs to end before returning, so the
-        // process never exits while a vCPU is still inside KVM_RUN.
-        let stop_and_wait = || {
-            handle.stop();
-            let _ = exit_rx.recv_timeout(Duration::from_secs(15));
-        };
-        let stop_on_error = |e: ClientError| {
-            stop_and_wait();
-            MicroVmError::Agent(e)
-        };
-        let mut client = AgentClient::open(conn).map_err(stop_on_error)?;
-        client
-            .create(MAIN_CONTAINER, &spec.container)
-            .map_err(stop_on_error)?;
-        let stream = client.start(MAIN_CONTAINER).map_err(stop_on_error)?;
-        let ports = spec
-            .ports
-            .iter()
-            .map(|m| PortForwarder::start(*m, &vsock))
-            .collect::<Result<Vec<_>, _>>()
-            .inspect_err(|_| stop_and_wait())?;
-        let timed_out = Arc::new(AtomicBool::new(false));
-        if let Some(limit) = spec.timeout {
-            let (handle, flag) = (handle.clone(), timed_out.clone());
-            thread::spawn(move || {
-                thread::sleep(limit);
-                flag.store(true, Ordering::SeqCst);
-                handle.stop();
-            });
-        }
-        Ok(MicroVm {
-            handle,
-            exit_rx,
-            client,
-            stream,
-            _ports: ports,
-            timed_out,
-            console: spec.console_path(),
-            tap_name: attached.tap_name,
-        })
+        started.run_container(spec, client, attached)
     }
 
     /// The host tap device of the VM's network, with `--network tap`.
@@ -293,6 +243,287 @@ impl MicroVm {
             }
         }
     }
+}
+
+/// A VM whose event loop runs on its own thread.
+struct Started {
+    handle: VmHandle,
+    exit_rx: mpsc::Receiver<VmExit>,
+}
+
+impl Started {
+    fn new(vm: RunningVm, _spec: &MicroVmSpec) -> Result<Self, MicroVmError> {
+        let handle = vm.handle();
+        let (exit_tx, exit_rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let _ = exit_tx.send(vm.wait());
+            })
+            .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
+        Ok(Self { handle, exit_rx })
+    }
+
+    /// Stops the VM and waits for its vCPUs to end, so the process never exits while a vCPU
+    /// is still inside KVM_RUN.
+    fn stop_and_wait(&self) {
+        self.handle.stop();
+        let _ = self.exit_rx.recv_timeout(Duration::from_secs(15));
+    }
+
+    /// Opens a session with the agent once it answers.
+    fn agent(&self, spec: &MicroVmSpec) -> Result<AgentClient<UnixStream>, MicroVmError> {
+        let conn = match wait_for_agent(&spec.vsock_path(), &self.exit_rx, spec.boot_timeout) {
+            Ok(conn) => conn,
+            Err(AgentWait::Exited(exit)) => {
+                return Err(MicroVmError::EarlyExit {
+                    exit,
+                    console: last_console_line(&spec.console_path()),
+                })
+            }
+            Err(AgentWait::Timeout) => {
+                self.handle.stop();
+                let _ = self.exit_rx.recv_timeout(Duration::from_secs(10));
+                return Err(MicroVmError::AgentTimeout(
+                    spec.boot_timeout.as_secs(),
+                    spec.console_path(),
+                ));
+            }
+        };
+        AgentClient::open(conn).map_err(|e| {
+            self.stop_and_wait();
+            MicroVmError::Agent(e)
+        })
+    }
+
+    /// Creates and starts the container, publishes its ports, arms the timeout.
+    fn run_container(
+        self,
+        spec: &MicroVmSpec,
+        mut client: AgentClient<UnixStream>,
+        attached: AttachedDevices,
+    ) -> Result<MicroVm, MicroVmError> {
+        let stop_on_error = |e: ClientError| {
+            self.stop_and_wait();
+            MicroVmError::Agent(e)
+        };
+        client
+            .create(MAIN_CONTAINER, &spec.container)
+            .map_err(stop_on_error)?;
+        let stream = client.start(MAIN_CONTAINER).map_err(stop_on_error)?;
+        let vsock = spec.vsock_path();
+        let ports = spec
+            .ports
+            .iter()
+            .map(|m| PortForwarder::start(*m, &vsock))
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|_| self.stop_and_wait())?;
+        let timed_out = Arc::new(AtomicBool::new(false));
+        if let Some(limit) = spec.timeout {
+            let (handle, flag) = (self.handle.clone(), timed_out.clone());
+            thread::spawn(move || {
+                thread::sleep(limit);
+                flag.store(true, Ordering::SeqCst);
+                handle.stop();
+            });
+        }
+        Ok(MicroVm {
+            handle: self.handle,
+            exit_rx: self.exit_rx,
+            client,
+            stream,
+            _ports: ports,
+            timed_out,
+            console: spec.console_path(),
+            tap_name: attached.tap_name,
+        })
+    }
+}
+
+/// The VM's configuration for a boot with `boot` on its command line.
+fn vm_config(spec: &MicroVmSpec, boot: &BootParams, console: PathBuf) -> VmConfig {
+    let mut cmdline = format!("{BASE_CMDLINE} {}", boot.to_cmdline());
+    if !spec.kernel_args.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(spec.kernel_args.trim());
+    }
+    VmConfig {
+        kernel: spec.kernel.clone(),
+        initrd: Some(spec.initrd.clone()),
+        cmdline,
+        mem_bytes: spec.mem_bytes,
+        vcpus: spec.vcpus,
+        serial_out: Some(console),
+        serial_stdin: false,
+    }
+}
+
+/// The run's disks: the image read-only as /dev/vda, then the volumes.
+fn run_disks(spec: &MicroVmSpec) -> Vec<BlockConfig> {
+    let mut disks = vec![BlockConfig {
+        path: spec.rootfs_disk.clone(),
+        read_only: true,
+        serial: Some("mvm-rootfs".into()),
+    }];
+    disks.extend(spec.volumes.iter().cloned());
+    disks
+}
+
+/// Attaches the run's devices and starts the VM (booting, or restoring a template).
+fn attach_run_devices(
+    mut builder: VmBuilder,
+    spec: &MicroVmSpec,
+) -> Result<(RunningVm, AttachedDevices), MicroVmError> {
+    let attached = virtio_devices::attach(
+        &mut builder,
+        &DevicesConfig {
+            disks: run_disks(spec),
+            network: spec.network.clone(),
+            vsock: Some(spec.vsock_path()),
+            rng: true,
+        },
+    )?;
+    Ok((builder.start()?, attached))
+}
+
+/// 64 fresh random bytes, hex.
+fn fresh_seed() -> String {
+    let mut seed = [0u8; 64];
+    if devices::virtio::rng::device::getrandom(&mut seed).is_err() {
+        // The guest still mixes in the time; this host has no getrandom (never on Linux 3.17+).
+        log::warn!("getrandom failed: the guest's reseed is weak");
+    }
+    seed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The template a run of `spec` restores.
+fn template_key(spec: &MicroVmSpec, _store: &TemplateStore) -> Result<TemplateKey, MicroVmError> {
+    let id = |path: &std::path::Path| {
+        FileId::of(path).map_err(|e| MicroVmError::Template("key".into(), e.to_string()))
+    };
+    Ok(TemplateKey {
+        mvm_version: vmm::snapshot::mvm_version(),
+        kernel: id(&spec.kernel)?,
+        initrd: id(&spec.initrd)?,
+        kernel_args: spec.kernel_args.trim().to_string(),
+        mem_bytes: spec.mem_bytes,
+        vcpus: spec.vcpus,
+        disks: run_disks(spec)
+            .iter()
+            .map(|d| if d.read_only { "ro" } else { "rw" }.to_string())
+            .collect(),
+        network: match &spec.network {
+            NetworkMode::None => "none",
+            NetworkMode::User => "user",
+            NetworkMode::Tap { .. } => "tap",
+        }
+        .to_string(),
+    })
+}
+
+/// Boots a guest for `key` to its agent with empty placeholder disks and nothing of the run,
+/// saves it as a template and returns the template's directory.
+fn make_template(
+    spec: &MicroVmSpec,
+    store: &TemplateStore,
+    key: &TemplateKey,
+) -> Result<PathBuf, MicroVmError> {
+    let failed = |what: &str, e: String| MicroVmError::Template(key.id(), format!("{what}: {e}"));
+    let tmp = store
+        .begin(key)
+        .map_err(|e| failed("cannot create it", e.to_string()))?;
+    let result = (|| {
+        let t0 = Instant::now();
+        let boot = BootParams {
+            port: Some(AGENT_VSOCK_PORT),
+            log: spec.boot.log.clone(),
+            template: true,
+            ..BootParams::default()
+        };
+        let mut builder = VmBuilder::new(vm_config(spec, &boot, tmp.join("console.log")))?;
+        let mut disks = run_disks(spec);
+        for (i, disk) in disks.iter_mut().enumerate() {
+            let placeholder = tmp.join(format!("placeholder-{i}.img"));
+            std::fs::write(&placeholder, b"")
+                .map_err(|e| failed("cannot create a placeholder disk", e.to_string()))?;
+            disk.path = placeholder;
+        }
+        let vsock = tmp.join("vsock.sock");
+        virtio_devices::attach(
+            &mut builder,
+            &DevicesConfig {
+                disks,
+                network: spec.network.clone(),
+                vsock: Some(vsock.clone()),
+                rng: true,
+            },
+        )?;
+        let vm = builder.start()?;
+        let controller = vm.controller();
+        let started = Started::new(vm, spec)?;
+        let wait = wait_for_agent(&vsock, &started.exit_rx, spec.boot_timeout);
+        let conn = match wait {
+            Ok(conn) => conn,
+            Err(AgentWait::Exited(exit)) => {
+                return Err(MicroVmError::EarlyExit {
+                    exit,
+                    console: last_console_line(&tmp.join("console.log")),
+                })
+            }
+            Err(AgentWait::Timeout) => {
+                started.stop_and_wait();
+                return Err(MicroVmError::AgentTimeout(
+                    spec.boot_timeout.as_secs(),
+                    tmp.join("console.log"),
+                ));
+            }
+        };
+        // The agent answers: it is ready and waits for a setup. Save it as it is.
+        let client = AgentClient::open(conn).map_err(|e| {
+            started.stop_and_wait();
+            MicroVmError::Agent(e)
+        })?;
+        let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let saved = controller.snapshot(&tmp);
+        drop(client);
+        started.stop_and_wait();
+        let report = saved.map_err(|e| failed("cannot save it", error_chain(&e)))?;
+        log::debug!(
+            "template {}: booted in {boot_ms} ms, saved in {} ms ({} pages of data)",
+            key.id(),
+            report.paused_for.as_millis(),
+            report.data_pages
+        );
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("placeholder-") || name == "vsock.sock" {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let info = TemplateInfo {
+            key: key.clone(),
+            created: crate::state::now(),
+            boot_ms,
+        };
+        store
+            .commit(&tmp, &info)
+            .map_err(|e| failed("cannot store it", e.to_string()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 enum AgentWait {

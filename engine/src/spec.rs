@@ -194,6 +194,10 @@ pub struct RunSpec {
     /// Guest kernel arguments appended to mvm's own (`--isolation vm`).
     #[serde(default)]
     pub kernel_args: Option<String>,
+    /// Boot the guest kernel instead of restoring the VM's template, and make none
+    /// (`--isolation vm`).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 impl RunSpec {
@@ -216,6 +220,7 @@ impl RunSpec {
             detach: false,
             kernel: None,
             kernel_args: None,
+            cold: false,
         }
     }
 
@@ -413,6 +418,7 @@ mod tests {
             detach: true,
             kernel: Some(dir.join("vmlinux")),
             kernel_args: Some("mvm.log=debug".into()),
+            cold: true,
         }
     }
 

@@ -21,8 +21,8 @@ use crate::error::bad_input;
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk (initramfs cpio).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -53,6 +53,18 @@ pub struct BootArgs {
     /// Write every device's counters as JSON to this file (every second and at exit).
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
+    /// Save the running VM into this directory (created; must not exist) after
+    /// --snapshot-after, then end it.
+    #[arg(long, value_name = "DIR", requires = "snapshot_after")]
+    pub snapshot: Option<PathBuf>,
+    /// How long the VM runs before --snapshot saves it (e.g. 20s).
+    #[arg(long, value_name = "DURATION", requires = "snapshot")]
+    pub snapshot_after: Option<String>,
+    /// Continue the VM saved in this directory instead of booting a kernel; give it the same
+    /// devices (--disk, --network, --vsock, --rng) in the same order. Its memory is mapped
+    /// from the snapshot, shared with every other VM restored from it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "snapshot"])]
+    pub restore: Option<PathBuf>,
 }
 
 impl BootArgs {
@@ -60,7 +72,7 @@ impl BootArgs {
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         let mem_bytes = parse_size(&self.mem).map_err(|e| bad_input(e.to_string()))?;
         Ok(VmConfig {
-            kernel: self.kernel.clone(),
+            kernel: self.kernel.clone().unwrap_or_default(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             mem_bytes,
@@ -84,7 +96,21 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         vsock: args.vsock.clone(),
         rng: args.rng,
     };
-    let mut builder = VmBuilder::new(cfg).map_err(|e| {
+    let t0 = std::time::Instant::now();
+    let built = match &args.restore {
+        Some(dir) => {
+            let console: Box<dyn std::io::Write + Send> = match &args.serial_out {
+                Some(path) => Box::new(
+                    vmm::console_log::ConsoleLog::create(path)
+                        .map_err(|e| bad_input(format!("cannot open {}: {e}", path.display())))?,
+                ),
+                None => Box::new(std::io::stdout()),
+            };
+            VmBuilder::restore(dir, console)
+        }
+        None => VmBuilder::new(cfg),
+    };
+    let mut builder = built.map_err(|e| {
         if e.is_bad_input() {
             bad_input(format!("{:#}", anyhow::Error::new(e)))
         } else {
@@ -100,6 +126,28 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     }
     let metrics = args.metrics.clone();
     let vm = builder.start()?;
+    if args.restore.is_some() {
+        log::info!("restored in {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    if let (Some(dir), Some(after)) = (&args.snapshot, &args.snapshot_after) {
+        let after = engine::units::parse_duration(after).map_err(|e| bad_input(e.to_string()))?;
+        let (controller, handle, dir) = (vm.controller(), vm.handle(), dir.clone());
+        std::fs::create_dir(&dir)
+            .map_err(|e| bad_input(format!("cannot create {}: {e}", dir.display())))?;
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            match controller.snapshot(&dir) {
+                Ok(r) => eprintln!(
+                    "mvm: saved in {} (vCPUs paused {:.1} ms, {} pages of data)",
+                    dir.display(),
+                    r.paused_for.as_secs_f64() * 1000.0,
+                    r.data_pages
+                ),
+                Err(e) => eprintln!("mvm: snapshot failed: {:#}", anyhow::Error::new(e)),
+            }
+            handle.stop();
+        });
+    }
     let stop_metrics = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = metrics.clone().map(|path| {
         let stop = stop_metrics.clone();

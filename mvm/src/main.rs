@@ -23,6 +23,7 @@ mod image;
 mod info;
 mod lifecycle;
 mod run;
+mod template;
 mod version;
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
@@ -73,6 +74,8 @@ enum Command {
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
     Inspect(lifecycle::InspectArgs),
+    /// List or remove VM templates (saved guests that later runs restore instead of booting).
+    Template(template::TemplateArgs),
 }
 
 fn main() {
@@ -120,6 +123,7 @@ fn run_main() -> i32 {
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
+        Command::Template(args) => template::run(&root_dir(cli.root), &args),
     };
     report(result)
 }

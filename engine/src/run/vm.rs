@@ -17,6 +17,7 @@ use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::image;
 use crate::logs::LogSink;
 use crate::microvm::{MicroVm, MicroVmSpec};
+use crate::template::TemplateStore;
 use crate::units::parse_duration;
 
 /// How long a guest may take to boot to its agent without `MVM_BOOT_TIMEOUT`.
@@ -95,6 +96,15 @@ fn boot_timeout() -> Duration {
         .unwrap_or(BOOT_TIMEOUT)
 }
 
+/// Where the VM's template is kept, unless the run boots cold: with `--cold`, where
+/// `MVM_TEMPLATES=0`, and on a host whose KVM cannot restore a running Linux guest.
+fn templates(root: &Path, spec: &crate::spec::RunSpec) -> Result<Option<TemplateStore>, Error> {
+    if spec.cold || std::env::var("MVM_TEMPLATES").is_ok_and(|v| v == "0") {
+        return Ok(None);
+    }
+    Ok(Some(TemplateStore::open(root)?))
+}
+
 /// Runs the container in a microVM; returns its exit code.
 pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     let spec = run.spec;
@@ -151,6 +161,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         container,
         timeout: spec.timeout,
         boot_timeout: boot_timeout(),
+        templates: templates(run.root, spec)?,
     };
     if let Some(sig) = vmm::signals::received() {
         let msg = format!("stopped by signal {sig} before the VM started");

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -90,6 +90,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryInfo, MemoryFile
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(io_err(path))?;
     let size: u64 = mem.iter().map(|r| r.len()).sum();

@@ -30,6 +30,7 @@ pub mod take;
 pub mod vmstate;
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -285,6 +286,7 @@ impl SnapshotState {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io(&path))?;
         f.write_all(&bytes).map_err(io(&path))?;

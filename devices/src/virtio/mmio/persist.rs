@@ -93,6 +93,20 @@ pub struct MmioState {
     pub queues: Vec<(QueueSnapshot, bool)>,
     /// The device's own queues while it is active.
     pub active_queues: Option<Vec<QueueSnapshot>>,
+    /// The device's configuration space as the driver last could read it.
+    pub config: Vec<u8>,
+}
+
+/// Bytes of configuration space compared across a restore (every device of mvm has less).
+const CONFIG_BYTES: u64 = 256;
+
+/// The configuration space of `device`, as a driver reads it.
+fn config_space(device: &dyn crate::virtio::VirtioDevice) -> Vec<u8> {
+    let mut out = vec![0u8; CONFIG_BYTES as usize];
+    for (i, word) in out.chunks_mut(4).enumerate() {
+        device.read_config(i as u64 * 4, word);
+    }
+    out
 }
 
 /// Why a transport could not be saved or restored.
@@ -101,8 +115,9 @@ pub enum PersistError {
     /// The device cannot report its queues while active.
     #[error("virtio device type {0} cannot be saved while active")]
     NotSaveable(u32),
-    /// The saved device is of another kind or has other queues.
-    #[error("saved virtio device type {saved} with {saved_queues} queues does not fit device type {now} with {now_queues}")]
+    /// The saved device is of another kind, has other queues, or the driver accepted features
+    /// this one does not offer.
+    #[error("saved virtio device type {saved} with {saved_queues} queues does not fit device type {now} with {now_queues} (or its features)")]
     Mismatch {
         /// Saved type.
         saved: u32,
@@ -148,6 +163,7 @@ impl MmioTransport {
                 .map(|s| (s.queue.state().into(), s.rejected))
                 .collect(),
             active_queues,
+            config: config_space(&*lock(&self.device)),
         })
     }
 
@@ -161,7 +177,12 @@ impl MmioTransport {
             now,
             now_queues,
         };
-        if state.device_type != self.device_type || state.queues.len() != self.queues.len() {
+        // A feature the driver relies on that this device does not offer (a read-only disk
+        // where the saved one was writable, say) cannot be taken back from the driver.
+        if state.device_type != self.device_type
+            || state.queues.len() != self.queues.len()
+            || state.acked_features & !self.avail_features != 0
+        {
             return Err(mismatch());
         }
         for (index, (slot, (saved, rejected))) in
@@ -189,6 +210,15 @@ impl MmioTransport {
         self.interrupt.restore(state.interrupt_status);
         if self.activated {
             lock(&self.device).restored();
+        }
+        // The device behind the transport may be another one of the same kind (a disk whose
+        // size differs, a new MAC or CID): tell the driver its configuration changed.
+        if self.status & status::DRIVER_OK != 0
+            && config_space(&*lock(&self.device)) != state.config
+        {
+            if let Err(e) = self.notify_config_change() {
+                crate::warn_limited!("virtio-mmio: raising the config interrupt failed: {e}");
+            }
         }
         Ok(())
     }
