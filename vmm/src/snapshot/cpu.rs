@@ -250,7 +250,7 @@ mod tests {
         assert!(serializable(0x206), "variable MTRR");
         assert!(!serializable(0x186), "perf event select");
         assert!(!serializable(0x480), "VMX capabilities");
-        let mut list = vec![MSR_IA32_TSC_DEADLINE, 0x174, MSR_IA32_TSC];
+        let mut list = [MSR_IA32_TSC_DEADLINE, 0x174, MSR_IA32_TSC];
         list.sort_by_key(|i| *i == MSR_IA32_TSC_DEADLINE);
         assert_eq!(list.last(), Some(&MSR_IA32_TSC_DEADLINE));
         assert!(!tsc_differs(2_000_000, 2_000_400));

@@ -98,11 +98,11 @@ pub struct MmioState {
 }
 
 /// Bytes of configuration space compared across a restore (every device of mvm has less).
-const CONFIG_BYTES: u64 = 256;
+const CONFIG_BYTES: usize = 256;
 
 /// The configuration space of `device`, as a driver reads it.
 fn config_space(device: &dyn crate::virtio::VirtioDevice) -> Vec<u8> {
-    let mut out = vec![0u8; CONFIG_BYTES as usize];
+    let mut out = vec![0u8; CONFIG_BYTES];
     for (i, word) in out.chunks_mut(4).enumerate() {
         device.read_config(i as u64 * 4, word);
     }
