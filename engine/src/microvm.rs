@@ -17,6 +17,7 @@ use guest_agent::runtime::ContainerSpec;
 use vmm::builder::{BuildError, RunningVm, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
+use vmm::snapshot::take::VmController;
 use vmm::virtio_devices::{self, AttachedDevices, DeviceSetupError, DevicesConfig, NetworkMode};
 
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
@@ -57,6 +58,9 @@ pub enum MicroVmError {
     /// A template could not be made or restored.
     #[error("template {0}: {1}")]
     Template(String, String),
+    /// This host's KVM cannot save or restore a VM (what failed); the run boots cold.
+    #[error("this host's KVM cannot {0}")]
+    HostCannotSnapshot(String),
 }
 
 /// What to run and how.
@@ -112,6 +116,7 @@ impl MicroVmSpec {
 /// A started microVM whose container runs.
 pub struct MicroVm {
     handle: VmHandle,
+    controller: VmController,
     exit_rx: mpsc::Receiver<VmExit>,
     client: AgentClient<UnixStream>,
     stream: u32,
@@ -143,6 +148,8 @@ fn last_console_line(path: &std::path::Path) -> String {
 
 impl MicroVm {
     /// Boots the VM (or restores its template), waits for its agent and starts the container.
+    /// Where this host's KVM cannot save or restore a VM, says so once (and notes it in the
+    /// template store) and boots cold.
     pub fn start(spec: &MicroVmSpec) -> Result<MicroVm, MicroVmError> {
         let boot = BootParams {
             rootfs: Some(ROOTFS_DEVICE.into()),
@@ -152,32 +159,68 @@ impl MicroVm {
             ..spec.boot.clone()
         };
         let Some(store) = &spec.templates else {
-            let config = vm_config(spec, &boot, spec.console_path());
-            let builder = VmBuilder::new(config)?;
-            let (vm, attached) = attach_run_devices(builder, spec)?;
-            let started = Started::new(vm, spec)?;
-            let client = started.agent(spec)?;
-            return started.run_container(spec, client, attached);
+            return Self::boot_cold(spec, &boot);
         };
+        if let Some(why) = store.unsupported() {
+            log::info!("no template: {why}; booting cold");
+            return Self::boot_cold(spec, &boot);
+        }
+        match Self::restore_template(spec, store, &boot) {
+            Err(MicroVmError::HostCannotSnapshot(why)) => {
+                eprintln!("mvm: note: this host's KVM cannot {why}; booting cold (templates stay off here until `mvm template prune -a`)");
+                store.mark_unsupported(&why);
+                Self::boot_cold(spec, &boot)
+            }
+            result => result,
+        }
+    }
+
+    /// Boots the guest kernel with the run's parameters on its command line.
+    fn boot_cold(spec: &MicroVmSpec, boot: &BootParams) -> Result<MicroVm, MicroVmError> {
+        let config = vm_config(spec, boot, spec.console_path());
+        let builder = VmBuilder::new(config)?;
+        let (vm, attached) = attach_run_devices(builder, spec)?;
+        let started = Started::new(vm, spec)?;
+        let client = started.agent(spec)?;
+        started.run_container(spec, client, attached)
+    }
+
+    /// Restores the run's template (made first by a cold boot if there is none) and hands the
+    /// agent the run's setup.
+    fn restore_template(
+        spec: &MicroVmSpec,
+        store: &TemplateStore,
+        boot: &BootParams,
+    ) -> Result<MicroVm, MicroVmError> {
         let key = template_key(spec, store)?;
         let dir = match store.find(&key) {
             Some(dir) => dir,
             None => make_template(spec, store, &key)?,
         };
         let id = key.id();
-        let broken = |e: BuildError| match e {
+        let failed = |e: BuildError| match e {
             BuildError::Snapshot(e) if e.is_bad_input() => MicroVmError::Template(
                 id.clone(),
                 format!("{e} (remove it with `mvm template rm {id}`, or run with --cold)"),
             ),
+            BuildError::Snapshot(e) if kvm_cannot(&e) => {
+                MicroVmError::HostCannotSnapshot(format!("restore a VM: {}", error_chain(&e)))
+            }
             e => MicroVmError::Build(e),
         };
         let console = vmm::console_log::ConsoleLog::create(&spec.console_path())
             .map_err(|e| MicroVmError::Build(BuildError::SerialOut(spec.console_path(), e)))?;
-        let builder = VmBuilder::restore(&dir, Box::new(console)).map_err(broken)?;
-        let (vm, attached) = attach_run_devices(builder, spec)?;
+        let t0 = Instant::now();
+        let mut builder = VmBuilder::restore(&dir, Box::new(console)).map_err(failed)?;
+        let attached = virtio_devices::attach(&mut builder, &run_devices(spec))?;
+        let vm = builder.start().map_err(failed)?;
+        log::debug!(
+            "template {id}: VMM restored in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         let started = Started::new(vm, spec)?;
         let mut client = started.agent(spec)?;
+        log::debug!("template {id}: restored, the agent answers");
         let setup = Setup {
             boot: boot.to_cmdline(),
             seed: fresh_seed(),
@@ -190,6 +233,7 @@ impl MicroVm {
             started.stop_and_wait();
             return Err(MicroVmError::Agent(e));
         }
+        log::debug!("template {id}: the guest took its run's setup");
         started.run_container(spec, client, attached)
     }
 
@@ -201,6 +245,11 @@ impl MicroVm {
     /// A handle that stops the VM from another thread.
     pub fn handle(&self) -> VmHandle {
         self.handle.clone()
+    }
+
+    /// Pauses, resumes and snapshots the VM from another thread.
+    pub fn controller(&self) -> VmController {
+        self.controller.clone()
     }
 
     /// Streams the container's output into `sink` until it exits, powers the VM off and returns
@@ -248,12 +297,14 @@ impl MicroVm {
 /// A VM whose event loop runs on its own thread.
 struct Started {
     handle: VmHandle,
+    controller: VmController,
     exit_rx: mpsc::Receiver<VmExit>,
 }
 
 impl Started {
     fn new(vm: RunningVm, _spec: &MicroVmSpec) -> Result<Self, MicroVmError> {
         let handle = vm.handle();
+        let controller = vm.controller();
         let (exit_tx, exit_rx) = mpsc::channel();
         thread::Builder::new()
             .name("vmm".into())
@@ -261,7 +312,11 @@ impl Started {
                 let _ = exit_tx.send(vm.wait());
             })
             .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
-        Ok(Self { handle, exit_rx })
+        Ok(Self {
+            handle,
+            controller,
+            exit_rx,
+        })
     }
 
     /// Stops the VM and waits for its vCPUs to end, so the process never exits while a vCPU
@@ -311,6 +366,7 @@ impl Started {
             .create(MAIN_CONTAINER, &spec.container)
             .map_err(stop_on_error)?;
         let stream = client.start(MAIN_CONTAINER).map_err(stop_on_error)?;
+        log::debug!("container started");
         let vsock = spec.vsock_path();
         let ports = spec
             .ports
@@ -329,6 +385,7 @@ impl Started {
         }
         Ok(MicroVm {
             handle: self.handle,
+            controller: self.controller,
             exit_rx: self.exit_rx,
             client,
             stream,
@@ -369,20 +426,22 @@ fn run_disks(spec: &MicroVmSpec) -> Vec<BlockConfig> {
     disks
 }
 
-/// Attaches the run's devices and starts the VM (booting, or restoring a template).
+/// The run's devices: its disks, network, the agent's vsock and an entropy source.
+fn run_devices(spec: &MicroVmSpec) -> DevicesConfig {
+    DevicesConfig {
+        disks: run_disks(spec),
+        network: spec.network.clone(),
+        vsock: Some(spec.vsock_path()),
+        rng: true,
+    }
+}
+
+/// Attaches the run's devices and boots the VM.
 fn attach_run_devices(
     mut builder: VmBuilder,
     spec: &MicroVmSpec,
 ) -> Result<(RunningVm, AttachedDevices), MicroVmError> {
-    let attached = virtio_devices::attach(
-        &mut builder,
-        &DevicesConfig {
-            disks: run_disks(spec),
-            network: spec.network.clone(),
-            vsock: Some(spec.vsock_path()),
-            rng: true,
-        },
-    )?;
+    let attached = virtio_devices::attach(&mut builder, &run_devices(spec))?;
     Ok((builder.start()?, attached))
 }
 
@@ -487,7 +546,12 @@ fn make_template(
         let saved = controller.snapshot(&tmp);
         drop(client);
         started.stop_and_wait();
-        let report = saved.map_err(|e| failed("cannot save it", error_chain(&e)))?;
+        let report = saved.map_err(|e| match e {
+            e if kvm_cannot(&e) => {
+                MicroVmError::HostCannotSnapshot(format!("save a VM: {}", error_chain(&e)))
+            }
+            e => failed("cannot save it", error_chain(&e)),
+        })?;
         log::debug!(
             "template {}: booted in {boot_ms} ms, saved in {} ms ({} pages of data)",
             key.id(),
@@ -513,6 +577,15 @@ fn make_template(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Whether KVM itself refused to hand out or take back a vCPU's or the VM's state (the host
+/// cannot keep templates), not a file, a device or the snapshot.
+fn kvm_cannot(e: &vmm::snapshot::SnapshotError) -> bool {
+    matches!(
+        e,
+        vmm::snapshot::SnapshotError::Vcpu(..) | vmm::snapshot::SnapshotError::Vm(_)
+    )
 }
 
 /// An error with its sources, on one line.

@@ -30,6 +30,15 @@ use crate::error::{bad_input, io_error, Error};
 pub const TEMPLATES_DIR: &str = "templates";
 /// The template's description in its directory.
 pub const INFO_FILE: &str = "template.json";
+/// In the template directory: why this host's KVM cannot save or restore a VM, found by a run
+/// (for one mvm version and host kernel); runs then boot cold without trying again.
+const UNSUPPORTED_FILE: &str = ".unsupported";
+
+/// What the `.unsupported` note holds for: this mvm on this host kernel.
+fn host_id() -> String {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{} {}", vmm::snapshot::mvm_version(), release.trim())
+}
 
 /// A file a template depends on, named by what changes when it is replaced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +171,24 @@ impl TemplateStore {
         Ok(Self { dir })
     }
 
+    /// Why this host cannot keep templates, if an earlier run found out (with this mvm and
+    /// this host kernel).
+    pub fn unsupported(&self) -> Option<String> {
+        let text = fs::read_to_string(self.dir.join(UNSUPPORTED_FILE)).ok()?;
+        let (host, why) = text.split_once('\n')?;
+        (host == host_id()).then(|| why.trim().to_string())
+    }
+
+    /// Notes that this host cannot keep templates, and why (best effort: a run that cannot
+    /// write it tries again next time).
+    pub fn mark_unsupported(&self, why: &str) {
+        let why = why.replace('\n', " ");
+        let _ = fs::write(
+            self.dir.join(UNSUPPORTED_FILE),
+            format!("{}\n{why}\n", host_id()),
+        );
+    }
+
     /// The directory of template `id` (it may not exist).
     pub fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
@@ -259,9 +286,13 @@ impl TemplateStore {
     }
 
     /// Removes stale and broken templates and the leftovers of runs killed while making one;
-    /// `all`: every template. Returns the ids removed.
+    /// `all`: every template, and the note that this host cannot keep them (the next run
+    /// tries again). Returns the ids removed.
     pub fn prune(&self, all: bool) -> Result<Vec<String>, Error> {
         let mut removed = Vec::new();
+        if all {
+            let _ = fs::remove_file(self.dir.join(UNSUPPORTED_FILE));
+        }
         for t in self.list()? {
             let stale = t.info.as_ref().is_none_or(TemplateInfo::stale);
             if all || stale {
@@ -353,5 +384,25 @@ mod tests {
         assert!(!dead.exists());
         assert!(store.list().unwrap().is_empty());
         assert!(store.remove("nope").is_err());
+    }
+
+    #[test]
+    fn a_host_that_cannot_keep_templates_is_noted_until_prune_all() {
+        let root = tempfile::tempdir().unwrap();
+        let store = TemplateStore::open(root.path()).unwrap();
+        assert_eq!(store.unsupported(), None);
+        store.mark_unsupported("KVM_GET_XSAVE failed\nsecond line");
+        assert_eq!(
+            store.unsupported().as_deref(),
+            Some("KVM_GET_XSAVE failed second line")
+        );
+        assert!(store.list().unwrap().is_empty(), "the note is no template");
+        // Another mvm or host kernel tries again.
+        let note = root.path().join(TEMPLATES_DIR).join(UNSUPPORTED_FILE);
+        fs::write(&note, "mvm 0.0.1 other\nwhy\n").unwrap();
+        assert_eq!(store.unsupported(), None);
+        store.mark_unsupported("why");
+        store.prune(true).unwrap();
+        assert_eq!(store.unsupported(), None);
     }
 }

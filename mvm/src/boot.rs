@@ -54,12 +54,15 @@ pub struct BootArgs {
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
     /// Save the running VM into this directory (created; must not exist) after
-    /// --snapshot-after, then end it.
-    #[arg(long, value_name = "DIR", requires = "snapshot_after")]
+    /// --snapshot-after or once the console printed --snapshot-on, then end it.
+    #[arg(long, value_name = "DIR")]
     pub snapshot: Option<PathBuf>,
     /// How long the VM runs before --snapshot saves it (e.g. 20s).
     #[arg(long, value_name = "DURATION", requires = "snapshot")]
     pub snapshot_after: Option<String>,
+    /// Save the VM (--snapshot) once its console printed this text (needs --serial-out).
+    #[arg(long, value_name = "TEXT", requires_all = ["snapshot", "serial_out"], conflicts_with = "snapshot_after")]
+    pub snapshot_on: Option<String>,
     /// Continue the VM saved in this directory instead of booting a kernel; give it the same
     /// devices (--disk, --network, --vsock, --rng) in the same order. Its memory is mapped
     /// from the snapshot, shared with every other VM restored from it.
@@ -85,6 +88,11 @@ impl BootArgs {
 
 /// Boots the VM and returns mvm's exit code.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
+    if args.snapshot.is_some() && args.snapshot_after.is_none() && args.snapshot_on.is_none() {
+        return Err(bad_input(
+            "--snapshot needs --snapshot-after or --snapshot-on",
+        ));
+    }
     let cfg = args.to_config()?;
     let network: NetworkMode = args
         .network
@@ -129,25 +137,10 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     if args.restore.is_some() {
         log::info!("restored in {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
     }
-    if let (Some(dir), Some(after)) = (&args.snapshot, &args.snapshot_after) {
-        let after = engine::units::parse_duration(after).map_err(|e| bad_input(e.to_string()))?;
-        let (controller, handle, dir) = (vm.controller(), vm.handle(), dir.clone());
-        std::fs::create_dir(&dir)
-            .map_err(|e| bad_input(format!("cannot create {}: {e}", dir.display())))?;
-        std::thread::spawn(move || {
-            std::thread::sleep(after);
-            match controller.snapshot(&dir) {
-                Ok(r) => eprintln!(
-                    "mvm: saved in {} (vCPUs paused {:.1} ms, {} pages of data)",
-                    dir.display(),
-                    r.paused_for.as_secs_f64() * 1000.0,
-                    r.data_pages
-                ),
-                Err(e) => eprintln!("mvm: snapshot failed: {:#}", anyhow::Error::new(e)),
-            }
-            handle.stop();
-        });
-    }
+    let snapshot = match &args.snapshot {
+        Some(dir) => Some(SnapshotJob::start(args, dir, &vm)?),
+        None => None,
+    };
     let stop_metrics = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = metrics.clone().map(|path| {
         let stop = stop_metrics.clone();
@@ -172,5 +165,93 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     } else {
         log::info!("{exit}");
     }
+    if let Some(job) = snapshot {
+        return job.finish();
+    }
     Ok(exit.exit_code())
+}
+
+/// `--snapshot DIR`: saves the VM once its trigger fires, then ends it.
+struct SnapshotJob {
+    dir: PathBuf,
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl SnapshotJob {
+    fn start(
+        args: &BootArgs,
+        dir: &std::path::Path,
+        vm: &vmm::builder::RunningVm,
+    ) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+        let (after, on) = match (&args.snapshot_after, &args.snapshot_on) {
+            (Some(after), None) => (
+                Some(engine::units::parse_duration(after).map_err(|e| bad_input(e.to_string()))?),
+                None,
+            ),
+            (None, Some(text)) => (
+                None,
+                Some((text.clone(), args.serial_out.clone().unwrap_or_default())),
+            ),
+            _ => {
+                return Err(bad_input(
+                    "--snapshot needs --snapshot-after or --snapshot-on",
+                ))
+            }
+        };
+        std::fs::create_dir(dir)
+            .map_err(|e| bad_input(format!("cannot create {}: {e}", dir.display())))?;
+        let (controller, handle) = (vm.controller(), vm.handle());
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (gone, target) = (ended.clone(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let due = || match (&after, &on) {
+                (Some(after), _) => t0.elapsed() >= *after,
+                (None, Some((text, console))) => std::fs::read(console)
+                    .is_ok_and(|c| c.windows(text.len()).any(|w| w == text.as_bytes())),
+                (None, None) => true,
+            };
+            while !due() {
+                if gone.load(Ordering::SeqCst) {
+                    return Err("the VM ended before its snapshot was taken".to_string());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let saved = controller.snapshot(&target);
+            handle.stop();
+            let r = saved.map_err(|e| format!("snapshot failed: {:#}", anyhow::Error::new(e)))?;
+            eprintln!(
+                "mvm: saved in {} (vCPUs paused {:.1} ms, {} pages of data)",
+                target.display(),
+                r.paused_for.as_secs_f64() * 1000.0,
+                r.data_pages
+            );
+            Ok(())
+        });
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ended,
+            thread,
+        })
+    }
+
+    /// After the VM ended: 0 with the snapshot saved, else 1 with one line and no directory.
+    fn finish(self) -> anyhow::Result<i32> {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        let result = self
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err("snapshot failed".to_string()));
+        match result {
+            Ok(()) => Ok(0),
+            Err(why) => {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                eprintln!("mvm: {why}");
+                Ok(1)
+            }
+        }
+    }
 }
