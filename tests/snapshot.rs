@@ -444,3 +444,73 @@ fn run_restores_its_template_and_refuses_a_damaged_one() {
     assert!(old.trim_end().ends_with("stale"), "{listed:?}");
     assert_eq!(t.leftovers(), (vec![], vec![]));
 }
+
+#[test]
+fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
+    let Some(t) = templates() else {
+        return;
+    };
+    let _one = boot_lock();
+    let kernel = t.kernel.to_str().unwrap().to_string();
+    let out = t.mvm(
+        &[
+            "run",
+            "-d",
+            "--cold",
+            "--name",
+            "counter",
+            "--kernel",
+            &kernel,
+            "--kernel-args",
+            &t.vm.kernel_args,
+            "--image",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done",
+        ],
+        false,
+    );
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let lines = || {
+        text(&t.mvm(&["logs", "counter"], false).stdout)
+            .lines()
+            .count()
+    };
+    let wait_for_more = |than: usize| {
+        let t0 = Instant::now();
+        while lines() <= than {
+            assert!(t0.elapsed() < BOOT_LIMIT, "the counter does not count");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for_more(1);
+
+    let out = t.mvm(&["pause", "counter"], false);
+    assert!(out.status.success(), "pause: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "counter");
+    let ps = text(&t.mvm(&["ps"], false).stdout);
+    assert!(ps.contains("paused"), "{ps}");
+    let held = lines();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lines(), held, "a paused VM went on printing");
+    let out = t.mvm(&["exec", "counter", "true"], false);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("is paused"), "{err}");
+    let out = t.mvm(&["pause", "counter"], false);
+    assert!(!out.status.success(), "paused twice");
+
+    let out = t.mvm(&["unpause", "counter"], false);
+    assert!(out.status.success(), "unpause: {}", text(&out.stderr));
+    let ps = text(&t.mvm(&["ps"], false).stdout);
+    assert!(ps.contains("running") && !ps.contains("paused"), "{ps}");
+    wait_for_more(held);
+
+    // A paused container still stops and is removed.
+    let out = t.mvm(&["pause", "counter"], false);
+    assert!(out.status.success(), "pause: {}", text(&out.stderr));
+    let out = t.mvm(&["rm", "-f", "counter"], false);
+    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    assert_eq!(t.leftovers(), (vec![], vec![]));
+}

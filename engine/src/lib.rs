@@ -11,6 +11,7 @@
 //! ([`Error::exit_code`]).
 #![deny(missing_docs)]
 
+pub mod control;
 pub mod error;
 pub mod hostnet;
 pub mod image;

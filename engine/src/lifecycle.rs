@@ -60,11 +60,40 @@ pub fn is_live(r: &ContainerRecord) -> bool {
 }
 
 fn require_running(r: &ContainerRecord) -> Result<(), Error> {
-    if r.live_status() == Status::Running {
-        Ok(())
-    } else {
+    if r.live_status() != Status::Running {
         Err(bad_input(format!("container {} is not running", r.name)))
+    } else if r.paused {
+        Err(bad_input(format!(
+            "container {} is paused: `mvm unpause {}` first",
+            r.name, r.name
+        )))
+    } else {
+        Ok(())
     }
+}
+
+/// Stops (`paused`) or resumes the vCPUs of a VM container; its memory and devices stay.
+pub fn pause(root: &Path, name: &str, paused: bool) -> Result<(), Error> {
+    let (store, r) = find(root, name)?;
+    if r.live_status() != Status::Running {
+        return Err(bad_input(format!("container {} is not running", r.name)));
+    }
+    if r.isolation != Isolation::Vm {
+        return Err(bad_input(format!(
+            "container {} is not a VM: only --isolation vm containers can be paused",
+            r.name
+        )));
+    }
+    if r.paused == paused {
+        let state = if paused { "paused" } else { "not paused" };
+        return Err(bad_input(format!("container {} is {state}", r.name)));
+    }
+    let request = if paused {
+        crate::control::ControlRequest::Pause
+    } else {
+        crate::control::ControlRequest::Resume
+    };
+    crate::control::request(&store.container_dir(&r.id), request)
 }
 
 /// A new agent session with the container's VM.
@@ -239,6 +268,13 @@ fn signal_host_process(r: &ContainerRecord, sig: i32) -> bool {
 fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> Result<(), Error> {
     if !is_live(r) {
         return Ok(());
+    }
+    // A paused guest cannot take a signal: let it run to end.
+    if r.paused {
+        let dir = store.container_dir(&r.id);
+        if let Err(e) = crate::control::request(&dir, crate::control::ControlRequest::Resume) {
+            log::debug!("resume {} to stop it: {e}", r.name);
+        }
     }
     let mut client = match r.isolation {
         Isolation::Vm => agent(store, r).ok(),

@@ -159,6 +159,9 @@ pub struct ContainerRecord {
     /// Tap devices the VM uses, removed by `rm` when the runner died without cleaning up.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// The VM's vCPUs are stopped (`mvm pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl ContainerRecord {
@@ -189,6 +192,7 @@ impl ContainerRecord {
             started: None,
             finished: None,
             taps: Vec::new(),
+            paused: false,
         }
     }
 

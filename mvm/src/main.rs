@@ -70,6 +70,10 @@ enum Command {
     Stop(lifecycle::StopArgs),
     /// Send a signal to a container.
     Kill(lifecycle::KillArgs),
+    /// Pause VM containers: their vCPUs stop, their memory and devices stay.
+    Pause(lifecycle::PauseArgs),
+    /// Let paused VM containers run again.
+    Unpause(lifecycle::PauseArgs),
     /// Remove a container (-f: stop it first).
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
@@ -121,6 +125,8 @@ fn run_main() -> i32 {
         Command::Exec(args) => lifecycle::exec(&root_dir(cli.root), &args),
         Command::Stop(args) => lifecycle::stop(&root_dir(cli.root), &args),
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
+        Command::Pause(args) => lifecycle::pause(&root_dir(cli.root), &args, true),
+        Command::Unpause(args) => lifecycle::pause(&root_dir(cli.root), &args, false),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
         Command::Template(args) => template::run(&root_dir(cli.root), &args),

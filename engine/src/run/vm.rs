@@ -13,6 +13,7 @@ use rootfs_builder::initramfs::{Initramfs, InitramfsError};
 use vmm::virtio_devices::NetworkMode;
 
 use super::context::{Exit, Run};
+use crate::control::ControlServer;
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::image;
 use crate::logs::LogSink;
@@ -96,8 +97,9 @@ fn boot_timeout() -> Duration {
         .unwrap_or(BOOT_TIMEOUT)
 }
 
-/// Where the VM's template is kept, unless the run boots cold: with `--cold`, where
-/// `MVM_TEMPLATES=0`, and on a host whose KVM cannot restore a running Linux guest.
+/// Where the VM's template is kept, unless the run boots cold: with `--cold` and where
+/// `MVM_TEMPLATES=0` (a host whose KVM cannot save or restore a VM is found out, noted and
+/// booted cold by `MicroVm::start`).
 fn templates(root: &Path, spec: &crate::spec::RunSpec) -> Result<Option<TemplateStore>, Error> {
     if spec.cold || std::env::var("MVM_TEMPLATES").is_ok_and(|v| v == "0") {
         return Ok(None);
@@ -172,9 +174,17 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         vm.tap_name().map(str::to_string).into_iter().collect(),
         None,
     )?;
+    let (store, id) = (run.guard.store().clone(), run.guard.record().id.clone());
+    let control = ControlServer::start(&run_dir, vm.controller(), move |paused| {
+        let mut record = store.load(&id)?;
+        record.paused = paused;
+        Ok(store.save(&record)?)
+    })?;
     let mut sink = LogSink::new(&run.log_path(), !run.runner)?;
-    let code = vm.wait(&mut sink)?;
-    Ok(run.exited(code, false))
+    let code = vm.wait(&mut sink);
+    // No pause is recorded after this: the exit is.
+    drop(control);
+    Ok(run.exited(code?, false))
 }
 
 /// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs
