@@ -8,6 +8,10 @@
 //! parse gets [`Response::Error`]. New verbs are new [`Request`] variants; an older server
 //! answers a verb it does not know with an error, never by guessing.
 //!
+//! `pause` and `unpause` stop and resume a microVM's vCPUs (its memory and devices stay); the
+//! answer comes once the vCPUs are parked or run again. The caller records the container as
+//! paused: the server of a microVM is its jailed VMM, which cannot write the record.
+//!
 //! `stop` does not wait for the container: the server starts the stop sequence (SIGTERM to the
 //! container's first process, SIGKILL after the grace period, then ending the run itself after
 //! [`AFTER_KILL`]) and answers at once; the caller waits for the owner to exit.
@@ -69,6 +73,10 @@ pub enum Request {
         /// The signal number.
         signal: i32,
     },
+    /// Stop the VM's vCPUs; its memory and devices stay (`mvm pause`).
+    Pause,
+    /// Let a paused VM's vCPUs run again (`mvm unpause`).
+    Unpause,
     /// Debug builds only: the VMM thread of `thread` makes system call `nr`, which its seccomp
     /// filter may forbid (tests prove that a forbidden call ends the VMM with one line).
     DebugSyscall {
@@ -124,6 +132,11 @@ pub trait Controlled: Send + Sync {
     fn signal(&self, signal: i32) -> Result<(), String>;
     /// Ends the run now (powers the VM off, kills the process); the owner then records the exit.
     fn terminate(&self);
+    /// Stops (`true`) or resumes (`false`) the VM's vCPUs; answers once they are parked or run.
+    fn pause(&self, paused: bool) -> Result<(), String> {
+        let _ = paused;
+        Err("only a VM container can be paused".into())
+    }
     /// Makes system call `nr` on the thread of kind `thread` (debug builds; see
     /// [`Request::DebugSyscall`]).
     fn debug_syscall(&self, thread: &str, nr: i64) -> Result<(), String> {
@@ -382,6 +395,13 @@ fn handle(
             }
             (result(target.signal(signal)), None)
         }
+        Request::Pause | Request::Unpause => {
+            if !target.running() || stopping {
+                let message = "the container is not running".to_string();
+                return (Response::Error { message }, None);
+            }
+            (result(target.pause(request == Request::Pause)), None)
+        }
         Request::DebugSyscall { thread, nr } => {
             if !cfg!(debug_assertions) {
                 let message = "debug requests are only taken by debug builds".to_string();
@@ -402,6 +422,7 @@ mod tests {
         running: AtomicBool,
         signals: Mutex<Vec<i32>>,
         terminated: AtomicBool,
+        paused: Mutex<Vec<bool>>,
     }
 
     impl Controlled for Fake {
@@ -415,6 +436,24 @@ mod tests {
         fn terminate(&self) {
             self.terminated.store(true, Ordering::SeqCst);
         }
+        fn pause(&self, paused: bool) -> Result<(), String> {
+            self.paused.lock().unwrap().push(paused);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pause_and_unpause_reach_a_running_target_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let target = Arc::new(Fake::default());
+        let _server = ControlServer::start(&path, target.clone()).unwrap();
+        let refused = call(&path, &Request::Pause).unwrap_err();
+        assert!(refused.to_string().contains("not running"), "{refused}");
+        target.running.store(true, Ordering::SeqCst);
+        assert_eq!(call(&path, &Request::Pause).unwrap(), Response::Ok);
+        assert_eq!(call(&path, &Request::Unpause).unwrap(), Response::Ok);
+        assert_eq!(*target.paused.lock().unwrap(), [true, false]);
     }
 
     #[test]
@@ -426,6 +465,8 @@ mod tests {
                 r#"{"op":"stop","grace_ms":1500}"#,
             ),
             (Request::Kill { signal: 9 }, r#"{"op":"kill","signal":9}"#),
+            (Request::Pause, r#"{"op":"pause"}"#),
+            (Request::Unpause, r#"{"op":"unpause"}"#),
         ];
         for (request, json) in cases {
             assert_eq!(serde_json::to_string(&request).unwrap(), json);

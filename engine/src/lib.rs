@@ -26,6 +26,7 @@ pub mod run;
 pub mod runner;
 pub mod spec;
 pub mod state;
+pub mod template;
 pub mod units;
 
 pub use error::{CommandExit, Error};

@@ -64,11 +64,49 @@ pub fn is_live(r: &ContainerRecord) -> bool {
 }
 
 fn require_running(r: &ContainerRecord) -> Result<(), Error> {
-    if r.live_status() == Status::Running {
-        Ok(())
-    } else {
+    if r.live_status() != Status::Running {
         Err(bad_input(format!("container {} is not running", r.name)))
+    } else if r.paused {
+        Err(bad_input(format!(
+            "container {} is paused: `mvm unpause {}` first",
+            r.name, r.name
+        )))
+    } else {
+        Ok(())
     }
+}
+
+/// Stops (`paused`) or resumes the vCPUs of a VM container; its memory and devices stay.
+pub fn pause(root: &Path, name: &str, paused: bool) -> Result<(), Error> {
+    let (store, r) = find(root, name)?;
+    if r.live_status() != Status::Running {
+        return Err(bad_input(format!("container {} is not running", r.name)));
+    }
+    if r.isolation != Isolation::Vm {
+        return Err(bad_input(format!(
+            "container {} is not a VM: only --isolation vm containers can be paused",
+            r.name
+        )));
+    }
+    if r.paused == paused {
+        let state = if paused { "paused" } else { "not paused" };
+        return Err(bad_input(format!("container {} is {state}", r.name)));
+    }
+    let request = if paused {
+        Request::Pause
+    } else {
+        Request::Unpause
+    };
+    // The VMM (jailed: it cannot write the record) answers once its vCPUs are parked or run
+    // again; the record says so from then on (its runner's exit record clears it).
+    let path = store.container_dir(&r.id).join(control::SOCKET);
+    control::call(&path, &request).map_err(|e| match e {
+        ControlError::Refused(msg) => Error::Failed(format!("{}: {msg}", r.name)),
+        e => Error::Failed(format!("{}: {e}", r.name)),
+    })?;
+    let mut record = store.load(&r.id)?;
+    record.paused = paused;
+    Ok(store.save(&record)?)
 }
 
 /// A new agent session with the container's VM.
@@ -257,6 +295,12 @@ fn ask(store: &StateStore, r: &ContainerRecord, request: &Request) -> Option<Res
 fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> Result<(), Error> {
     if !is_live(r) {
         return Ok(());
+    }
+    // A paused guest cannot take a signal: let it run to end.
+    if r.paused {
+        if let Some(Err(e)) = ask(store, r, &Request::Unpause) {
+            log::debug!("unpause {} to stop it: {e}", r.name);
+        }
     }
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
     if let Some(Ok(())) = ask(store, r, &Request::Stop { grace_ms }) {

@@ -1,10 +1,15 @@
 //! One container in its own microVM: boot the guest kernel with the agent as PID 1 and the image
-//! as a read-only disk, talk to the agent over vsock, start the container, stream its output and
-//! return its exit code; then power the VM off.
+//! as a read-only disk (or restore the run's template, see [`crate::template`], and hand the
+//! agent the run's setup), talk to the agent over vsock, start the container, stream its output
+//! and return its exit code; then power the VM off.
+//!
+//! Everything here runs in the VMM process (`crate::confine`): [`MicroVm::prepare`] and
+//! [`TemplateVm::prepare`] before its jail (they open every file, the template's included),
+//! [`MicroVm::start`] and [`TemplateVm::boot_and_save`] in it.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -14,16 +19,19 @@ use devices::virtio::block::{BlockConfig, BlockLimits};
 use devices::virtio::rate_limiter::Limit;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, MAIN_STREAM, ROOTFS_DEVICE};
-use guest_agent::protocol::AGENT_VSOCK_PORT;
+use guest_agent::protocol::{Setup, AGENT_VSOCK_PORT};
 use guest_agent::runtime::ContainerSpec;
-use vmm::builder::{BuildError, VmBuilder};
+use vmm::builder::{BuildError, RunningVm, VcpuRelease, VmBuilder};
 use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
 use vmm::seccomp::{self, ThreadKind};
+use vmm::snapshot::take::VmController;
+use vmm::snapshot::{SnapshotError, SnapshotFiles};
 use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
 
 use crate::control::{ControlServer, Controlled};
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
+use crate::template::{FileId, TemplateKey};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -63,6 +71,12 @@ pub enum MicroVmError {
     /// A thread could not be confined.
     #[error(transparent)]
     Seccomp(#[from] vmm::seccomp::SeccompError),
+    /// A template could not be made or restored.
+    #[error("template {0}: {1}")]
+    Template(String, String),
+    /// This host's KVM cannot save or restore a VM (what failed); the run boots cold.
+    #[error("this host's KVM cannot {0}")]
+    HostCannotSnapshot(String),
 }
 
 /// What to run and how (handed to the VMM process as JSON).
@@ -105,6 +119,21 @@ pub struct MicroVmSpec {
     /// The network's rate limit, each direction.
     #[serde(default)]
     pub net_limit: Limit,
+    /// The template to restore instead of booting the kernel (the runner picks it, and has it
+    /// made first where there is none); `None`: a cold boot with the run's parameters on the
+    /// kernel command line.
+    #[serde(default)]
+    pub restore: Option<Restore>,
+}
+
+/// A template a run restores.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restore {
+    /// Its directory (`<root>/templates/<id>`).
+    pub dir: PathBuf,
+    /// Its id, for messages.
+    pub id: String,
 }
 
 impl MicroVmSpec {
@@ -130,6 +159,7 @@ impl MicroVmSpec {
 pub struct VmControl {
     vsock: PathBuf,
     handle: Mutex<Option<VmHandle>>,
+    controller: Mutex<Option<VmController>>,
     running: AtomicBool,
 }
 
@@ -139,12 +169,17 @@ impl VmControl {
         VmControl {
             vsock,
             handle: Mutex::new(None),
+            controller: Mutex::new(None),
             running: AtomicBool::new(false),
         }
     }
 
     fn built(&self, handle: VmHandle) {
         *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    fn started(&self, controller: VmController) {
+        *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = Some(controller);
     }
 }
 
@@ -176,6 +211,22 @@ impl Controlled for VmControl {
             h.stop();
         }
     }
+
+    fn pause(&self, paused: bool) -> Result<(), String> {
+        let controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| "the VM is not running yet".to_string())?;
+        let done = if paused {
+            controller.pause()
+        } else {
+            controller.resume()
+        };
+        done.map_err(|e| error_chain(&e))
+    }
+
     fn debug_syscall(&self, thread: &str, nr: i64) -> Result<(), String> {
         if thread != seccomp::ThreadKind::Control.name() {
             return Err("only the control thread takes debug system calls".into());
@@ -237,19 +288,24 @@ mod boot_params {
     }
 }
 
-/// A microVM set up but not running: the VM with its memory, kernel and initrd, its devices
-/// (disks open, tap or passt up, the vsock socket bound) and its control socket bound. This part
-/// needs mvm's privileges; [`MicroVm::start`] runs the rest, in the jail.
+/// A microVM set up but not running: the VM with its memory and kernel (or the template's
+/// state and memory), its devices (disks open, tap or passt up, the vsock socket bound) and its
+/// control socket bound. This part needs mvm's privileges; [`MicroVm::start`] runs the rest, in
+/// the jail.
 pub struct PreparedVm {
     builder: VmBuilder,
     tap_name: Option<String>,
+    mac: Option<[u8; 6]>,
     control: UnixListener,
+    /// The id of the template it restores, if it does.
+    restored: Option<String>,
 }
 
 impl std::fmt::Debug for PreparedVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedVm")
             .field("tap_name", &self.tap_name)
+            .field("restored", &self.restored)
             .finish_non_exhaustive()
     }
 }
@@ -261,83 +317,20 @@ impl PreparedVm {
     }
 }
 
-impl MicroVm {
-    /// Builds the VM and its devices and binds its sockets (see [`PreparedVm`]).
-    pub fn prepare(spec: &MicroVmSpec) -> Result<PreparedVm, MicroVmError> {
-        let boot = BootParams {
-            rootfs: Some(ROOTFS_DEVICE.into()),
-            port: Some(AGENT_VSOCK_PORT),
-            // The agent relays these vsock ports to the guest's TCP ports (its portfwd module).
-            ports: spec.ports.iter().map(|p| p.guest_port).collect(),
-            ..spec.boot.clone()
-        };
-        let mut cmdline = format!("{BASE_CMDLINE} {}", boot.to_cmdline());
-        if !spec.kernel_args.trim().is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(spec.kernel_args.trim());
-        }
-        let config = VmConfig {
-            kernel: spec.kernel.clone(),
-            initrd: Some(spec.initrd.clone()),
-            cmdline,
-            mem_bytes: spec.mem_bytes,
-            vcpus: spec.vcpus,
-            serial_out: Some(spec.console_path()),
-            serial_stdin: false,
-        };
-        let mut builder = VmBuilder::new(config)?;
-        let mut disks = vec![BlockConfig {
-            path: spec.rootfs_disk.clone(),
-            read_only: true,
-            serial: Some("mvm-rootfs".into()),
-            limits: spec.rootfs_limits,
-        }];
-        disks.extend(spec.volumes.iter().cloned());
-        let attached = virtio_devices::attach(
-            &mut builder,
-            &DevicesConfig {
-                disks,
-                network: spec.network.clone(),
-                vsock: Some(spec.vsock_path()),
-                rng: true,
-                net_limit: spec.net_limit,
-            },
-        )?;
-        let control = ControlServer::bind(&spec.control_path())
-            .map_err(|e| MicroVmError::Control(spec.control_path(), e))?;
-        Ok(PreparedVm {
-            builder,
-            tap_name: attached.tap_name,
-            control,
-        })
-    }
+/// A VM whose event loop runs on a thread of its own, confined, and whose vCPUs wait for
+/// `release`.
+struct Launched {
+    handle: VmHandle,
+    controller: VmController,
+    exit_rx: mpsc::Receiver<VmExit>,
+    release: VcpuRelease,
+}
 
-    /// Builds the VM, boots it, waits for its agent and starts the container (one process,
-    /// no jail: [`MicroVm::prepare`], then [`MicroVm::start`]).
-    pub fn run(spec: &MicroVmSpec, control: Arc<VmControl>) -> Result<MicroVm, MicroVmError> {
-        let prepared = Self::prepare(spec)?;
-        Self::start(prepared, spec, control)
-    }
-
-    /// Boots the prepared VM, waits for its agent and starts the container; `control` learns
-    /// the VM as soon as it is built and that the container runs once it does, and answers on
-    /// the control socket. Every thread is confined by its seccomp filter (where the process
-    /// turned filtering on) before the guest runs: the vCPUs, the event loop, the control
-    /// socket's server, then this thread.
-    pub fn start(
-        prepared: PreparedVm,
-        spec: &MicroVmSpec,
-        control: Arc<VmControl>,
-    ) -> Result<MicroVm, MicroVmError> {
-        let PreparedVm {
-            builder,
-            tap_name,
-            control: listener,
-        } = prepared;
-        let vsock = spec.vsock_path();
-        let handle = builder.handle();
-        control.built(handle.clone());
-        let mut vm = builder.start()?;
+impl Launched {
+    /// Starts the event loop's thread (confined by the device filter before it serves a device).
+    fn new(mut vm: RunningVm) -> Result<Self, MicroVmError> {
+        let handle = vm.handle();
+        let controller = vm.controller();
         let release = vm.hold();
         let (exit_tx, exit_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -350,49 +343,147 @@ impl MicroVm {
                 let _ = exit_tx.send(vm.wait());
             })
             .map_err(|e| MicroVmError::Build(BuildError::Io(e)))?;
-        let stop_now = |e: MicroVmError| {
-            handle.stop();
-            let _ = exit_rx.recv_timeout(Duration::from_secs(10));
-            e
+        let launched = Launched {
+            handle,
+            controller,
+            exit_rx,
+            release,
         };
         if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
             let e = io::Error::other("the event loop did not start");
-            return Err(stop_now(MicroVmError::Build(BuildError::Io(e))));
+            return Err(launched.stop_with(MicroVmError::Build(BuildError::Io(e))));
         }
-        // The socket file belongs to the run's directory, which the runner cleans.
-        let server = ControlServer::serve(listener, control.clone(), None)
-            .map_err(|e| stop_now(MicroVmError::Control(spec.control_path(), e)))?;
-        seccomp::confine(ThreadKind::Runner).map_err(|e| stop_now(MicroVmError::Seccomp(e)))?;
-        release.release();
+        Ok(launched)
+    }
 
-        let conn = match wait_for_agent(&vsock, &exit_rx, spec.boot_timeout) {
+    /// Stops the VM and waits for its vCPUs to end, so the process never exits while a vCPU
+    /// is still inside KVM_RUN.
+    fn stop_and_wait(&self) {
+        self.handle.stop();
+        let _ = self.exit_rx.recv_timeout(Duration::from_secs(15));
+    }
+
+    fn stop_with(&self, e: MicroVmError) -> MicroVmError {
+        self.stop_and_wait();
+        e
+    }
+
+    /// Opens a session with the agent once it answers on `vsock`.
+    fn agent(
+        &self,
+        vsock: &Path,
+        console: &Path,
+        limit: Duration,
+    ) -> Result<AgentClient<UnixStream>, MicroVmError> {
+        let conn = match wait_for_agent(vsock, &self.exit_rx, limit) {
             Ok(conn) => conn,
             Err(AgentWait::Exited(exit)) => {
                 return Err(MicroVmError::EarlyExit {
                     exit,
-                    console: last_console_line(&spec.console_path()),
+                    console: last_console_line(console),
                 })
             }
             Err(AgentWait::Timeout) => {
-                handle.stop();
-                let _ = exit_rx.recv_timeout(Duration::from_secs(10));
-                return Err(MicroVmError::AgentTimeout(
-                    spec.boot_timeout.as_secs(),
-                    spec.console_path(),
-                ));
+                return Err(self.stop_with(MicroVmError::AgentTimeout(
+                    limit.as_secs(),
+                    console.to_path_buf(),
+                )))
             }
         };
-        // On a failure, stop the VM and wait for its vCPUs to end before returning, so the
-        // process never exits while a vCPU is still inside KVM_RUN.
-        let stop_and_wait = || {
-            handle.stop();
-            let _ = exit_rx.recv_timeout(Duration::from_secs(15));
+        AgentClient::open(conn).map_err(|e| self.stop_with(MicroVmError::Agent(e)))
+    }
+}
+
+impl MicroVm {
+    /// Builds the VM (or restores its template) and its devices and binds its sockets (see
+    /// [`PreparedVm`]).
+    pub fn prepare(spec: &MicroVmSpec) -> Result<PreparedVm, MicroVmError> {
+        let (mut builder, restored) = match &spec.restore {
+            Some(r) => {
+                let path = spec.console_path();
+                let console = vmm::console_log::ConsoleLog::create(&path)
+                    .map_err(|e| MicroVmError::Build(BuildError::SerialOut(path, e)))?;
+                let builder = VmBuilder::restore(&r.dir, Box::new(console))
+                    .map_err(|e| restore_error(&r.id, e))?;
+                (builder, Some(r.id.clone()))
+            }
+            None => {
+                let config = vm_config(spec, &run_boot(spec), spec.console_path());
+                (VmBuilder::new(config)?, None)
+            }
         };
-        let stop_on_error = |e: ClientError| {
-            stop_and_wait();
-            MicroVmError::Agent(e)
-        };
-        let mut client = AgentClient::open(conn).map_err(stop_on_error)?;
+        let attached = virtio_devices::attach(&mut builder, &run_devices(spec))?;
+        let control = ControlServer::bind(&spec.control_path())
+            .map_err(|e| MicroVmError::Control(spec.control_path(), e))?;
+        Ok(PreparedVm {
+            builder,
+            tap_name: attached.tap_name,
+            mac: attached.mac,
+            control,
+            restored,
+        })
+    }
+
+    /// Builds the VM, boots it, waits for its agent and starts the container (one process,
+    /// no jail: [`MicroVm::prepare`], then [`MicroVm::start`]).
+    pub fn run(spec: &MicroVmSpec, control: Arc<VmControl>) -> Result<MicroVm, MicroVmError> {
+        let prepared = Self::prepare(spec)?;
+        Self::start(prepared, spec, control)
+    }
+
+    /// Boots (or restores) the prepared VM, waits for its agent, hands a restored guest its
+    /// run's setup and starts the container; `control` learns the VM as soon as it is built and
+    /// that the container runs once it does, and answers on the control socket. Every thread is
+    /// confined by its seccomp filter (where the process turned filtering on) before the guest
+    /// runs: the vCPUs, the event loop, the control socket's server, then this thread.
+    pub fn start(
+        prepared: PreparedVm,
+        spec: &MicroVmSpec,
+        control: Arc<VmControl>,
+    ) -> Result<MicroVm, MicroVmError> {
+        let PreparedVm {
+            builder,
+            tap_name,
+            mac,
+            control: listener,
+            restored,
+        } = prepared;
+        let vsock = spec.vsock_path();
+        control.built(builder.handle());
+        let t0 = Instant::now();
+        let vm = builder.start().map_err(|e| match &restored {
+            Some(id) => restore_error(id, e),
+            None => MicroVmError::Build(e),
+        })?;
+        if let Some(id) = &restored {
+            log::debug!(
+                "template {id}: VMM restored in {:.1} ms",
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+        let vm = Launched::new(vm)?;
+        control.started(vm.controller.clone());
+        // The socket file belongs to the run's directory, which the runner cleans.
+        let server = ControlServer::serve(listener, control.clone(), None)
+            .map_err(|e| vm.stop_with(MicroVmError::Control(spec.control_path(), e)))?;
+        seccomp::confine(ThreadKind::Runner).map_err(|e| vm.stop_with(e.into()))?;
+        vm.release.release();
+
+        let mut client = vm.agent(&vsock, &spec.console_path(), spec.boot_timeout)?;
+        let stop_on_error = |e: ClientError| vm.stop_with(MicroVmError::Agent(e));
+        if let Some(id) = &restored {
+            log::debug!("template {id}: restored, the agent answers");
+            let setup = Setup {
+                boot: run_boot(spec).to_cmdline(),
+                seed: fresh_seed(),
+                time_ns: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+                mac,
+            };
+            client.setup(setup).map_err(stop_on_error)?;
+            log::debug!("template {id}: the guest took its run's setup");
+        }
         client
             .create(MAIN_CONTAINER, &spec.container)
             .map_err(stop_on_error)?;
@@ -402,11 +493,11 @@ impl MicroVm {
             .iter()
             .map(|m| PortForwarder::start(*m, &vsock))
             .collect::<Result<Vec<_>, _>>()
-            .inspect_err(|_| stop_and_wait())?;
+            .inspect_err(|_| vm.stop_and_wait())?;
         control.running.store(true, Ordering::SeqCst);
         let timed_out = Arc::new(AtomicBool::new(false));
         if let Some(limit) = spec.timeout {
-            let (handle, flag) = (handle.clone(), timed_out.clone());
+            let (handle, flag) = (vm.handle.clone(), timed_out.clone());
             thread::spawn(move || {
                 thread::sleep(limit);
                 flag.store(true, Ordering::SeqCst);
@@ -414,8 +505,8 @@ impl MicroVm {
             });
         }
         Ok(MicroVm {
-            handle,
-            exit_rx,
+            handle: vm.handle,
+            exit_rx: vm.exit_rx,
             client,
             stream,
             _ports: ports,
@@ -478,6 +569,258 @@ impl MicroVm {
     }
 }
 
+/// The boot parameters of a run: the spec's, with the root disk, the agent's port and the
+/// published ports filled in (on the kernel command line of a cold boot, in the setup of a
+/// restored template).
+fn run_boot(spec: &MicroVmSpec) -> BootParams {
+    BootParams {
+        rootfs: Some(ROOTFS_DEVICE.into()),
+        port: Some(AGENT_VSOCK_PORT),
+        // The agent relays these vsock ports to the guest's TCP ports (its portfwd module).
+        ports: spec.ports.iter().map(|p| p.guest_port).collect(),
+        ..spec.boot.clone()
+    }
+}
+
+/// The VM's configuration for a boot with `boot` on its command line.
+fn vm_config(spec: &MicroVmSpec, boot: &BootParams, console: PathBuf) -> VmConfig {
+    let mut cmdline = format!("{BASE_CMDLINE} {}", boot.to_cmdline());
+    if !spec.kernel_args.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(spec.kernel_args.trim());
+    }
+    VmConfig {
+        kernel: spec.kernel.clone(),
+        initrd: Some(spec.initrd.clone()),
+        cmdline,
+        mem_bytes: spec.mem_bytes,
+        vcpus: spec.vcpus,
+        serial_out: Some(console),
+        serial_stdin: false,
+    }
+}
+
+/// The run's disks: the image read-only as /dev/vda, then the volumes.
+fn run_disks(spec: &MicroVmSpec) -> Vec<BlockConfig> {
+    let mut disks = vec![BlockConfig {
+        path: spec.rootfs_disk.clone(),
+        read_only: true,
+        serial: Some("mvm-rootfs".into()),
+        limits: spec.rootfs_limits,
+    }];
+    disks.extend(spec.volumes.iter().cloned());
+    disks
+}
+
+/// The run's devices: its disks, network, the agent's vsock and an entropy source.
+fn run_devices(spec: &MicroVmSpec) -> DevicesConfig {
+    DevicesConfig {
+        disks: run_disks(spec),
+        network: spec.network.clone(),
+        vsock: Some(spec.vsock_path()),
+        rng: true,
+        net_limit: spec.net_limit,
+    }
+}
+
+/// 64 fresh random bytes, hex.
+fn fresh_seed() -> String {
+    let mut seed = [0u8; 64];
+    if devices::virtio::rng::device::getrandom(&mut seed).is_err() {
+        // The guest still mixes in the time; this host has no getrandom (never on Linux 3.17+).
+        log::warn!("getrandom failed: the guest's reseed is weak");
+    }
+    seed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The template a run of `spec` restores.
+pub fn template_key(spec: &MicroVmSpec) -> Result<TemplateKey, MicroVmError> {
+    let id = |path: &Path| {
+        FileId::of(path).map_err(|e| MicroVmError::Template("key".into(), e.to_string()))
+    };
+    Ok(TemplateKey {
+        mvm_version: vmm::snapshot::mvm_version(),
+        kernel: id(&spec.kernel)?,
+        initrd: id(&spec.initrd)?,
+        kernel_args: spec.kernel_args.trim().to_string(),
+        mem_bytes: spec.mem_bytes,
+        vcpus: spec.vcpus,
+        disks: run_disks(spec)
+            .iter()
+            .map(|d| if d.read_only { "ro" } else { "rw" }.to_string())
+            .collect(),
+        network: match &spec.network {
+            NetworkMode::None => "none",
+            NetworkMode::User => "user",
+            NetworkMode::Tap { .. } => "tap",
+        }
+        .to_string(),
+    })
+}
+
+/// What a failed restore of template `id` means for the user.
+fn restore_error(id: &str, e: BuildError) -> MicroVmError {
+    match e {
+        BuildError::Snapshot(e) if e.is_bad_input() => MicroVmError::Template(
+            id.to_string(),
+            format!("{e} (remove it with `mvm template rm {id}`, or run with --cold)"),
+        ),
+        BuildError::Snapshot(e) if kvm_cannot(&e) => {
+            MicroVmError::HostCannotSnapshot(format!("restore a VM: {}", error_chain(&e)))
+        }
+        e => MicroVmError::Build(e),
+    }
+}
+
+/// Whether KVM itself refused to hand out or take back a vCPU's or the VM's state (the host
+/// cannot keep templates), not a file, a device or the snapshot.
+fn kvm_cannot(e: &SnapshotError) -> bool {
+    matches!(e, SnapshotError::Vcpu(..) | SnapshotError::Vm(_))
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+/// What the runner hands the VMM process that makes a template: the run's VM, and the
+/// template's unfinished directory (`.tmp-...` under the templates; the runner renames it into
+/// place once the VMM saved it, and removes it otherwise).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateJob {
+    /// The run's VM (its shape: kernel, agent, memory, vCPUs, devices; nothing else of it is
+    /// used).
+    pub spec: MicroVmSpec,
+    /// The template's directory, being made.
+    pub dir: PathBuf,
+    /// The template's id, for messages.
+    pub id: String,
+}
+
+impl TemplateJob {
+    /// Where the template VM's vsock socket is: in the run's directory, which its jail shows
+    /// (the template's own directory is never in a jail).
+    pub fn vsock_path(&self) -> PathBuf {
+        self.spec.run_dir.join("template-vsock.sock")
+    }
+
+    /// The empty disk standing in for the run's disk `i` in the template.
+    pub fn placeholder(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("placeholder-{i}.img"))
+    }
+}
+
+/// A template's VM set up but not running: booted with `mvm.template=1` and nothing of the run
+/// (empty placeholder disks), and the snapshot's files created in the template's directory, so
+/// the jailed VMM writes the snapshot through them and opens nothing.
+pub struct TemplateVm {
+    builder: VmBuilder,
+    files: SnapshotFiles,
+    vsock: PathBuf,
+    console: PathBuf,
+    boot_timeout: Duration,
+    id: String,
+}
+
+impl std::fmt::Debug for TemplateVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateVm")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TemplateVm {
+    /// Builds the template's VM and its devices and creates the snapshot's files (before the
+    /// jail).
+    pub fn prepare(job: &TemplateJob) -> Result<TemplateVm, MicroVmError> {
+        let spec = &job.spec;
+        let failed =
+            |what: &str, e: String| MicroVmError::Template(job.id.clone(), format!("{what}: {e}"));
+        let boot = BootParams {
+            port: Some(AGENT_VSOCK_PORT),
+            log: spec.boot.log.clone(),
+            template: true,
+            ..BootParams::default()
+        };
+        let console = job.dir.join("console.log");
+        let mut builder = VmBuilder::new(vm_config(spec, &boot, console.clone()))?;
+        let mut disks = run_disks(spec);
+        for (i, disk) in disks.iter_mut().enumerate() {
+            let placeholder = job.placeholder(i);
+            std::fs::write(&placeholder, b"")
+                .map_err(|e| failed("cannot create a placeholder disk", e.to_string()))?;
+            disk.path = placeholder;
+            disk.limits = BlockLimits::default();
+        }
+        let vsock = job.vsock_path();
+        virtio_devices::attach(
+            &mut builder,
+            &DevicesConfig {
+                disks,
+                network: spec.network.clone(),
+                vsock: Some(vsock.clone()),
+                rng: true,
+                net_limit: Limit::default(),
+            },
+        )?;
+        let files = SnapshotFiles::create(&job.dir)
+            .map_err(|e| failed("cannot create it", error_chain(&e)))?;
+        Ok(TemplateVm {
+            builder,
+            files,
+            vsock,
+            console,
+            boot_timeout: spec.boot_timeout,
+            id: job.id.clone(),
+        })
+    }
+
+    /// The template VM's vsock socket (handed to the jail's user before the jail).
+    pub fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
+    /// Boots the guest to its agent, saves it while the agent waits for a run's setup, and
+    /// ends it; returns how long the boot took, in milliseconds. Every thread is confined as in
+    /// [`MicroVm::start`].
+    pub fn boot_and_save(self) -> Result<u64, MicroVmError> {
+        let t0 = Instant::now();
+        let vm = Launched::new(self.builder.start()?)?;
+        seccomp::confine(ThreadKind::Runner).map_err(|e| vm.stop_with(e.into()))?;
+        vm.release.release();
+        // The agent answers: it is ready and waits for a setup. Save it as it is.
+        let client = vm.agent(&self.vsock, &self.console, self.boot_timeout)?;
+        let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let saved = vm.controller.snapshot(self.files);
+        drop(client);
+        vm.stop_and_wait();
+        let report = saved.map_err(|e| match e {
+            e if kvm_cannot(&e) => {
+                MicroVmError::HostCannotSnapshot(format!("save a VM: {}", error_chain(&e)))
+            }
+            e => MicroVmError::Template(
+                self.id.clone(),
+                format!("cannot save it: {}", error_chain(&e)),
+            ),
+        })?;
+        log::debug!(
+            "template {}: booted in {boot_ms} ms, saved in {} ms ({} pages of data)",
+            self.id,
+            report.paused_for.as_millis(),
+            report.data_pages
+        );
+        Ok(boot_ms)
+    }
+}
+
 enum AgentWait {
     Exited(VmExit),
     Timeout,
@@ -485,7 +828,7 @@ enum AgentWait {
 
 /// Connects to the agent's vsock port, retrying while the guest boots.
 fn wait_for_agent(
-    vsock: &std::path::Path,
+    vsock: &Path,
     exit_rx: &mpsc::Receiver<VmExit>,
     limit: Duration,
 ) -> Result<UnixStream, AgentWait> {

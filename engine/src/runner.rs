@@ -360,6 +360,11 @@ impl RunGuard {
         &self.dir
     }
 
+    /// The state store the record is in.
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
     /// The record as last saved.
     pub fn record(&self) -> &ContainerRecord {
         &self.record

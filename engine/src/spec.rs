@@ -211,6 +211,10 @@ pub struct RunSpec {
     /// `--network-rate`; `--isolation vm`).
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Boot the guest kernel instead of restoring the VM's template, and make none
+    /// (`--isolation vm`).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 /// The rate limits of a VM's devices.
@@ -341,6 +345,7 @@ impl RunSpec {
             mount_agent: false,
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
+            cold: false,
         }
     }
 
@@ -555,6 +560,7 @@ mod tests {
             mount_agent: true,
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
+            cold: true,
         }
     }
 

@@ -165,6 +165,9 @@ pub struct ContainerRecord {
     /// The VMM's cgroup directories (`mvm stats`; removed by `rm` when the runner died first).
     #[serde(default)]
     pub vmm_cgroup_dirs: Vec<PathBuf>,
+    /// The VM's vCPUs are stopped (`mvm pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl ContainerRecord {
@@ -197,6 +200,7 @@ impl ContainerRecord {
             taps: Vec::new(),
             vmm_pid: None,
             vmm_cgroup_dirs: Vec::new(),
+            paused: false,
         }
     }
 

@@ -75,6 +75,14 @@ pub struct StopArgs {
     pub name: String,
 }
 
+/// Flags of `mvm pause` and `mvm unpause`.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Container names or ids (VM containers).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
 /// Flags of `mvm kill`.
 #[derive(Debug, Args)]
 pub struct KillArgs {
@@ -131,6 +139,7 @@ fn short_id(id: &str) -> &str {
 fn status_text(r: &ContainerRecord) -> String {
     match (r.live_status(), r.exit_code) {
         (Status::Created, _) => "created".into(),
+        (Status::Running, _) if r.paused => "paused".into(),
         (Status::Running, _) => "running".into(),
         (Status::Exited, Some(code)) => format!("exited ({code})"),
         (Status::Exited, None) => "exited (unknown)".into(),
@@ -207,6 +216,15 @@ pub fn exec(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
 pub fn stop(root: &Path, args: &StopArgs) -> anyhow::Result<i32> {
     lifecycle::stop(root, &args.name, Duration::from_secs(args.time)).map_err(from_engine)?;
     outln!("{}", args.name);
+    Ok(0)
+}
+
+/// `mvm pause` (`paused`) and `mvm unpause`: stops or resumes each container's vCPUs.
+pub fn pause(root: &Path, args: &PauseArgs, paused: bool) -> anyhow::Result<i32> {
+    for name in &args.names {
+        lifecycle::pause(root, name, paused).map_err(from_engine)?;
+        outln!("{name}");
+    }
     Ok(0)
 }
 

@@ -24,6 +24,7 @@ mod image;
 mod info;
 mod lifecycle;
 mod run;
+mod template;
 mod version;
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
@@ -43,7 +44,7 @@ enum Command {
     /// Print mvm's version and the versions of its parts.
     Version(version::VersionArgs),
     /// Boot a guest kernel directly in a microVM and wait until it ends.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
     /// Show what this host's KVM offers.
     Info(info::InfoArgs),
     /// Build an example OCI image (busybox or nginx) from Debian packages.
@@ -73,10 +74,16 @@ enum Command {
     Stop(lifecycle::StopArgs),
     /// Send a signal to a container.
     Kill(lifecycle::KillArgs),
+    /// Pause VM containers: their vCPUs stop, their memory and devices stay.
+    Pause(lifecycle::PauseArgs),
+    /// Let paused VM containers run again.
+    Unpause(lifecycle::PauseArgs),
     /// Remove a container (-f: stop it first).
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
     Inspect(lifecycle::InspectArgs),
+    /// List or remove VM templates (saved guests that later runs restore instead of booting).
+    Template(template::TemplateArgs),
 }
 
 fn main() {
@@ -95,6 +102,9 @@ fn run_main() -> i32 {
         return match request.kind.as_str() {
             "run" => report(engine::run::vmm_main(&request).map_err(from_engine)),
             "boot" => report(boot::vmm_main(&request)),
+            engine::run::TEMPLATE_JOB => {
+                report(engine::run::template_vmm_main(&request).map_err(from_engine))
+            }
             other => report(Err(anyhow::anyhow!("unknown VMM job {other:?}"))),
         };
     }
@@ -142,8 +152,11 @@ fn run_main() -> i32 {
         Command::Exec(args) => lifecycle::exec(&root_dir(cli.root), &args),
         Command::Stop(args) => lifecycle::stop(&root_dir(cli.root), &args),
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
+        Command::Pause(args) => lifecycle::pause(&root_dir(cli.root), &args, true),
+        Command::Unpause(args) => lifecycle::pause(&root_dir(cli.root), &args, false),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
+        Command::Template(args) => template::run(&root_dir(cli.root), &args),
     };
     report(result)
 }

@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Extra guest kernel arguments, appended to mvm's own (--isolation vm).
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub kernel_args: Option<String>,
+    /// Boot the guest kernel instead of restoring the VM's template (--isolation vm; a first
+    /// run of a shape boots cold and saves its template, later runs restore it).
+    #[arg(long)]
+    pub cold: bool,
     /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     pub publish: Vec<String>,
@@ -231,6 +235,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
         mount_agent: false,
+        cold: args.cold,
     })
 }
 

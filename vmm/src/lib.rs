@@ -19,6 +19,7 @@ pub mod memory;
 pub mod mptable;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;

@@ -5,7 +5,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use devices::bus::SharedBusDevice;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::metrics::DeviceMetrics;
 use devices::virtio::mmio::MmioTransport;
@@ -257,11 +256,10 @@ where
         .irq_evt()
         .try_clone()
         .map_err(DeviceSetupError::EventFd)?;
-    let bus_device: SharedBusDevice = Arc::new(Mutex::new(transport));
     let subscriber: Subscriber = device;
     builder
         .attach_virtio_mmio(VirtioMmioDevice {
-            bus_device,
+            transport: Arc::new(Mutex::new(transport)),
             queue_evts,
             irq_evt,
             subscriber,

@@ -43,6 +43,13 @@ impl Vm {
 
     /// Creates a VM with `mem_size` bytes of RAM, an in-kernel irqchip and PIT.
     pub fn new(kvm: Kvm, mem_size: u64) -> Result<Self, VmError> {
+        let mem = memory::create_guest_memory(mem_size).map_err(VmError::Memory)?;
+        Self::with_memory(kvm, mem, mem_size)
+    }
+
+    /// Creates a VM over existing guest memory of `mem_size` bytes (e.g. a snapshot's file),
+    /// with an in-kernel irqchip and PIT.
+    pub fn with_memory(kvm: Kvm, mem: GuestMemoryMmap, mem_size: u64) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(|e| VmError::Kvm("CREATE_VM", e))?;
         let tss = usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX);
         fd.set_tss_address(tss)
@@ -57,7 +64,6 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Kvm("CREATE_PIT2", e))?;
-        let mem = memory::create_guest_memory(mem_size).map_err(VmError::Memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))

@@ -207,6 +207,11 @@ impl RequestQueue {
         self.active.is_some()
     }
 
+    /// The queue's state while active (for a snapshot).
+    pub fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     /// Takes the one queue of `ctx`, counts the activation and hands the queue eventfd to the
     /// event loop.
     pub fn activate(

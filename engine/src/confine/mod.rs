@@ -228,6 +228,15 @@ pub enum VmmEvent {
     Running,
     /// The devices' counters (`mvm boot --metrics`).
     Metrics(serde_json::Value),
+    /// A template VMM saved its VM (the boot to the agent took this long); the supervisor moves
+    /// the template into place.
+    TemplateSaved {
+        /// Milliseconds from the start of the boot to the agent's answer.
+        boot_ms: u64,
+    },
+    /// This host's KVM cannot save or restore a VM (what failed): the supervisor notes it and
+    /// runs the VM cold.
+    HostCannotSnapshot(String),
 }
 
 /// The VMM's side: its job, the jail plan and where it reports to.
@@ -510,6 +519,8 @@ mod tests {
             VmmEvent::Started,
             VmmEvent::Running,
             VmmEvent::Metrics(serde_json::json!({"rng": {"bytes": 64}})),
+            VmmEvent::TemplateSaved { boot_ms: 1200 },
+            VmmEvent::HostCannotSnapshot("save a VM: GET_XSAVE".into()),
         ] {
             let line = serde_json::to_string(&e).unwrap();
             assert!(!line.contains('\n'));

@@ -16,6 +16,7 @@
 mod container;
 mod context;
 mod process;
+mod template;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
+pub use template::{vmm_main as template_vmm_main, TEMPLATE_JOB};
 pub(crate) use vm::{find_agent, warm_vm_caches};
 pub use vm::{vmm_main, RunJob};
 

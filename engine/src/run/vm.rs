@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use vmm::virtio_devices::NetworkMode;
 
 use super::context::{Exit, Run};
+use super::template;
 use crate::confine::{self, cgroup, ConfineError, VmmCgroup, VmmEvent, VmmExit, VmmRequest};
 use crate::error::{bad_input, io_error, CommandExit, Error, EXIT_FAILURE};
 use crate::image;
 use crate::logs::LogSink;
-use crate::microvm::{MicroVm, MicroVmSpec, VmControl};
+use crate::microvm::{MicroVm, MicroVmError, MicroVmSpec, VmControl};
 use crate::units::parse_duration;
 
 /// How long a guest may take to boot to its agent without `MVM_BOOT_TIMEOUT`.
@@ -184,6 +185,7 @@ pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
         boot_timeout: boot_timeout(),
         rootfs_limits: spec.rate_limits.disk("vda"),
         net_limit: spec.rate_limits.network,
+        restore: None,
     };
     if let Some(sig) = pending_signal() {
         let msg = format!("stopped by signal {sig} before the VM started");
@@ -221,7 +223,7 @@ fn pending_signal() -> Option<i32> {
 
 /// The runner's part: the VM's cgroup and jail, its VMM process started and waited for, the
 /// record kept, and what the VMM leaves cleaned up.
-fn supervise(mut run: Run<'_>, vm_spec: MicroVmSpec) -> Result<Exit, Error> {
+fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> {
     let spec = run.spec;
     let id = run.guard.record().id.clone();
     let run_dir = vm_spec.run_dir.clone();
@@ -241,37 +243,57 @@ fn supervise(mut run: Run<'_>, vm_spec: MicroVmSpec) -> Result<Exit, Error> {
     let cgroup = VmmCgroup::create(&id, &limits).map_err(confine_error)?;
     let plan = confine::plan(run.root, &spec.vmm, [run_dir.clone()]).map_err(confine_error)?;
     let access = confine::open_run_dir(&run_dir, &plan).map_err(confine_error)?;
-    let job = RunJob {
-        log: run.log_path(),
-        echo: !run.detached,
-        runner_log: run.detached.then(|| run_dir.join("runner.log")),
-        spec: vm_spec,
-    };
-    let vmm = confine::spawn("run", &job, plan, spec.vmm.seccomp, cgroup.as_ref())
-        .map_err(confine_error)?;
-    let dirs = cgroup
-        .as_ref()
-        .map(|c| c.dirs().to_vec())
-        .unwrap_or_default();
-    run.guard.vmm(vmm.pid(), dirs)?;
-    let mut running = false;
-    let mut failed = None;
-    let exit = vmm
-        .wait(|event| {
-            if event == VmmEvent::Running && !running {
-                running = true;
-                if let Err(e) = run.started(taps.clone(), None) {
-                    failed = Some(e);
+    let store = template::store(run.root, spec)?;
+    let ended = (|| -> Result<(VmmExit, bool, Option<Error>), Error> {
+        if let Some(store) = &store {
+            vm_spec.restore = template::pick(&mut run, store, &vm_spec, &plan, cgroup.as_ref())?;
+        }
+        loop {
+            let job = RunJob {
+                log: run.log_path(),
+                echo: !run.detached,
+                runner_log: run.detached.then(|| run_dir.join("runner.log")),
+                spec: vm_spec.clone(),
+            };
+            let vmm = confine::spawn("run", &job, plan.clone(), spec.vmm.seccomp, cgroup.as_ref())
+                .map_err(confine_error)?;
+            let dirs = cgroup
+                .as_ref()
+                .map(|c| c.dirs().to_vec())
+                .unwrap_or_default();
+            run.guard.vmm(vmm.pid(), dirs)?;
+            let mut running = false;
+            let mut failed = None;
+            let mut cannot = None;
+            let exit = vmm
+                .wait(|event| match event {
+                    VmmEvent::Running if !running => {
+                        running = true;
+                        if let Err(e) = run.started(taps.clone(), None) {
+                            failed = Some(e);
+                        }
+                    }
+                    VmmEvent::HostCannotSnapshot(why) => cannot = Some(why),
+                    _ => {}
+                })
+                .map_err(confine_error)?;
+            // A template this host's KVM cannot restore: the run starts again, cold.
+            if let (Some(why), Some(store), false) = (cannot, &store, running) {
+                if vm_spec.restore.take().is_some() {
+                    template::host_cannot(store, &why);
+                    continue;
                 }
             }
-        })
-        .map_err(confine_error)?;
+            return Ok((exit, running, failed));
+        }
+    })();
     drop(access);
     if let Some(c) = cgroup {
         if let Err(e) = c.remove() {
             log::warn!("{e}");
         }
     }
+    let (exit, running, failed) = ended?;
     if let Some(e) = failed {
         return Err(e);
     }
@@ -286,7 +308,7 @@ fn supervise(mut run: Run<'_>, vm_spec: MicroVmSpec) -> Result<Exit, Error> {
     }
 }
 
-fn confine_error(e: ConfineError) -> Error {
+pub(super) fn confine_error(e: ConfineError) -> Error {
     Error::Failed(format!("{:#}", anyhow_like(&e)))
 }
 
@@ -309,7 +331,9 @@ pub fn vmm_main(req: &VmmRequest) -> Result<i32, Error> {
     req.send(&VmmEvent::Started);
     let job: RunJob = req.job().map_err(confine_error)?;
     let spec = &job.spec;
-    let prepared = MicroVm::prepare(spec)?;
+    let Some(prepared) = template::prepare_run(req, spec)? else {
+        return Ok(EXIT_FAILURE);
+    };
     let mut sink = LogSink::new(&job.log, job.echo)?;
     let runner_log = match &job.runner_log {
         Some(path) => Some(
@@ -328,7 +352,13 @@ pub fn vmm_main(req: &VmmRequest) -> Result<i32, Error> {
         let msg = format!("stopped by signal {sig} before the VM started");
         return Err(CommandExit(128 + sig, msg).into());
     }
-    let vm = MicroVm::start(prepared, spec, Arc::new(VmControl::new(vsock)))?;
+    let vm = match MicroVm::start(prepared, spec, Arc::new(VmControl::new(vsock))) {
+        Err(MicroVmError::HostCannotSnapshot(why)) => {
+            req.send(&VmmEvent::HostCannotSnapshot(why));
+            return Ok(EXIT_FAILURE);
+        }
+        vm => vm?,
+    };
     if let Some(log) = &runner_log {
         // SAFETY: dup2 only operates on descriptors; the log file is open.
         unsafe {

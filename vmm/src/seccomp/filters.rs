@@ -9,7 +9,10 @@
 //! whose flags a filter can check: only a thread of this process can be created, never a
 //! process or a namespace.
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 
 use super::ThreadKind;
 
@@ -74,6 +77,9 @@ const fn ior(ty: u64, nr: u64, size: usize) -> u64 {
 const fn iow(ty: u64, nr: u64, size: usize) -> u64 {
     (1 << 30) | ((size as u64) << 16) | (ty << 8) | nr
 }
+const fn iowr(ty: u64, nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (ty << 8) | nr
+}
 
 const KVMIO: u64 = 0xAE;
 /// Runs the vCPU until its next exit.
@@ -82,6 +88,30 @@ pub const KVM_RUN: u64 = io(KVMIO, 0x80);
 pub const KVM_GET_REGS: u64 = ior(KVMIO, 0x81, std::mem::size_of::<kvm_regs>());
 /// Reads the vCPU's special registers (to find the failing instruction).
 pub const KVM_GET_SREGS: u64 = ior(KVMIO, 0x83, std::mem::size_of::<kvm_sregs>());
+/// A snapshot: a vCPU's multiprocessing state.
+pub const KVM_GET_MP_STATE: u64 = ior(KVMIO, 0x98, std::mem::size_of::<kvm_mp_state>());
+/// A snapshot: a vCPU's FPU and extended state.
+pub const KVM_GET_XSAVE: u64 = ior(KVMIO, 0xa4, std::mem::size_of::<kvm_xsave>());
+/// A snapshot: a vCPU's extended control registers.
+pub const KVM_GET_XCRS: u64 = ior(KVMIO, 0xa6, std::mem::size_of::<kvm_xcrs>());
+/// A snapshot: a vCPU's debug registers.
+pub const KVM_GET_DEBUGREGS: u64 = ior(KVMIO, 0xa1, std::mem::size_of::<kvm_debugregs>());
+/// A snapshot: a vCPU's local APIC.
+pub const KVM_GET_LAPIC: u64 = ior(KVMIO, 0x8e, std::mem::size_of::<kvm_lapic_state>());
+/// A snapshot: a vCPU's pending events (exceptions, interrupts, NMIs).
+pub const KVM_GET_VCPU_EVENTS: u64 = ior(KVMIO, 0x9f, std::mem::size_of::<kvm_vcpu_events>());
+/// A snapshot: a vCPU's model-specific registers.
+pub const KVM_GET_MSRS: u64 = iowr(KVMIO, 0x88, std::mem::size_of::<kvm_msrs>());
+/// A snapshot: the CPUID a vCPU was given.
+pub const KVM_GET_CPUID2: u64 = iowr(KVMIO, 0x91, std::mem::size_of::<kvm_cpuid2>());
+/// A snapshot: a vCPU's TSC frequency.
+pub const KVM_GET_TSC_KHZ: u64 = io(KVMIO, 0xa3);
+/// A snapshot: the VM's interrupt controllers (both PICs, the IOAPIC).
+pub const KVM_GET_IRQCHIP: u64 = iowr(KVMIO, 0x62, std::mem::size_of::<kvm_irqchip>());
+/// A snapshot: the VM's PIT.
+pub const KVM_GET_PIT2: u64 = ior(KVMIO, 0x9f, std::mem::size_of::<kvm_pit_state2>());
+/// A snapshot: the VM's kvmclock.
+pub const KVM_GET_CLOCK: u64 = ior(KVMIO, 0x7c, std::mem::size_of::<kvm_clock_data>());
 /// Sets a tap's offloads, when the guest's network driver acknowledges its features.
 pub const TUNSETOFFLOAD: u64 = iow(b'T' as u64, 208, std::mem::size_of::<u32>());
 /// Makes a socket (non-)blocking (Rust's `set_nonblocking`).
@@ -181,6 +211,17 @@ pub const VCPU: &[Rule] = &[
     any(libc::SYS_epoll_ctl),
     // Eventfds.
     any(libc::SYS_read),
+    // A snapshot (pause, template, `mvm boot --snapshot`): each parked vCPU reads its own state
+    // (`snapshot::cpu::VcpuState::save`); putting it back happens before any filter.
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_MP_STATE)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_XSAVE)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_XCRS)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_DEBUGREGS)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_LAPIC)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_VCPU_EVENTS)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_MSRS)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_CPUID2)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_TSC_KHZ)]),
 ];
 
 /// The event loop with every device.
@@ -214,6 +255,13 @@ pub const DEVICE: &[Rule] = &[
     when(libc::SYS_ioctl, &[eq(1, TUNSETOFFLOAD)]),
     // Rate limiters' timers.
     any(libc::SYS_timerfd_settime),
+    // A snapshot, taken on this thread (`snapshot::take::SnapshotPoint`): the VM's interrupt
+    // controllers, PIT and clock, then the memory and state files it was handed, created
+    // before the jail (sized, written, synced; none is opened here).
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_IRQCHIP)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_PIT2)]),
+    when(libc::SYS_ioctl, &[eq(1, KVM_GET_CLOCK)]),
+    any(libc::SYS_ftruncate),
     // Answered ENOSYS by a filter of their own (see [`enosys`]); allowed here so that answer
     // wins.
     any(libc::SYS_unlink),

@@ -55,6 +55,19 @@ fn ioctl_numbers_are_the_kernels() {
     assert_eq!(KVM_RUN, 0xae80);
     assert_eq!(KVM_GET_REGS, 0x8090_ae81);
     assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    // The snapshot ioctls, as <linux/kvm.h> defines them on x86_64.
+    assert_eq!(filters::KVM_GET_MP_STATE, 0x8004_ae98);
+    assert_eq!(filters::KVM_GET_XSAVE, 0x9000_aea4);
+    assert_eq!(filters::KVM_GET_XCRS, 0x8188_aea6);
+    assert_eq!(filters::KVM_GET_DEBUGREGS, 0x8080_aea1);
+    assert_eq!(filters::KVM_GET_LAPIC, 0x8400_ae8e);
+    assert_eq!(filters::KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
+    assert_eq!(filters::KVM_GET_MSRS, 0xc008_ae88);
+    assert_eq!(filters::KVM_GET_CPUID2, 0xc008_ae91);
+    assert_eq!(filters::KVM_GET_TSC_KHZ, 0xaea3);
+    assert_eq!(filters::KVM_GET_IRQCHIP, 0xc208_ae62);
+    assert_eq!(filters::KVM_GET_PIT2, 0x8070_ae9f);
+    assert_eq!(filters::KVM_GET_CLOCK, 0x8030_ae7c);
     assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
     assert_eq!(FIONBIO, libc::FIONBIO);
     assert_eq!(filters::KICK_SIGNAL, crate::vcpu::kick_signal());

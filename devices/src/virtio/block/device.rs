@@ -289,6 +289,10 @@ impl VirtioDevice for Block {
         self.queue.activate(ctx, &self.metrics.queue)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.queue.queue_states()
+    }
+
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
         self.disk.set_negotiated(false, false);

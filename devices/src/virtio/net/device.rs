@@ -192,6 +192,10 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(NetQueues::queue_states)
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;

@@ -57,6 +57,11 @@ enum Deliver {
 }
 
 impl NetQueues {
+    /// The receive and transmit queues' state (for a snapshot).
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state()]
+    }
+
     /// Serves `rx` and `tx` in `mem`; `mrg_rxbuf` is whether the driver accepted
     /// VIRTIO_NET_F_MRG_RXBUF.
     pub fn new(
