@@ -38,6 +38,8 @@ pub struct Vm {
 impl Vm {
     /// Opens /dev/kvm.
     pub fn open_kvm() -> Result<Kvm, VmError> {
+        // What backs /dev/kvm is found out now, with /dev/kvm: a VMM's jail hides /proc.
+        let _ = crate::host::virtualization();
         Kvm::new().map_err(VmError::OpenKvm)
     }
 
