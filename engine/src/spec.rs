@@ -205,6 +205,12 @@ pub struct RunSpec {
     /// `--network-rate`; `--isolation vm`).
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Put mvm's static agent into the container, read-only at
+    /// [`guest_agent::guest::AGENT_IN_CONTAINER`]: bind-mounted from the host, or in a VM from
+    /// the guest's own agent. `mvm compare` runs its probe from there. A plain process runs it
+    /// from its host path and needs nothing.
+    #[serde(default)]
+    pub mount_agent: bool,
 }
 
 /// The rate limits of a VM's devices.
@@ -334,6 +340,7 @@ impl RunSpec {
             kernel_args: None,
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
+            mount_agent: false,
         }
     }
 
@@ -547,6 +554,7 @@ mod tests {
             kernel_args: Some("mvm.log=debug".into()),
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
+            mount_agent: true,
         }
     }
 

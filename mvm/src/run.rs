@@ -230,6 +230,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         detach: args.detach,
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
+        mount_agent: false,
     })
 }
 

@@ -29,6 +29,7 @@ use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
+pub(crate) use vm::{find_agent, warm_vm_caches};
 pub use vm::{vmm_main, RunJob};
 
 /// How a run ended for the caller.

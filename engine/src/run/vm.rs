@@ -40,7 +40,7 @@ fn default_network() -> NetworkMode {
 }
 
 /// The static guest agent: `MVM_AGENT`, or the one `scripts/build-agent.sh` builds next to mvm.
-fn find_agent() -> Result<PathBuf, Error> {
+pub(crate) fn find_agent() -> Result<PathBuf, Error> {
     if let Some(p) = std::env::var_os("MVM_AGENT") {
         return Ok(PathBuf::from(p));
     }
@@ -89,6 +89,17 @@ fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, Error> {
         build()?;
     }
     Ok(out)
+}
+
+/// Makes what a VM of the unpacked image `rootfs_dir` takes from the caches under `root` (the
+/// agent's initramfs, the image's disk), so that a later run finds them there.
+pub(crate) fn warm_vm_caches(root: &Path, rootfs_dir: &Path) -> Result<(), Error> {
+    agent_initramfs(root, &find_agent()?)?;
+    if rootfs_dir.starts_with(image::rootfs_cache(root)) {
+        // A cached image never touches the run directory.
+        rootfs_disk(root, rootfs_dir, Path::new("/nonexistent"))?;
+    }
+    Ok(())
 }
 
 /// How long the guest may take to boot: `MVM_BOOT_TIMEOUT` (a duration), else 300 s.
@@ -148,7 +159,12 @@ pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
         network: Network::Host,
         init: spec.init,
         cgroup_parent: None,
-        mounts: volumes.mounts,
+        mounts: (spec
+            .mount_agent
+            .then(|| agent_mount(PathBuf::from(guest::AGENT_BINARY))))
+        .into_iter()
+        .chain(volumes.mounts)
+        .collect(),
         security: spec.security.clone(),
     };
     let vm_spec = MicroVmSpec {
@@ -322,6 +338,15 @@ pub fn vmm_main(req: &VmmRequest) -> Result<i32, Error> {
     }
     req.send(&VmmEvent::Running);
     Ok(vm.wait(&mut sink)?)
+}
+
+/// The read-only bind mount of mvm's agent `source` at [`guest::AGENT_IN_CONTAINER`].
+pub(crate) fn agent_mount(source: PathBuf) -> BindMount {
+    BindMount {
+        source,
+        target: guest::AGENT_IN_CONTAINER.into(),
+        readonly: true,
+    }
 }
 
 /// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs
