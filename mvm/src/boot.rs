@@ -60,7 +60,9 @@ pub struct BootArgs {
     /// Guest network: user (rootless, passt), tap, tap:NAME[,HOSTIP/PREFIX] or none.
     #[arg(long, value_name = "MODE", default_value = "none")]
     pub network: String,
-    /// A virtio-vsock device whose host side is this Unix socket.
+    /// A virtio-vsock device whose host side is this Unix socket. The guest's connections go to
+    /// listeners at PATH_PORT, which the jailed VMM reaches as its own unprivileged user: their
+    /// directory must let it through and the listener let it connect.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
     /// A virtio-rng entropy device fed from the host's getrandom.

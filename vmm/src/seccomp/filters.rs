@@ -159,6 +159,11 @@ pub const COMMON: &[Rule] = &[
     any(libc::SYS_rt_sigreturn),
     any(libc::SYS_rt_sigprocmask),
     any(libc::SYS_sigaltstack),
+    // Answered ENOSYS by a filter of their own (see [`enosys`]); allowed here so that answer
+    // wins. glibc opens files on its own (e.g. the CPU count for a new malloc arena) and copes
+    // when it cannot; a jailed VMM has nothing it could open anyway.
+    any(libc::SYS_open),
+    any(libc::SYS_openat),
     // Debug builds of Rust's std check that a descriptor is open before closing it.
     when(libc::SYS_fcntl, &[eq(1, int(libc::F_GETFD))]),
     // The SIGSYS report (getpid, gettid, tgkill) and the vCPU kick.
@@ -308,12 +313,16 @@ pub fn rules(kind: ThreadKind) -> Vec<Rule> {
 }
 
 /// The calls answered ENOSYS for `kind` rather than allowed or trapped.
-pub fn enosys(kind: ThreadKind) -> &'static [i64] {
-    match kind {
+pub fn enosys(kind: ThreadKind) -> Vec<i64> {
+    let own: &[i64] = match kind {
         ThreadKind::Runner | ThreadKind::Relay => &[libc::SYS_clone3],
         // The vsock device removes its socket when the VM is dropped; a confined VMM may not
         // remove files, so its supervisor does.
         ThreadKind::Device => &[libc::SYS_unlink, libc::SYS_unlinkat],
         _ => &[],
-    }
+    };
+    [libc::SYS_open, libc::SYS_openat]
+        .into_iter()
+        .chain(own.iter().copied())
+        .collect()
 }

@@ -179,7 +179,7 @@ fn compile_kind(kind: ThreadKind) -> Result<Filter, SeccompError> {
     )
     .map_err(compile_err)?;
     let program: BpfProgram = filter.try_into().map_err(compile_err)?;
-    let enosys = match filters::enosys(kind) {
+    let enosys = match filters::enosys(kind).as_slice() {
         [] => None,
         calls => {
             let rules = calls.iter().map(|nr| (*nr, Vec::new())).collect();
