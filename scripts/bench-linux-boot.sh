@@ -41,16 +41,23 @@ cp "$init" "$work/root/init"
 cmdline="console=ttyS0 reboot=k panic=1 pci=off quiet"
 
 # One timed run: prints "<marker ms> <exit ms>" (from spawn); fails if the marker never came.
+# A run that takes longer than DEADLINE seconds (default 300) is killed and reported.
 timer='
-import os, subprocess, sys, time
+import os, select, subprocess, sys, time
 marker = sys.argv[1].encode()
 cmd = sys.argv[2:]
+deadline = time.monotonic() + float(os.environ.get("DEADLINE", "300"))
 t0 = time.perf_counter_ns()
 p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 seen = None
 buf = b""
 fd = p.stdout.fileno()
 while True:
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([fd], [], [], left)[0]:
+        p.kill()
+        sys.stderr.write("run timed out: %s\n%s" % (" ".join(cmd), buf.decode(errors="replace")[-2000:]))
+        sys.exit(1)
     chunk = os.read(fd, 65536)
     if not chunk:
         break

@@ -14,6 +14,8 @@ packages=(
   python3
   # tests and benchmarks: a real OCI registry, the peers we compare against
   docker-registry crun qemu-system-x86
+  # tests: a real browser renders mvm compare's HTML report (headless screenshot)
+  chromium
   # kernels: Debian's linux-source-6.12 and what building it needs
   linux-source-6.12 bc bison flex libelf-dev libssl-dev xz-utils patch
 )

@@ -6,8 +6,9 @@
 #
 # Tests: the Linux-guest boot tests (boot_linux, linux_guest: 1 and 2 vCPUs), the CPU features a
 # guest sees (cpu_features), the Linux-guest device tests (linux_devices: ext4 disk, rng, vsock
-# both ways, tap, --network user), run_vm, run_lifecycle, snapshot (save and restore of a
-# running guest, VM templates, pause/unpause), and the README quick start
+# both ways, tap, --network user), run_vm, run_lifecycle, compare (mvm compare with the VM column
+# on the product kernel), snapshot (save and restore of a running guest, VM templates,
+# pause/unpause), and the README quick start
 # (`quickstart`). Each runs in a fresh L1 with the product kernel (`scripts/build-kernel.sh`,
 # built once and cached) and prints its time; the layer fails if any test fails. Where this
 # machine cannot run L1 (no QEMU, no kernel package) it says so and skips with exit 0: nothing
@@ -19,7 +20,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 say() { echo "test-vt: $*" >&2; }
 
-all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle snapshot quickstart)
+all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle compare snapshot quickstart)
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=("${all[@]}")
 

@@ -209,7 +209,7 @@ timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 \
   -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
   -fsdev local,id=job,path="$job",security_model=none,multidevs=remap \
   -device virtio-9p-pci,fsdev=job,mount_tag=job \
-  -nic none </dev/null | tr -d '\r'
+  -nic none </dev/null | sed -u 's/\r$//'
 qemu_rc=${PIPESTATUS[0]}
 set -e
 if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then

@@ -193,6 +193,17 @@ fn a_hostile_image_gives_other_host_users_nothing() {
         ],
     );
     ok(&o, "run");
+    // The user is told, in one line, that the image's device nodes were not created.
+    let warning: Vec<String> = text(&o.stderr)
+        .lines()
+        .filter(|l| l.contains("are not created"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(warning.len(), 1, "{}", text(&o.stderr));
+    assert!(
+        warning[0].contains("/dev/mem (char 1:1)") && warning[0].contains("(block "),
+        "{warning:?}"
+    );
 
     // The image is unpacked under cache/rootfs, set-id bit and capabilities kept for the
     // container, and its device nodes only listed.

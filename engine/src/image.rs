@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use guest_agent::runtime::security::devices::{self, Kind};
 use guest_agent::runtime::ImageConfig;
 use rootfs_builder::digest::{Digest, DigestError};
 use rootfs_builder::load::LoadError;
@@ -16,7 +17,7 @@ use rootfs_builder::reference::{Reference, ReferenceError};
 use rootfs_builder::registry::{self, PullOptions, RegistryError};
 use rootfs_builder::rootfs::{self, RootfsError};
 use rootfs_builder::store::{Image, ImageSummary, Removed, Store, StoreError};
-use rootfs_builder::unpack::{LayerMediaType, UnpackError};
+use rootfs_builder::unpack::{DeviceKind, DeviceNode, LayerMediaType, UnpackError};
 
 /// Errors of the image store, registries and root filesystem caches.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +212,7 @@ pub fn resolve(root: &Path, reference: &str, digest: Option<&str>) -> Result<Res
         None => find_or_pull(root, reference)?,
     };
     let dir = image_rootfs(root, &image)?;
+    warn_skipped_devices(&dir);
     let c = image.config;
     Ok(Resolved {
         dir,
@@ -254,6 +256,62 @@ fn pinned(root: &Path, text: &str, digest: &str) -> Result<Image, ImageError> {
     Ok(store.image(reference.with_digest(digest.clone()).to_string(), &digest)?)
 }
 
+/// Device nodes of an image are never created (not on the host, not in the container): the
+/// container's `/dev` holds only the devices the runtime allows (null, zero, full, random,
+/// urandom, tty, console, ptmx, pts). Returns the image's nodes that are not one of those at its
+/// usual path, which the container therefore does not get.
+fn skipped_devices(nodes: &[DeviceNode]) -> Vec<&DeviceNode> {
+    nodes
+        .iter()
+        .filter(|n| {
+            let kind = match n.kind {
+                DeviceKind::Char => Kind::Char,
+                DeviceKind::Block => Kind::Block,
+            };
+            let allowed = devices::allowed(kind, n.major, n.minor, devices::READ | devices::WRITE);
+            !(allowed && n.path.starts_with("/dev/"))
+        })
+        .collect()
+}
+
+/// Warns, in one line, about the image's device nodes the container does not get.
+fn warn_skipped_devices(rootfs_dir: &Path) {
+    let nodes = match rootfs::device_nodes(rootfs_dir) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            log::warn!("{e}");
+            return;
+        }
+    };
+    let skipped = skipped_devices(&nodes);
+    if skipped.is_empty() {
+        return;
+    }
+    let list: Vec<String> = skipped
+        .iter()
+        .take(5)
+        .map(|n| {
+            let kind = if n.kind == DeviceKind::Block {
+                "block"
+            } else {
+                "char"
+            };
+            format!("{} ({kind} {}:{})", n.path, n.major, n.minor)
+        })
+        .collect();
+    let more = skipped.len().saturating_sub(list.len());
+    log::warn!(
+        "the image's device nodes {}{} are not created: a container gets only the devices \
+         mvm allows (null, zero, full, random, urandom, tty, console, ptmx)",
+        list.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    );
+}
+
 /// The unpacked root filesystem of `image`, cached by manifest digest under `<root>/cache/rootfs`.
 fn image_rootfs(root: &Path, image: &Image) -> Result<PathBuf, ImageError> {
     let store = open_store(root)?;
@@ -277,6 +335,34 @@ fn image_rootfs(root: &Path, image: &Image) -> Result<PathBuf, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(path: &str, kind: DeviceKind, major: u32, minor: u32) -> DeviceNode {
+        DeviceNode {
+            path: path.into(),
+            kind,
+            major,
+            minor,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    #[test]
+    fn only_allowed_devices_at_their_place_are_not_reported() {
+        let nodes = [
+            node("/dev/null", DeviceKind::Char, 1, 3),
+            node("/dev/tty", DeviceKind::Char, 5, 0),
+            node("/dev/sda", DeviceKind::Block, 8, 0),
+            node("/dev/mem", DeviceKind::Char, 1, 1),
+            node("/opt/null", DeviceKind::Char, 1, 3),
+        ];
+        let skipped: Vec<&str> = skipped_devices(&nodes)
+            .iter()
+            .map(|n| n.path.as_str())
+            .collect();
+        assert_eq!(skipped, ["/dev/sda", "/dev/mem", "/opt/null"]);
+    }
 
     #[test]
     fn cache_keys_hold_no_colon() {

@@ -5,12 +5,14 @@
 //! container ([`state`], [`runner`]) and runs it in the isolation the spec asks for: a microVM
 //! ([`microvm`] over the `vmm` crate, with the guest agent of `guest_agent` inside; published
 //! ports through [`portfwd`], the guest's address from [`hostnet`]), a container on the host or
-//! a plain process. [`lifecycle`] acts on registered containers from any shell.
+//! a plain process. [`lifecycle`] acts on registered containers from any shell. [`compare`] runs
+//! one image in every isolation mode and measures them side by side.
 //!
 //! Nothing here parses command-line flags or prints tables; errors carry their exit code
 //! ([`Error::exit_code`]).
 #![deny(missing_docs)]
 
+pub mod compare;
 pub mod control;
 pub mod error;
 pub mod hostnet;

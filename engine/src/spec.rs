@@ -198,6 +198,12 @@ pub struct RunSpec {
     /// (`--isolation vm`).
     #[serde(default)]
     pub cold: bool,
+    /// Put mvm's static agent into the container, read-only at
+    /// [`guest_agent::guest::AGENT_IN_CONTAINER`]: bind-mounted from the host, or in a VM from
+    /// the guest's own agent. `mvm compare` runs its probe from there. A plain process runs it
+    /// from its host path and needs nothing.
+    #[serde(default)]
+    pub mount_agent: bool,
 }
 
 impl RunSpec {
@@ -221,6 +227,7 @@ impl RunSpec {
             kernel: None,
             kernel_args: None,
             cold: false,
+            mount_agent: false,
         }
     }
 
@@ -419,6 +426,7 @@ mod tests {
             kernel: Some(dir.join("vmlinux")),
             kernel_args: Some("mvm.log=debug".into()),
             cold: true,
+            mount_agent: true,
         }
     }
 

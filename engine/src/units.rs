@@ -1,4 +1,5 @@
-//! The one grammar for sizes (`--mem` of `run` and `boot`) and the one for durations
+//! The one grammar for sizes (`--mem` of `run` and `boot`; defined with the container spec in
+//! guest-agent, which the agent shares) and the one for durations
 //! (`--timeout`, `MVM_BOOT_TIMEOUT`), and how sizes are written back.
 
 use std::time::Duration;
@@ -18,43 +19,10 @@ pub enum UnitError {
 
 /// Parses a size such as `256M`, `1g`, `1.5G`, `512KiB`, `64KB` or `1048576` into bytes. Units
 /// are powers of 1024 (as Docker's `--memory`), any case, optionally followed by `B` or `iB`.
+/// The grammar itself lives with the container spec ([`guest_agent::runtime::spec::parse_size`]),
+/// which the guest agent and its probe read too.
 pub fn parse_size(text: &str) -> Result<u64, UnitError> {
-    let bad = || UnitError::Size(text.to_string());
-    let t = text.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let shift = match unit {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(bad()),
-    };
-    if num.is_empty() || num.starts_with('.') || num.ends_with('.') {
-        return Err(bad());
-    }
-    match num.split_once('.') {
-        None => {
-            let n: u64 = num.parse().map_err(|_| bad())?;
-            n.checked_mul(1u64 << shift).ok_or_else(bad)
-        }
-        Some((int, frac)) => {
-            let whole: u64 = int.parse().map_err(|_| bad())?;
-            if frac.contains('.') || frac.len() > 9 {
-                return Err(bad());
-            }
-            let frac_n: u64 = frac.parse().map_err(|_| bad())?;
-            let scale = 10u64.pow(u32::try_from(frac.len()).map_err(|_| bad())?);
-            let unit = 1u64 << shift;
-            let w = whole.checked_mul(unit).ok_or_else(bad)?;
-            let f = u128::from(frac_n) * u128::from(unit) / u128::from(scale);
-            w.checked_add(u64::try_from(f).map_err(|_| bad())?)
-                .ok_or_else(bad)
-        }
-    }
+    guest_agent::runtime::spec::parse_size(text).map_err(|_| UnitError::Size(text.to_string()))
 }
 
 /// A size in the grammar [`parse_size`] reads: `2G`, `16M`, `64K`, or plain bytes.

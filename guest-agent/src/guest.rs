@@ -22,6 +22,11 @@ pub const WORK_DIR: &str = "/run/mvm/work";
 /// Where the agent mounts the volume disks named by `mvm.volume=<dev>[:ro]`: at `<dir>/<dev>`,
 /// for containers to bind-mount.
 pub const VOLUMES_DIR: &str = "/mnt/volumes";
+/// The agent's own binary in the guest: the initramfs's `/init`.
+pub const AGENT_BINARY: &str = "/init";
+/// Where a container finds mvm's static agent when its spec asks for it (read-only, bind-mounted
+/// from the host or, in a VM, from [`AGENT_BINARY`]): `mvm compare` runs its probe from there.
+pub const AGENT_IN_CONTAINER: &str = "/.mvm-agent";
 /// The id of the one container the host creates in a VM's agent.
 pub const MAIN_CONTAINER: &str = "main";
 /// The stream id of a container's first process in the agent protocol.

@@ -17,6 +17,7 @@ use crate::error::{from_engine, report, EXIT_BAD_INPUT};
 mod output;
 
 mod boot;
+mod compare;
 mod error;
 mod example;
 mod image;
@@ -50,6 +51,9 @@ enum Command {
     BuildExample(example::BuildExampleArgs),
     /// Run a command from an image in a microVM, a container or a plain process.
     Run(Box<run::RunArgs>),
+    /// Run one image as a process, a container and a microVM and compare them: what it sees,
+    /// the limits, the attack surface, escape probes, cost.
+    Compare(Box<compare::CompareArgs>),
     /// Pull an image from a registry into the local store.
     Pull(image::PullArgs),
     /// List the images in the local store.
@@ -93,6 +97,11 @@ fn run_main() -> i32 {
         init_logging();
         return report(engine::run::resume(&dir).map_err(from_engine));
     }
+    // One run of `mvm compare` (see `engine::compare`): likewise.
+    if let Some(file) = engine::compare::requested() {
+        init_logging();
+        return report(engine::compare::run_child(&file).map_err(from_engine));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -115,6 +124,7 @@ fn run_main() -> i32 {
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
         Command::Run(args) => run::run(&root_dir(cli.root), &args),
+        Command::Compare(args) => compare::run(&root_dir(cli.root), &args),
         Command::Pull(args) => image::pull(&root_dir(cli.root), &args),
         Command::Images(args) => image::images(&root_dir(cli.root), &args),
         Command::Rmi(args) => image::rmi(&root_dir(cli.root), &args),

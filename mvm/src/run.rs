@@ -214,6 +214,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
         cold: args.cold,
+        mount_agent: false,
     })
 }
 

@@ -14,11 +14,11 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The repository root (the workspace above `vmm/`).
+/// The repository root (the workspace above the crate that runs the tests).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("vmm/ has a parent")
+        .expect("the crate folder has a parent")
         .to_path_buf()
 }
 

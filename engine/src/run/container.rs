@@ -20,6 +20,12 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         // Anything else was refused by the spec's validation.
         _ => RuntimeNetwork::None,
     };
+    // The static agent: the container's root may have no libraries for another.
+    let agent = if spec.mount_agent {
+        Some(super::vm::find_agent()?)
+    } else {
+        None
+    };
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     for d in [&upper, &work] {
         std::fs::create_dir(d).map_err(io_error("create", d))?;
@@ -39,7 +45,11 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         network,
         init: spec.init,
         cgroup_parent: None,
-        mounts: spec.volumes.clone(),
+        mounts: agent
+            .map(super::vm::agent_mount)
+            .into_iter()
+            .chain(spec.volumes.iter().cloned())
+            .collect(),
         security: spec.security.clone(),
     };
     if let Some(m) = &container.security.userns {

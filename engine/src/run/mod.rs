@@ -25,6 +25,7 @@ use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
+pub(crate) use vm::{find_agent, warm_vm_caches};
 
 /// How a run ended for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

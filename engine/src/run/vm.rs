@@ -38,7 +38,7 @@ fn default_network() -> NetworkMode {
 }
 
 /// The static guest agent: `MVM_AGENT`, or the one `scripts/build-agent.sh` builds next to mvm.
-fn find_agent() -> Result<PathBuf, Error> {
+pub(crate) fn find_agent() -> Result<PathBuf, Error> {
     if let Some(p) = std::env::var_os("MVM_AGENT") {
         return Ok(PathBuf::from(p));
     }
@@ -87,6 +87,17 @@ fn agent_initramfs(root: &Path, agent: &Path) -> Result<PathBuf, Error> {
         build()?;
     }
     Ok(out)
+}
+
+/// Makes what a VM of the unpacked image `rootfs_dir` takes from the caches under `root` (the
+/// agent's initramfs, the image's disk), so that a later run finds them there.
+pub(crate) fn warm_vm_caches(root: &Path, rootfs_dir: &Path) -> Result<(), Error> {
+    agent_initramfs(root, &find_agent()?)?;
+    if rootfs_dir.starts_with(image::rootfs_cache(root)) {
+        // A cached image never touches the run directory.
+        rootfs_disk(root, rootfs_dir, Path::new("/nonexistent"))?;
+    }
+    Ok(())
 }
 
 /// How long the guest may take to boot: `MVM_BOOT_TIMEOUT` (a duration), else 300 s.
@@ -145,7 +156,12 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         network: Network::Host,
         init: spec.init,
         cgroup_parent: None,
-        mounts: volumes.mounts,
+        mounts: (spec
+            .mount_agent
+            .then(|| agent_mount(PathBuf::from(guest::AGENT_BINARY))))
+        .into_iter()
+        .chain(volumes.mounts)
+        .collect(),
         security: spec.security.clone(),
     };
     let vm_spec = MicroVmSpec {
@@ -185,6 +201,15 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     // No pause is recorded after this: the exit is.
     drop(control);
     Ok(run.exited(code?, false))
+}
+
+/// The read-only bind mount of mvm's agent `source` at [`guest::AGENT_IN_CONTAINER`].
+pub(crate) fn agent_mount(source: PathBuf) -> BindMount {
+    BindMount {
+        source,
+        target: guest::AGENT_IN_CONTAINER.into(),
+        readonly: true,
+    }
 }
 
 /// The read-only disk image of the root filesystem: an image's unpacked root (under the rootfs

@@ -14,6 +14,11 @@
 //! Host identity comes from nonces the host hands over (see [`Options`]): a probe says
 //! `allowed` only when it reached the real host resource, never a look-alike inside a VM.
 //!
+//! For `mvm compare` the probe also runs the workload the host times (`-- CMD ARGS...`, or
+//! `mvm-agent probe --hello` where the image has nothing to run): first the workload, then a
+//! line with `--mark`'s token and its exit code, then a pause (`--hold-ms`) in which the host
+//! measures the sandbox's memory, then the probe and its report.
+//!
 //! Every check is harmless even when the probe runs as root directly on the host: privileged
 //! system calls are made with arguments the kernel rejects right after its permission check
 //! (the errno tells which check failed), nothing is written to /proc, /sys or a device, and
@@ -35,6 +40,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use options::{Command, Options, OptionsError, USAGE};
+pub use sys::uname;
 
 /// Version of the report format; bumped when a field changes meaning or is removed.
 pub const REPORT_VERSION: u32 = 1;
@@ -280,6 +286,49 @@ fn writable(dir: &Path) -> bool {
     ok
 }
 
+/// The line of `--hello`: where this process runs, as a workload that needs nothing from its
+/// image.
+pub fn hello() -> String {
+    let (kernel, hostname) = sys::uname();
+    format!(
+        "hello from {hostname}: kernel {kernel}, pid {}",
+        std::process::id()
+    )
+}
+
+/// Runs the workload with this process's stdio and waits for it: its exit code (128 + n after
+/// signal n; 127 when it is not found, 126 when it cannot be executed). `Command` spawns it
+/// without copying this process's memory (vfork), which matters in guests where a fork is slow.
+fn run_workload(cmd: &[String]) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    let Some((program, args)) = cmd.split_first() else {
+        return 0;
+    };
+    match std::process::Command::new(program).args(args).status() {
+        Ok(status) => status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(1),
+        Err(e) => {
+            eprintln!("mvm-agent probe: {program}: {e}");
+            if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            }
+        }
+    }
+}
+
+/// Writes `text` to stdout at once; false when stdout is gone.
+fn print_flushed(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
 /// `mvm-agent probe ARGS...`: returns the process exit code (0, or 2 for bad arguments).
 pub fn main(args: &[String]) -> i32 {
     match options::parse(args) {
@@ -288,7 +337,25 @@ pub fn main(args: &[String]) -> i32 {
             println!("{USAGE}");
             0
         }
+        Ok(Command::Hello) => {
+            println!("{}", hello());
+            0
+        }
+        Ok(Command::CpuLoop) => {
+            println!("{}", cost::cpu_loop_ns());
+            0
+        }
         Ok(Command::Probe(opts)) => {
+            let code = (!opts.workload.is_empty()).then(|| run_workload(&opts.workload));
+            if let Some(mark) = &opts.mark {
+                let code = code.map_or("-".to_string(), |c| c.to_string());
+                if !print_flushed(&format!("\n{mark} {code}\n")) {
+                    return 1;
+                }
+            }
+            if opts.hold_ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(opts.hold_ms));
+            }
             let report = run(&opts);
             let text = if opts.pretty {
                 serde_json::to_string_pretty(&report)

@@ -29,12 +29,24 @@ Limits to check (\"not-set\" when missing):
   --mem SIZE               memory limit (bytes, or with k, m, g: 256M)
   --pids N                 pids limit
   --cpus X                 CPU limit, in CPUs (0.5, 2)
+Workload (what `mvm compare` times; the report follows it):
+  -- CMD ARGS...           run CMD first, with this process's stdin, stdout and stderr, and wait
+  --mark TOKEN             then print a line \"TOKEN CODE\" (CMD's exit code, `-` without CMD),
+                           starting on a new line of its own
+  --hold-ms N              then wait N milliseconds before probing (the host measures memory)
 Other:
   --dir PATH               where to write temporary files (default: $TMPDIR, /tmp, /var/tmp, .)
+  --hello                  print one line (hostname, kernel, pid) and exit 0: a workload for any
+                           image, with or without a shell
+  --cpu-loop               print the nanoseconds of the compute loop of the cost measurements
+                           (best of three) and exit: a baseline on the host
   --noop                   exit 0 at once (the fork+exec measurement runs this)";
 
+/// Longest `--hold-ms`: the hold is a pause for the host, not a way to park the probe.
+pub const MAX_HOLD_MS: u64 = 60_000;
+
 /// The options that take a value.
-const VALUE_OPTIONS: [&str; 15] = [
+const VALUE_OPTIONS: [&str; 17] = [
     "--marker-cmdline",
     "--marker-pid",
     "--secret-file",
@@ -50,6 +62,8 @@ const VALUE_OPTIONS: [&str; 15] = [
     "--pids",
     "--cpus",
     "--dir",
+    "--mark",
+    "--hold-ms",
 ];
 
 /// Errors in the arguments of `mvm-agent probe`.
@@ -114,6 +128,12 @@ pub struct Options {
     pub cpus: Option<f64>,
     /// Directory for temporary files.
     pub dir: Option<PathBuf>,
+    /// The workload run before the probe (`-- CMD ARGS...`).
+    pub workload: Vec<String>,
+    /// The token of the line printed once the workload is done.
+    pub mark: Option<String>,
+    /// Milliseconds to wait after that line, before probing.
+    pub hold_ms: u64,
 }
 
 /// What the command line asks for.
@@ -123,6 +143,10 @@ pub enum Command {
     Probe(Box<Options>),
     /// Exit at once (`--noop`).
     Noop,
+    /// Print one line about this process and exit (`--hello`).
+    Hello,
+    /// Print the compute loop's time and exit (`--cpu-loop`).
+    CpuLoop,
     /// Print the usage.
     Help,
 }
@@ -161,7 +185,16 @@ pub fn parse(args: &[String]) -> Result<Command, OptionsError> {
             _ => (arg.as_str(), None),
         };
         match flag {
+            "--" => {
+                o.workload = it.by_ref().cloned().collect();
+                if o.workload.is_empty() {
+                    return Err(OptionsError::MissingValue("--".into()));
+                }
+                break;
+            }
             "--noop" => return Ok(Command::Noop),
+            "--hello" => return Ok(Command::Hello),
+            "--cpu-loop" => return Ok(Command::CpuLoop),
             "-h" | "--help" => return Ok(Command::Help),
             "--json" => continue,
             "--pretty" => {
@@ -220,6 +253,16 @@ pub fn parse(args: &[String]) -> Result<Command, OptionsError> {
                 o.cpus = Some(x);
             }
             "--dir" => o.dir = Some(PathBuf::from(value)),
+            "--mark" => o.mark = Some(nonce(flag, value)?),
+            "--hold-ms" => {
+                o.hold_ms = number(flag, &value)?;
+                if o.hold_ms > MAX_HOLD_MS {
+                    return Err(OptionsError::BadValue {
+                        option: flag.to_string(),
+                        value,
+                    });
+                }
+            }
             _ => return Err(OptionsError::Unknown(arg.clone())),
         }
     }
@@ -324,6 +367,23 @@ mod tests {
         assert_eq!(o.pids, Some(32));
         assert_eq!(o.cpus, Some(0.5));
         assert_eq!(o.dir, Some(PathBuf::from("/scratch")));
+    }
+
+    #[test]
+    fn a_workload_follows_the_double_dash() {
+        let o = opts("--mark m-123456 --hold-ms 250 --mem 64M -- sh -c --mem");
+        assert_eq!(o.workload, ["sh", "-c", "--mem"]);
+        assert_eq!(o.mark.as_deref(), Some("m-123456"));
+        assert_eq!((o.hold_ms, o.mem), (250, Some(64 << 20)));
+        let err = |s: &str| parse(&args(s)).expect_err(s);
+        assert_eq!(err("--"), OptionsError::MissingValue("--".into()));
+        assert_eq!(err("--mark m"), OptionsError::ShortNonce("--mark".into()));
+        assert!(matches!(
+            err("--hold-ms 600000"),
+            OptionsError::BadValue { .. }
+        ));
+        assert_eq!(parse(&args("--hello")), Ok(Command::Hello));
+        assert_eq!(parse(&args("--cpu-loop")), Ok(Command::CpuLoop));
     }
 
     #[test]

@@ -147,6 +147,20 @@ impl Security {
         Ok(())
     }
 
+    /// How many distinct system calls a container with these settings can make on the kernel
+    /// it runs on (see [`Profile::reachable`]): every one without a filter.
+    pub fn direct_syscalls(&self) -> Result<usize, SecurityError> {
+        let target = Target {
+            caps: self.capabilities()?,
+            kernel: seccomp::running_kernel(),
+        };
+        Ok(match &self.seccomp {
+            Seccomp::Unconfined => seccomp::syscall_count(),
+            Seccomp::Default => seccomp::default::profile().reachable(target).len(),
+            Seccomp::Profile(p) => p.reachable(target).len(),
+        })
+    }
+
     /// Everything the new process needs, computed before it exists (it must not allocate).
     pub(crate) fn prepare(&self) -> Result<Prepared, SecurityError> {
         let last_cap = last_cap();

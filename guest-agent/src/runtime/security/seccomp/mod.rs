@@ -351,6 +351,44 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The x86_64 system calls a container with `target` can make through the filters of
+    /// [`Profile::compile`] with at least some arguments, sorted by name: those the kernel then
+    /// serves directly. A call is out when no rule names it and the default action refuses it,
+    /// or when a rule refuses it whatever its arguments (`SCMP_ACT_LOG` lets a call through).
+    pub fn reachable(&self, target: Target) -> Vec<&'static str> {
+        let default = action(self.default_action, self.default_errno_ret);
+        let lets_through =
+            |a: &SeccompAction| matches!(a, SeccompAction::Allow | SeccompAction::Log);
+        // Per call: whether a rule names it, and whether one refuses it unconditionally.
+        let mut named: BTreeMap<&str, bool> = BTreeMap::new();
+        for rule in self.syscalls.iter().filter(|r| applies(r, target)) {
+            let act = action(rule.action, rule.errno_ret);
+            if act == default {
+                continue;
+            }
+            let refuses = !lets_through(&act) && rule.args.is_empty();
+            for name in rule.names.iter().chain(&rule.name) {
+                *named.entry(name.as_str()).or_default() |= refuses;
+            }
+        }
+        generated::SYSCALLS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| match named.get(name) {
+                None => lets_through(&default),
+                Some(refused) => !refused,
+            })
+            .collect()
+    }
+}
+
+/// How many x86_64 system calls there are (in the table the filters are built from): what a
+/// process without a filter can make.
+pub fn syscall_count() -> usize {
+    generated::SYSCALLS.len()
+}
+
 /// The system calls one filter matches: each number with its rules (none: any arguments).
 #[derive(Debug, Clone, Default)]
 struct Calls(BTreeMap<i64, Option<Vec<SeccompRule>>>);

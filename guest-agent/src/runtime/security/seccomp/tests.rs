@@ -293,3 +293,35 @@ fn a_deny_list_profile_refuses_only_what_it_names() {
     assert_eq!(programs.len(), 1);
     assert_eq!(in_child(&programs, probe_deny_list), libc::EACCES);
 }
+
+#[test]
+fn reachable_calls_follow_the_rules_of_the_compiled_filters() {
+    let all = syscall_count();
+    assert!(all > 300, "{all}");
+    assert_eq!(Profile::default().reachable(target(CapSet(0))).len(), all);
+    let docker = default::profile().reachable(target(CapSet::docker_default()));
+    // Docker's allow-list, less what it gives only to CAP_SYS_ADMIN and friends.
+    assert!(
+        docker.contains(&"read") && docker.contains(&"clone"),
+        "{docker:?}"
+    );
+    for refused in ["kexec_load", "bpf", "mount", "init_module", "reboot"] {
+        assert!(!docker.contains(&refused), "{refused}");
+    }
+    let admin = default::profile().reachable(target(CapSet::all()));
+    assert!(admin.contains(&"mount") && admin.contains(&"bpf"));
+    assert!(docker.len() < admin.len() && admin.len() < all);
+    // A refusal whatever the arguments wins over an allow; one with conditions does not.
+    let p = Profile::from_json(
+        r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+            {"names":["read","write","getpid"],"action":"SCMP_ACT_ALLOW"},
+            {"names":["write"],"action":"SCMP_ACT_KILL_PROCESS"},
+            {"names":["getpid"],"action":"SCMP_ACT_ERRNO","args":[{"index":0,"value":1,"op":"SCMP_CMP_EQ"}]},
+            {"names":["getppid"],"action":"SCMP_ACT_LOG"}]}"#,
+    )
+    .expect("parses");
+    assert_eq!(
+        p.reachable(target(CapSet(0))),
+        ["getpid", "getppid", "read"]
+    );
+}
