@@ -34,16 +34,14 @@ if [ -z "${MVM:-}" ]; then
 fi
 MVM_AGENT=${MVM_AGENT:-$(scripts/build-agent.sh release)}
 export MVM MVM_AGENT
-if [ -z "${MVM_EXAMPLES:-}" ]; then
-  MVM_EXAMPLES=$repo/target/bench-examples
-  [ -d "$MVM_EXAMPLES/busybox-oci" ] || "$MVM" build-example busybox -o "$MVM_EXAMPLES/busybox-oci" >&2
-fi
+MVM_EXAMPLES=${MVM_EXAMPLES:-$repo/target/bench-examples}
+[ -d "$MVM_EXAMPLES/busybox-oci" ] || "$MVM" build-example busybox -o "$MVM_EXAMPLES/busybox-oci" >&2
 export MVM_EXAMPLES
 
 if [ $vt = 1 ]; then
   kernel=$(scripts/build-kernel.sh) || { say "mvm's kernel cannot be built here"; exit 2; }
   exec scripts/vt-host.sh --cpus "${MVM_VT_CPUS:-2}" --mem "${MVM_VT_MEM:-4G}" \
-    --env "MVM_KERNEL=$kernel" --env "MVM_KERNEL_ARGS=" -- "$0" "$N"
+    --env "MVM=$MVM" --env "MVM_KERNEL=$kernel" --env "MVM_KERNEL_ARGS=" -- "$0" "$N"
 fi
 
 [ "$(id -u)" = 0 ] || { say "needs root"; exit 2; }
