@@ -26,12 +26,14 @@ use vmm::config::VmConfig;
 use vmm::exit::{VmExit, VmHandle};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::snapshot::take::VmController;
-use vmm::snapshot::{SnapshotError, SnapshotFiles};
+use vmm::snapshot::SnapshotError;
 use vmm::virtio_devices::{self, DeviceSetupError, DevicesConfig, NetworkMode};
 
 use crate::control::{ControlServer, Controlled};
 use crate::portfwd::{PortError, PortForwarder, PortMapping};
-use crate::template::{FileId, TemplateKey};
+
+mod template;
+pub use template::{template_key, TemplateJob, TemplateVm};
 
 /// Exit code when `--timeout` runs out (as coreutils' `timeout`).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -248,7 +250,7 @@ pub struct MicroVm {
     _ports: Vec<PortForwarder>,
     _control: ControlServer,
     timed_out: Arc<AtomicBool>,
-    console: PathBuf,
+    console: ConsoleTail,
     tap_name: Option<String>,
 }
 
@@ -260,16 +262,48 @@ impl std::fmt::Debug for MicroVm {
     }
 }
 
-fn last_console_line(path: &std::path::Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| format!("; console: {}", l.trim()))
-        })
-        .unwrap_or_default()
+/// The serial console log, opened for reading while the VM is built (a jailed VMM opens no file
+/// by path), to quote its last line when the VM ends early.
+#[derive(Debug)]
+struct ConsoleTail {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    tail: Vec<u8>,
+}
+
+impl ConsoleTail {
+    /// How much of the log's end is kept.
+    const KEEP: usize = 64 << 10;
+
+    /// Opens the log at `path` (created by the VM's builder).
+    fn open(path: PathBuf) -> Self {
+        let file = std::fs::File::open(&path).ok();
+        ConsoleTail {
+            path,
+            file,
+            tail: Vec::new(),
+        }
+    }
+
+    /// The last line the guest printed so far, if any, prefixed with "; console: ".
+    fn last_line(&mut self) -> String {
+        if let Some(file) = self.file.as_mut() {
+            let mut buf = [0u8; 16 * 1024];
+            // Plain reads, each going on where the last stopped (a confined thread may read).
+            while let Ok(n @ 1..) = std::io::Read::read(file, &mut buf) {
+                self.tail.extend_from_slice(&buf[..n]);
+                if self.tail.len() > 2 * Self::KEEP {
+                    self.tail.drain(..self.tail.len() - Self::KEEP);
+                }
+            }
+        }
+        String::from_utf8_lossy(&self.tail)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| format!("; console: {}", l.trim()))
+            .unwrap_or_default()
+    }
 }
 
 /// [`BootParams`] in JSON as their kernel command-line words, which is what they are made for
@@ -297,6 +331,7 @@ pub struct PreparedVm {
     tap_name: Option<String>,
     mac: Option<[u8; 6]>,
     control: UnixListener,
+    console: ConsoleTail,
     /// The id of the template it restores, if it does.
     restored: Option<String>,
 }
@@ -372,7 +407,7 @@ impl Launched {
     fn agent(
         &self,
         vsock: &Path,
-        console: &Path,
+        console: &mut ConsoleTail,
         limit: Duration,
     ) -> Result<AgentClient<UnixStream>, MicroVmError> {
         let conn = match wait_for_agent(vsock, &self.exit_rx, limit) {
@@ -380,13 +415,13 @@ impl Launched {
             Err(AgentWait::Exited(exit)) => {
                 return Err(MicroVmError::EarlyExit {
                     exit,
-                    console: last_console_line(console),
+                    console: console.last_line(),
                 })
             }
             Err(AgentWait::Timeout) => {
                 return Err(self.stop_with(MicroVmError::AgentTimeout(
                     limit.as_secs(),
-                    console.to_path_buf(),
+                    console.path.clone(),
                 )))
             }
         };
@@ -420,6 +455,7 @@ impl MicroVm {
             tap_name: attached.tap_name,
             mac: attached.mac,
             control,
+            console: ConsoleTail::open(spec.console_path()),
             restored,
         })
     }
@@ -446,6 +482,7 @@ impl MicroVm {
             tap_name,
             mac,
             control: listener,
+            mut console,
             restored,
         } = prepared;
         let vsock = spec.vsock_path();
@@ -469,7 +506,7 @@ impl MicroVm {
         seccomp::confine(ThreadKind::Runner).map_err(|e| vm.stop_with(e.into()))?;
         vm.release.release();
 
-        let mut client = vm.agent(&vsock, &spec.console_path(), spec.boot_timeout)?;
+        let mut client = vm.agent(&vsock, &mut console, spec.boot_timeout)?;
         let stop_on_error = |e: ClientError| vm.stop_with(MicroVmError::Agent(e));
         if let Some(id) = &restored {
             log::debug!("template {id}: restored, the agent answers");
@@ -512,7 +549,7 @@ impl MicroVm {
             _ports: ports,
             _control: server,
             timed_out,
-            console: spec.console_path(),
+            console,
             tap_name,
         })
     }
@@ -561,7 +598,7 @@ impl MicroVm {
                     VmExit::Reset | VmExit::Stopped => Err(MicroVmError::Agent(e)),
                     exit => Err(MicroVmError::EarlyExit {
                         exit,
-                        console: last_console_line(&self.console),
+                        console: self.console.last_line(),
                     }),
                 }
             }
@@ -633,31 +670,6 @@ fn fresh_seed() -> String {
     seed.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The template a run of `spec` restores.
-pub fn template_key(spec: &MicroVmSpec) -> Result<TemplateKey, MicroVmError> {
-    let id = |path: &Path| {
-        FileId::of(path).map_err(|e| MicroVmError::Template("key".into(), e.to_string()))
-    };
-    Ok(TemplateKey {
-        mvm_version: vmm::snapshot::mvm_version(),
-        kernel: id(&spec.kernel)?,
-        initrd: id(&spec.initrd)?,
-        kernel_args: spec.kernel_args.trim().to_string(),
-        mem_bytes: spec.mem_bytes,
-        vcpus: spec.vcpus,
-        disks: run_disks(spec)
-            .iter()
-            .map(|d| if d.read_only { "ro" } else { "rw" }.to_string())
-            .collect(),
-        network: match &spec.network {
-            NetworkMode::None => "none",
-            NetworkMode::User => "user",
-            NetworkMode::Tap { .. } => "tap",
-        }
-        .to_string(),
-    })
-}
-
 /// What a failed restore of template `id` means for the user.
 fn restore_error(id: &str, e: BuildError) -> MicroVmError {
     match e {
@@ -687,138 +699,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
-}
-
-/// What the runner hands the VMM process that makes a template: the run's VM, and the
-/// template's unfinished directory (`.tmp-...` under the templates; the runner renames it into
-/// place once the VMM saved it, and removes it otherwise).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TemplateJob {
-    /// The run's VM (its shape: kernel, agent, memory, vCPUs, devices; nothing else of it is
-    /// used).
-    pub spec: MicroVmSpec,
-    /// The template's directory, being made.
-    pub dir: PathBuf,
-    /// The template's id, for messages.
-    pub id: String,
-}
-
-impl TemplateJob {
-    /// Where the template VM's vsock socket is: in the run's directory, which its jail shows
-    /// (the template's own directory is never in a jail).
-    pub fn vsock_path(&self) -> PathBuf {
-        self.spec.run_dir.join("template-vsock.sock")
-    }
-
-    /// The empty disk standing in for the run's disk `i` in the template.
-    pub fn placeholder(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("placeholder-{i}.img"))
-    }
-}
-
-/// A template's VM set up but not running: booted with `mvm.template=1` and nothing of the run
-/// (empty placeholder disks), and the snapshot's files created in the template's directory, so
-/// the jailed VMM writes the snapshot through them and opens nothing.
-pub struct TemplateVm {
-    builder: VmBuilder,
-    files: SnapshotFiles,
-    vsock: PathBuf,
-    console: PathBuf,
-    boot_timeout: Duration,
-    id: String,
-}
-
-impl std::fmt::Debug for TemplateVm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TemplateVm")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TemplateVm {
-    /// Builds the template's VM and its devices and creates the snapshot's files (before the
-    /// jail).
-    pub fn prepare(job: &TemplateJob) -> Result<TemplateVm, MicroVmError> {
-        let spec = &job.spec;
-        let failed =
-            |what: &str, e: String| MicroVmError::Template(job.id.clone(), format!("{what}: {e}"));
-        let boot = BootParams {
-            port: Some(AGENT_VSOCK_PORT),
-            log: spec.boot.log.clone(),
-            template: true,
-            ..BootParams::default()
-        };
-        let console = job.dir.join("console.log");
-        let mut builder = VmBuilder::new(vm_config(spec, &boot, console.clone()))?;
-        let mut disks = run_disks(spec);
-        for (i, disk) in disks.iter_mut().enumerate() {
-            let placeholder = job.placeholder(i);
-            std::fs::write(&placeholder, b"")
-                .map_err(|e| failed("cannot create a placeholder disk", e.to_string()))?;
-            disk.path = placeholder;
-            disk.limits = BlockLimits::default();
-        }
-        let vsock = job.vsock_path();
-        virtio_devices::attach(
-            &mut builder,
-            &DevicesConfig {
-                disks,
-                network: spec.network.clone(),
-                vsock: Some(vsock.clone()),
-                rng: true,
-                net_limit: Limit::default(),
-            },
-        )?;
-        let files = SnapshotFiles::create(&job.dir)
-            .map_err(|e| failed("cannot create it", error_chain(&e)))?;
-        Ok(TemplateVm {
-            builder,
-            files,
-            vsock,
-            console,
-            boot_timeout: spec.boot_timeout,
-            id: job.id.clone(),
-        })
-    }
-
-    /// The template VM's vsock socket (handed to the jail's user before the jail).
-    pub fn vsock_path(&self) -> &Path {
-        &self.vsock
-    }
-
-    /// Boots the guest to its agent, saves it while the agent waits for a run's setup, and
-    /// ends it; returns how long the boot took, in milliseconds. Every thread is confined as in
-    /// [`MicroVm::start`].
-    pub fn boot_and_save(self) -> Result<u64, MicroVmError> {
-        let t0 = Instant::now();
-        let vm = Launched::new(self.builder.start()?)?;
-        seccomp::confine(ThreadKind::Runner).map_err(|e| vm.stop_with(e.into()))?;
-        vm.release.release();
-        // The agent answers: it is ready and waits for a setup. Save it as it is.
-        let client = vm.agent(&self.vsock, &self.console, self.boot_timeout)?;
-        let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let saved = vm.controller.snapshot(self.files);
-        drop(client);
-        vm.stop_and_wait();
-        let report = saved.map_err(|e| match e {
-            e if kvm_cannot(&e) => {
-                MicroVmError::HostCannotSnapshot(format!("save a VM: {}", error_chain(&e)))
-            }
-            e => MicroVmError::Template(
-                self.id.clone(),
-                format!("cannot save it: {}", error_chain(&e)),
-            ),
-        })?;
-        log::debug!(
-            "template {}: booted in {boot_ms} ms, saved in {} ms ({} pages of data)",
-            self.id,
-            report.paused_for.as_millis(),
-            report.data_pages
-        );
-        Ok(boot_ms)
-    }
 }
 
 enum AgentWait {
