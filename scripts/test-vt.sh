@@ -8,7 +8,8 @@
 # guest sees (cpu_features), the Linux-guest device tests (linux_devices: ext4 disk, rng, vsock
 # both ways, tap, --network user), run_vm, run_lifecycle, vm_tools (run -it, exec -it, attach,
 # cp, stats, top, DNS and --restart in a microVM, typed into tmux), compare (mvm compare with the
-# VM column on the product kernel), and the README quick start
+# VM column on the product kernel), snapshot (save and restore of a running guest, VM templates,
+# pause/unpause), and the README quick start
 # (`quickstart`). Each runs in a fresh L1 with the product kernel (`scripts/build-kernel.sh`,
 # built once and cached) and prints its time; the layer fails if any test fails. Where this
 # machine cannot run L1 (no QEMU, no kernel package) it says so and skips with exit 0: nothing
@@ -20,7 +21,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 say() { echo "test-vt: $*" >&2; }
 
-all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle vm_tools compare quickstart)
+all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle vm_tools compare snapshot quickstart)
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=("${all[@]}")
 
@@ -51,11 +52,15 @@ elif [ $rc != 0 ]; then
 fi
 agent=${MVM_AGENT:-$(scripts/build-agent.sh release)}
 
-# The test binaries, built here (L1 runs them from this machine's files, read-only).
+# The test binaries asked for, built here (L1 runs them from this machine's files, read-only).
+targets=()
+for t in "${tests[@]}"; do
+  [ "$t" = quickstart ] || targets+=(--test "$t")
+done
 declare -A exe=()
 while IFS=' ' read -r name path; do
   exe[$name]=$path
-done < <(cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
+done < <([ ${#targets[@]} = 0 ] || cargo test --workspace --no-run "${targets[@]}" --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     try:

@@ -71,6 +71,18 @@ fn linux_guest_uses_block_tap_net_rng_and_vsock_devices() {
     // The host side of vsock: a listener the guest connects to (port 5000).
     let sock = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(listener_path(&sock, 5000)).unwrap();
+    // The VMM connects as its jail's own user: the directory must let others through and the
+    // listener let them connect.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        listener_path(&sock, 5000),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let host_listener = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut reader = BufReader::new(conn);
@@ -230,7 +242,15 @@ fn passt_addressing() -> Result<(String, String, String), String> {
     Ok((guest_ip.to_string(), prefix.to_string(), gw))
 }
 
-/// Pids of the passt processes whose parent is `parent` (Debian's `passt` may exec `passt.avx2`).
+/// The parent of `pid`, if it runs.
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Pids of the passt processes started by `parent`'s VMM process (its child; Debian's `passt`
+/// may exec `passt.avx2`).
 fn passt_children(parent: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -245,7 +265,8 @@ fn passt_children(parent: u32) -> Vec<u32> {
                 return false;
             };
             let ppid = rest.split_whitespace().nth(1);
-            comm.starts_with("passt") && ppid == Some(parent.to_string().as_str())
+            let vmm = ppid.and_then(|p| p.parse::<u32>().ok());
+            comm.starts_with("passt") && vmm.and_then(self::ppid) == Some(parent)
         })
         .collect()
 }

@@ -122,8 +122,8 @@ fn host_traces(root: &Path) -> HostTraces {
     }
 }
 
-/// Sockets, disks and run directories left under the mvm root (the image store and caches
-/// are meant to stay).
+/// Sockets, disks and run directories left under the mvm root (the image store, caches and
+/// VM templates are meant to stay).
 fn leftovers(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -135,7 +135,8 @@ fn leftovers(root: &Path) -> Vec<PathBuf> {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             let ft = e.file_type().unwrap();
-            if ft.is_dir() && !p.starts_with(root.join("images")) {
+            let kept = p.starts_with(root.join("images")) || p.starts_with(root.join("templates"));
+            if ft.is_dir() && !kept {
                 stack.push(p);
             } else if ft.is_socket()
                 || name.ends_with(".sock")

@@ -13,6 +13,8 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod confine;
+pub mod control;
 pub mod copy;
 pub mod dns;
 pub mod error;
@@ -28,6 +30,7 @@ pub mod runner;
 pub mod spec;
 pub mod state;
 pub mod stats;
+pub mod template;
 pub mod terminal;
 pub mod units;
 

@@ -1,16 +1,19 @@
 //! What can be done to a registered container from any shell, whatever its isolation: list,
 //! logs, exec, stop, kill, remove and inspect (see [`crate::state`] and [`crate::runner`]).
 //!
-//! - A VM: there is no control socket. `exec`, `stop` and `kill` open their own agent session
-//!   over the VM's vsock socket (`<dir>/vsock.sock`; the agent serves several sessions) and
-//!   signal the container's first process there.
-//! - A container or a process on the host: signals go straight to its first process (a child of
-//!   the runner, named in the record); `exec` joins a container's namespaces and cgroup
+//! - `stop` and `kill` ask the process that owns the run through its control socket
+//!   (`<dir>/control.sock`, [`crate::control`]): it signals the container's first process (in a
+//!   VM through the agent) and, for `stop`, ends the run after the grace period. A run without
+//!   a control socket (one that never got to serve it) is stopped and signalled directly: a VM's
+//!   container through its own agent session over the VM's vsock socket, a container or process
+//!   on the host through its first process (a child of the runner, named in the record).
+//! - `exec` in a VM opens its own agent session (`<dir>/vsock.sock`; the agent serves several
+//!   sessions); in a container it joins its namespaces and cgroup
 //!   (`guest_agent::runtime::exec`). A plain process has nothing to exec into.
 //!
 //! When the container exits its runner records the exit code and tears down what it ran, so
 //! `stop` only waits for the runner process (pid and start time from the record) to end. If the
-//! container does not go, `stop` falls back to SIGTERM on the runner (which ends a VM through
+//! run does not end, `stop` falls back to SIGTERM on the runner (which ends a VM through
 //! `vmm::signals`), then SIGKILL; a runner that died without cleaning up (`kill -9`) is cleaned
 //! up after by `rm`.
 
@@ -27,6 +30,7 @@ use guest_agent::guest::{MAIN_CONTAINER, MAIN_STREAM};
 use guest_agent::protocol::AGENT_VSOCK_PORT;
 use guest_agent::runtime::{self, Process, StdioConfig, StdioMode};
 
+use crate::control::{self, ControlError, Request};
 use crate::error::{bad_input, io_error, CommandExit, Error};
 use crate::logs::{read_log, LogCursor, LOG_FILE};
 use crate::microvm::AgentInput;
@@ -69,11 +73,49 @@ pub fn is_live(r: &ContainerRecord) -> bool {
 }
 
 pub(crate) fn require_running(r: &ContainerRecord) -> Result<(), Error> {
-    if r.live_status() == Status::Running {
-        Ok(())
-    } else {
+    if r.live_status() != Status::Running {
         Err(bad_input(format!("container {} is not running", r.name)))
+    } else if r.paused {
+        Err(bad_input(format!(
+            "container {} is paused: `mvm unpause {}` first",
+            r.name, r.name
+        )))
+    } else {
+        Ok(())
     }
+}
+
+/// Stops (`paused`) or resumes the vCPUs of a VM container; its memory and devices stay.
+pub fn pause(root: &Path, name: &str, paused: bool) -> Result<(), Error> {
+    let (store, r) = find(root, name)?;
+    if r.live_status() != Status::Running {
+        return Err(bad_input(format!("container {} is not running", r.name)));
+    }
+    if r.isolation != Isolation::Vm {
+        return Err(bad_input(format!(
+            "container {} is not a VM: only --isolation vm containers can be paused",
+            r.name
+        )));
+    }
+    if r.paused == paused {
+        let state = if paused { "paused" } else { "not paused" };
+        return Err(bad_input(format!("container {} is {state}", r.name)));
+    }
+    let request = if paused {
+        Request::Pause
+    } else {
+        Request::Unpause
+    };
+    // The VMM (jailed: it cannot write the record) answers once its vCPUs are parked or run
+    // again; the record says so from then on (its runner's exit record clears it).
+    let path = store.container_dir(&r.id).join(control::SOCKET);
+    control::call(&path, &request).map_err(|e| match e {
+        ControlError::Refused(msg) => Error::Failed(format!("{}: {msg}", r.name)),
+        e => Error::Failed(format!("{}: {e}", r.name)),
+    })?;
+    let mut record = store.load(&r.id)?;
+    record.paused = paused;
+    Ok(store.save(&record)?)
 }
 
 /// A new agent session with the container's VM.
@@ -471,6 +513,20 @@ fn signal_host_process(r: &ContainerRecord, sig: i32) -> bool {
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
+/// Asks the owner of the run through its control socket; `None` when nothing answers there (the
+/// caller then acts directly).
+fn ask(store: &StateStore, r: &ContainerRecord, request: &Request) -> Option<Result<(), Error>> {
+    let path = store.container_dir(&r.id).join(control::SOCKET);
+    match control::call(&path, request) {
+        Ok(_) => Some(Ok(())),
+        Err(ControlError::Refused(msg)) => Some(Err(Error::Failed(format!("{}: {msg}", r.name)))),
+        Err(e) => {
+            log::debug!("{e}: acting directly");
+            None
+        }
+    }
+}
+
 /// Stops a live container: SIGTERM to its first process (through the agent in a VM), SIGKILL
 /// after `grace`, then SIGTERM and at last SIGKILL to the runner if it has not ended; returns
 /// once it has.
@@ -480,6 +536,20 @@ fn stop_container(store: &StateStore, r: &ContainerRecord, grace: Duration) -> R
     }
     // Its runner does not restart it (`--restart`) once it ends.
     store.update(&r.id, |r| r.stopped_by_user = true)?;
+    // A paused guest cannot take a signal: let it run to end.
+    if r.paused {
+        if let Some(Err(e)) = ask(store, r, &Request::Unpause) {
+            log::debug!("unpause {} to stop it: {e}", r.name);
+        }
+    }
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    if let Some(Ok(())) = ask(store, r, &Request::Stop { grace_ms }) {
+        // The owner signals, kills and at last ends the run itself.
+        if wait_gone(r, grace + control::AFTER_KILL + AFTER_KILL) {
+            return Ok(());
+        }
+        log::warn!("{} did not stop through its control socket", r.name);
+    }
     let mut client = match r.isolation {
         Isolation::Vm => agent(store, r).ok(),
         _ => None,
@@ -529,6 +599,7 @@ fn clean_dead(store: &StateStore, r: &ContainerRecord) {
             }
         }
     }
+    crate::confine::cgroup::remove_leftover(&r.vmm_cgroup_dirs);
     crate::runner::clean_run_dir(&store.container_dir(&r.id));
 }
 
@@ -542,6 +613,9 @@ pub fn stop(root: &Path, name: &str, grace: Duration) -> Result<(), Error> {
 pub fn kill(root: &Path, name: &str, sig: i32) -> Result<(), Error> {
     let (store, r) = find(root, name)?;
     require_running(&r)?;
+    if let Some(result) = ask(&store, &r, &Request::Kill { signal: sig }) {
+        return result;
+    }
     if r.isolation == Isolation::Vm {
         return agent(&store, &r)?
             .signal(MAIN_CONTAINER, MAIN_STREAM, sig)

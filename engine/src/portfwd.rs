@@ -116,7 +116,14 @@ impl PortForwarder {
         let stop_flag = stop.clone();
         let accept_thread = thread::Builder::new()
             .name(format!("portfwd-{}", local.port()))
-            .spawn(move || accept_loop(listener, socket, mapping.guest_port, stop_flag, max))
+            .spawn(move || {
+                // This thread and the relays it starts: confined where the VMM filters threads.
+                if let Err(e) = vmm::seccomp::confine(vmm::seccomp::ThreadKind::Relay) {
+                    log::error!("port {}: {e}", mapping.guest_port);
+                    return;
+                }
+                accept_loop(listener, socket, mapping.guest_port, stop_flag, max)
+            })
             .map_err(|source| PortError::Bind {
                 addr: mapping.host,
                 source,

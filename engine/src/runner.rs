@@ -1,15 +1,24 @@
-//! The process that keeps a container alive, whatever its isolation: `mvm run` itself in the
-//! foreground, or the background runner of `mvm run -d`.
+//! The process that owns a run: the runner. Every microVM has one, and so does every `-d` run
+//! of any isolation; a foreground container or process runs inside `mvm run` itself.
 //!
-//! `run -d` validates the spec, resolves the image and registers the container (the name is
-//! taken then, once), writes the spec with the image digest it resolved to `<dir>/spec.json`, and
-//! starts mvm again with [`RUNNER_ENV`] naming that directory, in a new session with stdin from
-//! /dev/null and stdout and stderr on pipes. The runner (`crate::run::resume`) takes the record
-//! over ([`RunGuard::adopt`]), reads the spec, starts the container; then it moves its own stdout
-//! and stderr to `<dir>/runner.log` and writes the container id on the original stdout. The parent returns that id; if the runner
-//! exits first, the parent repeats the runner's error line and exits with its code. Either way
-//! nothing is left behind on failure: [`RunGuard`] removes the record of a container that never
-//! started.
+//! `mvm run` validates the spec, resolves the image and registers the container (the name is
+//! taken then, once), writes the spec with the image digest it resolved to `<dir>/spec.json`,
+//! and starts mvm again with [`RUNNER_ENV`] naming that directory, in a new session. The runner
+//! (`crate::run::resume`) takes the record over ([`RunGuard::adopt`]), reads the spec, starts
+//! the container and serves its control socket (`crate::control`).
+//!
+//! - `-d` ([`detach`]): the runner's stdin is /dev/null and its stdout and stderr are pipes; once
+//!   the container runs it moves them to `<dir>/runner.log` and writes the container id on the
+//!   original stdout. The parent returns that id; if the runner exits first, the parent repeats
+//!   the runner's error line and exits with its code.
+//! - foreground ([`foreground`], with [`FOREGROUND_ENV`]): the runner inherits the terminal's
+//!   stdin, stdout and stderr, so the container's output and the runner's error line reach the
+//!   user as they are written; `mvm run` forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it,
+//!   exits with its exit code, and takes the runner with it should it die (the runner's parent
+//!   death signal is SIGTERM).
+//!
+//! Either way nothing is left behind on failure: [`RunGuard`] removes the record of a container
+//! that never started, in the runner or, should the runner die first, in `mvm run`.
 //!
 //! With a `--restart` policy the runner runs the container again after it exits (see
 //! [`crate::restart`]): [`RunGuard::exited`] records it as restarting, the restart as running
@@ -33,8 +42,11 @@ use crate::restart::RestartPolicy;
 use crate::spec::{Isolation, RunSpec};
 use crate::state::{now, this_process, ContainerRecord, StateError, StateStore, Status};
 
-/// Set in the environment of the background runner: the container's directory.
+/// Set in the environment of the runner: the container's directory.
 pub const RUNNER_ENV: &str = "MVM_RUNNER";
+/// Set (to `1`) in the environment of the runner of a foreground `mvm run`: its output goes to
+/// the terminal it inherited, and it ends the run when its client dies.
+pub const FOREGROUND_ENV: &str = "MVM_RUNNER_FOREGROUND";
 
 /// The run spec in a container's directory.
 pub const SPEC_FILE: &str = "spec.json";
@@ -50,12 +62,26 @@ const KEEP: &[&str] = &[
     "upper",
 ];
 
-/// The container directory this process is the runner of, if it is one. Call it first thing
-/// (it takes the variable out of the environment, so no child inherits it).
-pub fn requested() -> Option<PathBuf> {
+/// What a runner process was started for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRequest {
+    /// The container's directory.
+    pub dir: PathBuf,
+    /// For a foreground `mvm run` (its client waits), not `-d`.
+    pub foreground: bool,
+}
+
+/// The container this process is the runner of, if it is one. Call it first thing (it takes
+/// the variables out of the environment, so no child inherits them).
+pub fn requested() -> Option<RunnerRequest> {
     let dir = std::env::var_os(RUNNER_ENV)?;
+    let foreground = std::env::var_os(FOREGROUND_ENV).is_some_and(|v| v == "1");
     std::env::remove_var(RUNNER_ENV);
-    Some(PathBuf::from(dir))
+    std::env::remove_var(FOREGROUND_ENV);
+    Some(RunnerRequest {
+        dir: PathBuf::from(dir),
+        foreground,
+    })
 }
 
 /// Writes the spec into the container's directory.
@@ -83,9 +109,11 @@ pub(crate) fn detach(mut guard: RunGuard) -> Result<String, Error> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: setsid and the signal mask calls are async-signal-safe and touch no memory of
+    // the parent.
     unsafe {
         cmd.pre_exec(|| {
+            unblock_all_signals()?;
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -116,6 +144,115 @@ pub(crate) fn detach(mut guard: RunGuard) -> Result<String, Error> {
     // before it could, the guard does), or recorded how the one it started ended.
     guard.refresh();
     Err(runner_failure(&err, code))
+}
+
+/// A foreground `mvm run`: starts the runner on the container `guard` registered, with this
+/// process's stdin, stdout and stderr, and waits for it, forwarding SIGINT, SIGTERM, SIGHUP and
+/// SIGQUIT (blocked by the caller before anything started, so none is lost). Returns the
+/// runner's exit code, which is the container's (the runner printed any error line itself).
+///
+/// The runner gets its own session, so a terminal's signals reach it only through this process,
+/// and dies with SIGTERM when this process does (it then stops the run and cleans up as after a
+/// user's SIGTERM).
+pub(crate) fn foreground(mut guard: RunGuard) -> Result<i32, Error> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::System("cannot find mvm's own path".into(), e))?;
+    let client = std::process::id();
+    let mut cmd = Command::new(exe);
+    cmd.env(RUNNER_ENV, guard.dir()).env(FOREGROUND_ENV, "1");
+    // SAFETY: setsid, prctl, getppid and the signal mask calls are async-signal-safe and touch
+    // no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The signals this process holds for forwarding must reach the runner itself.
+            unblock_all_signals()?;
+            if libc::setsid() < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The client died before the death signal was armed: there is nobody to run for.
+            if u32::try_from(libc::getppid()).ok() != Some(client) {
+                return Err(io::Error::other("the client exited"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::System("cannot start the runner".into(), e))?;
+    let status = wait_forwarding(&mut child)
+        .map_err(|e| Error::System("waiting for the runner".into(), e))?;
+    // The runner recorded the exit (or removed the record with --rm); should it have died
+    // without doing so, the guard does it now.
+    guard.refresh();
+    let name = guard.record().name.clone();
+    drop(guard);
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => Ok(code),
+        (None, Some(sig)) => Err(CommandExit(
+            128 + sig,
+            format!("the runner of {name} was killed by signal {sig}"),
+        )
+        .into()),
+        (None, None) => Ok(EXIT_FAILURE),
+    }
+}
+
+/// Waits for `child`, forwarding the signals the caller blocked
+/// (`guest_agent::runtime::FORWARDED_SIGNALS`) to it as they come.
+fn wait_forwarding(child: &mut std::process::Child) -> io::Result<std::process::ExitStatus> {
+    let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+    let set = forwarded_set();
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: `set` and `tick` are valid; the siginfo is not needed.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
+        if sig > 0 {
+            log::debug!("forwarding signal {sig} to the runner");
+            // SAFETY: kill has no memory preconditions; `pid` is our unreaped child.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+/// Empties this thread's signal mask (a child inherits its parent's across fork and exec).
+/// Async-signal-safe.
+fn unblock_all_signals() -> io::Result<()> {
+    // SAFETY: sigemptyset initialises `set`; pthread_sigmask reads it and changes only this
+    // thread's mask.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in guest_agent::runtime::FORWARDED_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        // A terminal's size changes, for a runner with `-t` (blocked only then: unblocked, the
+        // default disposition drops them).
+        libc::sigaddset(&mut set, libc::SIGWINCH);
+        set
+    }
 }
 
 /// The runner's last error line (it printed `mvm: ...`) as this process's error; earlier lines
@@ -217,7 +354,7 @@ impl RunGuard {
 
     /// Rereads the record another process (the runner) may have changed; forgets it if that
     /// process removed it.
-    fn refresh(&mut self) {
+    pub(crate) fn refresh(&mut self) {
         match self.store.load(&self.record.id) {
             Ok(r) => self.record = r,
             Err(_) => self.released = true,
@@ -232,6 +369,11 @@ impl RunGuard {
     /// The container's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The state store the record is in.
+    pub fn store(&self) -> &StateStore {
+        &self.store
     }
 
     /// The record as last saved.
@@ -284,6 +426,13 @@ impl RunGuard {
             .load(&self.record.id)
             .map_or(true, |r| r.stopped_by_user);
         stopped || signalled(self.record.isolation)
+    }
+
+    /// Records a microVM's VMM process and its cgroup.
+    pub fn vmm(&mut self, pid: i32, cgroup_dirs: Vec<PathBuf>) -> Result<(), StateError> {
+        self.record.vmm_pid = Some(pid);
+        self.record.vmm_cgroup_dirs = cgroup_dirs;
+        self.store.save(&self.record)
     }
 
     /// Records where the container's cgroup is (so `mvm exec` can join it).

@@ -3,6 +3,7 @@
 //! runner reads the same spec back from the container's directory (`spec.json`), with the image
 //! digest the parent resolved.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use rootfs_builder::reference::Reference;
 use serde::{Deserialize, Serialize};
 use vmm::virtio_devices::NetworkMode;
 
+use crate::confine::VmmSecurity;
 use crate::dns::Dns;
 use crate::error::{bad_input, Error};
 use crate::logs::LogOptions;
@@ -24,7 +26,9 @@ use crate::portfwd::PortMapping;
 pub use crate::restart::RestartPolicy;
 use crate::state;
 pub use crate::state::Isolation;
-use crate::units::format_size;
+use crate::units::{format_size, parse_size};
+use devices::virtio::block::BlockLimits;
+use devices::virtio::rate_limiter::Limit;
 
 /// Guest memory of a VM without a memory limit.
 pub const DEFAULT_VM_MEMORY: u64 = 256 << 20;
@@ -220,6 +224,122 @@ pub struct RunSpec {
     /// from its host path and needs nothing.
     #[serde(default)]
     pub mount_agent: bool,
+    /// How the VMM process is confined (`--security-opt vmm-...`; `--isolation vm`).
+    #[serde(default)]
+    pub vmm: VmmSecurity,
+    /// Rate limits of the VM's disks and network (`--device-read-bps` and friends,
+    /// `--network-rate`; `--isolation vm`).
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+    /// Boot the guest kernel instead of restoring the VM's template, and make none
+    /// (`--isolation vm`).
+    #[serde(default)]
+    pub cold: bool,
+}
+
+/// The rate limits of a VM's devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Per guest disk (`vda` is the image, `vdb`... the volumes in order).
+    #[serde(default)]
+    pub disks: BTreeMap<String, BlockLimits>,
+    /// The network, each direction.
+    #[serde(default)]
+    pub network: Limit,
+}
+
+/// Which limit a `--device-...` flag sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceLimit {
+    /// `--device-read-bps`.
+    ReadBps,
+    /// `--device-write-bps`.
+    WriteBps,
+    /// `--device-read-iops`.
+    ReadIops,
+    /// `--device-write-iops`.
+    WriteIops,
+}
+
+impl RateLimits {
+    /// Applies one `--device-read-bps` (and friends) value: `DEVICE:RATE`, where DEVICE is the
+    /// guest's disk (`/dev/vda` or `vda`; the image is vda, volumes follow) and RATE a size per
+    /// second (`1mb`, `512k`) or, for iops, a number.
+    pub fn apply_device(&mut self, which: DeviceLimit, text: &str) -> Result<(), Error> {
+        let flag = match which {
+            DeviceLimit::ReadBps => "--device-read-bps",
+            DeviceLimit::WriteBps => "--device-write-bps",
+            DeviceLimit::ReadIops => "--device-read-iops",
+            DeviceLimit::WriteIops => "--device-write-iops",
+        };
+        let bad = |why: &str| bad_input(format!("{flag} {text}: {why}"));
+        let (dev, rate) = text
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected DEVICE:RATE, e.g. /dev/vda:1mb"))?;
+        let dev = dev.strip_prefix("/dev/").unwrap_or(dev);
+        let valid =
+            dev.len() == 3 && dev.starts_with("vd") && dev.as_bytes()[2].is_ascii_lowercase();
+        if !valid {
+            return Err(bad(
+                "DEVICE is a guest disk: /dev/vda (the image), /dev/vdb... (volumes)",
+            ));
+        }
+        let value = match which {
+            DeviceLimit::ReadBps | DeviceLimit::WriteBps => {
+                parse_size(rate).map_err(|e| bad(&e.to_string()))?
+            }
+            DeviceLimit::ReadIops | DeviceLimit::WriteIops => rate
+                .parse()
+                .map_err(|_| bad("RATE is a number of operations per second"))?,
+        };
+        if value == 0 {
+            return Err(bad("the rate must be at least 1"));
+        }
+        let limits = self.disks.entry(dev.to_string()).or_default();
+        match which {
+            DeviceLimit::ReadBps => limits.read.bytes_per_sec = Some(value),
+            DeviceLimit::WriteBps => limits.write.bytes_per_sec = Some(value),
+            DeviceLimit::ReadIops => limits.read.ops_per_sec = Some(value),
+            DeviceLimit::WriteIops => limits.write.ops_per_sec = Some(value),
+        }
+        Ok(())
+    }
+
+    /// Applies `--network-rate BYTES[:PACKETS]`: bytes (a size) and optionally packets per
+    /// second, each direction.
+    pub fn apply_network(&mut self, text: &str) -> Result<(), Error> {
+        let bad = |why: &str| bad_input(format!("--network-rate {text}: {why}"));
+        let (bytes, packets) = match text.split_once(':') {
+            Some((b, p)) => (b, Some(p)),
+            None => (text, None),
+        };
+        let bytes = parse_size(bytes).map_err(|e| bad(&e.to_string()))?;
+        let packets = packets
+            .map(|p| {
+                p.parse::<u64>()
+                    .map_err(|_| bad("PACKETS is a number per second"))
+            })
+            .transpose()?;
+        if bytes == 0 || packets == Some(0) {
+            return Err(bad("the rate must be at least 1"));
+        }
+        self.network = Limit {
+            bytes_per_sec: Some(bytes),
+            ops_per_sec: packets,
+        };
+        Ok(())
+    }
+
+    /// The limits of guest disk `dev` (`vda`, ...).
+    pub fn disk(&self, dev: &str) -> BlockLimits {
+        self.disks.get(dev).copied().unwrap_or_default()
+    }
+
+    /// Whether anything is limited.
+    pub fn any(&self) -> bool {
+        !self.disks.is_empty() || self.network.is_set()
+    }
 }
 
 impl RunSpec {
@@ -248,6 +368,9 @@ impl RunSpec {
             kernel: None,
             kernel_args: None,
             mount_agent: false,
+            vmm: VmmSecurity::default(),
+            rate_limits: RateLimits::default(),
+            cold: false,
         }
     }
 
@@ -313,6 +436,10 @@ impl RunSpec {
         }
         match self.isolation {
             Isolation::Vm => self.validate_vm(root),
+            _ if self.rate_limits.any() => Err(bad_input(
+                "--device-read-bps, --device-write-bps, --device-read-iops, --device-write-iops \
+                 and --network-rate limit a VM's devices (--isolation vm)",
+            )),
             Isolation::Container => match &self.network {
                 None | Some(Network::None | Network::Host) => Ok(()),
                 Some(other) => Err(bad_input(format!(
@@ -398,7 +525,19 @@ impl RunSpec {
         if let Some(ip) = self.dns.servers.iter().find(|ip| ip.is_loopback()) {
             if user_network {
                 return Err(bad_input(format!(
-                    "--dns {ip}: with --network user passt forwards queries from the host, and not                      to a loopback address: give one the host reaches on an interface"
+                    "--dns {ip}: with --network user the guest reaches resolvers through passt \
+                     from the host, not on a loopback address: give one the host reaches on an \
+                     interface"
+                )));
+            }
+        }
+        for dev in self.rate_limits.disks.keys() {
+            let index = usize::from(dev.as_bytes()[2].saturating_sub(b'a'));
+            if index > self.volumes.len() {
+                return Err(bad_input(format!(
+                    "a rate limit for /dev/{dev}: the VM has {} disk(s), /dev/vda to /dev/vd{}",
+                    self.volumes.len() + 1,
+                    char::from(b'a' + u8::try_from(self.volumes.len()).unwrap_or(0))
                 )));
             }
         }
@@ -490,6 +629,9 @@ mod tests {
             kernel: Some(dir.join("vmlinux")),
             kernel_args: Some("mvm.log=debug".into()),
             mount_agent: true,
+            vmm: VmmSecurity::default(),
+            rate_limits: RateLimits::default(),
+            cold: true,
         }
     }
 
@@ -582,6 +724,52 @@ mod tests {
             assert_eq!(text.parse::<Network>().unwrap().to_string(), text);
         }
         assert!("bogus".parse::<Network>().unwrap_err().is_bad_input());
+    }
+
+    #[test]
+    fn rate_limit_flags_parse_like_dockers_and_name_a_disk_the_vm_has() {
+        let mut r = RateLimits::default();
+        r.apply_device(DeviceLimit::ReadBps, "/dev/vda:1mb")
+            .unwrap();
+        r.apply_device(DeviceLimit::WriteIops, "vdb:200").unwrap();
+        r.apply_network("512k:1000").unwrap();
+        assert_eq!(r.disk("vda").read.bytes_per_sec, Some(1 << 20));
+        assert_eq!(r.disk("vdb").write.ops_per_sec, Some(200));
+        assert_eq!(r.disk("vdc"), BlockLimits::default());
+        assert_eq!(
+            (r.network.bytes_per_sec, r.network.ops_per_sec),
+            (Some(512 << 10), Some(1000))
+        );
+        for bad in ["1mb", "/dev/sda:1mb", "vda:0", "vda:fast", "/dev/vda1:1mb"] {
+            let e = r.apply_device(DeviceLimit::ReadBps, bad).unwrap_err();
+            assert!(
+                e.is_bad_input() && e.to_string().starts_with("--device-read-bps"),
+                "{e}"
+            );
+        }
+        assert!(r.apply_device(DeviceLimit::ReadIops, "vda:1k").is_err());
+        assert!(r.apply_network("0").is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("vmlinux"), b"\x7fELF").unwrap();
+        let mut spec = RunSpec::new(Source::Rootfs { path: "/".into() });
+        spec.kernel = Some(root.join("vmlinux"));
+        spec.rate_limits = r.clone();
+        let e = spec.validate(root).unwrap_err();
+        assert!(e.to_string().contains("/dev/vdb"), "{e}");
+        spec.volumes.push(BindMount {
+            source: root.to_path_buf(),
+            target: "/data".into(),
+            readonly: false,
+        });
+        spec.validate(root).unwrap();
+        spec.isolation = Isolation::Container;
+        assert!(spec
+            .validate(root)
+            .unwrap_err()
+            .to_string()
+            .contains("--isolation vm"));
     }
 
     #[test]

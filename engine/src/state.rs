@@ -167,6 +167,15 @@ pub struct ContainerRecord {
     /// `mvm stop` (or `rm -f`) ended it: the runner does not restart it.
     #[serde(default)]
     pub stopped_by_user: bool,
+    /// The VMM process of a microVM (a child of the runner `pid`, in its own pid namespace).
+    #[serde(default)]
+    pub vmm_pid: Option<i32>,
+    /// The VMM's cgroup directories (`mvm stats`; removed by `rm` when the runner died first).
+    #[serde(default)]
+    pub vmm_cgroup_dirs: Vec<PathBuf>,
+    /// The VM's vCPUs are stopped (`mvm pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl ContainerRecord {
@@ -199,6 +208,9 @@ impl ContainerRecord {
             taps: Vec::new(),
             restart_count: 0,
             stopped_by_user: false,
+            vmm_pid: None,
+            vmm_cgroup_dirs: Vec::new(),
+            paused: false,
         }
     }
 

@@ -58,6 +58,11 @@ pub struct BootParams {
     pub volumes: Vec<VolumeParam>,
     /// `mvm.log=`: the agent's log level (`error`, `warn`, `info`, `debug`, `trace`).
     pub log: Option<String>,
+    /// `mvm.template=1`: the guest boots to be saved as a template. The agent mounts nothing
+    /// and configures no network at boot: it waits for [`crate::protocol::Request::Setup`],
+    /// which carries the parameters of the run (each VM restored from the template gets its
+    /// own).
+    pub template: bool,
 }
 
 /// One `mvm.volume=<dev>[:ro]`.
@@ -98,6 +103,9 @@ impl BootParams {
         if let Some(level) = &self.log {
             words.push(format!("mvm.log={level}"));
         }
+        if self.template {
+            words.push("mvm.template=1".to_string());
+        }
         words.join(" ")
     }
 
@@ -131,6 +139,7 @@ impl BootParams {
                     });
                 }
                 "log" => p.log = Some(value.clone()),
+                "template" => p.template = value == "1",
                 _ => {}
             }
         }
@@ -232,12 +241,14 @@ mod tests {
                 },
             ],
             log: Some("debug".into()),
+            template: true,
         };
         let line = params.to_cmdline();
         assert_eq!(
             line,
             "mvm.rootfs=/dev/vda mvm.port=1024 mvm.ports=80,8443 \
-             mvm.net=eth0,192.0.2.2/24,192.0.2.1 mvm.volume=vdb mvm.volume=vdc:ro mvm.log=debug"
+             mvm.net=eth0,192.0.2.2/24,192.0.2.1 mvm.volume=vdb mvm.volume=vdc:ro mvm.log=debug \
+             mvm.template=1"
         );
         // Among the kernel's own words, as the agent reads them from /proc/cmdline.
         let cmdline = format!("console=ttyS0 quiet {line} mvm.unknown=1 panic=1\n");

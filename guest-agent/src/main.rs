@@ -12,11 +12,10 @@
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
-use guest_agent::agent::init;
 use guest_agent::agent::portfwd::PortForwarder;
 use guest_agent::agent::server::{Agent, Listener};
 use guest_agent::agent::vsock::VsockListener;
-use guest_agent::guest::{ROOTFS_DIR, VOLUMES_DIR};
+use guest_agent::agent::{init, restored};
 use guest_agent::logger;
 
 fn main() {
@@ -66,29 +65,18 @@ fn guest_main() -> Result<(), String> {
     if let Err(e) = init::interface_up("lo") {
         eprintln!("mvm-agent: {e}");
     }
-    if let Some(dev) = &params.rootfs {
-        init::mount(dev, ROOTFS_DIR, "ext4", libc::MS_RDONLY, None)
-            .map_err(|e| format!("{e} ({dev})"))?;
-    }
-    for volume in &params.volumes {
-        let dev = &volume.dev;
-        let target = format!("{VOLUMES_DIR}/{dev}");
-        std::fs::create_dir_all(&target).map_err(|e| format!("cannot create {target}: {e}"))?;
-        let flags = if volume.readonly { libc::MS_RDONLY } else { 0 };
-        init::mount(&format!("/dev/{dev}"), &target, "ext4", flags, None)
-            .map_err(|e| format!("{e} (volume {dev})"))?;
-    }
-    if let Some(net) = &params.net {
-        if let Err(e) = init::configure_ipv4(net) {
-            let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
-            eprintln!("mvm-agent: {e}{why}");
-        }
+    if !params.template {
+        restored::apply(&params, false)?;
     }
     let port = params.agent_port();
     let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
     let mut agent = Agent::new();
     agent.reap_orphans();
-    if !params.ports.is_empty() {
+    if params.template {
+        // Saved as a template from here on: the run's disks, network and ports come with the
+        // setup request of each VM restored from it.
+        agent.await_setup(Box::new(restored::setup));
+    } else if !params.ports.is_empty() {
         agent.publish(PortForwarder::bind(&params.ports));
     }
     eprintln!("mvm-agent: ready on vsock port {port}");

@@ -316,6 +316,29 @@ pub enum Request {
     },
     /// Stops every container and powers the VM off (on the host: stops the agent).
     Shutdown,
+    /// The run's own parameters, for a guest booted as a template (`mvm.template=1`) and
+    /// restored: sent once, first thing after the hello, before any container exists.
+    Setup(Box<Setup>),
+}
+
+/// What a VM restored from a template is told about its run (see [`Request::Setup`]). It is
+/// also how the agent learns it was restored: it mounted nothing before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    /// The run's boot parameters, as `mvm.` words ([`crate::guest::BootParams::to_cmdline`]):
+    /// the root disk, volumes, network, published ports.
+    pub boot: String,
+    /// 64 fresh random bytes from the host, hex: the guest's RNG is reseeded with them so
+    /// two VMs restored from one template never share randomness.
+    pub seed: String,
+    /// The host's wall clock, nanoseconds since the epoch: the guest clock stood still in the
+    /// template.
+    pub time_ns: u64,
+    /// The guest interface's new MAC address (the template's was another run's), if it has a
+    /// network.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Agent to client, one per request.
@@ -538,6 +561,18 @@ mod tests {
         };
         let json = serde_json::to_string(&top).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), top);
+    }
+
+    #[test]
+    fn setup_round_trips_as_json() {
+        let req = Request::Setup(Box::new(Setup {
+            boot: "mvm.rootfs=/dev/vda mvm.ports=80".into(),
+            seed: "00ff".repeat(32),
+            time_ns: 1_700_000_000_000_000_000,
+            mac: Some([2, 1, 2, 3, 4, 5]),
+        }));
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
     }
 
     #[test]

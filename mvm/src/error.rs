@@ -31,10 +31,15 @@ pub fn report(result: anyhow::Result<i32>) -> i32 {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("mvm: {err:#}");
-            if let Some(engine::CommandExit(code, _)) = err.downcast_ref::<engine::CommandExit>() {
+            // An exit with no message: whoever ended it (the VMM process) said why already.
+            if let Some(engine::CommandExit(code, msg)) = err.downcast_ref::<engine::CommandExit>()
+            {
+                if !msg.is_empty() {
+                    eprintln!("mvm: {err:#}");
+                }
                 return *code;
             }
+            eprintln!("mvm: {err:#}");
             if let Some(e) = err.downcast_ref::<engine::Error>() {
                 return e.exit_code();
             }

@@ -38,5 +38,25 @@ pub fn run(_args: &InfoArgs) -> anyhow::Result<i32> {
     if let Some(mem) = host::mem_total() {
         outln!("host memory: {} MiB", mem >> 20);
     }
+    // The VMM's seccomp filters (vmm/src/seccomp/filters.rs), one per kind of thread.
+    let filters = vmm::seccomp::Filters::compile()?;
+    let sizes: Vec<String> = filters
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} syscalls/{} instructions",
+                f.kind().name(),
+                f.syscalls(),
+                f.instructions()
+            )
+        })
+        .collect();
+    outln!("vmm seccomp filters: {}", sizes.join(", "));
+    outln!(
+        "vmm jail: user, pid, mount and ipc namespaces; its own user (uids from {}); no \
+         capabilities; no_new_privs; --security-opt vmm-seccomp=off and vmm-jail=off are for \
+         debugging only",
+        engine::confine::DEFAULT_UID_BASE
+    );
     Ok(0)
 }

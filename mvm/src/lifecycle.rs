@@ -89,6 +89,14 @@ pub struct StopArgs {
     pub name: String,
 }
 
+/// Flags of `mvm pause` and `mvm unpause`.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Container names or ids (VM containers).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
 /// Flags of `mvm kill`.
 #[derive(Debug, Args)]
 pub struct KillArgs {
@@ -280,7 +288,12 @@ fn status_text(r: &ContainerRecord, now: u64) -> String {
         (Status::Created, _) => "Created".into(),
         (Status::Running, _) => {
             let since = r.started.unwrap_or(r.created);
-            format!("Up {}", human_duration(now.saturating_sub(since)))
+            let up = format!("Up {}", human_duration(now.saturating_sub(since)));
+            if r.paused {
+                format!("{up} (Paused)")
+            } else {
+                up
+            }
         }
         (Status::Restarting, code) => ended("Restarting", code),
         (Status::Exited, code) => ended("Exited", code),
@@ -290,6 +303,7 @@ fn status_text(r: &ContainerRecord, now: u64) -> String {
 fn state_text(r: &ContainerRecord) -> &'static str {
     match r.live_status() {
         Status::Created => "created",
+        Status::Running if r.paused => "paused",
         Status::Running => "running",
         Status::Restarting => "restarting",
         Status::Exited => "exited",
@@ -402,6 +416,15 @@ pub fn exec(root: &Path, args: &ExecArgs) -> anyhow::Result<i32> {
 pub fn stop(root: &Path, args: &StopArgs) -> anyhow::Result<i32> {
     lifecycle::stop(root, &args.name, Duration::from_secs(args.time)).map_err(from_engine)?;
     outln!("{}", args.name);
+    Ok(0)
+}
+
+/// `mvm pause` (`paused`) and `mvm unpause`: stops or resumes each container's vCPUs.
+pub fn pause(root: &Path, args: &PauseArgs, paused: bool) -> anyhow::Result<i32> {
+    for name in &args.names {
+        lifecycle::pause(root, name, paused).map_err(from_engine)?;
+        outln!("{name}");
+    }
     Ok(0)
 }
 

@@ -26,6 +26,7 @@ mod info;
 mod lifecycle;
 mod run;
 mod stats;
+mod template;
 mod version;
 
 /// mvm runs OCI container images inside lightweight KVM virtual machines.
@@ -45,7 +46,7 @@ enum Command {
     /// Print mvm's version and the versions of its parts.
     Version(version::VersionArgs),
     /// Boot a guest kernel directly in a microVM and wait until it ends.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
     /// Show what this host's KVM offers.
     Info(info::InfoArgs),
     /// Build an example OCI image (busybox or nginx) from Debian packages.
@@ -75,6 +76,10 @@ enum Command {
     Stop(lifecycle::StopArgs),
     /// Send a signal to a container.
     Kill(lifecycle::KillArgs),
+    /// Pause VM containers: their vCPUs stop, their memory and devices stay.
+    Pause(lifecycle::PauseArgs),
+    /// Let paused VM containers run again.
+    Unpause(lifecycle::PauseArgs),
     /// Remove a container (-f: stop it first).
     Rm(lifecycle::RmArgs),
     /// Print a container's record as JSON.
@@ -93,6 +98,8 @@ enum Command {
     Port(lifecycle::PortArgs),
     /// Give a container a new name.
     Rename(lifecycle::RenameArgs),
+    /// List or remove VM templates (saved guests that later runs restore instead of booting).
+    Template(template::TemplateArgs),
 }
 
 fn main() {
@@ -101,10 +108,27 @@ fn main() {
 
 /// Parses the command line, runs the command and returns the process exit code.
 fn run_main() -> i32 {
-    // The background runner of `run -d` (see `engine::runner`): no command line to parse.
-    if let Some(dir) = engine::runner::requested() {
+    // A VMM process started by its supervisor (see `engine::confine`).
+    if let Some(request) = engine::confine::vmm_request() {
         init_logging();
-        return report(engine::run::resume(&dir).map_err(from_engine));
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return report(Err(e.into())),
+        };
+        return match request.kind.as_str() {
+            "run" => report(engine::run::vmm_main(&request).map_err(from_engine)),
+            "boot" => report(boot::vmm_main(&request)),
+            engine::run::TEMPLATE_JOB => {
+                report(engine::run::template_vmm_main(&request).map_err(from_engine))
+            }
+            other => report(Err(anyhow::anyhow!("unknown VMM job {other:?}"))),
+        };
+    }
+    // The runner of a microVM or of `run -d` (see `engine::runner`): no command line to parse.
+    if let Some(runner) = engine::runner::requested() {
+        init_logging();
+        let exit = engine::run::resume(&runner.dir, runner.foreground).map_err(from_engine);
+        return report(exit.map(|e| run::report_exit(&e, None)));
     }
     // One run of `mvm compare` (see `engine::compare`): likewise.
     if let Some(file) = engine::compare::requested() {
@@ -129,7 +153,7 @@ fn run_main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Version(args) => version::run(&args),
-        Command::Boot(args) => boot::run(&args),
+        Command::Boot(args) => boot::run(&root_dir(cli.root), &args),
         Command::Info(args) => info::run(&args),
         Command::BuildExample(args) => example::run(&args, cli.root),
         Command::Run(args) => run::run(&root_dir(cli.root), &args),
@@ -144,6 +168,8 @@ fn run_main() -> i32 {
         Command::Exec(args) => lifecycle::exec(&root_dir(cli.root), &args),
         Command::Stop(args) => lifecycle::stop(&root_dir(cli.root), &args),
         Command::Kill(args) => lifecycle::kill(&root_dir(cli.root), &args),
+        Command::Pause(args) => lifecycle::pause(&root_dir(cli.root), &args, true),
+        Command::Unpause(args) => lifecycle::pause(&root_dir(cli.root), &args, false),
         Command::Rm(args) => lifecycle::rm(&root_dir(cli.root), &args),
         Command::Inspect(args) => lifecycle::inspect(&root_dir(cli.root), &args),
         Command::Attach(args) => lifecycle::attach(&root_dir(cli.root), &args),
@@ -153,6 +179,7 @@ fn run_main() -> i32 {
         Command::Wait(args) => lifecycle::wait(&root_dir(cli.root), &args),
         Command::Port(args) => lifecycle::port(&root_dir(cli.root), &args),
         Command::Rename(args) => lifecycle::rename(&root_dir(cli.root), &args),
+        Command::Template(args) => template::run(&root_dir(cli.root), &args),
     };
     report(result)
 }

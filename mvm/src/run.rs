@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use engine::confine::VmmSecurity;
 use engine::dns::{Dns, HostEntry};
 use engine::logs::LogOptions;
-use engine::spec::{self, Isolation, Network, RunSpec, Source};
+use engine::spec::{self, DeviceLimit, Isolation, Network, RateLimits, RunSpec, Source};
 use engine::units::{format_size, parse_duration, parse_size};
 use engine::{Exit, RunOutcome};
 use guest_agent::runtime::command::Overrides;
@@ -120,6 +121,10 @@ pub struct RunArgs {
     /// Extra guest kernel arguments, appended to mvm's own (--isolation vm).
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub kernel_args: Option<String>,
+    /// Boot the guest kernel instead of restoring the VM's template (--isolation vm; a first
+    /// run of a shape boots cold and saves its template, later runs restore it).
+    #[arg(long)]
+    pub cold: bool,
     /// Publish a guest port on the host: [IP:]HOSTPORT:GUESTPORT[/tcp] (--isolation vm).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     pub publish: Vec<String>,
@@ -128,9 +133,27 @@ pub struct RunArgs {
     #[arg(short = 'v', long = "volume", value_name = "HOST:PATH[:ro]")]
     pub volumes: Vec<String>,
     /// Security option: seccomp=unconfined, seccomp=PROFILE.json (docker's format), or
-    /// no-new-privileges[=true|false] (default false, as docker).
+    /// no-new-privileges[=true|false] (default false, as docker), for the container; for a VM's
+    /// VMM process: vmm-seccomp=off, vmm-jail=off (both for debugging only), vmm-user=UID[:GID]
+    /// or vmm-user=range[:BASE:SIZE] (its own user from a range, the default).
     #[arg(long = "security-opt", value_name = "OPT")]
     pub security_opt: Vec<String>,
+    /// Limit reads from a VM's disk: DEVICE:RATE, e.g. /dev/vda:10mb (vda is the image, vdb...
+    /// the volumes).
+    #[arg(long = "device-read-bps", value_name = "DEVICE:RATE")]
+    pub device_read_bps: Vec<String>,
+    /// Limit writes to a VM's disk: DEVICE:RATE, e.g. /dev/vdb:10mb.
+    #[arg(long = "device-write-bps", value_name = "DEVICE:RATE")]
+    pub device_write_bps: Vec<String>,
+    /// Limit read requests on a VM's disk: DEVICE:N per second, e.g. /dev/vda:1000.
+    #[arg(long = "device-read-iops", value_name = "DEVICE:N")]
+    pub device_read_iops: Vec<String>,
+    /// Limit write requests on a VM's disk: DEVICE:N per second.
+    #[arg(long = "device-write-iops", value_name = "DEVICE:N")]
+    pub device_write_iops: Vec<String>,
+    /// Limit a VM's network, each direction: BYTES[:PACKETS] per second, e.g. 1mb or 1mb:1000.
+    #[arg(long = "network-rate", value_name = "RATE")]
+    pub network_rate: Option<String>,
     /// Add a capability to docker's default set (e.g. NET_ADMIN; ALL for every one).
     #[arg(long = "cap-add", value_name = "CAP")]
     pub cap_add: Vec<String>,
@@ -227,6 +250,8 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
             .map(|v| spec::parse_volume(v).map_err(engine_err))
             .collect::<anyhow::Result<_>>()?,
         security: security(args)?,
+        vmm: vmm_security(args)?,
+        rate_limits: rate_limits(args)?,
         timeout: args
             .timeout
             .as_deref()
@@ -249,6 +274,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         kernel: args.kernel.clone(),
         kernel_args: args.kernel_args.clone(),
         mount_agent: false,
+        cold: args.cold,
     })
 }
 
@@ -276,7 +302,7 @@ fn security(args: &RunArgs) -> anyhow::Result<Security> {
         cap_drop: args.cap_drop.clone(),
         ..Security::default()
     };
-    for opt in &args.security_opt {
+    for opt in args.security_opt.iter().filter(|o| !o.starts_with("vmm-")) {
         s.apply_opt(opt).map_err(|e| bad_input(e.to_string()))?;
     }
     s.userns = match args.userns.as_deref() {
@@ -284,6 +310,34 @@ fn security(args: &RunArgs) -> anyhow::Result<Security> {
         Some(mode) => IdMapping::parse(mode).map_err(|e| bad_input(e.to_string()))?,
     };
     Ok(s)
+}
+
+/// The VMM's `--security-opt vmm-...` values.
+fn vmm_security(args: &RunArgs) -> anyhow::Result<VmmSecurity> {
+    let mut s = VmmSecurity::default();
+    for opt in &args.security_opt {
+        s.apply_opt(opt).map_err(|e| bad_input(e.to_string()))?;
+    }
+    Ok(s)
+}
+
+/// The `--device-...` and `--network-rate` flags.
+fn rate_limits(args: &RunArgs) -> anyhow::Result<RateLimits> {
+    let mut r = RateLimits::default();
+    for (which, values) in [
+        (DeviceLimit::ReadBps, &args.device_read_bps),
+        (DeviceLimit::WriteBps, &args.device_write_bps),
+        (DeviceLimit::ReadIops, &args.device_read_iops),
+        (DeviceLimit::WriteIops, &args.device_write_iops),
+    ] {
+        for v in values {
+            r.apply_device(which, v).map_err(from_engine)?;
+        }
+    }
+    if let Some(rate) = &args.network_rate {
+        r.apply_network(rate).map_err(from_engine)?;
+    }
+    Ok(r)
 }
 
 /// Runs `mvm run`; returns the command's exit code (0 after `-d`, with the id printed).
@@ -300,21 +354,20 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<i32> {
             outln!("{id}");
             Ok(0)
         }
-        RunOutcome::Exited(Exit {
-            name,
-            code,
-            oom_killed,
-        }) => {
-            if oom_killed {
-                let limit =
-                    memory_limit.map_or(String::new(), |m| format!(" (limit {})", format_size(m)));
-                eprintln!(
-                    "mvm: container {name}: a process was killed for running out of memory{limit}"
-                );
-            }
-            Ok(code)
-        }
+        RunOutcome::Exited(exit) => Ok(report_exit(&exit, memory_limit)),
     }
+}
+
+/// How a run ended, for the user: a line when the OOM killer struck; returns the exit code.
+pub fn report_exit(exit: &Exit, memory_limit: Option<u64>) -> i32 {
+    if exit.oom_killed {
+        let limit = memory_limit.map_or(String::new(), |m| format!(" (limit {})", format_size(m)));
+        eprintln!(
+            "mvm: container {}: a process was killed for running out of memory{limit}",
+            exit.name
+        );
+    }
+    exit.code
 }
 
 #[cfg(test)]

@@ -13,10 +13,9 @@
 //! ```
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::SerialDevice;
@@ -34,7 +33,10 @@ use crate::device_manager::{
 use crate::event_loop::{self, ConsoleInput};
 use crate::exit::{ExitState, PanicWatcher, VmExit, VmHandle};
 use crate::mptable::{self, MptableError};
-use crate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::take::{SnapshotPoint, VmController};
+use crate::snapshot::{self, SnapshotError, SnapshotState};
+use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
 /// Builds, starts and runs a VM with no extra devices until it ends.
@@ -78,6 +80,9 @@ pub enum BuildError {
     /// A vCPU thread could not be started, or an eventfd created.
     #[error("cannot start the VM")]
     Io(#[source] std::io::Error),
+    /// The snapshot cannot be restored.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[source] SnapshotError),
 }
 
 impl BuildError {
@@ -87,17 +92,26 @@ impl BuildError {
             BuildError::Config(_) | BuildError::SerialOut(..) => true,
             BuildError::Loader(e) => !matches!(e, LoaderError::Memory(..)),
             BuildError::Devices(DeviceManagerError::Cmdline(_)) => true,
+            BuildError::Snapshot(e) => e.is_bad_input(),
             _ => false,
         }
     }
+}
+
+/// How a VM starts: booting a kernel, or where a snapshot left it.
+enum Start {
+    Boot {
+        kernel: LoadedKernel,
+        initrd: Option<(u64, u64)>,
+    },
+    Restore(Box<SnapshotState>),
 }
 
 /// A VM that is created but not yet running: attach devices, then [`VmBuilder::start`].
 pub struct VmBuilder {
     config: VmConfig,
     vm: Vm,
-    kernel: LoadedKernel,
-    initrd: Option<(u64, u64)>,
+    start: Start,
     devices: DeviceManager,
     exit: Arc<ExitState>,
 }
@@ -166,8 +180,44 @@ impl VmBuilder {
         Ok(Self {
             config,
             vm,
-            kernel,
-            initrd,
+            start: Start::Boot { kernel, initrd },
+            devices,
+            exit,
+        })
+    }
+
+    /// A VM that continues where the snapshot in directory `dir` left its VM, with the serial
+    /// console written to `console`. The snapshot is checked first (format, version, checksums,
+    /// CPU); its memory file is mapped privately (shared with every other VM restored from
+    /// it). Attach the same devices as the saved VM had, in the same order (their backends may
+    /// differ), then [`VmBuilder::start`] restores them and the vCPUs.
+    pub fn restore(dir: &Path, console: Box<dyn Write + Send>) -> Result<Self, BuildError> {
+        let kvm = Vm::open_kvm().map_err(BuildError::Vm)?;
+        let state = SnapshotState::read(dir).map_err(BuildError::Snapshot)?;
+        state.check_host(&kvm).map_err(BuildError::Snapshot)?;
+        let limits = HostLimits::probe(&kvm);
+        if state.machine.vcpus > limits.max_vcpus {
+            return Err(BuildError::Config(ConfigError::TooManyVcpus(
+                state.machine.vcpus,
+                limits.max_vcpus,
+            )));
+        }
+        state.verify_memory(dir).map_err(BuildError::Snapshot)?;
+        let mem = snapshot::memory::map(&snapshot::memory_path(dir), state.memory.size)
+            .map_err(|e| BuildError::Snapshot(e.into()))?;
+        let vm = Vm::with_memory(kvm, mem, state.machine.mem_bytes).map_err(BuildError::Vm)?;
+        let mut config = VmConfig::new(dir);
+        config.mem_bytes = state.machine.mem_bytes;
+        config.vcpus = state.machine.vcpus;
+        let exit = Arc::new(ExitState::new().map_err(BuildError::Io)?);
+        let console = Box::new(PanicWatcher::new(console, exit.clone()));
+        let cmdline = loader::parse_cmdline("").map_err(BuildError::Loader)?;
+        let devices = DeviceManager::new(vm.fd().clone(), cmdline, console, exit.clone())
+            .map_err(BuildError::Devices)?;
+        Ok(Self {
+            config,
+            vm,
+            start: Start::Restore(Box::new(state)),
             devices,
             exit,
         })
@@ -210,25 +260,16 @@ impl VmBuilder {
         &self.config
     }
 
-    /// Writes the boot structures, creates and configures the vCPUs and starts their threads.
+    /// Boots: writes the boot structures, creates and configures the vCPUs. Restores: checks
+    /// the devices against the snapshot's, puts back the vCPUs, the VM's interrupt controllers,
+    /// PIT and clock, then the devices. Then starts the vCPU threads.
     pub fn start(self) -> Result<RunningVm, BuildError> {
+        let handles = self.devices.handles();
         let serial = self.devices.serial().clone();
         let (pio, mmio, cmdline, mut em) = self.devices.into_parts();
         let mem = self.vm.memory();
-        let cmdline_len = loader::write_cmdline(mem, &cmdline).map_err(BuildError::Loader)?;
-        log::debug!(
-            "kernel command line: {:?}",
-            cmdline.as_cstring().unwrap_or_default()
-        );
-        let params =
-            loader::build_boot_params(&self.kernel, cmdline_len, self.initrd, self.vm.mem_size());
-        loader::write_boot_params(mem, &params).map_err(BuildError::Loader)?;
-        mptable::setup_mptable(mem, self.config.vcpus).map_err(BuildError::Mptable)?;
-        paging::setup_page_tables(mem).map_err(BuildError::Paging)?;
-        regs::write_gdt_idt(mem).map_err(BuildError::Regs)?;
-
         let virt = crate::host::virtualization();
-        let template = vcpu::cpu_template(self.vm.kvm(), virt);
+        let control = Arc::new(VcpuControl::default());
         let shared = VcpuShared {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -236,42 +277,94 @@ impl VmBuilder {
             stop: Arc::new(AtomicBool::new(false)),
             mem: mem.clone(),
             hardware_virt: virt.is_hardware(),
+            control: control.clone(),
         };
         let mut vcpus = Vec::new();
-        for id in 0..self.config.vcpus {
-            let fd = self.vm.create_vcpu(id).map_err(BuildError::Vm)?;
-            vcpu::configure(
-                self.vm.kvm(),
-                &fd,
-                template,
-                id,
-                self.config.vcpus,
-                self.kernel.entry,
-            )
-            .map_err(|e| BuildError::Vcpu(id, e))?;
-            vcpus.push(Vcpu::new(id, fd, shared.clone()));
+        match &self.start {
+            Start::Boot { kernel, initrd } => {
+                let cmdline_len =
+                    loader::write_cmdline(mem, &cmdline).map_err(BuildError::Loader)?;
+                log::debug!(
+                    "kernel command line: {:?}",
+                    cmdline.as_cstring().unwrap_or_default()
+                );
+                let params =
+                    loader::build_boot_params(kernel, cmdline_len, *initrd, self.vm.mem_size());
+                loader::write_boot_params(mem, &params).map_err(BuildError::Loader)?;
+                mptable::setup_mptable(mem, self.config.vcpus).map_err(BuildError::Mptable)?;
+                paging::setup_page_tables(mem).map_err(BuildError::Paging)?;
+                regs::write_gdt_idt(mem).map_err(BuildError::Regs)?;
+                let template = vcpu::cpu_template(self.vm.kvm(), virt);
+                for id in 0..self.config.vcpus {
+                    let fd = self.vm.create_vcpu(id).map_err(BuildError::Vm)?;
+                    vcpu::configure(
+                        self.vm.kvm(),
+                        &fd,
+                        template,
+                        id,
+                        self.config.vcpus,
+                        kernel.entry,
+                    )
+                    .map_err(|e| BuildError::Vcpu(id, e))?;
+                    vcpus.push(Vcpu::new(id, fd, shared.clone()));
+                }
+            }
+            Start::Restore(state) => {
+                handles
+                    .check_layout(&state.devices)
+                    .map_err(|e| BuildError::Snapshot(e.into()))?;
+                for saved in &state.vcpus {
+                    let fd = self.vm.create_vcpu(saved.id).map_err(BuildError::Vm)?;
+                    snapshot::take::restore_vcpu(&fd, saved).map_err(BuildError::Snapshot)?;
+                    vcpus.push(Vcpu::new(saved.id, fd, shared.clone()));
+                }
+                state
+                    .vm
+                    .restore(self.vm.fd())
+                    .map_err(|e| BuildError::Snapshot(SnapshotError::Vm(e)))?;
+                handles
+                    .restore(&state.devices)
+                    .map_err(|e| BuildError::Snapshot(e.into()))?;
+            }
         }
         if self.config.serial_stdin {
             em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::stdin(serial.clone()))));
         }
+        let point = SnapshotPoint::new(&self.vm, handles, control.clone(), self.config.vcpus)
+            .map_err(BuildError::Snapshot)?;
+        let controller = point.controller();
+        em.add_subscriber(Arc::new(Mutex::new(point)));
         vcpu::install_kick_handler();
         let mut running = RunningVm {
             vm: self.vm,
             exit: self.exit,
             stop: shared.stop.clone(),
-            threads: Vec::new(),
+            control,
             em,
             serial,
+            gate: Arc::new(VcpuGate::default()),
+            held: false,
+            controller,
         };
         // From here on SIGINT/SIGTERM end the VM: the guest may print (and a user may press
         // Ctrl-C) before `wait` runs the loop; the signal then sits in the exit eventfd.
         event_loop::wake_on_signals(&running.exit);
         for vcpu in vcpus {
+            let gate = running.gate.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("vcpu{}", running.threads.len()))
+                .name(format!("vcpu{}", vcpu.id()))
                 .spawn(move || {
                     let exit = vcpu.exit_state();
                     let id = vcpu.id();
+                    // Confined before the guest runs its first instruction here.
+                    if let Err(e) = seccomp::confine(ThreadKind::Vcpu) {
+                        exit.record(VmExit::VcpuError {
+                            cpu: id,
+                            message: format!("{e}"),
+                        });
+                        return;
+                    }
+                    gate.wait();
                     // A bug in a device must end the VM with a message, not leave it hanging.
                     let run = std::panic::AssertUnwindSafe(move || vcpu.run());
                     if std::panic::catch_unwind(run).is_err() {
@@ -282,7 +375,7 @@ impl VmBuilder {
                     }
                 });
             match thread {
-                Ok(t) => running.threads.push(t),
+                Ok(t) => running.control.add_thread(t),
                 Err(e) => {
                     running.stop_vcpus();
                     return Err(BuildError::Io(e));
@@ -293,20 +386,58 @@ impl VmBuilder {
     }
 }
 
-/// A VM whose vCPUs are running; [`RunningVm::wait`] runs the event loop until it ends.
+/// Where the vCPU threads wait, confined, until the VM may run: the guest runs its first
+/// instruction only once every thread of the VMM has its seccomp filter.
+#[derive(Debug, Default)]
+struct VcpuGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl VcpuGate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Lets the vCPUs of a held VM run (see [`RunningVm::hold`]).
+#[derive(Debug, Clone)]
+pub struct VcpuRelease(Arc<VcpuGate>);
+
+impl VcpuRelease {
+    /// The guest starts running.
+    pub fn release(&self) {
+        self.0.open();
+    }
+}
+
+/// A started VM: its vCPU threads exist (each confined by its seccomp filter) and run the guest
+/// once [`RunningVm::wait`] runs the event loop, unless [`RunningVm::hold`] holds them for the
+/// caller to release.
 pub struct RunningVm {
     vm: Vm,
     exit: Arc<ExitState>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    control: Arc<VcpuControl>,
     em: VmEventManager,
     serial: Arc<Mutex<SerialDevice>>,
+    gate: Arc<VcpuGate>,
+    held: bool,
+    controller: VmController,
 }
 
 impl std::fmt::Debug for RunningVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningVm")
-            .field("vcpus", &self.threads.len())
+            .field("vcpus", &self.control.running_threads())
             .finish_non_exhaustive()
     }
 }
@@ -322,15 +453,41 @@ impl RunningVm {
         self.vm.memory()
     }
 
+    /// Pauses, resumes and snapshots the VM from other threads while [`RunningVm::wait`] runs.
+    pub fn controller(&self) -> VmController {
+        self.controller.clone()
+    }
+
     /// Runs closures on the event-loop thread from other threads (e.g. to reach a device's
     /// subscriber while the VM runs).
     pub fn remote_endpoint(&self) -> event_manager::RemoteEndpoint<Subscriber> {
         self.em.remote_endpoint()
     }
 
+    /// Keeps the vCPUs from running the guest until the returned handle releases them (the
+    /// caller confines its own threads first), rather than when [`RunningVm::wait`] starts.
+    pub fn hold(&mut self) -> VcpuRelease {
+        self.held = true;
+        VcpuRelease(self.gate.clone())
+    }
+
     /// Runs the event loop on this thread until the VM ends (guest reset, failure, SIGINT or
-    /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended.
+    /// SIGTERM, or a [`VmHandle::stop`]), stops every vCPU and returns why it ended. The thread
+    /// is confined by the device filter first (unless it already is); then the vCPUs run,
+    /// unless they are held.
     pub fn wait(mut self) -> VmExit {
+        let confined = match seccomp::current() {
+            Some(ThreadKind::Device) => Ok(()),
+            _ => seccomp::confine(ThreadKind::Device),
+        };
+        if let Err(e) = confined {
+            self.exit.record(VmExit::EventLoop(format!("{e}")));
+            self.stop_vcpus();
+            return self.exit.exit().unwrap_or(VmExit::Stopped);
+        }
+        if !self.held {
+            self.gate.open();
+        }
         let exit = event_loop::run(&mut self.em, &self.exit);
         event_loop::stop_waking_on_signals();
         self.stop_vcpus();
@@ -340,24 +497,29 @@ impl RunningVm {
         exit
     }
 
-    /// Stops all vCPU threads: sets the stop flag and kicks each thread out of KVM_RUN until
-    /// it has finished.
+    /// Stops all vCPU threads: sets the stop flag and kicks each thread out of KVM_RUN (or
+    /// wakes it where it is parked) until it has finished.
     fn stop_vcpus(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Held vCPUs see the stop flag as soon as they pass the gate.
+        self.gate.open();
+        self.control.wake();
+        let mut threads = self.control.take_threads();
         let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
         loop {
-            self.threads.retain(|t| !t.is_finished());
-            if self.threads.is_empty() {
+            threads.retain(|t| !t.is_finished());
+            if threads.is_empty() {
                 return;
             }
             if Instant::now() >= deadline {
-                log::warn!("{} vCPU thread(s) did not stop", self.threads.len());
+                log::warn!("{} vCPU thread(s) did not stop", threads.len());
                 return;
             }
-            for t in &self.threads {
+            for t in &threads {
                 // A signal that lands outside KVM_RUN is lost; the loop sends it again.
                 let _ = t.kill(vcpu::kick_signal());
             }
+            self.control.wake();
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -371,7 +533,7 @@ impl Drop for RunningVm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io;
 
     use super::*;
@@ -408,7 +570,7 @@ mod tests {
     }
 
     #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Capture(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Capture {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -548,18 +710,43 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
-    struct FakeTransport;
+    /// A device with two queues and nothing else: its transport's first byte is 'v' (magic).
+    #[derive(Debug)]
+    struct FakeDevice;
 
-    impl devices::bus::BusDevice for FakeTransport {
-        fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(0);
-            if offset == 0 {
-                if let Some(b) = data.first_mut() {
-                    *b = b'v';
-                }
-            }
+    impl devices::virtio::VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            0x42
         }
-        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn avail_features(&self) -> u64 {
+            0
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: devices::virtio::ActivateContext,
+        ) -> Result<(), devices::virtio::ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            true
+        }
+    }
+
+    fn fake_transport(mem: &GuestMemoryMmap) -> Arc<Mutex<devices::virtio::mmio::MmioTransport>> {
+        let t = devices::virtio::mmio::MmioTransport::new(
+            mem.clone(),
+            Arc::new(Mutex::new(FakeDevice)),
+        )
+        .unwrap();
+        Arc::new(Mutex::new(t))
     }
 
     struct NotifyCounter {
@@ -607,7 +794,7 @@ mod tests {
             vec![0x48, 0x89, 0x03],                   // mov [rbx], rax
             vec![0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8], // mov rax, cr3; mov cr3, rax
             mov_rbx(0xd000_0000),
-            vec![0x8a, 0x03],             // mov al, [rbx]
+            vec![0x8b, 0x03],             // mov eax, [rbx] (the magic "virt")
             vec![0x66, 0xba, 0xf8, 0x03], // mov dx, 0x3f8
             vec![0xee],                   // out dx, al
             mov_rbx(0xd000_0050),
@@ -630,7 +817,7 @@ mod tests {
         let q1 = queue_evts[1].try_clone().unwrap();
         let notified = Arc::new(AtomicBool::new(false));
         let dev = VirtioMmioDevice {
-            bus_device: Arc::new(Mutex::new(FakeTransport)),
+            transport: fake_transport(builder.guest_memory()),
             subscriber: Arc::new(Mutex::new(NotifyCounter {
                 evt: queue_evts[1].try_clone().unwrap(),
                 notified: notified.clone(),
@@ -640,7 +827,7 @@ mod tests {
         };
         assert_eq!(builder.attach_virtio_mmio(dev).unwrap(), (0xd000_0000, 5));
         let second = VirtioMmioDevice {
-            bus_device: Arc::new(Mutex::new(FakeTransport)),
+            transport: fake_transport(builder.guest_memory()),
             queue_evts: vec![new_evt()],
             irq_evt: new_evt(),
             subscriber: Arc::new(Mutex::new(NotifyCounter {

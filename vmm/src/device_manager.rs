@@ -9,14 +9,16 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::bus::{Bus, BusError, SharedBusDevice};
+use devices::bus::{Bus, BusError};
 use devices::legacy::{
-    I8042Device, SerialDevice, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT_BASE,
-    SERIAL_PORT_LEN,
+    I8042Device, I8042State, SerialDevice, SerialSnapshot, I8042_PORT_BASE, I8042_PORT_LEN,
+    SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
+use devices::virtio::mmio::{MmioState, MmioTransport, PersistError};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,7 +40,7 @@ pub type VmEventManager = EventManager<Subscriber>;
 /// A virtio-mmio device ready to be attached.
 pub struct VirtioMmioDevice {
     /// The MMIO transport (register file) of the device.
-    pub bus_device: SharedBusDevice,
+    pub transport: Arc<Mutex<MmioTransport>>,
     /// One eventfd per queue, signalled by KVM when the driver writes the queue's index to
     /// QueueNotify (the device keeps its own clones of these).
     pub queue_evts: Vec<EventFd>,
@@ -74,6 +76,126 @@ pub enum DeviceManagerError {
     /// The kernel command line has no room for the device.
     #[error("kernel command line too long to add the device")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The snapshot's devices are not the devices of this VM.
+    #[error("the snapshot's devices do not match this VM's: {0}")]
+    Layout(String),
+    /// A device could not be saved or restored.
+    #[error("virtio device at {0:#x}")]
+    Persist(u64, #[source] PersistError),
+    /// The serial console could not be restored.
+    #[error("cannot restore the serial console")]
+    Serial(#[source] std::io::Error),
+}
+
+/// One attached virtio-mmio device.
+#[derive(Debug, Clone)]
+pub struct VirtioSlot {
+    /// MMIO base address.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// The transport, with its device behind it.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The devices of a VM that a snapshot saves (cheap to clone: shared handles).
+#[derive(Debug, Clone)]
+pub struct DeviceHandles {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The i8042.
+    pub i8042: Arc<Mutex<I8042Device>>,
+    /// The virtio devices, in attachment order.
+    pub virtio: Vec<VirtioSlot>,
+}
+
+/// One virtio device as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioSlotState {
+    /// MMIO base address.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// Transport and device.
+    pub transport: MmioState,
+}
+
+/// Every device of a VM, as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// The virtio devices, in attachment order.
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+impl DeviceHandles {
+    /// Saves every device; the vCPUs and the event loop must not drive them meanwhile.
+    pub fn save(&self) -> Result<DevicesState, DeviceManagerError> {
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|slot| {
+                Ok(VirtioSlotState {
+                    base: slot.base,
+                    irq: slot.irq,
+                    transport: devices::bus::lock(&slot.transport)
+                        .save_state()
+                        .map_err(|e| DeviceManagerError::Persist(slot.base, e))?,
+                })
+            })
+            .collect::<Result<Vec<_>, DeviceManagerError>>()?;
+        Ok(DevicesState {
+            serial: devices::bus::lock(&self.serial).state(),
+            i8042: devices::bus::lock(&self.i8042).state(),
+            virtio,
+        })
+    }
+
+    /// Checks that `state` was saved from a VM with this device layout (same kinds of device at
+    /// the same addresses and lines), before anything is restored.
+    pub fn check_layout(&self, state: &DevicesState) -> Result<(), DeviceManagerError> {
+        let now: Vec<(u64, u32, u32)> = self
+            .virtio
+            .iter()
+            .map(|s| {
+                let t = devices::bus::lock(&s.transport);
+                (s.base, s.irq, t.device_type())
+            })
+            .collect();
+        let saved: Vec<(u64, u32, u32)> = state
+            .virtio
+            .iter()
+            .map(|s| (s.base, s.irq, s.transport.device_type))
+            .collect();
+        if now != saved {
+            return Err(DeviceManagerError::Layout(format!(
+                "saved {} (base, irq, type) {saved:x?}, now {now:x?}",
+                saved.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Restores every device (after [`DeviceHandles::check_layout`], and after the VM's
+    /// interrupt controllers: devices may raise interrupts here).
+    pub fn restore(&self, state: &DevicesState) -> Result<(), DeviceManagerError> {
+        self.check_layout(state)?;
+        devices::bus::lock(&self.i8042).restore(&state.i8042);
+        devices::bus::lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(DeviceManagerError::Serial)?;
+        for (slot, saved) in self.virtio.iter().zip(&state.virtio) {
+            devices::bus::lock(&slot.transport)
+                .restore_state(&saved.transport)
+                .map_err(|e| DeviceManagerError::Persist(slot.base, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Buses, devices and the event manager of one VM.
@@ -86,7 +208,8 @@ pub struct DeviceManager {
     cmdline: Cmdline,
     event_manager: VmEventManager,
     serial: Arc<Mutex<SerialDevice>>,
-    virtio: Vec<(u64, u32)>,
+    i8042: Arc<Mutex<I8042Device>>,
+    virtio: Vec<VirtioSlot>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -94,7 +217,7 @@ impl std::fmt::Debug for DeviceManager {
         f.debug_struct("DeviceManager")
             .field("pio", &self.pio)
             .field("mmio", &self.mmio)
-            .field("virtio", &self.virtio)
+            .field("virtio", &self.virtio.len())
             .finish_non_exhaustive()
     }
 }
@@ -120,7 +243,7 @@ impl DeviceManager {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)
             .map_err(DeviceManagerError::Bus)?;
-        pio.insert(i8042, I8042_PORT_BASE, I8042_PORT_LEN)
+        pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)
             .map_err(DeviceManagerError::Bus)?;
         Ok(Self {
             vm,
@@ -131,6 +254,7 @@ impl DeviceManager {
             cmdline,
             event_manager,
             serial,
+            i8042,
             virtio: Vec::new(),
         })
     }
@@ -161,13 +285,17 @@ impl DeviceManager {
             .register_irqfd(&dev.irq_evt, irq)
             .map_err(|e| DeviceManagerError::Kvm("IRQFD", e))?;
         self.mmio
-            .insert(dev.bus_device, base, VIRTIO_MMIO_SLOT)
+            .insert(dev.transport.clone(), base, VIRTIO_MMIO_SLOT)
             .map_err(DeviceManagerError::Bus)?;
         self.event_manager.add_subscriber(dev.subscriber);
         self.cmdline = cmdline;
         self.next_mmio += VIRTIO_MMIO_SLOT;
         self.next_irq += 1;
-        self.virtio.push((base, irq));
+        self.virtio.push(VirtioSlot {
+            base,
+            irq,
+            transport: dev.transport,
+        });
         log::debug!("virtio-mmio device at {base:#x}, irq {irq}");
         Ok((base, irq))
     }
@@ -188,8 +316,17 @@ impl DeviceManager {
     }
 
     /// The (base, irq) of every virtio device attached so far.
-    pub fn virtio_devices(&self) -> &[(u64, u32)] {
-        &self.virtio
+    pub fn virtio_devices(&self) -> Vec<(u64, u32)> {
+        self.virtio.iter().map(|s| (s.base, s.irq)).collect()
+    }
+
+    /// Handles on the devices a snapshot saves and restores.
+    pub fn handles(&self) -> DeviceHandles {
+        DeviceHandles {
+            serial: self.serial.clone(),
+            i8042: self.i8042.clone(),
+            virtio: self.virtio.clone(),
+        }
     }
 
     /// Hands the buses, command line and event manager over to the running VM.

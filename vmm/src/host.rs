@@ -33,15 +33,21 @@ impl Virtualization {
     }
 }
 
-/// Reads `/proc/cpuinfo`, `/proc/modules` and `/sys/module` to tell what serves /dev/kvm.
+/// Reads `/proc/cpuinfo`, `/proc/modules` and `/sys/module` to tell what serves /dev/kvm, once
+/// per process: a VM is built before the VMM's jail, which shows none of those files, so the
+/// answer is kept for the vCPUs (their CPU template) and snapshots (their CPU fingerprint)
+/// made in it.
 pub fn virtualization() -> Virtualization {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    classify(
-        &cpuinfo,
-        &modules,
-        Path::new("/sys/module/kvm_pvm").exists(),
-    )
+    static PROBED: std::sync::OnceLock<Virtualization> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+        classify(
+            &cpuinfo,
+            &modules,
+            Path::new("/sys/module/kvm_pvm").exists(),
+        )
+    })
 }
 
 /// The decision behind [`virtualization`], from the files' contents.

@@ -3,7 +3,9 @@
 //! can stop into a [`VmExit`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -17,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::boot::{paging, regs};
 use crate::cpuid;
 use crate::exit::{ExitState, VmExit};
+use crate::snapshot::cpu::{CpuStateError, VcpuState};
 
 /// Longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
@@ -126,6 +129,127 @@ pub fn install_kick_handler() {
     });
 }
 
+/// What parked vCPUs are asked to do, and what they report.
+#[derive(Debug, Default)]
+struct Park {
+    /// vCPUs must leave KVM_RUN and wait.
+    pause: bool,
+    /// vCPUs waiting now.
+    parked: usize,
+    /// Raised to ask every parked vCPU to save its state (once per value).
+    save_round: u64,
+    /// MSRs to save.
+    msrs: Vec<u32>,
+    /// Each vCPU's saved state (or why it could not be saved), by id, for `save_round`.
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+/// Pauses, saves and stops the vCPU threads of one VM from other threads. It owns the threads:
+/// a thread's handle stays valid (and may be signalled) for as long as it is here.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    park: Mutex<Park>,
+    changed: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl VcpuControl {
+    /// Takes over a started vCPU thread.
+    pub fn add_thread(&self, thread: JoinHandle<()>) {
+        devices::bus::lock(&self.threads).push(thread);
+    }
+
+    /// vCPU threads that have not ended.
+    pub fn running_threads(&self) -> usize {
+        let mut threads = devices::bus::lock(&self.threads);
+        threads.retain(|t| !t.is_finished());
+        threads.len()
+    }
+
+    fn kick_all(&self) {
+        for t in devices::bus::lock(&self.threads).iter() {
+            // A signal that lands outside KVM_RUN is lost; callers send it again.
+            let _ = vmm_sys_util::signal::Killable::kill(t, kick_signal());
+        }
+    }
+
+    /// Wakes parked vCPUs (to see the stop flag).
+    pub fn wake(&self) {
+        let _unused = devices::bus::lock(&self.park);
+        self.changed.notify_all();
+    }
+
+    /// Parks every vCPU outside KVM_RUN (their pending I/O completed); returns once all
+    /// `count` are parked, or an error if some did not within `limit` (the VM ended).
+    pub fn pause(&self, count: usize, limit: Duration) -> Result<(), String> {
+        devices::bus::lock(&self.park).pause = true;
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let park = devices::bus::lock(&self.park);
+                let (park, _) = self
+                    .changed
+                    .wait_timeout(park, Duration::from_millis(2))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if park.parked >= count {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline || self.running_threads() < count {
+                self.resume();
+                return Err("the vCPUs did not pause (has the VM ended?)".into());
+            }
+            self.kick_all();
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        devices::bus::lock(&self.park).pause = false;
+        self.changed.notify_all();
+    }
+
+    /// Asks every parked vCPU (all `count` must be) to save its state; returns them by id.
+    pub fn save(&self, count: usize, msrs: Vec<u32>) -> Result<Vec<VcpuState>, String> {
+        let mut park = devices::bus::lock(&self.park);
+        if !park.pause || park.parked < count {
+            return Err("the vCPUs are not paused".into());
+        }
+        park.save_round += 1;
+        park.msrs = msrs;
+        park.saved = (0..count).map(|_| None).collect();
+        self.changed.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while park.saved.iter().any(Option::is_none) {
+            if Instant::now() >= deadline {
+                return Err("the vCPUs did not save their state in time".into());
+            }
+            park = self
+                .changed
+                .wait_timeout(park, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        park.saved
+            .drain(..)
+            .enumerate()
+            .map(|(id, s)| {
+                s.unwrap_or_else(|| Err("not saved".into()))
+                    .map_err(|e| format!("vCPU {id}: {e}"))
+            })
+            .collect()
+    }
+
+    fn pause_requested(&self) -> bool {
+        devices::bus::lock(&self.park).pause
+    }
+
+    /// Takes the joinable threads (to stop them).
+    pub fn take_threads(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *devices::bus::lock(&self.threads))
+    }
+}
+
 /// What a vCPU thread shares with the rest of the VM.
 #[derive(Debug, Clone)]
 pub struct VcpuShared {
@@ -141,6 +265,8 @@ pub struct VcpuShared {
     pub mem: GuestMemoryMmap,
     /// Whether the host has VT-x/AMD-V (for the emulation-failure hint).
     pub hardware_virt: bool,
+    /// Pause and save requests.
+    pub control: Arc<VcpuControl>,
 }
 
 /// One vCPU, ready to run on its own thread.
@@ -176,6 +302,10 @@ impl Vcpu {
     /// Runs the guest until the VM stops; reports why to the exit state.
     pub fn run(mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.control.pause_requested() {
+                self.park();
+                continue;
+            }
             let step = self.step();
             let exit = match step {
                 Step::Continue => continue,
@@ -255,6 +385,37 @@ impl Vcpu {
         }
     }
 
+    /// Waits outside KVM_RUN while the VM is paused, saving this vCPU's state when asked.
+    fn park(&mut self) {
+        // An I/O or MMIO exit completes (a port read lands in rax) only when KVM_RUN is entered
+        // again: enter it once with immediate_exit set, so what is saved is consistent.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let control = self.shared.control.clone();
+        let mut park = devices::bus::lock(&control.park);
+        park.parked += 1;
+        control.changed.notify_all();
+        let mut round = park.save_round;
+        while park.pause && !self.shared.stop.load(Ordering::SeqCst) {
+            if park.save_round != round {
+                round = park.save_round;
+                let saved =
+                    VcpuState::save(&self.fd, self.id, &park.msrs).map_err(|e| error_chain(&e));
+                if let Some(slot) = park.saved.get_mut(usize::from(self.id)) {
+                    *slot = Some(saved);
+                }
+                control.changed.notify_all();
+            }
+            park = control
+                .changed
+                .wait_timeout(park, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        park.parked -= 1;
+    }
+
     /// Describes a KVM_EXIT_INTERNAL_ERROR: suberror, RIP and the instruction bytes there.
     fn internal_error(&mut self) -> VmExit {
         // SAFETY: KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so the kernel filled the `internal`
@@ -299,6 +460,17 @@ impl Vcpu {
         }
         bytes
     }
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &CpuStateError) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 /// The instruction bytes KVM put in an emulation-failure exit, if it did.

@@ -2,14 +2,14 @@
 //! virtio-mmio transport and attaches it to the VM; collects their metrics as JSON.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::bus::SharedBusDevice;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::metrics::DeviceMetrics;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::{Net, NetBackendConfig, NetConfig, PasstConfig, TapConfig};
+use devices::virtio::rate_limiter::Limit;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
@@ -140,6 +140,9 @@ pub struct DevicesConfig {
     /// The resolvers passt forwards those queries to; the host's when empty.
     #[serde(default)]
     pub dns: Vec<std::net::IpAddr>,
+    /// The network device's rate limit, each direction (`--network-rate`).
+    #[serde(default)]
+    pub net_limit: Limit,
 }
 
 /// The devices attached to a VM: their metrics, and what the caller may need to know (the tap).
@@ -171,11 +174,22 @@ impl AttachedDevices {
         serde_json::Value::Object(out.collect())
     }
 
-    /// Writes [`AttachedDevices::metrics_json`] to `path` (atomically: temp file, then rename).
-    pub fn write_metrics(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.metrics_json())?)?;
-        std::fs::rename(tmp, path)
+    /// Writes [`AttachedDevices::metrics_json`] over the start of `file` with one positioned
+    /// write (no path, no rename: a jailed VMM may do this), padded with spaces to the length
+    /// `written` of the last write, which JSON readers skip; `written` becomes the new length.
+    pub fn write_metrics_to(
+        &self,
+        file: &std::fs::File,
+        written: &mut usize,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut json = serde_json::to_vec_pretty(&self.metrics_json())?;
+        json.push(b'\n');
+        let len = json.len();
+        json.resize(len.max(*written), b' ');
+        file.write_all_at(&json, 0)?;
+        *written = json.len();
+        Ok(())
     }
 }
 
@@ -216,7 +230,12 @@ pub fn attach(
         })),
     };
     if let Some(backend) = backend {
-        let net = Net::new(&NetConfig { mac: None, backend }).map_err(DeviceSetupError::Net)?;
+        let net = Net::new(&NetConfig {
+            mac: None,
+            backend,
+            limit: config.net_limit,
+        })
+        .map_err(DeviceSetupError::Net)?;
         attached.tap_name = net.tap_name().map(str::to_string);
         attached.mac = Some(net.mac());
         attached.metrics.push(("net".to_string(), net.metrics()));
@@ -256,11 +275,10 @@ where
         .irq_evt()
         .try_clone()
         .map_err(DeviceSetupError::EventFd)?;
-    let bus_device: SharedBusDevice = Arc::new(Mutex::new(transport));
     let subscriber: Subscriber = device;
     builder
         .attach_virtio_mmio(VirtioMmioDevice {
-            bus_device,
+            transport: Arc::new(Mutex::new(transport)),
             queue_evts,
             irq_evt,
             subscriber,
@@ -282,6 +300,7 @@ mod tests {
             path: img,
             read_only: false,
             serial: None,
+            limits: Default::default(),
         })
         .expect("block");
         let vsock = Vsock::new(&dir.path().join("v.sock"), GUEST_CID).expect("vsock");
@@ -316,6 +335,7 @@ mod tests {
                 "queue_events",
                 "read_bytes",
                 "reads",
+                "throttled",
                 "unsupported",
                 "write_bytes",
                 "write_zeroes",

@@ -38,11 +38,20 @@ pub struct Vm {
 impl Vm {
     /// Opens /dev/kvm.
     pub fn open_kvm() -> Result<Kvm, VmError> {
+        // What backs /dev/kvm is found out now, with /dev/kvm: a VMM's jail hides /proc.
+        let _ = crate::host::virtualization();
         Kvm::new().map_err(VmError::OpenKvm)
     }
 
     /// Creates a VM with `mem_size` bytes of RAM, an in-kernel irqchip and PIT.
     pub fn new(kvm: Kvm, mem_size: u64) -> Result<Self, VmError> {
+        let mem = memory::create_guest_memory(mem_size).map_err(VmError::Memory)?;
+        Self::with_memory(kvm, mem, mem_size)
+    }
+
+    /// Creates a VM over existing guest memory of `mem_size` bytes (e.g. a snapshot's file),
+    /// with an in-kernel irqchip and PIT.
+    pub fn with_memory(kvm: Kvm, mem: GuestMemoryMmap, mem_size: u64) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(|e| VmError::Kvm("CREATE_VM", e))?;
         let tss = usize::try_from(KVM_TSS_ADDR).unwrap_or(usize::MAX);
         fd.set_tss_address(tss)
@@ -57,7 +66,6 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Kvm("CREATE_PIT2", e))?;
-        let mem = memory::create_guest_memory(mem_size).map_err(VmError::Memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))

@@ -104,6 +104,40 @@ impl I8042Device {
     }
 }
 
+/// The controller's registers, as saved in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// A command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// Bytes waiting at port 0x60.
+    pub out: Vec<u8>,
+}
+
+impl I8042Device {
+    /// The registers (for a snapshot).
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            output_port: self.output_port,
+            pending: self.pending,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// Puts saved registers back (bytes past the queue's bound are dropped).
+    pub fn restore(&mut self, state: &I8042State) {
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending = state.pending;
+        self.out = state.out.iter().copied().take(MAX_QUEUED).collect();
+    }
+}
+
 impl crate::bus::BusDevice for I8042Device {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {

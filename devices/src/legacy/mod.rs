@@ -4,8 +4,8 @@
 pub mod i8042;
 pub mod serial;
 
-pub use i8042::I8042Device;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use i8042::{I8042Device, I8042State};
+pub use serial::{EventFdTrigger, SerialDevice, SerialSnapshot};
 
 /// Port of the first serial port (COM1).
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;

@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,6 +74,72 @@ impl SerialDevice {
     /// Flushes the output writer.
     pub fn flush(&mut self) -> io::Result<()> {
         self.uart.writer_mut().flush()
+    }
+}
+
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 7],
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    /// The registers (for a snapshot).
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            registers: [
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts saved registers back, keeping this device's output and interrupt line; raises the
+    /// interrupt if the saved state has one pending.
+    pub fn restore(&mut self, saved: &SerialSnapshot) -> io::Result<()> {
+        if saved.in_buffer.len() > self.uart.fifo_capacity() + self.uart.state().in_buffer.len() {
+            return Err(io::Error::other(
+                "saved serial input is larger than the FIFO",
+            ));
+        }
+        let [ier, iir, lcr, lsr, mcr, msr, scr] = saved.registers;
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor[0],
+            baud_divisor_high: saved.baud_divisor[1],
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let evt = self.uart.interrupt_evt().eventfd();
+        let (keep, spare) = (evt.try_clone()?, evt.try_clone()?);
+        let placeholder: SerialOutput = Box::new(io::sink());
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(EventFdTrigger::new(spare), placeholder),
+        );
+        let out = old.into_writer();
+        self.uart = Serial::from_state(&state, EventFdTrigger::new(keep), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        Ok(())
     }
 }
 

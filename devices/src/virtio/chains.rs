@@ -31,15 +31,35 @@ pub fn serve_queue<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     lost: Option<&Counter>,
+    handle: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    F: FnMut(Chain<'_>) -> u32,
+{
+    serve_queue_until(queue, mem, lost, || false, handle)
+}
+
+/// [`serve_queue`], stopping before the next chain once `stop` says so (a rate limiter: the
+/// chains left wait in the avail ring until the device serves the queue again).
+pub fn serve_queue_until<S, F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    lost: Option<&Counter>,
+    mut stop: S,
     mut handle: F,
 ) -> Result<bool, virtio_queue::Error>
 where
+    S: FnMut() -> bool,
     F: FnMut(Chain<'_>) -> u32,
 {
     let mut used_any = false;
     loop {
         queue.disable_notification(mem)?;
         let mut popped = false;
+        if stop() {
+            queue.enable_notification(mem)?;
+            break;
+        }
         while let Some(chain) = queue.iter(mem)?.next() {
             popped = true;
             let head = chain.head_index();
@@ -52,6 +72,10 @@ where
                     }
                 }
                 Err(e) => return Err(e),
+            }
+            if stop() {
+                queue.enable_notification(mem)?;
+                return Ok(used_any && queue.needs_notification(mem)?);
             }
         }
         // enable_notification reports pending work; if none could be popped the avail ring is
@@ -66,17 +90,31 @@ where
 /// Pops every available chain of `queue`, lets `handle` consume it and returns it with used
 /// length 0, then interrupts the guest if any chain was taken. Returns how many chains could
 /// not be put in the used ring.
-pub fn drain_queue<F>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    irq: QueueIrq<'_>,
-    mut handle: F,
-) -> u64
+pub fn drain_queue<F>(queue: &mut Queue, mem: &GuestMemoryMmap, irq: QueueIrq<'_>, handle: F) -> u64
 where
     F: FnMut(Chain<'_>),
 {
+    drain_queue_until(queue, mem, irq, || false, handle)
+}
+
+/// [`drain_queue`], stopping before the next chain once `stop` says so (a rate limiter: the
+/// chains left wait in the avail ring until the device drains the queue again).
+pub fn drain_queue_until<S, F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: QueueIrq<'_>,
+    mut stop: S,
+    mut handle: F,
+) -> u64
+where
+    S: FnMut() -> bool,
+    F: FnMut(Chain<'_>),
+{
     let (mut taken, mut unreturned) = (0u64, 0u64);
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    while !stop() {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
         let head = chain.head_index();
         handle(chain);
         if queue.add_used(mem, head, 0).is_err() {
@@ -167,6 +205,11 @@ impl RequestQueue {
     /// Whether a driver activated the device and has not reset it since.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The queue's state while active (for a snapshot).
+    pub fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
     }
 
     /// Takes the one queue of `ctx`, counts the activation and hands the queue eventfd to the

@@ -35,6 +35,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::rate_limiter::Throttle;
 use super::{ActivateContext, ActivateError, VirtioInterrupt};
 
 /// What an event delivered to a device was.
@@ -164,6 +165,10 @@ pub trait RequestDevice {
     fn device_events(&mut self) -> &mut DeviceEvents;
     /// Serves the request queue (nothing while the device is not active).
     fn process_request_queue(&mut self);
+    /// The device's rate limiter, whose timer resumes a throttled queue (none by default).
+    fn throttle(&mut self) -> Option<&mut Throttle> {
+        None
+    }
 }
 
 impl<T: RequestDevice> EventDevice for T {
@@ -182,6 +187,20 @@ impl<T: RequestDevice> EventDevice for T {
             0 => self.process_request_queue(),
             n => crate::warn_limited!("{}: event for unknown queue {n}", T::NAME),
         }
+    }
+
+    fn init_other(&mut self, ops: &mut EventOps) {
+        if let Some(t) = self.throttle() {
+            t.init(ops);
+        }
+    }
+
+    fn on_other(&mut self, events: &Events, _ops: &mut EventOps) -> bool {
+        let fired = self.throttle().is_some_and(|t| t.timer(events));
+        if fired {
+            self.process_request_queue();
+        }
+        fired
     }
 }
 

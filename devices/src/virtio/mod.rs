@@ -26,6 +26,7 @@ pub mod glue;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -111,4 +112,14 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// The driver reset the device: stop using the queues and forget negotiated state.
     /// Returns false if the device cannot be reset (the transport then sets NEEDS_RESET).
     fn reset(&mut self) -> bool;
+    /// The queues as the device serves them now (their positions move as it does), in queue
+    /// index order, for a snapshot; `None` while not active, or for a device that cannot be
+    /// saved while active.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        None
+    }
+    /// The device was activated again from a snapshot (its queues at their saved positions):
+    /// tell the driver what it must know (vsock: every connection is gone). Runs after the
+    /// VM's interrupt controllers are restored, so an interrupt raised here reaches the guest.
+    fn restored(&mut self) {}
 }

@@ -2,11 +2,13 @@
 //! image (or `--rootfs`) as the overlay's lower layer and the writable layer in the container's
 //! directory (`upper/`, kept until `mvm rm`).
 
+use std::sync::Arc;
+
 use guest_agent::runtime::{
     Container, ContainerSpec, Network as RuntimeNetwork, Rootfs, StdioConfig, StdioMode,
 };
 
-use super::context::{Exit, Run};
+use super::context::{Exit, HostProcess, Run};
 use crate::dns::{self, Reach};
 use crate::error::{io_error, Error};
 use crate::logs::Pumps;
@@ -95,6 +97,9 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     if let Some(cgroup) = c.cgroup() {
         run.guard.cgroups(cgroup.dirs().to_vec())?;
     }
+    let control = Arc::new(HostProcess::default());
+    let _server = run.serve_control(control.clone());
+    control.set(c.pid());
     run.started(Vec::new(), Some(c.pid()))?;
     let log = run.log()?;
     let (pumps, relay, _raw) = match c.take_terminal() {
@@ -102,7 +107,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
             let output = master
                 .try_clone()
                 .map_err(|e| Error::System("dup the container's terminal".into(), e))?;
-            let pumps = Pumps::start(Some(output), None, &log, !run.runner)?;
+            let pumps = Pumps::start(Some(output), None, &log, !run.detached)?;
             let (relay, raw) = run.relay_terminal(Box::new(PtyInput(master)))?;
             (pumps, relay, raw)
         }
@@ -111,11 +116,12 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
                 Some(w) => Some(run.relay_input(Box::new(PipeInput(Some(w))))?),
                 None => None,
             };
-            let pumps = Pumps::start(c.take_stdout(), c.take_stderr(), &log, !run.runner)?;
+            let pumps = Pumps::start(c.take_stdout(), c.take_stderr(), &log, !run.detached)?;
             (pumps, relay, None)
         }
     };
     let exit = c.wait_forwarding_signals();
+    control.set(0);
     pumps.finish();
     drop(relay);
     let exit = exit?;

@@ -2,9 +2,12 @@
 //! ([`Exit`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 use guest_agent::runtime::{Process, TermSize};
 
+use crate::control::{self, ControlServer, Controlled};
 use crate::error::Error;
 use crate::logs::{ContainerLog, LOG_FILE};
 use crate::runner::{self, RunGuard};
@@ -22,6 +25,44 @@ pub struct Exit {
     pub oom_killed: bool,
 }
 
+/// The control target of a container or process on the host: its first process, once it runs.
+#[derive(Debug, Default)]
+pub(super) struct HostProcess {
+    pid: AtomicI32,
+}
+
+impl HostProcess {
+    /// The first process runs as `pid` (0: it was reaped; nothing to signal any more).
+    pub fn set(&self, pid: i32) {
+        self.pid.store(pid, Ordering::SeqCst);
+    }
+}
+
+impl Controlled for HostProcess {
+    fn running(&self) -> bool {
+        self.pid.load(Ordering::SeqCst) > 0
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid <= 0 {
+            return Err("the container does not run".into());
+        }
+        // SAFETY: kill has no memory preconditions; `pid` is this process's unreaped child.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(format!(
+                "cannot send signal {signal}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    fn terminate(&self) {
+        let _ = self.signal(libc::SIGKILL);
+    }
+}
+
 /// Everything a mode needs to run one registered container. The caller has taken SIGINT and
 /// SIGTERM over for the mode (see `take_signals`).
 pub(super) struct Run<'a> {
@@ -35,15 +76,16 @@ pub(super) struct Run<'a> {
     pub process: Process,
     /// The record, while the container runs.
     pub guard: &'a mut RunGuard,
-    /// Whether this is the background runner.
-    pub runner: bool,
+    /// Whether this is the runner of `-d` (no terminal; it tells its parent once the container
+    /// runs). A foreground microVM's runner is not: it has the user's terminal.
+    pub detached: bool,
     /// The runner's first run: it tells the parent once the container runs (a restart does not).
     pub announce: bool,
 }
 
 impl Run<'_> {
     /// The container runs: records it (with its first process's host pid, if it has one) and,
-    /// in the runner's first run, tells the parent.
+    /// in the runner's first run of `-d`, tells the parent.
     pub fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
         self.guard.running(taps, process_pid)?;
         if self.announce {
@@ -54,7 +96,7 @@ impl Run<'_> {
 
     /// Whether the runner runs the container again (`--restart`).
     pub fn is_restart(&self) -> bool {
-        self.runner && !self.announce
+        self.detached && !self.announce
     }
 
     /// The container log (echoed to the terminal in the foreground), rotating as the spec says.
@@ -64,7 +106,7 @@ impl Run<'_> {
 
     /// The size the container's terminal starts with: the user's terminal's.
     pub fn terminal_size(&self) -> TermSize {
-        if self.runner {
+        if self.detached {
             TermSize::default()
         } else {
             terminal::size().unwrap_or_default()
@@ -77,7 +119,7 @@ impl Run<'_> {
         &self,
         input: Box<dyn TerminalInput>,
     ) -> Result<(Option<InputRelay>, Option<RawMode>), Error> {
-        if self.runner {
+        if self.detached {
             return Ok((None, None));
         }
         let interactive = self.spec.interactive;
@@ -89,6 +131,15 @@ impl Run<'_> {
     /// Relays this process's stdin to the container's (no terminal).
     pub fn relay_input(&self, input: Box<dyn TerminalInput>) -> Result<InputRelay, Error> {
         InputRelay::start(input, true, None, Box::new(|| {}))
+    }
+
+    /// Serves the control socket in the container's directory for `target` (a run without one
+    /// still works: `stop` and `kill` then signal the runner and the container directly).
+    pub fn serve_control(&self, target: Arc<dyn Controlled>) -> Option<ControlServer> {
+        let path = self.guard.dir().join(control::SOCKET);
+        ControlServer::start(&path, target)
+            .inspect_err(|e| log::warn!("no control socket at {}: {e}", path.display()))
+            .ok()
     }
 
     /// The container exited with `code`: records it.

@@ -5,13 +5,18 @@
 //!    spec; the image config and the spec's overrides give the command ([`command::resolve`]).
 //! 3. The container is registered ([`RunGuard`]: one record, one name namespace, one id
 //!    generator for every isolation) and the spec written next to its record.
-//! 4. With `-d` the runner takes it from there ([`runner`]; it also keeps `--restart`); else this process runs it: in a
-//!    microVM ([`vm`]), a container on the host ([`container`]) or a plain process ([`process`]),
-//!    its output going to the container log and the terminal ([`crate::logs`]).
+//! 4. A microVM, and any run with `-d`, is owned by a runner process ([`runner`]), which reads
+//!    the spec back and runs it ([`resume`]; with `-d` it also keeps `--restart`); a foreground `mvm run` is its client: it waits for
+//!    it with the terminal's output and forwards its signals. A foreground container or process
+//!    runs in this process. Either way the run happens in a microVM ([`vm`]), a container on the
+//!    host ([`container`]) or a plain process ([`process`]), its output going to the container
+//!    log and the terminal ([`crate::logs`]), its owner answering on the control socket
+//!    ([`crate::control`]).
 
 mod container;
 mod context;
 mod process;
+mod template;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +32,9 @@ use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::Run;
+pub use template::{vmm_main as template_vmm_main, TEMPLATE_JOB};
 pub(crate) use vm::{find_agent, warm_vm_caches};
+pub use vm::{vmm_main, RunJob};
 
 /// How a run ended for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +63,14 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
         process.args.clone(),
         spec.publish.iter().map(ToString::to_string).collect(),
     );
+    let via_runner = spec.detach || spec.isolation == Isolation::Vm;
     if !spec.detach {
-        take_signals(spec.isolation)?;
+        if via_runner {
+            // Held until the runner runs, then forwarded to it (a terminal's size changes too).
+            guest_agent::runtime::block_forwarded_signals()?;
+        } else {
+            take_signals(spec.isolation)?;
+        }
         if spec.tty {
             crate::terminal::block_winch()?;
         }
@@ -66,6 +79,15 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
     runner::write_spec(guard.dir(), &spec)?;
     if spec.detach {
         return runner::detach(guard).map(RunOutcome::Detached);
+    }
+    if via_runner {
+        let name = guard.record().name.clone();
+        let code = runner::foreground(guard)?;
+        return Ok(RunOutcome::Exited(Exit {
+            name,
+            code,
+            oom_killed: false,
+        }));
     }
     execute(
         root,
@@ -78,23 +100,32 @@ pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
     .map(RunOutcome::Exited)
 }
 
-/// The runner's side of `-d` (see [`runner`]): takes over the container registered in `dir`
-/// and runs its spec (the image is the one the spec pins), again after each exit as its
-/// `--restart` policy says ([`crate::restart`]); returns the container's last exit code. A run
-/// that fails to start ends the runner with its error.
-pub fn resume(dir: &Path) -> Result<i32, Error> {
+/// The runner's side (see [`runner`]): takes over the container registered in `dir` and runs its
+/// spec (the image is the one the spec pins), again after each exit as its `--restart` policy
+/// says ([`crate::restart`]); returns how the container last exited. `foreground`: for a
+/// foreground `mvm run`, whose terminal this process inherited. A run that fails to start ends
+/// the runner with its error.
+pub fn resume(dir: &Path, foreground: bool) -> Result<Exit, Error> {
     let (store, id) = StateStore::of_container_dir(dir)
         .ok_or_else(|| bad_input(format!("{RUNNER_ENV}={}: not a container", dir.display())))?;
     let record = store.load(&id)?;
     let mut spec = runner::read_spec(dir)?;
     take_signals(spec.isolation)?;
+    if foreground && spec.tty {
+        // Its client forwards the terminal's size changes.
+        crate::terminal::block_winch()?;
+    }
     let mut guard = RunGuard::adopt(store.clone(), record, spec.remove)?;
     let root = store.root();
     let rootfs = resolve_source(root, &mut spec.source)?;
     let process = resolve_process(&spec, &rootfs.config)?;
     guard.restart_policy(spec.restart);
     let mut backoff = Backoff::default();
-    let mut caller = Caller::Runner { first: true };
+    let mut caller = if foreground {
+        Caller::Foreground
+    } else {
+        Caller::Runner { first: true }
+    };
     loop {
         let began = Instant::now();
         let exit = execute(
@@ -106,7 +137,7 @@ pub fn resume(dir: &Path) -> Result<i32, Error> {
             caller,
         )?;
         if !guard.restarts() {
-            return Ok(exit.code);
+            return Ok(exit);
         }
         caller = Caller::Runner { first: false };
         guard.clean_between_runs();
@@ -120,7 +151,7 @@ pub fn resume(dir: &Path) -> Result<i32, Error> {
         let until = Instant::now() + delay;
         while Instant::now() < until {
             if guard.told_to_stop() {
-                return Ok(exit.code);
+                return Ok(exit);
             }
             std::thread::sleep(RESTART_POLL.min(until - Instant::now()));
         }
@@ -131,16 +162,11 @@ pub fn resume(dir: &Path) -> Result<i32, Error> {
 const RESTART_POLL: Duration = Duration::from_millis(100);
 
 /// From here on SIGINT and SIGTERM no longer end this process at once, so every path goes
-/// through the record's cleanup: a VM's handler records them (the VM ends with them, or the run
-/// stops before the VM starts); a container or process gets them forwarded, so they are blocked
-/// here (before any thread starts, so every thread keeps them blocked) for its wait.
-fn take_signals(isolation: Isolation) -> Result<(), Error> {
-    match isolation {
-        Isolation::Vm => vmm::signals::install(),
-        Isolation::Container | Isolation::Process => {
-            guest_agent::runtime::block_forwarded_signals()?;
-        }
-    }
+/// through the record's cleanup: they are blocked here (before any thread starts, so every
+/// thread keeps them blocked) and forwarded to what runs the container: a VM's VMM process
+/// (which ends the VM with them, or stops before the VM starts), a container or process.
+fn take_signals(_isolation: Isolation) -> Result<(), Error> {
+    guest_agent::runtime::block_forwarded_signals()?;
     Ok(())
 }
 
@@ -182,9 +208,9 @@ fn resolve_process(spec: &RunSpec, config: &ImageConfig) -> Result<Process, Erro
 /// Who runs a container in this process.
 #[derive(Debug, Clone, Copy)]
 enum Caller {
-    /// `mvm run` in the foreground, on the user's terminal.
+    /// On the user's terminal: `mvm run` in the foreground, or a foreground microVM's runner.
     Foreground,
-    /// The background runner (no terminal); on its `first` run it tells its parent once the
+    /// The runner of `-d` (no terminal); on its `first` run it tells its parent once the
     /// container runs.
     Runner {
         /// Not a restart.
@@ -207,7 +233,7 @@ fn execute(
         rootfs,
         process,
         guard,
-        runner: matches!(caller, Caller::Runner { .. }),
+        detached: matches!(caller, Caller::Runner { .. }),
         announce: matches!(caller, Caller::Runner { first: true }),
     };
     match spec.isolation {

@@ -4,10 +4,11 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use guest_agent::runtime;
 
-use super::context::{Exit, Run};
+use super::context::{Exit, HostProcess, Run};
 use crate::error::{CommandExit, Error};
 use crate::logs::Pumps;
 
@@ -44,11 +45,15 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         Err(e) => return Err(Error::System(format!("cannot start {program}"), e)),
     };
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    let control = Arc::new(HostProcess::default());
+    let _server = run.serve_control(control.clone());
+    control.set(pid);
     run.started(Vec::new(), Some(pid))?;
     let stdout = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
     let stderr = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
-    let pumps = Pumps::start(stdout, stderr, &run.log()?, !run.runner)?;
+    let pumps = Pumps::start(stdout, stderr, &run.log()?, !run.detached)?;
     let status = runtime::wait_forwarding_signals(pid, "the process");
+    control.set(0);
     pumps.finish();
     let status = status?;
     let code = if libc::WIFSIGNALED(status) {

@@ -2,22 +2,28 @@
 //! becomes the initramfs's `/init`, and [`crate::microvm`] boots the guest kernel, starts the
 //! container through the agent and streams its output.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::virtio::block::BlockConfig;
-use guest_agent::guest::{self, BootParams, VolumeParam};
+use guest_agent::guest::{self, BootParams, VolumeParam, MAIN_STREAM};
 use guest_agent::runtime::spec::BindMount;
 use guest_agent::runtime::{ContainerSpec, Limits, Network, Rootfs};
 use rootfs_builder::initramfs::{Initramfs, InitramfsError};
+use serde::{Deserialize, Serialize};
 use vmm::virtio_devices::NetworkMode;
 
 use super::context::{Exit, Run};
+use super::template;
+use crate::confine::{self, cgroup, ConfineError, VmmCgroup, VmmEvent, VmmExit, VmmRequest};
 use crate::dns::{self, Reach};
-use crate::error::{bad_input, io_error, CommandExit, Error};
+use crate::error::{bad_input, io_error, CommandExit, Error, EXIT_FAILURE};
 use crate::image;
-use crate::logs::LogSink;
-use crate::microvm::{AgentInput, MicroVm, MicroVmSpec};
+use crate::logs::{ContainerLog, LogOptions, LogSink, LOG_FILE};
+use crate::microvm::{AgentInput, MicroVm, MicroVmError, MicroVmSpec, VmControl};
+use crate::terminal::{InputRelay, RawMode};
 use crate::units::parse_duration;
 
 /// How long a guest may take to boot to its agent without `MVM_BOOT_TIMEOUT`.
@@ -108,19 +114,30 @@ fn boot_timeout() -> Duration {
 }
 
 /// Runs the container in a microVM; returns its exit code.
-pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
+pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
     let spec = run.spec;
     let agent = find_agent()?;
     let initrd = agent_initramfs(run.root, &agent)?;
-    let network = match &spec.network {
+    let mut network = match &spec.network {
         Some(n) => n
             .vm_mode()
             .ok_or_else(|| bad_input(format!("invalid --network '{n}'")))?,
         None => default_network(),
     };
+    // The runner names the tap, so the record knows it whatever the VMM does.
+    if let NetworkMode::Tap {
+        name: name @ None, ..
+    } = &mut network
+    {
+        *name = Some(format!("mvm{}", &run.guard.record().id[..12]));
+    }
     let run_dir = run.guard.dir().to_path_buf();
     let disk = rootfs_disk(run.root, &run.rootfs, &run_dir)?;
-    let volumes = volume_disks(&spec.volumes, &run_dir)?;
+    let mut volumes = volume_disks(&spec.volumes, &run_dir)?;
+    for (i, d) in volumes.disks.iter_mut().enumerate() {
+        let dev = format!("vd{}", char::from(b'b' + u8::try_from(i).unwrap_or(0)));
+        d.limits = spec.rate_limits.disk(&dev);
+    }
     let net = crate::hostnet::guest_net_param(&network);
     let name = run.guard.record().name.clone();
     let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
@@ -187,31 +204,218 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
         boot_timeout: boot_timeout(),
         terminal: spec.tty.then(|| run.terminal_size()),
         dns: spec.dns.servers.clone(),
+        rootfs_limits: spec.rate_limits.disk("vda"),
+        net_limit: spec.rate_limits.network,
+        restore: None,
     };
+    if let Some(sig) = pending_signal() {
+        let msg = format!("stopped by signal {sig} before the VM started");
+        return Err(CommandExit(128 + sig, msg).into());
+    }
+    supervise(run, vm_spec)
+}
+
+/// What the runner hands its VMM process: the VM, and where its container's output goes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunJob {
+    /// The VM and its container.
+    pub spec: MicroVmSpec,
+    /// The container log.
+    pub log: PathBuf,
+    /// How the container log rotates.
+    pub log_options: LogOptions,
+    /// Echo the container's output on the VMM's stdout and stderr (a foreground run).
+    pub echo: bool,
+    /// Where the VMM's own stdout and stderr go once the container runs (`-d`).
+    pub runner_log: Option<PathBuf>,
+}
+
+/// A SIGINT or SIGTERM that reached the runner and waits to be forwarded, if any (it stays
+/// pending: the VMM gets it once it runs).
+fn pending_signal() -> Option<i32> {
+    // SAFETY: sigpending fills a valid set; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut set);
+        [libc::SIGINT, libc::SIGTERM]
+            .into_iter()
+            .find(|s| libc::sigismember(&set, *s) == 1)
+    }
+}
+
+/// The runner's part: the VM's cgroup and jail, its VMM process started and waited for, the
+/// record kept, and what the VMM leaves cleaned up.
+fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> {
+    let spec = run.spec;
+    let id = run.guard.record().id.clone();
+    let run_dir = vm_spec.run_dir.clone();
+    for w in spec.vmm.warnings() {
+        eprintln!("mvm: warning: {w}");
+    }
+    let taps: Vec<String> = match &vm_spec.network {
+        NetworkMode::Tap { name: Some(n), .. } => vec![n.clone()],
+        _ => Vec::new(),
+    };
+    let limits = cgroup::limits(
+        vm_spec.mem_bytes,
+        vm_spec.vcpus,
+        spec.limits.cpus,
+        vm_spec.ports.len(),
+    );
+    let cgroup = VmmCgroup::create(&id, &limits).map_err(confine_error)?;
+    let plan = confine::plan(run.root, &spec.vmm, [run_dir.clone()]).map_err(confine_error)?;
+    let access = confine::open_run_dir(&run_dir, &plan).map_err(confine_error)?;
+    let store = template::store(run.root, spec)?;
+    let vsock = vm_spec.vsock_path();
+    let ended = (|| -> Result<(VmmExit, bool, Option<Error>), Error> {
+        if let Some(store) = &store {
+            vm_spec.restore = template::pick(&mut run, store, &vm_spec, &plan, cgroup.as_ref())?;
+        }
+        loop {
+            let job = RunJob {
+                log: run.guard.dir().join(LOG_FILE),
+                log_options: spec.log,
+                echo: !run.detached,
+                runner_log: run.detached.then(|| run_dir.join("runner.log")),
+                spec: vm_spec.clone(),
+            };
+            let vmm = confine::spawn("run", &job, plan.clone(), spec.vmm.seccomp, cgroup.as_ref())
+                .map_err(confine_error)?;
+            let dirs = cgroup
+                .as_ref()
+                .map(|c| c.dirs().to_vec())
+                .unwrap_or_default();
+            run.guard.vmm(vmm.pid(), dirs)?;
+            let mut running = false;
+            let mut failed = None;
+            let mut cannot = None;
+            let mut relay = None;
+            let exit = vmm
+                .wait(|event| match event {
+                    VmmEvent::Running if !running => {
+                        running = true;
+                        if let Err(e) = run.started(taps.clone(), None) {
+                            failed = Some(e);
+                        }
+                        // The user's input (-i) and terminal size (-t) go over a session of
+                        // their own, from here (the VMM is jailed).
+                        if (spec.interactive || spec.tty) && !run.detached {
+                            match relay_input(&run, &vsock) {
+                                Ok(r) => relay = Some(r),
+                                Err(e) => log::warn!("no input for the container: {e}"),
+                            }
+                        }
+                    }
+                    VmmEvent::HostCannotSnapshot(why) => cannot = Some(why),
+                    _ => {}
+                })
+                .map_err(confine_error)?;
+            drop(relay);
+            // A template this host's KVM cannot restore: the run starts again, cold.
+            if let (Some(why), Some(store), false) = (cannot, &store, running) {
+                if vm_spec.restore.take().is_some() {
+                    template::host_cannot(store, &why);
+                    continue;
+                }
+            }
+            return Ok((exit, running, failed));
+        }
+    })();
+    drop(access);
+    if let Some(c) = cgroup {
+        if let Err(e) = c.remove() {
+            log::warn!("{e}");
+        }
+    }
+    let (exit, running, failed) = ended?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    match exit {
+        VmmExit::Code(code) if running => Ok(run.exited(code, false)),
+        // The VMM said why on stderr, which is the user's (or the -d client's).
+        VmmExit::Code(code) => Err(CommandExit(code.max(1), String::new()).into()),
+        VmmExit::Signal(libc::SIGSYS) => Err(CommandExit(EXIT_FAILURE, String::new()).into()),
+        VmmExit::Signal(sig) => Err(Error::Failed(format!(
+            "the VMM process was killed by signal {sig}"
+        ))),
+    }
+}
+
+/// A relay of this terminal's input (and, with `-t`, its size) to the container's first process
+/// and, with `-t` on a terminal, raw mode: both end when it is dropped.
+type Relay = (Option<InputRelay>, Option<RawMode>);
+
+fn relay_input(run: &Run<'_>, vsock: &Path) -> Result<Relay, Error> {
+    let input = AgentInput::connect(vsock, MAIN_STREAM)?;
+    if run.spec.tty {
+        run.relay_terminal(Box::new(input))
+    } else {
+        Ok((Some(run.relay_input(Box::new(input))?), None))
+    }
+}
+
+pub(super) fn confine_error(e: ConfineError) -> Error {
+    Error::Failed(format!("{:#}", anyhow_like(&e)))
+}
+
+/// An error and its sources on one line (`a: b: c`).
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The VMM process of `mvm run` (see [`crate::confine`]): sets the VM up, enters its jail,
+/// runs the container and returns its exit code.
+pub fn vmm_main(req: &VmmRequest) -> Result<i32, Error> {
+    vmm::signals::install();
+    req.send(&VmmEvent::Started);
+    let job: RunJob = req.job().map_err(confine_error)?;
+    let spec = &job.spec;
+    let Some(prepared) = template::prepare_run(req, spec)? else {
+        return Ok(EXIT_FAILURE);
+    };
+    let mut sink = LogSink::new(ContainerLog::open(&job.log, job.log_options)?, job.echo);
+    let runner_log = match &job.runner_log {
+        Some(path) => Some(
+            rootfs_builder::rootdir::private_file()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io_error("create", path))?,
+        ),
+        None => None,
+    };
+    let (vsock, control) = (spec.vsock_path(), spec.control_path());
+    confine::hand_over(req.jail(), &[&vsock, &control]).map_err(confine_error)?;
+    req.confine().map_err(confine_error)?;
     if let Some(sig) = vmm::signals::received() {
         let msg = format!("stopped by signal {sig} before the VM started");
         return Err(CommandExit(128 + sig, msg).into());
     }
-    let vm = MicroVm::start(&vm_spec)?;
-    run.started(
-        vm.tap_name().map(str::to_string).into_iter().collect(),
-        None,
-    )?;
-    let mut sink = LogSink::new(run.log()?, !run.runner);
-    // The user's input (-i) and terminal size (-t) go over a session of their own.
-    let (relay, _raw) = if (spec.interactive || spec.tty) && !run.runner {
-        let input = AgentInput::connect(&vm_spec.vsock_path(), vm.stream())?;
-        if spec.tty {
-            run.relay_terminal(Box::new(input))?
-        } else {
-            (Some(run.relay_input(Box::new(input))?), None)
+    let vm = match MicroVm::start(prepared, spec, Arc::new(VmControl::new(vsock))) {
+        Err(MicroVmError::HostCannotSnapshot(why)) => {
+            req.send(&VmmEvent::HostCannotSnapshot(why));
+            return Ok(EXIT_FAILURE);
         }
-    } else {
-        (None, None)
+        vm => vm?,
     };
-    let code = vm.wait(&mut sink);
-    drop(relay);
-    Ok(run.exited(code?, false))
+    if let Some(log) = &runner_log {
+        // SAFETY: dup2 only operates on descriptors; the log file is open.
+        unsafe {
+            libc::dup2(log.as_raw_fd(), 1);
+            libc::dup2(log.as_raw_fd(), 2);
+        }
+    }
+    req.send(&VmmEvent::Running);
+    Ok(vm.wait(&mut sink)?)
 }
 
 /// The read-only bind mount of mvm's agent `source` at [`guest::AGENT_IN_CONTAINER`].
@@ -276,6 +480,7 @@ fn volume_disks(volumes: &[BindMount], run_dir: &Path) -> Result<VolumeDisks, Er
             path,
             read_only: v.readonly,
             serial: Some(format!("mvm-volume-{i}")),
+            limits: Default::default(),
         });
         params.push(VolumeParam {
             dev: dev.clone(),

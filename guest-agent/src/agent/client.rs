@@ -348,6 +348,11 @@ impl<C: Read + Write> AgentClient<C> {
         self.dispatch(frame, sink)
     }
 
+    /// Hands a guest restored from a template its run (see [`crate::protocol::Setup`]).
+    pub fn setup(&mut self, setup: crate::protocol::Setup) -> Result<(), ClientError> {
+        self.call_silent(&Request::Setup(Box::new(setup))).map(drop)
+    }
+
     /// Asks the agent to stop every container and end (in a guest: power the VM off).
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.call_silent(&Request::Shutdown).map(drop)

@@ -5,5 +5,6 @@ pub mod client;
 pub mod init;
 pub mod poll;
 pub mod portfwd;
+pub mod restored;
 pub mod server;
 pub mod vsock;

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
-use crate::protocol::{Event, Frame, FrameKind, Request, Response, PROTOCOL_VERSION};
+use crate::protocol::{Event, Frame, FrameKind, Request, Response, Setup, PROTOCOL_VERSION};
 use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
 use crate::runtime::{stats, Container, ContainerSpec, Process, StdioConfig, StdioMode, TermSize};
@@ -217,9 +217,15 @@ struct Entry {
     cgroup_dirs: Vec<PathBuf>,
 }
 
+/// What the agent does with [`Request::Setup`]: prepare the guest for the run (in a guest
+/// restored from a template) and return the published ports to relay.
+pub type SetupHook = Box<dyn FnMut(&Setup) -> Result<PortForwarder, String>>;
+
 /// The agent's state: containers, their processes, connections and published ports.
 #[derive(Default)]
 pub struct Agent {
+    /// Set while a [`Request::Setup`] is awaited (taken when it arrives).
+    setup: Option<SetupHook>,
     containers: HashMap<String, Entry>,
     procs: HashMap<u64, Proc>,
     sessions: HashMap<u64, Session>,
@@ -253,6 +259,12 @@ impl Agent {
     /// Relays the published ports' vsock connections (see [`PortForwarder`]).
     pub fn publish(&mut self, ports: PortForwarder) {
         self.ports = ports;
+    }
+
+    /// Waits for one [`Request::Setup`] before any container may be created, and runs `hook`
+    /// with it (a guest booted as a template).
+    pub fn await_setup(&mut self, hook: SetupHook) {
+        self.setup = Some(hook);
     }
 
     /// Serves connections until a [`Request::Shutdown`] arrives: answers it, kills every
@@ -413,6 +425,19 @@ impl Agent {
         log::debug!("request: {req:?}");
         match req {
             Request::Hello { .. } => error("hello was already sent"),
+            Request::Setup(setup) => match self.setup.take() {
+                Some(mut hook) => match hook(&setup) {
+                    Ok(ports) => {
+                        self.publish(ports);
+                        Response::Ok
+                    }
+                    Err(e) => error(&e),
+                },
+                None => error("this agent takes no setup (it was not booted as a template)"),
+            },
+            Request::Create { .. } if self.setup.is_some() => {
+                error("the agent awaits its setup before any container")
+            }
             Request::Create { id, spec } => self.create(id, *spec),
             Request::Start { id, terminal } => self.start(&id, terminal, session),
             Request::Exec {

@@ -175,6 +175,17 @@ impl Cgroup {
         parent: Option<&str>,
         limits: &Limits,
     ) -> Result<Option<Cgroup>, CgroupError> {
+        Self::create_with(id, parent, limits, true)
+    }
+
+    /// Like [`Cgroup::create`], without the container's device allow-list when `devices` is
+    /// false (for a process that opens host devices itself, such as a VMM and /dev/kvm).
+    pub fn create_with(
+        id: &str,
+        parent: Option<&str>,
+        limits: &Limits,
+        devices: bool,
+    ) -> Result<Option<Cgroup>, CgroupError> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| CgroupError::Proc("/proc/self/mountinfo", e))?;
         let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup")
@@ -194,7 +205,7 @@ impl Cgroup {
             }
         });
         if let Some(h) = v2 {
-            return Self::create_v2(h, parent, id, limits).map(Some);
+            return Self::create_v2(h, parent, id, limits, devices).map(Some);
         }
         let v1: Vec<&Hierarchy> = hierarchies
             .iter()
@@ -220,7 +231,7 @@ impl Cgroup {
                 "no devices cgroup controller: no device allow-list; mounts but /dev are nodev"
             );
         }
-        Self::create_v1(&v1, &proc_cgroup, parent, id, limits).map(Some)
+        Self::create_v1(&v1, &proc_cgroup, parent, id, limits, devices).map(Some)
     }
 
     fn create_v2(
@@ -228,6 +239,7 @@ impl Cgroup {
         parent: &str,
         id: &str,
         limits: &Limits,
+        devices: bool,
     ) -> Result<Cgroup, CgroupError> {
         let available =
             std::fs::read_to_string(h.mountpoint.join("cgroup.controllers")).unwrap_or_default();
@@ -276,6 +288,9 @@ impl Cgroup {
             if let Some(p) = limits.pids_max {
                 write(dir.join("pids.max"), &p.to_string())?;
             }
+            if !devices {
+                return Ok(());
+            }
             match devices::attach_v2(&dir) {
                 Ok(()) => Ok(()),
                 Err(devices::DeviceError::Unsupported(e)) => {
@@ -301,6 +316,7 @@ impl Cgroup {
         parent: &str,
         id: &str,
         limits: &Limits,
+        devices: bool,
     ) -> Result<Cgroup, CgroupError> {
         let mut cg = Cgroup {
             version: CgroupVersion::V1,
@@ -335,7 +351,7 @@ impl Cgroup {
                         write(dir.join("pids.max"), &p.to_string())?;
                     }
                 }
-                if has("devices") {
+                if devices && has("devices") {
                     devices::apply_v1(&dir)?;
                 }
             }

@@ -14,14 +14,15 @@ use vm_memory::GuestMemoryMmap;
 use super::backend::{DiskBackend, RawFile};
 use super::disk::Disk;
 use super::metrics::BlockMetrics;
-use super::request::Request;
+use super::request::{Request, RequestKind};
 use super::{
     features, BlockError, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, NAME, QUEUE_SIZE, SEG_MAX,
     SIZE_MAX,
 };
-use crate::virtio::chains::{serve_queue, Chain, RequestQueue};
+use crate::virtio::chains::{serve_queue_until, Chain, RequestQueue};
 use crate::virtio::glue::{ignore_config_write, read_config_bytes};
 use crate::virtio::mmio::VIRTIO_RING_F_EVENT_IDX;
+use crate::virtio::rate_limiter::{Kind, Limit, Throttle};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -42,6 +43,21 @@ pub struct BlockConfig {
     /// device and inode numbers.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Rate limits of the guest's reads and writes (`--device-read-bps` and friends).
+    #[serde(default)]
+    pub limits: BlockLimits,
+}
+
+/// The rate limits of one disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockLimits {
+    /// Reads: bytes and requests per second.
+    #[serde(default)]
+    pub read: Limit,
+    /// Writes (and write-zeroes, discards): bytes and requests per second.
+    #[serde(default)]
+    pub write: Limit,
 }
 
 impl std::str::FromStr for BlockConfig {
@@ -58,6 +74,7 @@ impl std::str::FromStr for BlockConfig {
             path: path.into(),
             read_only: false,
             serial: None,
+            limits: BlockLimits::default(),
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -82,24 +99,63 @@ pub fn process_queue(
     disk: &mut Disk,
     metrics: &BlockMetrics,
 ) -> Result<bool, virtio_queue::Error> {
-    // A head index past the queue cannot be returned; its chain was empty, so it is already
-    // counted as invalid.
-    serve_queue(queue, mem, None, |chain| {
-        execute_chain(chain, mem, disk, metrics)
-    })
+    let mut unlimited = Throttle::new(Limit::default(), Limit::default()).map_err(|e| {
+        debug!("virtio-blk: {e}");
+        virtio_queue::Error::QueueNotReady
+    })?;
+    process_queue_throttled(queue, mem, disk, metrics, &mut unlimited)
 }
 
-/// Parses and executes one request; returns the used length.
+/// [`process_queue`] under `throttle`: reads are its first kind, writes its second; once either
+/// is in debt the rest of the queue waits for its timer.
+pub fn process_queue_throttled(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &mut Disk,
+    metrics: &BlockMetrics,
+    throttle: &mut Throttle,
+) -> Result<bool, virtio_queue::Error> {
+    // A head index past the queue cannot be returned; its chain was empty, so it is already
+    // counted as invalid.
+    let throttled = std::cell::RefCell::new(throttle);
+    serve_queue_until(
+        queue,
+        mem,
+        None,
+        || {
+            let mut t = throttled.borrow_mut();
+            let blocked = t.blocked(Kind::First) || t.blocked(Kind::Second);
+            if blocked {
+                metrics.throttled.inc();
+            }
+            blocked
+        },
+        |chain| execute_chain(chain, mem, disk, metrics, &mut throttled.borrow_mut()),
+    )
+}
+
+/// Parses and executes one request, charging it to `throttle`; returns the used length.
 fn execute_chain(
     chain: Chain<'_>,
     mem: &GuestMemoryMmap,
     disk: &mut Disk,
     m: &BlockMetrics,
+    throttle: &mut Throttle,
 ) -> u32 {
     let head = chain.head_index();
     match Request::parse(chain, mem, usize::from(QUEUE_SIZE)) {
         Ok(mut req) => {
+            let charge = match req.kind {
+                RequestKind::In => Some((Kind::First, req.data.available_bytes())),
+                RequestKind::Out | RequestKind::Discard | RequestKind::WriteZeroes => {
+                    Some((Kind::Second, req.payload.available_bytes()))
+                }
+                _ => None,
+            };
             let status = disk.execute(&mut req, m);
+            if let Some((kind, bytes)) = charge {
+                throttle.charge(kind, bytes as u64);
+            }
             req.complete(status)
         }
         Err(e) => {
@@ -119,13 +175,19 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     pub(super) queue: RequestQueue,
     pub(super) metrics: Arc<BlockMetrics>,
+    pub(super) throttle: Throttle,
 }
 
 impl Block {
     /// Opens the image named by `config` as a raw file.
     pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
         let backend = RawFile::open(&config.path, config.read_only)?;
-        Self::with_backend(Box::new(backend), config.serial.clone())
+        let mut block = Self::with_backend(Box::new(backend), config.serial.clone())?;
+        if config.limits != BlockLimits::default() {
+            block.throttle = Throttle::new(config.limits.read, config.limits.write)
+                .map_err(BlockError::EventFd)?;
+        }
+        Ok(block)
     }
 
     /// A device over any backend; `serial` overrides the backend's GET_ID serial.
@@ -156,6 +218,8 @@ impl Block {
             acked_features: 0,
             queue: RequestQueue::new().map_err(BlockError::EventFd)?,
             metrics: Arc::new(BlockMetrics::default()),
+            throttle: Throttle::new(Limit::default(), Limit::default())
+                .map_err(BlockError::EventFd)?,
         })
     }
 
@@ -223,6 +287,10 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.queue.activate(ctx, &self.metrics.queue)
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.queue.queue_states()
     }
 
     fn reset(&mut self) -> bool {
@@ -327,6 +395,44 @@ mod tests {
         let mut queue: Queue = q.create_queue().unwrap();
         let m = BlockMetrics::default();
         assert!(process_queue(&mut queue, &mem, &mut disk, &m).is_err());
+    }
+
+    #[test]
+    fn a_read_limit_holds_reads_back_and_leaves_writes_alone() {
+        let (_f, mut disk) = image(false);
+        let mem = guest_mem();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        // Four 1 KiB reads, then a write.
+        for i in 0..4u16 {
+            push_req(
+                &q,
+                &mem,
+                i * 3,
+                0x2_0000 + u64::from(i) * 0x2000,
+                (rt::IN, 0),
+                &[(1024, true)],
+            );
+        }
+        // 1 KiB per second: the bucket holds 102 bytes, the first read takes it into debt.
+        let read = Limit {
+            bytes_per_sec: Some(1024),
+            ops_per_sec: None,
+        };
+        let mut throttle = Throttle::new(read, Limit::default()).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let m = BlockMetrics::default();
+        process_queue_throttled(&mut queue, &mem, &mut disk, &m, &mut throttle).unwrap();
+        assert_eq!(m.reads.get(), 1, "one read, then the rest waits");
+        assert_eq!(m.throttled.get(), 1);
+        assert!(throttle.waiting());
+        // Serving again before the debt is paid serves nothing.
+        process_queue_throttled(&mut queue, &mem, &mut disk, &m, &mut throttle).unwrap();
+        assert_eq!(m.reads.get(), 1);
+        // Writes are limited apart: an unlimited write throttle never holds them.
+        let mut writes = Throttle::new(Limit::default(), Limit::default()).unwrap();
+        assert!(!writes.blocked(Kind::Second));
+        writes.charge(Kind::Second, 1 << 30);
+        assert!(!writes.blocked(Kind::Second));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Connects a [`Block`] device to the VMM's event loop (see `virtio/glue.rs` for the pattern).
 
-use super::device::process_queue;
+use super::device::process_queue_throttled;
 use super::{Block, NAME};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, RequestDevice};
+use crate::virtio::rate_limiter::Throttle;
 
 impl RequestDevice for Block {
     const NAME: &'static str = NAME;
@@ -12,10 +13,14 @@ impl RequestDevice for Block {
     }
 
     fn process_request_queue(&mut self) {
-        let (disk, m) = (&mut self.disk, &*self.metrics);
+        let (disk, m, throttle) = (&mut self.disk, &*self.metrics, &mut self.throttle);
         self.queue.serve(NAME, &m.queue, |queue, mem| {
-            process_queue(queue, mem, disk, m)
+            process_queue_throttled(queue, mem, disk, m, throttle)
         });
+    }
+
+    fn throttle(&mut self) -> Option<&mut Throttle> {
+        Some(&mut self.throttle)
     }
 }
 

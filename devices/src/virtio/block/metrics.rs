@@ -34,6 +34,8 @@ pub struct BlockMetrics {
     pub unsupported: Counter,
     /// Descriptor chains so broken that no status could be written (returned with length 0).
     pub invalid_chains: Counter,
+    /// Times the rate limiter held the rest of the queue back.
+    pub throttled: Counter,
 }
 
 impl Counters for BlockMetrics {}
@@ -54,6 +56,6 @@ mod tests {
         assert_eq!(json["reads"], 1);
         assert_eq!(json["io_errors"], 0);
         assert_eq!(json["interrupts"], 3, "queue counters sit at the top level");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(15));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(16));
     }
 }

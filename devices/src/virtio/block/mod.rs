@@ -18,7 +18,7 @@ pub mod request;
 mod test_support;
 
 pub use backend::{DiskBackend, MemDisk, RawFile};
-pub use device::{Block, BlockConfig};
+pub use device::{Block, BlockConfig, BlockLimits};
 pub use disk::Disk;
 pub use metrics::BlockMetrics;
 

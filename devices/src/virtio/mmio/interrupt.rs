@@ -43,6 +43,12 @@ impl MmioInterrupt {
         self.status.store(0, Ordering::SeqCst);
     }
 
+    /// Restore: the saved InterruptStatus, without raising the interrupt again (the interrupt
+    /// controllers' own state says whether it is pending).
+    pub(super) fn restore(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
     /// The InterruptStatus register value.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)

@@ -18,8 +18,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{ActivateContext, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 mod interrupt;
+mod persist;
 use crate::bus::{lock, BusDevice};
 pub use interrupt::{MmioInterrupt, INT_CONFIG, INT_VRING};
+pub use persist::{MmioState, PersistError, QueueSnapshot};
 
 /// Size of the MMIO window of one device (registers + configuration space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -160,6 +162,11 @@ impl MmioTransport {
     /// The device behind this transport.
     pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
         self.device.clone()
+    }
+
+    /// The virtio device type behind the transport.
+    pub fn device_type(&self) -> u32 {
+        self.device_type
     }
 
     /// The Status register value.

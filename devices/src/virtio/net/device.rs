@@ -11,6 +11,7 @@ use super::{
     QUEUE_SIZE, RX_INDEX, TX_INDEX,
 };
 use crate::virtio::glue::{ignore_config_write, read_config_bytes, DeviceEvents};
+use crate::virtio::rate_limiter::{Limit, Throttle};
 use crate::virtio::{
     device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -36,6 +37,8 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The host backend.
     pub backend: NetBackendConfig,
+    /// The rate limit of each direction (`--network-rate`).
+    pub limit: Limit,
 }
 
 /// A virtio-net device and its backend.
@@ -55,6 +58,8 @@ pub struct Net {
     pub(crate) backend_registered: bool,
     /// The backend failed for good (e.g. passt exited); never read it again.
     pub(crate) backend_failed: bool,
+    /// Transmit (first) and receive (second) limits.
+    pub(crate) throttle: Throttle,
 }
 
 /// A random locally administered unicast MAC address (02:xx:xx:xx:xx:xx).
@@ -83,10 +88,21 @@ impl Net {
                 let name = tap.name().to_string();
                 let mut net = Self::with_backend(Box::new(tap), mac)?;
                 net.tap_name = Some(name);
+                net.limit(config.limit)?;
                 Ok(net)
             }
-            NetBackendConfig::User(passt) => Self::with_backend(Box::new(Passt::new(passt)?), mac),
+            NetBackendConfig::User(passt) => {
+                let mut net = Self::with_backend(Box::new(Passt::new(passt)?), mac)?;
+                net.limit(config.limit)?;
+                Ok(net)
+            }
         }
+    }
+
+    /// Limits each direction to `limit`.
+    pub fn limit(&mut self, limit: Limit) -> Result<(), NetError> {
+        self.throttle = Throttle::new(limit, limit).map_err(NetError::EventFd)?;
+        Ok(())
     }
 
     /// A device in front of an existing backend.
@@ -107,6 +123,8 @@ impl Net {
             active: None,
             backend_registered: false,
             backend_failed: false,
+            throttle: Throttle::new(Limit::default(), Limit::default())
+                .map_err(NetError::EventFd)?,
         })
     }
 
@@ -174,6 +192,10 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(NetQueues::queue_states)
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
         self.acked_features = 0;
@@ -234,6 +256,7 @@ mod tests {
             let cfg = NetConfig {
                 mac: None,
                 backend: NetBackendConfig::Tap(TapConfig::default()),
+                limit: Limit::default(),
             };
             let net = Net::new(&cfg).expect("tap net");
             let f = net.avail_features();

@@ -31,7 +31,7 @@ impl Net {
 
     fn run_tx(&mut self) {
         if let Some(queues) = self.active.as_mut() {
-            queues.process_tx(&mut *self.backend);
+            queues.process_tx(&mut *self.backend, &mut self.throttle);
         }
     }
 
@@ -42,9 +42,9 @@ impl Net {
         let Some(queues) = self.active.as_mut() else {
             return;
         };
-        match queues.process_rx(&mut *self.backend) {
+        match queues.process_rx(&mut *self.backend, &mut self.throttle) {
             RxStop::Drained => self.watch_backend(ops, true),
-            RxStop::NoBuffers => self.watch_backend(ops, false),
+            RxStop::NoBuffers | RxStop::Throttled => self.watch_backend(ops, false),
             RxStop::BackendFailed => {
                 self.watch_backend(ops, false);
                 self.backend_failed = true;
@@ -77,7 +77,16 @@ impl EventDevice for Net {
         }
     }
 
+    fn init_other(&mut self, ops: &mut EventOps) {
+        self.throttle.init(ops);
+    }
+
     fn on_other(&mut self, events: &Events, ops: &mut EventOps) -> bool {
+        if self.throttle.timer(events) {
+            self.run_tx();
+            self.run_rx(ops);
+            return true;
+        }
         if events.fd() != self.backend.raw_fd() {
             return false;
         }
@@ -199,6 +208,7 @@ mod tests {
                     host_ip: Some(host_ip),
                     prefix_len: 24,
                 }),
+                limit: Default::default(),
             };
             let net = Net::new(&cfg).expect("net with tap");
             assert!(net.tap_name().expect("tap name").starts_with("mvm-tap"));
@@ -244,6 +254,7 @@ mod tests {
         let cfg = NetConfig {
             mac: Some(GUEST_MAC),
             backend: NetBackendConfig::User(PasstConfig::default()),
+            limit: Default::default(),
         };
         let net = Net::new(&cfg).expect("net with passt");
         assert_eq!(net.tap_name(), None);

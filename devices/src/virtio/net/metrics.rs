@@ -29,6 +29,10 @@ pub struct NetMetrics {
     pub rx_no_buffers: Counter,
     /// Interrupts raised towards the guest.
     pub interrupts: Counter,
+    /// Times the rate limiter held transmitting back.
+    pub tx_throttled: Counter,
+    /// Times the rate limiter held receiving back.
+    pub rx_throttled: Counter,
 }
 
 impl Counters for NetMetrics {}

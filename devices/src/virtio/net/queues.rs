@@ -12,7 +12,8 @@ use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::{NetBackend, NetMetrics, MAX_FRAME_LEN, NAME, VNET_HDR_LEN};
-use crate::virtio::chains::{drain_queue, notify_guest, Chain, QueueIrq};
+use crate::virtio::chains::{drain_queue_until, notify_guest, Chain, QueueIrq};
+use crate::virtio::rate_limiter::{Kind, Throttle};
 use crate::virtio::VirtioInterrupt;
 
 /// Smallest frame the device forwards: an Ethernet header.
@@ -30,6 +31,8 @@ pub enum RxStop {
     NoBuffers,
     /// The backend failed (e.g. passt exited); stop reading it.
     BackendFailed,
+    /// The rate limiter holds receiving back: stop reading the backend until its timer fires.
+    Throttled,
 }
 
 /// The queues of an activated virtio-net device and the frame buffers that serve them.
@@ -54,6 +57,11 @@ enum Deliver {
 }
 
 impl NetQueues {
+    /// The receive and transmit queues' state (for a snapshot).
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state()]
+    }
+
     /// Serves `rx` and `tx` in `mem`; `mrg_rxbuf` is whether the driver accepted
     /// VIRTIO_NET_F_MRG_RXBUF.
     pub fn new(
@@ -78,16 +86,28 @@ impl NetQueues {
         }
     }
 
-    /// Sends every frame the guest queued for transmission to `backend`.
-    pub fn process_tx(&mut self, backend: &mut dyn NetBackend) {
+    /// Sends every frame the guest queued for transmission to `backend`, as far as `throttle`
+    /// lets it (transmit is its first kind).
+    pub fn process_tx(&mut self, backend: &mut dyn NetBackend, throttle: &mut Throttle) {
         let irq = irq(&*self.interrupt, &self.metrics);
         let (m, frame_buf) = (&*self.metrics, &mut self.tx_frame);
-        let unreturned = drain_queue(&mut self.tx, &self.mem, irq, |chain| {
+        let throttle = std::cell::RefCell::new(throttle);
+        let stop = || {
+            let blocked = throttle.borrow_mut().blocked(Kind::First);
+            if blocked {
+                m.tx_throttled.inc();
+            }
+            blocked
+        };
+        let unreturned = drain_queue_until(&mut self.tx, &self.mem, irq, stop, |chain| {
             let Some(len) = read_tx_frame(&self.mem, chain, frame_buf) else {
                 m.tx_dropped.inc();
                 return;
             };
             let (hdr, frame) = frame_buf[..len].split_at(VNET_HDR_LEN);
+            throttle
+                .borrow_mut()
+                .charge(Kind::First, frame.len() as u64);
             match backend.send(hdr, frame) {
                 Ok(()) => {
                     m.tx_frames.inc();
@@ -102,12 +122,17 @@ impl NetQueues {
         m.tx_dropped.add(unreturned);
     }
 
-    /// Moves frames from `backend` into the guest's receive buffers until one side runs dry.
-    pub fn process_rx(&mut self, backend: &mut dyn NetBackend) -> RxStop {
+    /// Moves frames from `backend` into the guest's receive buffers until one side runs dry or
+    /// `throttle` holds receiving back (receive is its second kind).
+    pub fn process_rx(&mut self, backend: &mut dyn NetBackend, throttle: &mut Throttle) -> RxStop {
         let m = Arc::clone(&self.metrics);
         let mut delivered = false;
         let stop = loop {
             if self.rx_pending == 0 {
+                if throttle.blocked(Kind::Second) {
+                    m.rx_throttled.inc();
+                    break RxStop::Throttled;
+                }
                 match backend.recv(&mut self.rx_frame) {
                     Ok(n)
                         if !(VNET_HDR_LEN + MIN_FRAME_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN)
@@ -138,6 +163,7 @@ impl NetQueues {
                 Deliver::Done => {
                     m.rx_frames.inc();
                     m.rx_bytes.add((len - VNET_HDR_LEN) as u64);
+                    throttle.charge(Kind::Second, (len - VNET_HDR_LEN) as u64);
                     self.rx_pending = 0;
                     delivered = true;
                 }
@@ -307,6 +333,11 @@ mod tests {
         peer: UnixDatagram,
         irq: Arc<TestInterrupt>,
         metrics: Arc<NetMetrics>,
+        throttle: Throttle,
+    }
+
+    fn unlimited() -> Throttle {
+        Throttle::new(Default::default(), Default::default()).unwrap()
     }
 
     fn rig(mem: &GuestMemoryMmap, mrg: bool) -> Rig<'_> {
@@ -332,6 +363,7 @@ mod tests {
             peer,
             irq,
             metrics,
+            throttle: unlimited(),
         }
     }
 
@@ -355,7 +387,7 @@ mod tests {
             Desc::r(DATA_START + 12, 50),
             Desc::r(DATA_START + 62, 50),
         ]);
-        r.queues.process_tx(&mut r.backend);
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
         let mut buf = vec![0u8; 4096];
         let n = r.peer.recv(&mut buf).expect("frame on backend");
         assert_eq!(&buf[..n], &pkt[..]);
@@ -382,7 +414,7 @@ mod tests {
         for chain in &hostile {
             r.txq.add(chain);
         }
-        r.queues.process_tx(&mut r.backend);
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
         assert_eq!(r.txq.take_used().len(), hostile.len());
         assert_eq!(r.metrics.tx_dropped.get(), hostile.len() as u64);
         let mut buf = [0u8; 64];
@@ -396,7 +428,7 @@ mod tests {
         write_mem(r.mem, DATA_START, &[0u8; 64]);
         r.txq.write_raw(15, Descriptor::new(DATA_START, 64, 1, 15));
         r.txq.publish(15);
-        r.queues.process_tx(&mut r.backend);
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
         assert_eq!(r.txq.take_used().len(), 1);
         let n = r
             .peer
@@ -409,7 +441,7 @@ mod tests {
         pkt.extend_from_slice(&frame(60));
         write_mem(r.mem, DATA_START, &pkt);
         r.txq.add(&[Desc::r(DATA_START, pkt.len() as u32)]);
-        r.queues.process_tx(&mut r.backend);
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
         let n = r
             .peer
             .recv(&mut vec![0u8; 4096])
@@ -433,7 +465,10 @@ mod tests {
         for i in 0..3 {
             r.rxq.add(&[Desc::w(DATA_START + i * 0x1000, 1500)]);
         }
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::Drained
+        );
         let used = r.rxq.take_used();
         assert_eq!(used, vec![(0, 1500), (1, 1500), (2, 12)]);
         let hdr = read_mem(r.mem, DATA_START, VNET_HDR_LEN);
@@ -452,7 +487,10 @@ mod tests {
         let mut r = rig(&mem, true);
         send_from_host(&r.peer, &frame(3000));
         r.rxq.add(&[Desc::w(DATA_START, 1500)]);
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::NoBuffers);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::NoBuffers
+        );
         assert!(r.queues.rx_pending());
         assert!(
             r.rxq.take_used().is_empty(),
@@ -460,7 +498,10 @@ mod tests {
         );
         r.rxq.add(&[Desc::w(DATA_START + 0x1000, 1500)]);
         r.rxq.add(&[Desc::w(DATA_START + 0x2000, 1500)]);
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::Drained
+        );
         assert_eq!(r.rxq.take_used().len(), 3);
         assert_eq!(r.metrics.rx_frames.get(), 1);
     }
@@ -476,7 +517,10 @@ mod tests {
         r.rxq.add(&[Desc::w(size - 8, 1500)]); // outside guest memory
         r.rxq.add(&[Desc::w(DATA_START, 4)]); // too small for the header
         r.rxq.add(&[Desc::w(DATA_START + 0x4000, 1500)]);
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::Drained
+        );
         let used = r.rxq.take_used();
         assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, 212)]);
         assert_eq!(r.metrics.rx_bad_buffers.get(), 3);
@@ -491,7 +535,10 @@ mod tests {
         let small = send_from_host(&r.peer, &frame(100));
         r.rxq.add(&[Desc::w(DATA_START, 1500)]);
         r.rxq.add(&[Desc::w(DATA_START + 0x1000, 1500)]);
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::Drained
+        );
         assert_eq!(r.rxq.take_used(), vec![(0, 0), (1, 112)]);
         let mut got = read_mem(r.mem, DATA_START + 0x1000, 112);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
@@ -509,9 +556,39 @@ mod tests {
         for i in 0..16 {
             r.rxq.add(&[Desc::w(DATA_START + i * 0x1_0000, 0x1_0000)]);
         }
-        assert_eq!(r.queues.process_rx(&mut r.backend), RxStop::Drained);
+        assert_eq!(
+            r.queues.process_rx(&mut r.backend, &mut r.throttle),
+            RxStop::Drained
+        );
         let used = r.rxq.take_used();
         assert!(used.is_empty(), "{used:?} {}", r.metrics.to_json());
         assert_eq!(r.metrics.rx_dropped.get(), 2);
+    }
+
+    #[test]
+    fn a_throttled_queue_sends_what_its_limit_allows_and_the_rest_waits() {
+        let mem = guest_memory();
+        let mut r = rig(&mem, true);
+        // 10 packets per second: the bucket holds one; a second takes it into debt.
+        let limit = crate::virtio::rate_limiter::Limit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(10),
+        };
+        r.throttle = Throttle::new(limit, limit).unwrap();
+        let mut pkt = vec![0u8; VNET_HDR_LEN];
+        pkt.extend_from_slice(&frame(60));
+        for i in 0..6u64 {
+            let at = DATA_START + i * 0x100;
+            write_mem(&mem, at, &pkt);
+            r.txq.add(&[Desc::r(at, pkt.len() as u32)]);
+        }
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
+        assert_eq!(r.metrics.tx_frames.get(), 2);
+        assert!(r.throttle.waiting(), "the timer resumes the queue");
+        assert_eq!(r.metrics.tx_throttled.get(), 1);
+        // Once the debt is paid (100 ms) and the bucket refilled (100 ms more), two more go.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        r.queues.process_tx(&mut r.backend, &mut r.throttle);
+        assert_eq!(r.metrics.tx_frames.get(), 4);
     }
 }

@@ -145,6 +145,10 @@ impl VirtioDevice for Rng {
         self.queue.activate(ctx, &self.metrics.queue)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.queue.queue_states()
+    }
+
     fn reset(&mut self) -> bool {
         self.acked_features = 0;
         self.queue.reset();

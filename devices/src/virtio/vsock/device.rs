@@ -21,6 +21,10 @@ pub struct Vsock {
     pub(crate) events: DeviceEvents,
     /// The queues, while a driver has the device activated.
     pub(crate) active: Option<VsockQueues>,
+    /// A transport reset was sent after a restore and the driver has not yet given the event
+    /// buffer back: until it does, nothing goes to the guest, or a connection made now would
+    /// be dropped by the guest's late handling of the reset.
+    pub(crate) reset_pending: bool,
 }
 
 impl Vsock {
@@ -36,6 +40,7 @@ impl Vsock {
             metrics,
             events: DeviceEvents::new().map_err(VsockError::Setup)?,
             active: None,
+            reset_pending: false,
         })
     }
 
@@ -90,8 +95,24 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(VsockQueues::queue_states)
+    }
+
+    fn restored(&mut self) {
+        // The host sockets of the saved connections are not in this process: the guest must
+        // drop its ends (a restored agent goes on listening, and the host connects anew).
+        if let Some(queues) = self.active.as_mut() {
+            self.reset_pending = queues.send_transport_reset();
+            if !self.reset_pending {
+                log::warn!("{NAME}: no event buffer for the transport reset after a restore");
+            }
+        }
+    }
+
     fn reset(&mut self) -> bool {
         self.active = None;
+        self.reset_pending = false;
         self.events.deactivated();
         self.muxer.reset();
         self.acked_features = 0;

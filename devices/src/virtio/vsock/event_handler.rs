@@ -7,7 +7,7 @@
 
 use event_manager::{EventOps, EventSet, Events};
 
-use super::{Vsock, NAME, RX_INDEX, TX_INDEX};
+use super::{Vsock, EVT_INDEX, NAME, RX_INDEX, TX_INDEX};
 use crate::virtio::glue::{event_subscriber, DeviceEvents, EventDevice};
 
 impl Vsock {
@@ -20,6 +20,9 @@ impl Vsock {
     /// Fills the guest's receive buffers; where that made room, takes the packets TX held back
     /// (backpressure), and so on while both move.
     fn run_rx(&mut self) {
+        if self.reset_pending {
+            return;
+        }
         if let Some(queues) = self.active.as_mut() {
             queues.process_rx(&mut self.muxer);
             while queues.tx_paused() && self.muxer.accepts_guest_packets() {
@@ -53,6 +56,11 @@ impl EventDevice for Vsock {
             RX_INDEX => self.run_rx(),
             TX_INDEX => {
                 self.run_tx();
+                self.run_rx();
+            }
+            // The driver gave an event buffer back: it has handled the transport reset.
+            EVT_INDEX => {
+                self.reset_pending = false;
                 self.run_rx();
             }
             _ => {}
@@ -254,6 +262,37 @@ mod tests {
         guest.0.give_rx_buffer();
         let (req, _) = guest.recv();
         assert_eq!((req.op, req.dst_port), (op::REQUEST, 8));
+    }
+
+    #[test]
+    fn after_a_restore_nothing_reaches_the_guest_until_it_handled_the_transport_reset() {
+        use crate::virtio::testing::Desc;
+        use crate::virtio::VirtioDevice;
+        const EVENT_BUF: u64 = 0x60_0000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = device(&dir);
+        let path = dev.socket_path().to_path_buf();
+        let mem = guest_memory();
+        let mut guest = Guest::start(&mem, dev);
+        guest.0.rig.queues[EVT_INDEX].add(&[Desc::w(EVENT_BUF, 4)]);
+        guest.0.rig.dev.lock().expect("lock").restored();
+        // The reset event went into the event buffer: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (0).
+        assert_eq!(guest.0.rig.queues[EVT_INDEX].take_used(), vec![(0, 4)]);
+
+        let mut host = UnixStream::connect(&path).expect("host connects");
+        host.write_all(b"CONNECT 1024\n").expect("write");
+        for _ in 0..5 {
+            guest.0.run(20);
+        }
+        assert!(
+            guest.0.rig.queues[RX_INDEX].take_used().is_empty(),
+            "a packet reached the guest before it handled the reset"
+        );
+        // The driver handled the reset and gives the event buffer back.
+        guest.0.rig.queues[EVT_INDEX].add(&[Desc::w(EVENT_BUF, 4)]);
+        guest.0.rig.notify(EVT_INDEX);
+        let (req, _) = guest.recv();
+        assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024));
     }
 
     #[test]

@@ -19,14 +19,17 @@ use super::{Muxer, VsockMetrics, MAX_PKT_DATA, NAME};
 use crate::virtio::chains::{notify_guest, QueueIrq};
 use crate::virtio::VirtioInterrupt;
 
+/// `virtio_vsock_event.id` of a transport reset.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
 /// The queues of an activated vsock device.
 #[derive(Debug)]
 pub struct VsockQueues {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    /// The event queue; kept so it stays configured, the device sends no events.
-    _event: Queue,
+    /// The event queue: the device sends one event, a transport reset after a restore.
+    event: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<VsockMetrics>,
     buf: Vec<u8>,
@@ -48,12 +51,38 @@ impl VsockQueues {
             mem,
             rx,
             tx,
-            _event: event,
+            event,
             interrupt,
             metrics,
             buf: vec![0; MAX_PKT_DATA],
             tx_paused: false,
         }
+    }
+
+    /// The receive, transmit and event queues' state (for a snapshot).
+    pub fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state(), self.event.state()]
+    }
+
+    /// Tells the driver that every connection is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, in
+    /// a buffer of the event queue): after a restore the host side of each is closed. The
+    /// driver then also reads the guest CID again. Returns false when the driver left no
+    /// buffer for the event.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let Some(chain) = self.event.pop_descriptor_chain(&self.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writer(&self.mem)
+            .ok()
+            .filter(|w| w.available_bytes() >= 4)
+            .and_then(|mut w| w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).ok())
+            .is_some();
+        let len = if written { 4 } else { 0 };
+        let _ = self.event.add_used(&self.mem, head, len);
+        notify_guest(&mut self.event, &self.mem, irq(&*self.interrupt));
+        written
     }
 
     /// Whether TX processing stopped for backpressure and should resume once the guest has
