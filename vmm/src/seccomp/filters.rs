@@ -290,6 +290,13 @@ pub const RUNNER: &[Rule] = &[
     any(libc::SYS_dup2),
     // The device counters (`mvm stats`), rewritten in place in a file opened before the jail.
     any(libc::SYS_pwrite64),
+    // The container log's rotation: answered ENOSYS by a filter of their own (see [`enosys`]),
+    // so a jailed VMM keeps its log at its size limit and stops logging instead of dying.
+    any(libc::SYS_rename),
+    any(libc::SYS_renameat),
+    any(libc::SYS_renameat2),
+    any(libc::SYS_unlink),
+    any(libc::SYS_unlinkat),
 ];
 
 /// The control socket's server.
@@ -317,7 +324,15 @@ pub fn rules(kind: ThreadKind) -> Vec<Rule> {
 /// The calls answered ENOSYS for `kind` rather than allowed or trapped.
 pub fn enosys(kind: ThreadKind) -> Vec<i64> {
     let own: &[i64] = match kind {
-        ThreadKind::Runner | ThreadKind::Relay => &[libc::SYS_clone3],
+        ThreadKind::Runner => &[
+            libc::SYS_clone3,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+        ],
+        ThreadKind::Relay => &[libc::SYS_clone3],
         // The vsock device removes its socket when the VM is dropped; a confined VMM may not
         // remove files, so its supervisor does.
         ThreadKind::Device => &[libc::SYS_unlink, libc::SYS_unlinkat],
