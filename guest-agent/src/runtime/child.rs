@@ -262,8 +262,9 @@ pub(crate) fn set_identity(
 }
 
 /// Puts every signal back to its default action and unblocks all of them (the runtime may
-/// ignore SIGPIPE or block the signals it forwards).
-fn reset_signals() {
+/// ignore SIGPIPE or block the signals it forwards, and whatever started it may have ignored
+/// SIGINT, SIGQUIT or SIGHUP: a background job, nohup). Async-signal-safe.
+pub(crate) fn reset_signals() {
     for sig in 1..32 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
             // SAFETY: setting a default disposition has no memory effects.

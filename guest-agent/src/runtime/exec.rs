@@ -346,9 +346,9 @@ fn empty_set() -> libc::sigset_t {
 
 /// The command: stdio, identity, working directory, then exec.
 fn command(plan: &Plan<'_>) -> ! {
-    let set = empty_set();
-    // SAFETY: unblocks every signal for the command.
-    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    // Default actions (an ignored SIGINT would survive exec, and a shell cannot trap it) and an
+    // unblocked mask, as for the first process.
+    super::child::reset_signals();
     // SAFETY: the command dies with its keeper.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     // Its own session, without a controlling terminal.
