@@ -181,6 +181,15 @@ pub const SPAWN: &[Rule] = &[
     any(libc::SYS_set_robust_list),
     any(libc::SYS_rseq),
     when(libc::SYS_prctl, &[eq(0, int(libc::PR_SET_NAME))]),
+    // A thread started here confines itself further under this filter, which it inherited (a
+    // port's forwarder): it reads its name back for the SIGSYS report (`report::label_thread`)
+    // and installs its own filter, which can only take calls away (no_new_privs is set already).
+    when(libc::SYS_prctl, &[eq(0, int(libc::PR_GET_NAME))]),
+    when(libc::SYS_prctl, &[eq(0, int(libc::PR_SET_NO_NEW_PRIVS))]),
+    when(
+        libc::SYS_seccomp,
+        &[eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)],
+    ),
     any(libc::SYS_sched_getaffinity),
 ];
 
