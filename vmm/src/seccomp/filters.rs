@@ -297,6 +297,9 @@ pub const RUNNER: &[Rule] = &[
     any(libc::SYS_wait4),
     // A detached run's own output goes to its log once the container runs.
     any(libc::SYS_dup2),
+    // Nothing here accepts; but a published port's forwarder is started by this thread and
+    // runs under this filter as well as its own (filters stack), so it must let `accept4` by.
+    any(libc::SYS_accept4),
 ];
 
 /// The control socket's server.
