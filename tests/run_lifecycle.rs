@@ -425,7 +425,13 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record["status"], "running");
     let pid = i32::try_from(record["pid"].as_i64().unwrap()).unwrap();
-    let passt = children_named(pid, "passt");
+    // passt is started by the VM's VMM process (a child of the runner), before its jail.
+    let vmm = i32::try_from(record["vmm_pid"].as_i64().unwrap()).unwrap();
+    assert!(
+        children_named(pid, "mvm").contains(&vmm),
+        "the runner's VMM"
+    );
+    let passt = children_named(vmm, "passt");
     assert_eq!(passt.len(), 1, "--network user runs one passt");
     // SAFETY: kill has no memory preconditions; the pid is the runner this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);

@@ -181,6 +181,15 @@ pub const SPAWN: &[Rule] = &[
     any(libc::SYS_set_robust_list),
     any(libc::SYS_rseq),
     when(libc::SYS_prctl, &[eq(0, int(libc::PR_SET_NAME))]),
+    // A thread started here confines itself further under this filter, which it inherited (a
+    // port's forwarder): it reads its name back for the SIGSYS report (`report::label_thread`)
+    // and installs its own filter, which can only take calls away (no_new_privs is set already).
+    when(libc::SYS_prctl, &[eq(0, int(libc::PR_GET_NAME))]),
+    when(libc::SYS_prctl, &[eq(0, int(libc::PR_SET_NO_NEW_PRIVS))]),
+    when(
+        libc::SYS_seccomp,
+        &[eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)],
+    ),
     any(libc::SYS_sched_getaffinity),
 ];
 
@@ -297,6 +306,9 @@ pub const RUNNER: &[Rule] = &[
     any(libc::SYS_renameat2),
     any(libc::SYS_unlink),
     any(libc::SYS_unlinkat),
+    // Nothing here accepts; but a published port's forwarder is started by this thread and
+    // runs under this filter as well as its own (filters stack), so it must let `accept4` by.
+    any(libc::SYS_accept4),
 ];
 
 /// The control socket's server.

@@ -160,9 +160,23 @@ fn a_forbidden_call_kills_the_process_with_one_line_and_an_allowed_one_passes() 
         if opened.map_err(|e| e.raw_os_error()) != Err(Some(libc::ENOSYS)) {
             return 6;
         }
-        match std::thread::spawn(|| 7).join() {
-            Ok(7) => 0,
-            _ => 5,
+        if !matches!(std::thread::spawn(|| 7).join(), Ok(7)) {
+            return 5;
+        }
+        // A named thread started here confines itself in turn (as a port's forwarder does).
+        let relay = std::thread::Builder::new()
+            .name("relay-test".into())
+            .spawn(|| {
+                let confined = confine(ThreadKind::Relay).is_ok();
+                // It may then do what its own kind may: accept (on no socket: EBADF).
+                // SAFETY: accept4 on an invalid descriptor with null address pointers.
+                let r = unsafe { libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+                confined && r == -1
+            })
+            .map(|t| t.join());
+        match relay {
+            Ok(Ok(true)) => 0,
+            _ => 8,
         }
     });
     assert!(
