@@ -90,8 +90,8 @@ vmlinuz="$l1/boot/vmlinuz-$kver"
 modules=(virtio_pci 9pnet_virtio 9p overlay kvm_amd tun vhost_vsock)
 init_script=$(cat <<'INIT'
 #!/bin/busybox sh
-# L1's PID 1: mount this machine's root (9p, read-only) under a tmpfs overlay, load KVM, run the
-# job in a chroot with its output on the console, record its exit code, power off.
+# L1's PID 1: mount this machine's root (9p, read-only) under a tmpfs overlay, load KVM, switch
+# to that root and run the job with its output on the console, record its exit code, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -135,11 +135,19 @@ mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=512000 job $r$job 
   || fail "cannot mount the job folder"
 hostname vt-host
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-chroot $r /bin/sh "$job/job.sh" </dev/null >/dev/console 2>&1
-echo $? > $r$job/rc
+# The job runs under a real root switch, not a chroot: the kernel refuses a new user namespace
+# (the VMM's jail) to a process whose root is not its mount namespace's.
+cat > $r/run/vt-init <<JOB
+#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+/bin/sh "$job/job.sh" </dev/null >/dev/console 2>&1
+echo \$? > "$job/rc"
 sync
-umount $r$job
-poweroff -f
+umount "$job"
+echo o > /proc/sysrq-trigger
+sleep 10
+JOB
+exec switch_root $r /bin/sh /run/vt-init
 INIT
 )
 init_script=${init_script/__MODULES__/${modules[*]}}
