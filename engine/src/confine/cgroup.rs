@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use guest_agent::runtime::cgroups::{Cgroup, CgroupVersion};
+use guest_agent::runtime::cgroups::{Cgroup, CgroupError, CgroupVersion};
 use guest_agent::runtime::Limits;
 use serde::{Deserialize, Serialize};
 
@@ -62,8 +62,19 @@ impl VmmCgroup {
             log::debug!("not root: the VMM gets no cgroup of its own");
             return Ok(None);
         }
-        Ok(Cgroup::create_with(name, Some(PARENT), limits, false)?
-            .map(|cgroup| VmmCgroup { cgroup }))
+        match Cgroup::create_with(name, Some(PARENT), limits, false) {
+            Ok(cgroup) => Ok(cgroup.map(|cgroup| VmmCgroup { cgroup })),
+            // No cgroup v2 here (or not in this mount namespace: `ip netns exec` mounts a sysfs
+            // of its own): the VMM runs without its memory, pids and cpu limits, and says so.
+            Err(CgroupError::ControllerMissing(controller, _)) => {
+                eprintln!(
+                    "mvm: warning: the {controller} cgroup controller is not available here: the \
+                     VMM runs without a cgroup of its own (no memory, pids or cpu limit on it)"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The `cgroup.procs` files the VMM writes itself into.
