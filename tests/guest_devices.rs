@@ -25,7 +25,7 @@ use devices::virtio::vsock::{host_connect, listener_path};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Starts `mvm boot` on the virtio guest (stdout and stderr piped); `prefix` runs mvm through
-/// another program (e.g. `ip netns exec NS`).
+/// another program (e.g. `nsenter --net=...`).
 fn start_guest(prefix: &[&str], cmdline: &str, extra: &[&str]) -> (Child, Instant) {
     let guest = test_guest("virtio");
     let mut argv: Vec<&str> = prefix.to_vec();
@@ -346,7 +346,9 @@ fn tap_exchange(layout: &str, burst: u64, rx_buffers: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let metrics = dir.path().join("metrics.json");
     let (child, started) = start_guest(
-        &["ip", "netns", "exec", &ns.0],
+        // Only the network namespace (`ip netns exec` would also mount a sysfs of its own,
+        // hiding the cgroup file system the VMM's cgroup is made in).
+        &["nsenter", &format!("--net=/run/netns/{}", ns.0)],
         &cmdline,
         &[
             "--network",
