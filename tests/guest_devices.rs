@@ -558,12 +558,22 @@ fn guest_connects_to_a_host_vsock_listener_and_both_sides_exchange_data() {
     }
 }
 
+/// The VMM connects to a host listener as its jail's own user: the directory must let others
+/// through and the listener let them connect.
+fn open_to_the_vmm(dir: &std::path::Path, listener: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod dir");
+    std::fs::set_permissions(listener, std::fs::Permissions::from_mode(0o777))
+        .expect("chmod listener");
+}
+
 /// The guest connects to the host listener `<socket>_5001`, sends a line, reads the answer and
 /// shuts the connection down; the listener sees end of file.
 fn guest_connects(layout: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(listener_path(&sock, 5001)).expect("bind listener");
+    open_to_the_vmm(dir.path(), &listener_path(&sock, 5001));
     let guest_nonce = format!("{:x}", nonce());
     let host_text = format!("pong {:x}", nonce().rotate_left(9));
     let reply = host_text.clone();
@@ -665,6 +675,7 @@ fn guest_that_resets_and_reinitialises_its_devices_keeps_using_them() {
     std::fs::write(&disk, guest_pattern(nonce(), 1, 64 * 1024)).expect("write disk");
     let sock = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(listener_path(&sock, 5001)).expect("bind listener");
+    open_to_the_vmm(dir.path(), &listener_path(&sock, 5001));
     let host = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for _ in 0..2 {
