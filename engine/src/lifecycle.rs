@@ -229,6 +229,23 @@ pub fn exec(
 
 /// The user's terminal for an `exec -t` or `attach`: raw mode (with input), the relay of input
 /// and size changes. `on_detach` ends the wait when the detach keys are typed.
+/// What the detach keys do: set `flag` and shut the agent session down, which ends the wait
+/// for the process (it goes on in the container).
+fn detach_hook(
+    client: &AgentClient<UnixStream>,
+    flag: &Arc<AtomicBool>,
+) -> Result<Box<dyn FnOnce() + Send>, Error> {
+    let conn = client
+        .conn()
+        .try_clone()
+        .map_err(|e| Error::System("dup the agent connection".into(), e))?;
+    let flag = flag.clone();
+    Ok(Box::new(move || {
+        flag.store(true, Ordering::SeqCst);
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }))
+}
+
 fn show_terminal(
     input: Box<dyn TerminalInput>,
     options: &ExecOptions,
@@ -274,15 +291,7 @@ fn exec_in_vm(
     let (relay, raw) = if options.interactive || options.tty {
         let vsock = store.container_dir(&r.id).join("vsock.sock");
         let input = AgentInput::connect(&vsock, stream)?;
-        let conn = client
-            .conn()
-            .try_clone()
-            .map_err(|e| Error::System("dup the agent connection".into(), e))?;
-        let flag = detached_flag.clone();
-        let on_detach = Box::new(move || {
-            flag.store(true, Ordering::SeqCst);
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        });
+        let on_detach = detach_hook(&client, &detached_flag)?;
         let (relay, raw) = show_terminal(Box::new(input), options, on_detach)?;
         (Some(relay), raw)
     } else {
@@ -443,15 +452,7 @@ fn attach_vm(store: &StateStore, r: &ContainerRecord, options: &ExecOptions) -> 
             let _ = input.resize(size);
         }
     }
-    let conn = client
-        .conn()
-        .try_clone()
-        .map_err(|e| Error::System("dup the agent connection".into(), e))?;
-    let flag = detached_flag.clone();
-    let on_detach = Box::new(move || {
-        flag.store(true, Ordering::SeqCst);
-        let _ = conn.shutdown(std::net::Shutdown::Both);
-    });
+    let on_detach = detach_hook(&client, &detached_flag)?;
     let (relay, raw) = show_terminal(Box::new(input), options, on_detach)?;
     let result = client.stream_until_exit(MAIN_STREAM, &mut InheritOutput);
     drop(relay);
