@@ -485,13 +485,21 @@ fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
+    // `ps` as docker's `--format json` reports it: State is "running" or "paused".
+    let state = || {
+        let ps = text(
+            &t.mvm(&["ps", "-f", "name=counter", "--format", "json"], false)
+                .stdout,
+        );
+        let row: serde_json::Value = serde_json::from_str(ps.trim()).unwrap_or_default();
+        row["State"].as_str().unwrap_or_default().to_string()
+    };
     wait_for_more(1);
 
     let out = t.mvm(&["pause", "counter"], false);
     assert!(out.status.success(), "pause: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "counter");
-    let ps = text(&t.mvm(&["ps"], false).stdout);
-    assert!(ps.contains("paused"), "{ps}");
+    assert_eq!(state(), "paused");
     let held = lines();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(lines(), held, "a paused VM went on printing");
@@ -503,8 +511,7 @@ fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
 
     let out = t.mvm(&["unpause", "counter"], false);
     assert!(out.status.success(), "unpause: {}", text(&out.stderr));
-    let ps = text(&t.mvm(&["ps"], false).stdout);
-    assert!(ps.contains("running") && !ps.contains("paused"), "{ps}");
+    assert_eq!(state(), "running");
     wait_for_more(held);
 
     // A paused container still stops and is removed.
