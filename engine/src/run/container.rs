@@ -107,7 +107,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
             let output = master
                 .try_clone()
                 .map_err(|e| Error::System("dup the container's terminal".into(), e))?;
-            let pumps = Pumps::start(Some(output), None, &log, !run.detached)?;
+            let pumps = Pumps::start(Some(output), None, &log, !run.detached())?;
             let (relay, raw) = run.relay_terminal(Box::new(PtyInput(master)))?;
             (pumps, relay, raw)
         }
@@ -116,7 +116,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
                 Some(w) => Some(run.relay_input(Box::new(PipeInput(Some(w))))?),
                 None => None,
             };
-            let pumps = Pumps::start(c.take_stdout(), c.take_stderr(), &log, !run.detached)?;
+            let pumps = Pumps::start(c.take_stdout(), c.take_stderr(), &log, !run.detached())?;
             (pumps, relay, None)
         }
     };

@@ -76,19 +76,35 @@ pub(super) struct Run<'a> {
     pub process: Process,
     /// The record, while the container runs.
     pub guard: &'a mut RunGuard,
-    /// Whether this is the runner of `-d` (no terminal; it tells its parent once the container
-    /// runs). A foreground microVM's runner is not: it has the user's terminal.
-    pub detached: bool,
-    /// The runner's first run: it tells the parent once the container runs (a restart does not).
-    pub announce: bool,
+    /// Who runs it: the foreground `mvm run` (or a foreground microVM's runner, which has the
+    /// user's terminal), or the runner of `-d`.
+    pub caller: Caller,
+}
+
+/// Who runs a container in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Caller {
+    /// On the user's terminal: `mvm run` in the foreground, or a foreground microVM's runner.
+    Foreground,
+    /// The runner of `-d` (no terminal); on its `first` run it tells its parent once the
+    /// container runs (a restart does not).
+    Runner {
+        /// Not a restart.
+        first: bool,
+    },
 }
 
 impl Run<'_> {
+    /// Whether this is the runner of `-d`: no terminal, output only to the log.
+    pub fn detached(&self) -> bool {
+        matches!(self.caller, Caller::Runner { .. })
+    }
+
     /// The container runs: records it (with its first process's host pid, if it has one) and,
     /// in the runner's first run of `-d`, tells the parent.
     pub fn started(&mut self, taps: Vec<String>, process_pid: Option<i32>) -> Result<(), Error> {
         self.guard.running(taps, process_pid)?;
-        if self.announce {
+        if self.caller == (Caller::Runner { first: true }) {
             runner::announce_ready(&self.guard.record().id, self.guard.dir())?;
         }
         Ok(())
@@ -96,7 +112,7 @@ impl Run<'_> {
 
     /// Whether the runner runs the container again (`--restart`).
     pub fn is_restart(&self) -> bool {
-        self.detached && !self.announce
+        self.caller == (Caller::Runner { first: false })
     }
 
     /// The container log (echoed to the terminal in the foreground), rotating as the spec says.
@@ -106,7 +122,7 @@ impl Run<'_> {
 
     /// The size the container's terminal starts with: the user's terminal's.
     pub fn terminal_size(&self) -> TermSize {
-        if self.detached {
+        if self.detached() {
             TermSize::default()
         } else {
             terminal::size().unwrap_or_default()
@@ -119,7 +135,7 @@ impl Run<'_> {
         &self,
         input: Box<dyn TerminalInput>,
     ) -> Result<(Option<InputRelay>, Option<RawMode>), Error> {
-        if self.detached {
+        if self.detached() {
             return Ok((None, None));
         }
         let interactive = self.spec.interactive;

@@ -31,7 +31,7 @@ use crate::runner::{self, RunGuard, RUNNER_ENV};
 use crate::spec::{Isolation, RunSpec, Source};
 use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
-use context::Run;
+use context::{Caller, Run};
 pub use template::{vmm_main as template_vmm_main, TEMPLATE_JOB};
 pub(crate) use vm::{find_agent, warm_vm_caches};
 pub use vm::{vmm_main, RunJob};
@@ -205,19 +205,6 @@ fn resolve_process(spec: &RunSpec, config: &ImageConfig) -> Result<Process, Erro
     Ok(process)
 }
 
-/// Who runs a container in this process.
-#[derive(Debug, Clone, Copy)]
-enum Caller {
-    /// On the user's terminal: `mvm run` in the foreground, or a foreground microVM's runner.
-    Foreground,
-    /// The runner of `-d` (no terminal); on its `first` run it tells its parent once the
-    /// container runs.
-    Runner {
-        /// Not a restart.
-        first: bool,
-    },
-}
-
 /// Runs the registered container in this process, once.
 fn execute(
     root: &Path,
@@ -233,8 +220,7 @@ fn execute(
         rootfs,
         process,
         guard,
-        detached: matches!(caller, Caller::Runner { .. }),
-        announce: matches!(caller, Caller::Runner { first: true }),
+        caller,
     };
     match spec.isolation {
         Isolation::Vm => vm::run(run),

@@ -51,7 +51,7 @@ pub(super) fn run(mut run: Run<'_>) -> Result<Exit, Error> {
     run.started(Vec::new(), Some(pid))?;
     let stdout = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
     let stderr = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
-    let pumps = Pumps::start(stdout, stderr, &run.log()?, !run.detached)?;
+    let pumps = Pumps::start(stdout, stderr, &run.log()?, !run.detached())?;
     let status = runtime::wait_forwarding_signals(pid, "the process");
     control.set(0);
     pumps.finish();

@@ -276,8 +276,8 @@ fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> 
             let job = RunJob {
                 log: run.guard.dir().join(LOG_FILE),
                 log_options: spec.log,
-                echo: !run.detached,
-                runner_log: run.detached.then(|| run_dir.join("runner.log")),
+                echo: !run.detached(),
+                runner_log: run.detached().then(|| run_dir.join("runner.log")),
                 spec: vm_spec.clone(),
             };
             let vmm = confine::spawn("run", &job, plan.clone(), spec.vmm.seccomp, cgroup.as_ref())
@@ -300,7 +300,7 @@ fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> 
                         }
                         // The user's input (-i) and terminal size (-t) go over a session of
                         // their own, from here (the VMM is jailed).
-                        if (spec.interactive || spec.tty) && !run.detached {
+                        if (spec.interactive || spec.tty) && !run.detached() {
                             match relay_input(&run, &vsock) {
                                 Ok(r) => relay = Some(r),
                                 Err(e) => log::warn!("no input for the container: {e}"),
