@@ -10,7 +10,6 @@
 //! the same code runs unfiltered in unit tests and with `--security-opt vmm-seccomp=off`.
 
 pub mod filters;
-mod generated;
 mod report;
 
 use std::collections::BTreeMap;
@@ -275,18 +274,12 @@ pub fn current() -> Option<ThreadKind> {
 
 /// The name of x86_64 system call `nr`.
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    generated::SYSCALLS
-        .iter()
-        .find(|(_, n)| *n == nr)
-        .map(|(name, _)| *name)
+    syscall_table::name(nr)
 }
 
 /// The number of x86_64 system call `name`.
 pub fn syscall_number(name: &str) -> Option<i64> {
-    generated::SYSCALLS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, nr)| *nr)
+    syscall_table::number(name)
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@
 //! so that libc falls back to the older calls it knows (as runc does).
 
 pub mod default;
-mod generated;
 
 use std::collections::BTreeMap;
 
@@ -314,11 +313,7 @@ impl Profile {
         }
         if default != SeccompAction::Allow {
             // Calls newer than the table: ENOSYS, so that libc falls back to older ones.
-            let newest = generated::SYSCALLS
-                .iter()
-                .map(|(_, n)| *n)
-                .max()
-                .unwrap_or(0);
+            let newest = syscall_table::newest();
             let enosys = SeccompAction::Errno(38);
             let slot = match by_action.iter().position(|(a, _)| *a == enosys) {
                 Some(i) => i,
@@ -372,7 +367,7 @@ impl Profile {
                 *named.entry(name.as_str()).or_default() |= refuses;
             }
         }
-        generated::SYSCALLS
+        syscall_table::SYSCALLS
             .iter()
             .map(|(name, _)| *name)
             .filter(|name| match named.get(name) {
@@ -386,7 +381,7 @@ impl Profile {
 /// How many x86_64 system calls there are (in the table the filters are built from): what a
 /// process without a filter can make.
 pub fn syscall_count() -> usize {
-    generated::SYSCALLS.len()
+    syscall_table::SYSCALLS.len()
 }
 
 /// The system calls one filter matches: each number with its rules (none: any arguments).
@@ -511,11 +506,7 @@ pub fn running_kernel() -> (u32, u32) {
 
 /// The x86_64 number of system call `name`.
 pub fn syscall_number(name: &str) -> Option<i64> {
-    let table = generated::SYSCALLS;
-    table
-        .binary_search_by(|(n, _)| n.cmp(&name))
-        .ok()
-        .map(|i| table[i].1)
+    syscall_table::number(name)
 }
 
 /// Installs `program` on the calling thread with the `seccomp(2)` system call. Makes no
