@@ -182,7 +182,7 @@ fn host_traces(root: &Path) -> HostTraces {
     }
     HostTraces {
         processes,
-        taps: taps(),
+        taps: taps(root),
         mounts: mounts_under(root),
         files,
     }

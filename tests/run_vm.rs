@@ -117,7 +117,7 @@ struct HostTraces {
 fn host_traces(root: &Path) -> HostTraces {
     HostTraces {
         passt: traced_processes(root, "passt"),
-        taps: taps(),
+        taps: taps(root),
         mounts: mounts_under(root),
     }
 }

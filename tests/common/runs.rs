@@ -142,7 +142,7 @@ pub struct HostTraces {
 pub fn host_traces(root: &Path) -> HostTraces {
     HostTraces {
         passt: traced_processes(root, "passt"),
-        taps: taps(),
+        taps: taps(root),
         mounts: mounts_under(root),
         vmms: traced_processes(root, "mvm")
             .into_iter()

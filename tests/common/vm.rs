@@ -74,14 +74,32 @@ pub fn traced_processes(root: &Path, name: &str) -> Vec<u32> {
     .collect()
 }
 
-/// mvm's tap devices on the host, sorted.
-pub fn taps() -> Vec<String> {
-    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .expect("/sys/class/net")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("mvm"))
+/// The tap devices the processes of runs under `root` hold open (their VMMs, and anything
+/// those passed a tap to), sorted. mvm's taps are not persistent: a tap lives exactly as long as
+/// a process holds it, so a tap left behind is one of these. Another test's taps are not.
+pub fn taps(root: &Path) -> Vec<String> {
+    let mut taps: Vec<String> = traced_processes(root, "")
+        .into_iter()
+        .flat_map(|pid| {
+            let fds = std::fs::read_dir(format!("/proc/{pid}/fd"));
+            fds.into_iter().flatten().flatten().filter_map(move |fd| {
+                let target = std::fs::read_link(fd.path()).ok()?;
+                if target != Path::new("/dev/net/tun") {
+                    return None;
+                }
+                let info = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .ok()?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("iff:"))
+                    .map(|name| name.trim().to_string())
+            })
+        })
         .collect();
     taps.sort();
+    taps.dedup();
     taps
 }
 
