@@ -125,7 +125,9 @@ impl Buckets {
 pub struct Throttle {
     kinds: [Buckets; 2],
     timer: Option<TimerFd>,
-    armed: bool,
+    /// When the armed timer fires (None: not armed). Both kinds share the timer, so it fires at
+    /// the earlier of their waits: a long wait of one kind must not hold back the other.
+    deadline: Option<Instant>,
 }
 
 /// Which kind of traffic a [`Throttle`] charges: the first or the second of its limits.
@@ -150,7 +152,7 @@ impl Throttle {
         Ok(Throttle {
             kinds: [Buckets::new(first, now), Buckets::new(second, now)],
             timer,
-            armed: false,
+            deadline: None,
         })
     }
 
@@ -166,11 +168,12 @@ impl Throttle {
         if self.timer.is_none() {
             return false;
         }
-        let wait = self.bucket(kind).wait(Instant::now());
+        let now = Instant::now();
+        let wait = self.bucket(kind).wait(now);
         if wait.is_zero() {
             return false;
         }
-        self.arm(wait);
+        self.arm(now, wait);
         true
     }
 
@@ -181,14 +184,20 @@ impl Throttle {
         }
     }
 
-    fn arm(&mut self, wait: Duration) {
+    /// Arms the timer to fire `wait` after `now`, unless it already fires before that (the
+    /// device serves both kinds when it fires, and a kind still in debt arms it again).
+    fn arm(&mut self, now: Instant, wait: Duration) {
         let Some(timer) = &mut self.timer else {
             return;
         };
         // A zero duration would disarm the timer: wait at least a microsecond.
         let wait = wait.max(Duration::from_micros(1));
+        let at = now + wait;
+        if self.deadline.is_some_and(|d| d <= at) {
+            return;
+        }
         match timer.reset(wait, None) {
-            Ok(()) => self.armed = true,
+            Ok(()) => self.deadline = Some(at),
             Err(e) => crate::warn_limited!("rate limiter: cannot arm its timer: {e}"),
         }
     }
@@ -212,13 +221,18 @@ impl Throttle {
             return false;
         }
         let _ = t.wait();
-        self.armed = false;
+        self.deadline = None;
         true
     }
 
     /// Whether a throttled stretch is under way (the timer is armed).
     pub fn waiting(&self) -> bool {
-        self.armed
+        self.deadline.is_some()
+    }
+
+    /// When the armed timer fires, if it is armed.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 }
 
@@ -291,5 +305,31 @@ mod tests {
         assert!(t.blocked(Kind::Second));
         assert!(t.waiting());
         assert!(!t.blocked(Kind::First), "reads are not limited");
+    }
+
+    #[test]
+    fn a_long_wait_of_one_kind_does_not_delay_the_other_kinds_wake_up() {
+        // Receive and transmit share one timer: transmit deep in debt (about 10 s) must not
+        // push back receive's wake-up (about 10 ms), or receive stalls under its limit.
+        let limit = Limit {
+            bytes_per_sec: Some(100_000),
+            ops_per_sec: None,
+        };
+        let mut t = Throttle::new(limit, limit).unwrap();
+        t.charge(Kind::Second, 10_000 + 1_000);
+        assert!(t.blocked(Kind::Second));
+        let soon = t.deadline().unwrap();
+        t.charge(Kind::First, 10_000 + 1_000_000);
+        assert!(t.blocked(Kind::First));
+        assert_eq!(t.deadline(), Some(soon), "the earlier wake-up stays");
+        assert!(soon <= Instant::now() + Duration::from_millis(11));
+        // The other order: a shorter wait after a longer one brings the wake-up forward.
+        let mut t = Throttle::new(limit, limit).unwrap();
+        t.charge(Kind::First, 10_000 + 1_000_000);
+        assert!(t.blocked(Kind::First));
+        let late = t.deadline().unwrap();
+        t.charge(Kind::Second, 10_000 + 1_000);
+        assert!(t.blocked(Kind::Second));
+        assert!(t.deadline().unwrap() < late);
     }
 }
