@@ -261,7 +261,18 @@ fn start_sleeper(s: &Setup, extra: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    wait_for_line(&mut out, "ready", Duration::from_secs(600));
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for_line(&mut out, "ready", Duration::from_secs(600));
+    }));
+    if waited.is_err() {
+        let _ = child.kill();
+        let end = child.wait_with_output().unwrap();
+        panic!(
+            "the run ended before its container was ready ({:?}): {}",
+            end.status,
+            text(&end.stderr)
+        );
+    }
     child
 }
 
@@ -336,4 +347,120 @@ fn with_vmm_seccomp_off_mvm_says_so_and_the_call_goes_through() {
          filters (for debugging only)"
     );
     assert_nothing_left(&s.root, &before);
+}
+
+/// A user who is not root: uid and gid 65534 (nobody).
+const NOBODY: u32 = 65534;
+
+/// `mvm ARGS...` as `nobody`, in a mount namespace of the test's own where /dev/kvm is a node
+/// `nobody` may open (as a host whose /dev/kvm belongs to group kvm gives its members): nothing
+/// else of the host changes. mvm, the kernel and the agent are copies `nobody` can read.
+fn as_nobody(work: &Path, root: &Path, args: &[&str]) -> std::process::Command {
+    let script = format!(
+        "mount -t tmpfs -o mode=0755 dev {w}/dev && mknod -m 0666 {w}/dev/kvm c 10 232 && \
+         mount --bind {w}/dev/kvm /dev/kvm && \
+         exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups \"$@\"",
+        w = work.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(work.join("mvm"))
+    .arg("--root")
+    .arg(root)
+    .args(args)
+    .env("MVM_AGENT", work.join("mvm-agent"))
+    .env("HOME", work)
+    .env(TRACE_ENV, root)
+    .stdin(Stdio::null());
+    cmd
+}
+
+#[test]
+fn a_user_who_is_not_root_runs_a_microvm_with_user_networking_and_its_vmm_is_jailed() {
+    let Some(s) = setup() else { return };
+    if !devices::virtio::net::passt_available() {
+        eprintln!("skipping: --network user needs passt");
+        return;
+    }
+    let work = s.reg.dir.path().join("nobody");
+    std::fs::create_dir_all(work.join("dev")).unwrap();
+    for (from, to) in [
+        (Path::new(MVM), "mvm"),
+        (s.vm.kernel.as_path(), "vmlinux"),
+        (s.vm.agent.as_path(), "mvm-agent"),
+    ] {
+        std::fs::copy(from, work.join(to)).unwrap();
+    }
+    let root = work.join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(NOBODY), Some(NOBODY)).unwrap();
+    // The scratch directories above it: traversable by nobody.
+    for d in [s.reg.dir.path(), work.as_path()] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let before = host_traces(&root);
+    let kernel = work.join("vmlinux");
+    let kernel = kernel.to_str().unwrap();
+    let run = |extra: &[&str], cmd: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--network",
+            "user",
+            "--kernel",
+            kernel,
+            "--kernel-args",
+            &s.vm.kernel_args,
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--image", &s.reg.busybox, "--"]);
+        args.extend_from_slice(cmd);
+        as_nobody(&work, &root, &args).output().unwrap()
+    };
+
+    // The foreground run: output and exit code, as for root.
+    let out = run(&["--rm"], &["sh", "-c", "echo $((6 * 7)); exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "42\n", "{}", text(&out.stderr));
+
+    // A detached one: its VMM is jailed as it is for root, and runs as nobody outside.
+    let out = run(&["-d", "--name", "unprivileged"], &["sleep", "1000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let inspect = as_nobody(&work, &root, &["inspect", "unprivileged"])
+        .output()
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let vmm = u32::try_from(record["vmm_pid"].as_i64().unwrap()).unwrap();
+    let runner = u32::try_from(record["pid"].as_i64().unwrap()).unwrap();
+    assert_confined(vmm);
+    for pid in [vmm, runner] {
+        for (name, uids) in thread_status(pid, "Uid") {
+            let nobody = NOBODY.to_string();
+            assert!(
+                uids.split_whitespace().all(|u| u == nobody),
+                "thread {name} of {pid} runs as {uids}"
+            );
+        }
+        for (name, caps) in thread_status(pid, "CapEff") {
+            assert_eq!(caps, "0000000000000000", "thread {name} of {pid}");
+        }
+    }
+    let out = as_nobody(&work, &root, &["exec", "unprivileged", "echo", "inside"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "inside\n", "{}", text(&out.stderr));
+    let out = as_nobody(&work, &root, &["rm", "-f", "unprivileged"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_nothing_left(&root, &before);
 }

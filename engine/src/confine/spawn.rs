@@ -157,12 +157,15 @@ pub fn spawn<J: Serialize>(
     Ok(vmm)
 }
 
-/// Writes the id maps of the VMM's user namespace: its uid and gid map to themselves only.
+/// Writes the id maps of the VMM's user namespace (made by a supervisor that is not root): only
+/// the supervisor's own uid and gid are mapped, as the namespace's 0, so that mvm keeps its
+/// capabilities in the namespace across execve and can build its jail; it drops every one of
+/// them, and locks them out, before the guest runs. Outside, it is the user and nothing more.
 fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), ConfineError> {
     for (file, text) in [
         ("setgroups", "deny".to_string()),
-        ("uid_map", format!("{uid} {uid} 1")),
-        ("gid_map", format!("{gid} {gid} 1")),
+        ("uid_map", format!("0 {uid} 1")),
+        ("gid_map", format!("0 {gid} 1")),
     ] {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, text).map_err(os(format!("write {path}")))?;
