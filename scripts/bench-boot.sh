@@ -9,7 +9,10 @@
 # and times, from just before the process is spawned, (a) the guest's first serial line,
 # (b) its last line (just before it resets: the guest's own work is done) and (c) the process's
 # exit after the guest resets through the i8042 (QEMU gets `-device i8042`, so
-# both take the same reset path). Prints medians, minima and maxima, and the QEMU/mvm ratio.
+# both take the same reset path), and the peak memory (RSS) of the process tree (mvm and its
+# VMM process). Prints medians, minima and maxima, and the QEMU/mvm ratio.
+# mvm runs twice in each round: confined as always (the VMM jailed, its threads under seccomp)
+# and with `--security-opt vmm-jail=off,vmm-seccomp=off`, to show what the confinement costs.
 #
 # Part 2, with a Linux guest on hardware virtualization: inside the emulated AMD-V host of
 # scripts/vt-host.sh, scripts/bench-linux-boot.sh times mvm's own kernel to its /init under
@@ -51,17 +54,21 @@ while True:
         first = time.perf_counter_ns()
     if last is None and b"mvm-test-guest: reset\n" in buf:
         last = time.perf_counter_ns()
-rc = p.wait()
+_, status, usage = os.wait4(p.pid, 0)
 t_exit = time.perf_counter_ns()
+p.returncode = rc = os.waitstatus_to_exitcode(status)
 err = p.stderr.read()
 if rc != 0 or first is None or last is None:
     sys.stderr.write("run failed (exit %d): %s\n%s%s" % (rc, " ".join(cmd), buf.decode(errors="replace")[-2000:], err.decode(errors="replace")))
     sys.exit(1)
-print("%.3f %.3f %.3f" % ((first - t0) / 1e6, (last - t0) / 1e6, (t_exit - t0) / 1e6))
+# ru_maxrss (KiB): the largest of the process and its waited-for descendants (the VMM).
+print("%.3f %.3f %.3f %.1f" % ((first - t0) / 1e6, (last - t0) / 1e6, (t_exit - t0) / 1e6, usage.ru_maxrss / 1024))
 '
 time_run() { python3 -c "$timer" "$@"; }
 
 mvm_cmd=("$mvm" boot --kernel "$guest" --mem "$mem" --cpus "$cpus" --cmdline "$cmdline")
+mvm_open_cmd=("$mvm" boot --security-opt vmm-jail=off,vmm-seccomp=off --kernel "$guest" --mem "$mem"
+    --cpus "$cpus" --cmdline "$cmdline")
 qemu_base=("$qemu" -M microvm -m "$mem" -smp "$cpus" -nodefaults -no-reboot -display none
     -serial stdio -device i8042 -kernel "$guest" -append "$cmdline")
 accel=kvm
@@ -73,18 +80,20 @@ qemu_cmd=("${qemu_base[@]}" -accel "$accel")
 
 # Warm up both (page cache, first-run costs), then alternate.
 time_run "${mvm_cmd[@]}" >/dev/null
+time_run "${mvm_open_cmd[@]}" >/dev/null 2>&1
 time_run "${qemu_cmd[@]}" >/dev/null
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 for ((i = 0; i < runs; i++)); do
     echo "mvm $(time_run "${mvm_cmd[@]}")" >>"$results"
+    echo "open $(time_run "${mvm_open_cmd[@]}" 2>/dev/null)" >>"$results"
     echo "qemu $(time_run "${qemu_cmd[@]}")" >>"$results"
 done
 
 python3 - "$results" "$runs" "$cpus" "$mem" "$accel" "$guest" <<'PY'
 import statistics, sys
 path, runs, cpus, mem, accel, guest = sys.argv[1:]
-rows = {"mvm": ([], [], []), "qemu": ([], [], [])}
+rows = {"mvm": ([], [], [], []), "open": ([], [], [], []), "qemu": ([], [], [], [])}
 for line in open(path):
     who, *times = line.split()
     for col, t in zip(rows[who], times):
@@ -92,14 +101,16 @@ for line in open(path):
 def cell(v):
     return "%7.1f %6.1f %6.1f" % (statistics.median(v), min(v), max(v))
 print("boot guest %s, --mem %s, %s vCPU(s), %s runs each, alternating" % (guest, mem, cpus, runs))
-print("times in ms from spawn  %-22s %-22s %-22s" % ("first serial line", "last line (reset)", "process exit"))
-print("%-22s " % "" + "  ".join(["%7s %6s %6s" % ("median", "min", "max")] * 3))
-names = {"mvm": "mvm boot", "qemu": "qemu microvm (%s)" % accel}
-for who in ("mvm", "qemu"):
-    print("%-22s %s" % (names[who], "  ".join(cell(c) for c in rows[who])))
-m, q = rows["mvm"], rows["qemu"]
-print("%-22s %s" % ("ratio qemu/mvm", "  ".join(
-    "%6.2fx %13s" % (statistics.median(b) / statistics.median(a), "") for a, b in zip(m, q))))
+print("ms from spawn, MiB     %-22s %-22s %-22s %-22s" % ("first serial line", "last line (reset)", "process exit", "peak RSS (MiB)"))
+print("%-30s " % "" + "  ".join(["%7s %6s %6s" % ("median", "min", "max")] * 4))
+names = {"mvm": "mvm boot", "open": "mvm boot, no jail/filters", "qemu": "qemu microvm (%s)" % accel}
+for who in ("mvm", "open", "qemu"):
+    print("%-30s %s" % (names[who], "  ".join(cell(c) for c in rows[who])))
+def ratio(label, a, b):
+    print("%-30s %s" % (label, "  ".join(
+        "%6.2fx %13s" % (statistics.median(y) / statistics.median(x), "") for x, y in zip(a, b))))
+ratio("confined/unconfined mvm", rows["open"], rows["mvm"])
+ratio("ratio qemu/mvm", rows["mvm"], rows["qemu"])
 PY
 
 [ "${VT:-1}" = 1 ] || exit 0
