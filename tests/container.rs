@@ -1,113 +1,14 @@
 //! `mvm run --isolation container` end to end, on a real root filesystem made from Debian's
 //! busybox-static. Needs root (namespaces, mounts, cgroups); skips with a reason otherwise.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const MVM: &str = env!("CARGO_BIN_EXE_mvm");
+mod common;
 
-/// A busybox root filesystem and a throwaway `--root` for mvm.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    rootfs: PathBuf,
-    state: PathBuf,
-}
-
-fn fixture() -> Option<Fixture> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: containers need root");
-        return None;
-    }
-    let busybox = Path::new("/bin/busybox");
-    let static_ok = Command::new("ldd")
-        .arg(busybox)
-        .output()
-        .map(|o| {
-            !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic")
-        })
-        .unwrap_or(true);
-    if !busybox.exists() || !static_ok {
-        eprintln!("skipping: needs a static /bin/busybox (apt-get install busybox-static)");
-        return None;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rootfs = dir.path().join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
-    std::fs::create_dir_all(rootfs.join("etc")).expect("mkdir");
-    // A hard link, not a copy: a copy's write descriptor can leak into a child another test
-    // thread forks, and exec then fails with ETXTBSY.
-    let dst = rootfs.join("bin/busybox");
-    std::fs::hard_link(busybox, &dst)
-        .or_else(|_| std::fs::copy(busybox, &dst).map(drop))
-        .expect("copy busybox");
-    let list = Command::new(busybox)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-                .expect("symlink");
-        }
-    }
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\n").expect("group");
-    let state = dir.path().join("state");
-    Some(Fixture {
-        _dir: dir,
-        rootfs,
-        state,
-    })
-}
-
-impl Fixture {
-    fn cmd(&self, flags: &[&str], command: &[&str]) -> Command {
-        let mut c = Command::new(MVM);
-        c.arg("run")
-            .arg("--root")
-            .arg(&self.state)
-            .args(["--isolation", "container", "--rootfs"])
-            .arg(&self.rootfs)
-            .args(flags)
-            .arg("--")
-            .args(command);
-        c
-    }
-
-    fn run(&self, flags: &[&str], command: &[&str]) -> Output {
-        self.cmd(flags, command).output().expect("run mvm")
-    }
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{:x}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ u128::from(rand_u32())
-    )
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    u32::from_le_bytes(b)
-}
+use common::container::{fixture, stderr, stdout, unique, wait_for, Fixture};
+use common::MVM;
 
 /// Every directory named `name` under /sys/fs/cgroup (a few levels deep).
 fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
@@ -336,18 +237,6 @@ fn run_without_rm_keeps_only_the_writable_layer() {
         "stderr: {}",
         stderr(&o)
     );
-}
-
-fn wait_for(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    None
 }
 
 #[test]
