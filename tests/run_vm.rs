@@ -13,145 +13,17 @@ mod common;
 #[path = "common/registry.rs"]
 mod registry_server;
 
+#[path = "common/runs.rs"]
+mod runs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::vm::{
-    boot_lock, mounts_under, taps, text, traced_processes, vm_parts, VmParts, TRACE_ENV,
+use common::vm::{text, VmParts, TRACE_ENV};
+use runs::{
+    assert_nothing_left, host_traces, leftovers, push_layout, setup, vm, Published, Setup, MVM,
 };
-use registry_server::{busybox_layout, Registry};
-
-const MVM: &str = env!("CARGO_BIN_EXE_mvm");
-
-/// The VM parts, or None with the reason printed.
-fn vm() -> Option<&'static VmParts> {
-    static VM: OnceLock<Result<VmParts, String>> = OnceLock::new();
-    match VM.get_or_init(vm_parts) {
-        Ok(vm) => Some(vm),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            None
-        }
-    }
-}
-
-/// A registry with the busybox example pushed as `HOST/test/busybox`.
-struct Published {
-    _reg: Registry,
-    dir: tempfile::TempDir,
-    busybox: String,
-}
-
-fn published_busybox() -> Option<Published> {
-    let layout = busybox_layout()?;
-    let reg = Registry::start()?;
-    let dir = tempfile::tempdir().unwrap();
-    let busybox = format!("{}/test/busybox", reg.host());
-    push_layout(dir.path(), &layout, &busybox);
-    Some(Published {
-        _reg: reg,
-        dir,
-        busybox,
-    })
-}
-
-/// `mvm load` + `mvm push` of the OCI layout `layout` as `reference`, from a store in `dir`.
-fn push_layout(dir: &Path, layout: &Path, reference: &str) {
-    let builder = dir.join("builder");
-    for args in [
-        vec!["load", "-i", layout.to_str().unwrap(), "-t", reference],
-        vec!["push", "-q", reference],
-    ] {
-        let o = Command::new(MVM)
-            .arg("--root")
-            .arg(&builder)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
-    }
-}
-
-/// A test's VM prerequisites, a registry with busybox, the boot lock and the user's `--root`.
-struct Setup {
-    vm: &'static VmParts,
-    reg: Published,
-    _one: MutexGuard<'static, ()>,
-    root: PathBuf,
-}
-
-fn setup() -> Option<Setup> {
-    let vm = vm()?;
-    let reg = published_busybox()?;
-    let root = reg.dir.path().join("user");
-    Some(Setup {
-        vm,
-        reg,
-        _one: boot_lock(),
-        root,
-    })
-}
-
-/// Asserts that a finished run left nothing on the host that was not there `before`. passt
-/// ends by itself once mvm's end of its socket closes, so its own passt gets a few seconds.
-fn assert_nothing_left(root: &Path, before: &HostTraces) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host_traces(root) != *before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(&host_traces(root), before);
-    assert_eq!(leftovers(root), Vec::<PathBuf>::new());
-}
-
-/// What a run may leave behind on the host, to compare before and after: the passt processes
-/// this test's mvm started (not another test's), taps and mounts under the test's root.
-#[derive(Debug, PartialEq)]
-struct HostTraces {
-    passt: Vec<u32>,
-    taps: Vec<String>,
-    mounts: usize,
-}
-
-fn host_traces(root: &Path) -> HostTraces {
-    HostTraces {
-        passt: traced_processes(root, "passt"),
-        taps: taps(root),
-        mounts: mounts_under(root),
-    }
-}
-
-/// Sockets, disks and run directories left under the mvm root (the image store, caches and
-/// VM templates are meant to stay).
-fn leftovers(root: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            let ft = e.file_type().unwrap();
-            let kept = p.starts_with(root.join("images")) || p.starts_with(root.join("templates"));
-            if ft.is_dir() && !kept {
-                stack.push(p);
-            } else if ft.is_socket()
-                || name.ends_with(".sock")
-                || name == "rootfs.ext4"
-                || name == "console.log"
-                || name.starts_with("volume-")
-            {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
-use std::os::unix::fs::FileTypeExt;
 
 /// Runs `mvm --root ROOT run --isolation vm --kernel K --kernel-args A ARGS...`.
 fn run_vm(vm: &VmParts, root: &Path, args: &[&str]) -> (Output, Duration) {
@@ -208,7 +80,7 @@ fn run_image_in_a_microvm_prints_its_output_and_exits_with_its_code() {
     let Some(Setup {
         vm,
         reg,
-        _one,
+        one: _one,
         root,
     }) = setup()
     else {
@@ -260,7 +132,7 @@ fn run_in_a_microvm_applies_env_workdir_hostname_memory_and_volumes() {
     let Some(Setup {
         vm,
         reg,
-        _one,
+        one: _one,
         root,
     }) = setup()
     else {
@@ -328,7 +200,7 @@ fn run_in_a_microvm_with_timeout_stops_a_long_command_with_124() {
     let Some(Setup {
         vm,
         reg,
-        _one,
+        one: _one,
         root,
     }) = setup()
     else {
@@ -545,7 +417,7 @@ fn a_container_in_a_microvm_cannot_reach_the_agent_through_vsock_loopback() {
     let Some(Setup {
         vm,
         reg,
-        _one,
+        one: _one,
         root,
     }) = setup()
     else {

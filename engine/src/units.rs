@@ -70,7 +70,10 @@ mod tests {
     fn a_size_that_does_not_parse_says_what_would() {
         let e = parse_size("12X").unwrap_err();
         assert_eq!(e, UnitError::Size("12X".into()));
-        assert!(e.to_string().contains("\"12X\"") && e.to_string().contains("256M"), "{e}");
+        assert!(
+            e.to_string().contains("\"12X\"") && e.to_string().contains("256M"),
+            "{e}"
+        );
     }
 
     /// What `mvm boot --mem` accepted before it shared this grammar still parses the same; a

@@ -47,16 +47,26 @@ pub fn published_busybox() -> Option<Published> {
     let reg = Registry::start()?;
     let dir = tempfile::tempdir().expect("tempdir");
     let busybox = format!("{}/test/busybox", reg.host());
-    let builder = dir.path().join("builder");
+    push_layout(dir.path(), &layout, &busybox);
+    Some(Published {
+        _reg: reg,
+        dir,
+        busybox,
+    })
+}
+
+/// `mvm load` + `mvm push` of the OCI layout `layout` as `reference`, from a store in `dir`.
+pub fn push_layout(dir: &Path, layout: &Path, reference: &str) {
+    let builder = dir.join("builder");
     for args in [
         vec![
             "load",
             "-i",
             layout.to_str().expect("utf-8"),
             "-t",
-            &busybox,
+            reference,
         ],
-        vec!["push", "-q", &busybox],
+        vec!["push", "-q", reference],
     ] {
         let o = Command::new(MVM)
             .arg("--root")
@@ -66,11 +76,6 @@ pub fn published_busybox() -> Option<Published> {
             .expect("run mvm");
         assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
     }
-    Some(Published {
-        _reg: reg,
-        dir,
-        busybox,
-    })
 }
 
 /// A test's VM prerequisites, a registry with busybox, the boot lock and the user's `--root`.
@@ -172,8 +177,8 @@ pub fn assert_nothing_left(root: &Path, before: &HostTraces) {
     assert_eq!(leftovers(root), Vec::<PathBuf>::new());
 }
 
-/// Sockets, disks and run directories left under the mvm root (the image store and caches
-/// are meant to stay).
+/// Sockets, disks, console logs and run directories left under the mvm root (the image store,
+/// caches and VM templates are meant to stay).
 pub fn leftovers(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -185,7 +190,8 @@ pub fn leftovers(root: &Path) -> Vec<PathBuf> {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() && !p.starts_with(root.join("images")) {
+            let kept = p.starts_with(root.join("images")) || p.starts_with(root.join("templates"));
+            if ft.is_dir() && !kept {
                 if p.parent() == Some(&*root.join("containers")) {
                     found.push(p.clone());
                 }
@@ -193,6 +199,7 @@ pub fn leftovers(root: &Path) -> Vec<PathBuf> {
             } else if ft.is_socket()
                 || name.ends_with(".sock")
                 || name == "rootfs.ext4"
+                || name == "console.log"
                 || name.starts_with("volume-")
             {
                 found.push(p);
