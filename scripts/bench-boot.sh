@@ -12,7 +12,7 @@
 # both take the same reset path), and the peak memory (RSS) of the process tree (mvm and its
 # VMM process). Prints medians, minima and maxima, and the QEMU/mvm ratio.
 # mvm runs twice in each round: confined as always (the VMM jailed, its threads under seccomp)
-# and with `--security-opt vmm-jail=off,vmm-seccomp=off`, to show what the confinement costs.
+# and with `--security-opt vmm-jail=off --security-opt vmm-seccomp=off`, to show what the confinement costs.
 #
 # Part 2, with a Linux guest on hardware virtualization: inside the emulated AMD-V host of
 # scripts/vt-host.sh, scripts/bench-linux-boot.sh times mvm's own kernel to its /init under
@@ -67,7 +67,7 @@ print("%.3f %.3f %.3f %.1f" % ((first - t0) / 1e6, (last - t0) / 1e6, (t_exit - 
 time_run() { python3 -c "$timer" "$@"; }
 
 mvm_cmd=("$mvm" boot --kernel "$guest" --mem "$mem" --cpus "$cpus" --cmdline "$cmdline")
-mvm_open_cmd=("$mvm" boot --security-opt vmm-jail=off,vmm-seccomp=off --kernel "$guest" --mem "$mem"
+mvm_open_cmd=("$mvm" boot --security-opt vmm-jail=off --security-opt vmm-seccomp=off --kernel "$guest" --mem "$mem"
     --cpus "$cpus" --cmdline "$cmdline")
 qemu_base=("$qemu" -M microvm -m "$mem" -smp "$cpus" -nodefaults -no-reboot -display none
     -serial stdio -device i8042 -kernel "$guest" -append "$cmdline")

@@ -27,6 +27,7 @@ pub mod portfwd;
 pub mod restart;
 pub mod run;
 pub mod runner;
+pub mod selfexec;
 pub mod spec;
 pub mod state;
 pub mod stats;

@@ -35,7 +35,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::error::{io_error, CommandExit, Error, EXIT_FAILURE};
 use crate::restart::RestartPolicy;
@@ -102,9 +102,7 @@ pub fn read_spec(dir: &Path) -> Result<RunSpec, Error> {
 /// `run -d`: starts the background runner on the container `guard` registered and waits until
 /// the container runs (returns its id) or the runner failed (returns its error and exit code).
 pub(crate) fn detach(mut guard: RunGuard) -> Result<String, Error> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::System("cannot find mvm's own path".into(), e))?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = crate::selfexec::command();
     cmd.env(RUNNER_ENV, guard.dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -155,10 +153,8 @@ pub(crate) fn detach(mut guard: RunGuard) -> Result<String, Error> {
 /// and dies with SIGTERM when this process does (it then stops the run and cleans up as after a
 /// user's SIGTERM).
 pub(crate) fn foreground(mut guard: RunGuard) -> Result<i32, Error> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::System("cannot find mvm's own path".into(), e))?;
     let client = std::process::id();
-    let mut cmd = Command::new(exe);
+    let mut cmd = crate::selfexec::command();
     cmd.env(RUNNER_ENV, guard.dir()).env(FOREGROUND_ENV, "1");
     // SAFETY: setsid, prctl, getppid and the signal mask calls are async-signal-safe and touch
     // no memory of the parent.

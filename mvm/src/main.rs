@@ -108,6 +108,8 @@ fn main() {
 
 /// Parses the command line, runs the command and returns the process exit code.
 fn run_main() -> i32 {
+    // Started again by mvm itself (runner, VMM) through /proc/self/exe: named mvm again.
+    engine::selfexec::name_self();
     // A VMM process started by its supervisor (see `engine::confine`).
     if let Some(request) = engine::confine::vmm_request() {
         init_logging();

@@ -14,7 +14,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,10 +119,8 @@ pub(super) fn run(
     rootfs_builder::rootdir::create_private_file(file)
         .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find mvm's own path: {e}"))?;
-
     let t0 = Instant::now();
-    let mut child = Command::new(exe)
+    let mut child = crate::selfexec::command()
         .env(CHILD_ENV, file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

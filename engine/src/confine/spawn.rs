@@ -64,9 +64,10 @@ pub fn spawn<J: Serialize>(
     seccomp: bool,
     cgroup: Option<&VmmCgroup>,
 ) -> Result<VmmProcess, ConfineError> {
-    let exe = std::env::current_exe().map_err(os("find mvm's own path"))?;
-    let exe = c_path(&exe)?;
-    let argv = [exe.as_ptr(), std::ptr::null()];
+    // This very binary, whatever has become of its file (see `crate::selfexec`).
+    let exe = c_path(std::path::Path::new(crate::selfexec::SELF_EXE))?;
+    let arg0 = crate::selfexec::argv0_c();
+    let argv = [arg0.as_ptr(), std::ptr::null()];
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| k != VMM_ENV)
         .map(|(k, v)| {
@@ -104,6 +105,7 @@ pub fn spawn<J: Serialize>(
         }
     }
     let child = Child {
+        exe: exe.as_ptr(),
         argv: &argv,
         envp: &envp,
         procs: &procs,
@@ -175,6 +177,7 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), ConfineError> {
 
 /// What the child needs between clone and exec, prepared before the clone.
 struct Child<'a> {
+    exe: *const libc::c_char,
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
     procs: &'a [CString],
@@ -214,7 +217,7 @@ impl Child<'_> {
             if h < 0 || e < 0 || libc::dup2(h, 3) < 0 || libc::dup2(e, 4) < 0 {
                 libc::_exit(124);
             }
-            libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr());
+            libc::execve(self.exe, self.argv.as_ptr(), self.envp.as_ptr());
             libc::_exit(127)
         }
     }
