@@ -19,7 +19,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::vm::{boot_lock, mounts_under, taps, text, vm_parts, VmParts};
+use common::vm::{boot_lock, mounts_under, taps, text, vm_parts, Reaper, VmParts};
 use rootfs_builder::examples::NGINX_INDEX;
 
 const MVM: &str = env!("CARGO_BIN_EXE_mvm");
@@ -200,6 +200,7 @@ fn run_detached_nginx_then_ps_exec_logs_stop_and_rm_like_docker() {
     let _lock = boot_lock();
     let root = root_with_nginx(s);
     let root = root.path();
+    let _reaper = Reaper(root.to_path_buf());
     let before = host_traces(root);
     let port = free_port();
     let publish = format!("{port}:80");
@@ -351,6 +352,7 @@ fn exec_with_stdin_then_rm_cleans_up_after_a_runner_killed_with_sigkill() {
     };
     let root = root.path().join("state");
     let root = root.as_path();
+    let _reaper = Reaper(root.to_path_buf());
     let before = host_traces(root);
     let port = format!("{}:80", free_port());
     let rest = [

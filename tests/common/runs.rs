@@ -12,7 +12,7 @@ use std::sync::{MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::common::vm::{
-    boot_lock, mounts_under, taps, text, traced_processes, vm_parts, VmParts, TRACE_ENV,
+    boot_lock, mounts_under, taps, text, traced_processes, vm_parts, Reaper, VmParts, TRACE_ENV,
 };
 use crate::registry_server::{busybox_layout, Registry};
 
@@ -31,8 +31,10 @@ pub fn vm() -> Option<&'static VmParts> {
     }
 }
 
-/// A registry with the busybox example pushed as `HOST/test/busybox`.
+/// A registry with the busybox example pushed as `HOST/test/busybox`. Dropped, it ends what
+/// the test's runs under its directory left running.
 pub struct Published {
+    _reaper: Reaper,
     _reg: Registry,
     /// A scratch directory of the test.
     pub dir: tempfile::TempDir,
@@ -49,6 +51,7 @@ pub fn published_busybox() -> Option<Published> {
     let busybox = format!("{}/test/busybox", reg.host());
     push_layout(dir.path(), &layout, &busybox);
     Some(Published {
+        _reaper: Reaper(dir.path().to_path_buf()),
         _reg: reg,
         dir,
         busybox,

@@ -52,6 +52,38 @@ pub fn text(b: &[u8]) -> String {
 /// another test's (one still ending, say).
 pub const TRACE_ENV: &str = "MVM_TEST_TRACE";
 
+/// Ends, when dropped, every process a test's runs under `dir` left (a test that failed half-way
+/// leaves a `-d` runner, a foreground run or a VMM): those marked with [`TRACE_ENV`] or run as
+/// a runner (`MVM_RUNNER`) under `dir`. SIGKILL of a runner ends its VMM too (its parent-death
+/// signal), and the VMM's passt with it.
+#[derive(Debug)]
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        let marks = [format!("{TRACE_ENV}={dir}"), format!("MVM_RUNNER={dir}")];
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in procs.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let ours = env.split(|b| *b == 0).any(|kv| {
+                marks.iter().any(|m| {
+                    kv.starts_with(m.as_bytes()) && matches!(kv.get(m.len()), None | Some(b'/'))
+                })
+            });
+            if ours {
+                // SAFETY: kill has no memory preconditions; the process ran under our root.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Pids of the processes whose name starts with `name` and that carry this test's trace marker
 /// ([`TRACE_ENV`] set to `root`).
 pub fn traced_processes(root: &Path, name: &str) -> Vec<u32> {
