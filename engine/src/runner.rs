@@ -424,6 +424,13 @@ impl RunGuard {
         stopped || signalled(self.record.isolation)
     }
 
+    /// Records a microVM's VMM cgroup as soon as it exists, before a VMM runs in it: should
+    /// this process die from then on, whoever cleans up after it (`mvm run`, `mvm rm`) finds it.
+    pub fn vmm_cgroup(&mut self, cgroup_dirs: Vec<PathBuf>) -> Result<(), StateError> {
+        self.record.vmm_cgroup_dirs = cgroup_dirs;
+        self.store.save(&self.record)
+    }
+
     /// Records a microVM's VMM process and its cgroup.
     pub fn vmm(&mut self, pid: i32, cgroup_dirs: Vec<PathBuf>) -> Result<(), StateError> {
         self.record.vmm_pid = Some(pid);
@@ -494,7 +501,9 @@ impl Drop for RunGuard {
             return;
         }
         if self.record.status == Status::Created || self.remove {
-            // Never started (nothing to keep), or --rm.
+            // Never started (nothing to keep), or --rm. A runner that died on the way (SIGKILL)
+            // may have left its VMM's cgroup, which only the record names.
+            crate::confine::cgroup::remove_leftover(&self.record.vmm_cgroup_dirs);
             if let Err(e) = self.store.remove(&self.record) {
                 log::warn!("cannot remove container {}: {e}", self.record.name);
             }
@@ -575,6 +584,21 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_container_that_never_started_leaves_no_vmm_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let store = StateStore::open(root.path()).unwrap();
+        let mut guard = RunGuard::create(store.clone(), record("early"), false).unwrap();
+        // The runner made its VMM's cgroup and recorded it, then died (SIGKILL) before the
+        // container ran: the guard of `mvm run` removes the record, and the cgroup with it.
+        let cgroup = root.path().join("mvm-vmm-early");
+        std::fs::create_dir(&cgroup).unwrap();
+        guard.vmm_cgroup(vec![cgroup.clone()]).unwrap();
+        drop(guard);
+        assert!(matches!(store.get("early"), Err(StateError::NotFound(_))));
+        assert!(!cgroup.exists());
     }
 
     #[test]

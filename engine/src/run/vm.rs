@@ -264,6 +264,9 @@ fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> 
         vm_spec.ports.len(),
     );
     let cgroup = VmmCgroup::create(&id, &limits).map_err(confine_error)?;
+    if let Some(c) = &cgroup {
+        run.guard.vmm_cgroup(c.dirs().to_vec())?;
+    }
     let plan = confine::plan(run.root, &spec.vmm, [run_dir.clone()]).map_err(confine_error)?;
     let access = confine::open_run_dir(&run_dir, &plan).map_err(confine_error)?;
     let store = template::store(run.root, spec)?;

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 mod host;
 mod newc;
@@ -263,11 +264,18 @@ impl Initramfs {
     }
 
     /// Writes the archive to `path` through a temporary file beside it, so a reader never sees
-    /// half an archive and a failure leaves any earlier file in place.
+    /// half an archive and a failure leaves any earlier file in place. The temporary file is
+    /// this writer's own: several runs that find the same cache file missing write it at once,
+    /// and one must not truncate the file another is renaming into place.
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<u64, InitramfsError> {
+        static WRITES: AtomicU64 = AtomicU64::new(0);
         let path = path.as_ref();
         let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
+        tmp.push(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
         let tmp = PathBuf::from(tmp);
         let result = fs::File::create(&tmp)
             .map_err(InitramfsError::Write)
@@ -475,6 +483,26 @@ mod tests {
             .dir("tmp", 0o1777)
             .unwrap();
         c
+    }
+
+    #[test]
+    fn writers_of_the_same_file_at_once_each_rename_a_whole_archive_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("agent.cpio");
+        let want = archive(&sample());
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        sample().write_file(&out).unwrap();
+                        // Whatever a reader opens is complete.
+                        let seen = fs::read(&out).unwrap();
+                        assert!(seen == want, "a reader saw {} bytes", seen.len());
+                    }
+                });
+            }
+        });
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
