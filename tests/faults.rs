@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vm::{mounts_under, taps, text, traced_processes};
+use common::vm::{host_taps, mounts_under, text, traced_processes};
 use runs::*;
 
 /// The seed of the schedule (change it to explore; a failure names it).
@@ -189,7 +189,7 @@ fn left_of(root: &Path, ids: &BTreeSet<String>) -> Vec<String> {
     if !passt.is_empty() {
         left.push(format!("passt {passt:?}"));
     }
-    let taps = taps();
+    let taps = host_taps();
     for id in ids {
         let tap = format!("mvm{}", &id[..12]);
         if taps.contains(&tap) {

@@ -106,6 +106,18 @@ pub fn traced_processes(root: &Path, name: &str) -> Vec<u32> {
     .collect()
 }
 
+/// Every network interface on the host whose name starts with mvm's tap prefix, sorted (for a
+/// test to look up the taps named after its own containers' ids).
+pub fn host_taps() -> Vec<String> {
+    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("mvm"))
+        .collect();
+    taps.sort();
+    taps
+}
+
 /// The tap devices the processes of runs under `root` hold open (their VMMs, and anything
 /// those passed a tap to), sorted. mvm's taps are not persistent: a tap lives exactly as long as
 /// a process holds it, so a tap left behind is one of these. Another test's taps are not.
