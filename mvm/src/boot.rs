@@ -195,7 +195,9 @@ pub fn run(root: &Path, args: &BootArgs) -> anyhow::Result<i32> {
         .and_then(|v| std::path::absolute(v).ok())
         .and_then(|v| v.parent().map(Path::to_path_buf));
     let limits = cgroup::limits(cfg.mem_bytes, cfg.vcpus, None, 0);
-    let cgroup = VmmCgroup::create(&format!("boot-{}", std::process::id()), &limits)?;
+    // What killed supervisors before this one left (nothing names it anywhere else).
+    cgroup::prune_dead_boots(Path::new("/sys/fs/cgroup"));
+    let cgroup = VmmCgroup::create(&cgroup::boot_name(std::process::id()), &limits)?;
     let plan = confine::plan(root, &security, visible)?;
     if let Some(t) = &trigger {
         std::fs::create_dir(&t.dir)

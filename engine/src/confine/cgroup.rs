@@ -135,6 +135,47 @@ pub fn stats(version: CgroupVersion, dirs: &[PathBuf]) -> VmmStats {
     }
 }
 
+/// The cgroup name of the VMM that `mvm boot` with process id `pid` supervises.
+pub fn boot_name(pid: u32) -> String {
+    format!("boot-{pid}")
+}
+
+/// Removes the cgroups of `mvm boot` supervisors that were killed (SIGKILL leaves no chance to
+/// clean up, and no record names them): every empty `mvm-vmm/boot-<pid>` whose process is
+/// gone, in each hierarchy under `cgroup_root` (/sys/fs/cgroup). One that still has a task, or
+/// whose pid runs, is left alone.
+pub fn prune_dead_boots(cgroup_root: &Path) {
+    let mut parents = vec![cgroup_root.join(PARENT)];
+    if let Ok(hierarchies) = std::fs::read_dir(cgroup_root) {
+        parents.extend(hierarchies.flatten().map(|h| h.path().join(PARENT)));
+    }
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("boot-"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let tasks = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            if Path::new(&format!("/proc/{pid}")).exists() || !tasks.trim().is_empty() {
+                continue;
+            }
+            if std::fs::remove_dir(e.path()).is_ok() {
+                log::debug!(
+                    "removed the cgroup of a killed mvm boot: {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
+}
+
 /// Removes what is left of a VMM's cgroup after its supervisor died (`mvm rm`): kills whatever
 /// still runs in it (a VMM that outlived its supervisor, its passt), then removes the
 /// directories once no task is left in them.
@@ -209,6 +250,30 @@ mod tests {
         assert_eq!(
             (s.memory_bytes, s.memory_limit, s.cpu_ns),
             (8192, Some(1 << 20), 99)
+        );
+    }
+
+    #[test]
+    fn the_cgroup_of_a_killed_mvm_boot_is_pruned_and_a_live_ones_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        // A pid that cannot run: above the kernel's pid_max limit (2^22).
+        let dead = boot_name(4_194_305);
+        let live = boot_name(std::process::id());
+        let v1 = root.path().join("pids").join(PARENT);
+        let v2 = root.path().join(PARENT);
+        for parent in [&v1, &v2] {
+            std::fs::create_dir_all(parent.join(&dead)).unwrap();
+            std::fs::create_dir_all(parent.join(&live)).unwrap();
+        }
+        std::fs::create_dir_all(v1.join("abcdef012345")).unwrap();
+        prune_dead_boots(root.path());
+        for parent in [&v1, &v2] {
+            assert!(!parent.join(&dead).exists(), "{}", parent.display());
+            assert!(parent.join(&live).exists(), "{}", parent.display());
+        }
+        assert!(
+            v1.join("abcdef012345").exists(),
+            "a container's is rm's to remove"
         );
     }
 }
