@@ -2,6 +2,7 @@
 """Writes seed inputs (well-formed requests) for the fuzz targets, in mvm_fuzz::QueueInput layout:
 4 control bytes (queue size selector, next_avail le16, target flags), then guest memory from 0:
 descriptor table, avail ring right after it, buffers at 0x100.. ."""
+import json
 import os
 import struct
 
@@ -30,6 +31,68 @@ def blk(req_type, sector, data_len, data_writable, payload=b""):
     return queue_input(2, 6, descs, [(0x100, header), (0x200, payload)])
 
 
+# agent_protocol: byte 0 = chunk size (bits 0-5) and the host's request (bits 6-7), then frames.
+REQUEST, RESPONSE, EVENT, STDIN, STDOUT, STDERR = range(1, 7)
+
+
+def frame(kind, payload, stream=0):
+    if not isinstance(payload, bytes):
+        payload = json.dumps(payload, separators=(",", ":")).encode()
+    return struct.pack(">IBI", len(payload), kind, stream) + payload
+
+
+def agent(chunk, request, *frames):
+    return bytes([chunk | request << 6]) + b"".join(frames)
+
+
+SPEC = {
+    "id": "main",
+    "rootfs": {"overlay": {"lower": ["/mnt/rootfs"], "upper": "/run/mvm/upper",
+                           "work": "/run/mvm/work"}},
+    "process": {"args": ["sh", "-c", "echo hi"], "env": ["A=1"], "cwd": "/", "user": "1:1"},
+    "hostname": "web",
+    "limits": {"memory_bytes": 67108864, "cpus": 1.5, "pids_max": 64},
+    "terminal": True,
+    "network": "host",
+}
+HELLO_ANSWER = frame(RESPONSE, {"status": "hello", "version": 3, "agent": "0.1.0"})
+EXITED = frame(EVENT, {"event": "exited", "id": "main", "stream": 2, "code": 0})
+AGENT_SEEDS = {
+    # What the host reads: answers, output and exits from the agent.
+    "host_stats": agent(0, 0, HELLO_ANSWER, frame(STDOUT, b"early\n", 1), frame(RESPONSE, {
+        "status": "stats", "stats": {
+            "cpu_usec": 1, "memory_bytes": 2, "memory_limit": 3, "memory_total": 4, "pids": 5,
+            "net_rx_bytes": 6, "net_tx_bytes": 7, "block_read_bytes": None,
+            "block_write_bytes": 8, "online_cpus": 2}})),
+    "host_top": agent(5, 1, HELLO_ANSWER, frame(RESPONSE, {"status": "processes", "processes": [
+        {"pid": 7, "ppid": 1, "uid": 0, "started": 1700000000, "cpu_ms": 20,
+         "command": "sh -c sleep 9"}]})),
+    "host_exec": agent(3, 2, HELLO_ANSWER, frame(RESPONSE, {"status": "started", "stream": 2,
+                                                           "pid": 9}),
+                       frame(STDOUT, b"hi\n", 2), frame(STDERR, b"oops\n", 2), EXITED),
+    "host_refused": agent(0, 3, HELLO_ANSWER,
+                          frame(RESPONSE, {"status": "error", "message": "no such container"}),
+                          frame(RESPONSE, {"status": "ok"})),
+    # What the agent reads: a client's requests and stdin.
+    "agent_session": agent(7, 0, *[frame(REQUEST, r) for r in [
+        {"op": "hello", "version": 3},
+        {"op": "create", "id": "main", "spec": SPEC},
+        {"op": "start", "id": "main", "terminal": {"rows": 24, "cols": 80}},
+        {"op": "exec", "id": "main", "process": {"args": ["ls"]}, "stdin": True},
+        {"op": "resize", "id": "main", "stream": 1, "size": {"rows": 50, "cols": 200}},
+        {"op": "attach", "id": "main", "stream": 1},
+        {"op": "signal", "id": "main", "stream": 1, "signal": 15},
+    ]], frame(STDIN, b"input\n", 2), frame(STDIN, b"", 2), frame(REQUEST, {"op": "shutdown"})),
+    "agent_copies": agent(0, 0, *[frame(REQUEST, r) for r in [
+        {"op": "hello", "version": 3},
+        {"op": "setup", "boot": "mvm.rootfs=/dev/vda", "seed": "00ff" * 32,
+         "time_ns": 1700000000000000000, "mac": [2, 1, 2, 3, 4, 5]},
+        {"op": "stats", "id": "main"}, {"op": "top", "id": "main"},
+        {"op": "copy_out", "id": "main", "path": "/etc/.", "follow": True},
+        {"op": "copy_in", "id": "main", "path": "/srv", "keep_owner": True},
+    ]]),
+}
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     seg = struct.pack("<QII", 1, 2, 1)
@@ -46,6 +109,7 @@ def main():
             "fill": queue_input(2, 0, [(0x200, 64, WRITE, 0)], []),
         },
     }
+    seeds["agent_protocol"] = AGENT_SEEDS
     for target, files in seeds.items():
         os.makedirs(os.path.join(here, target), exist_ok=True)
         for name, data in files.items():

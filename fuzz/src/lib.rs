@@ -90,4 +90,56 @@ mod tests {
         }
         assert_eq!(seen, 6);
     }
+
+    /// The committed agent_protocol seeds are well-formed sessions: the agent's decode to
+    /// requests and stdin without an error, the host's open a session with a hello.
+    #[test]
+    fn agent_seeds_are_well_formed_sessions() {
+        use guest_agent::agent::client::AgentClient;
+        use guest_agent::protocol::{ClientFrame, Frame};
+
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/agent_protocol");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut stream = data[1..].to_vec();
+            if name.starts_with("agent_") {
+                let mut frames = 0;
+                while let Some(frame) = Frame::take_from(&mut stream).unwrap() {
+                    match ClientFrame::decode(frame).unwrap() {
+                        ClientFrame::Request(req) => drop(req.expect(&name)),
+                        ClientFrame::Stdin { .. } => {}
+                    }
+                    frames += 1;
+                }
+                assert!(stream.is_empty() && frames > 1, "{name}");
+            } else {
+                let conn = std::io::Cursor::new(stream);
+                let conn = ReadOnly(conn);
+                AgentClient::open(conn).expect(&name);
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 6);
+    }
+
+    /// A connection that reads from a buffer and drops what is written.
+    struct ReadOnly(std::io::Cursor<Vec<u8>>);
+
+    impl std::io::Read for ReadOnly {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl std::io::Write for ReadOnly {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 }
