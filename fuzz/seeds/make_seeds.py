@@ -93,6 +93,44 @@ AGENT_SEEDS = {
     ]]),
 }
 
+# mmio_transport: byte 0 = device (bit 0 block, bit 1 read-only), byte 1 = op count, 7 bytes per
+# op (kind, offset le16, value le32), then guest memory. Kinds: 0x00 read 4 bytes, 0x08 write 4,
+# 0x02 read 2, 0x03 read 8, 0xf0 save and restore.
+R4, W4, R2, R8, SNAP = 0x00, 0x08, 0x02, 0x03, 0xf0
+
+
+def mmio_op(kind, offset, value=0):
+    return struct.pack("<BHI", kind, offset, value)
+
+
+def driver_init(features_lo, queue_size, avail):
+    """A virtio 1.x driver bringing the device up with queue 0 (desc at 0, used at 0x8000),
+    notifying it, acknowledging the interrupt and reading the configuration space."""
+    return [
+        mmio_op(R4, 0x00), mmio_op(R4, 0x04), mmio_op(R4, 0x08), mmio_op(R4, 0x0c),
+        mmio_op(W4, 0x70, 1), mmio_op(W4, 0x70, 3),
+        mmio_op(W4, 0x14, 0), mmio_op(R4, 0x10), mmio_op(W4, 0x14, 1), mmio_op(R4, 0x10),
+        mmio_op(W4, 0x24, 0), mmio_op(W4, 0x20, features_lo),
+        mmio_op(W4, 0x24, 1), mmio_op(W4, 0x20, 1),
+        mmio_op(W4, 0x70, 0xb), mmio_op(R4, 0x70),
+        mmio_op(W4, 0x30, 0), mmio_op(R4, 0x34), mmio_op(R4, 0x44),
+        mmio_op(W4, 0x38, queue_size),
+        mmio_op(W4, 0x80, 0), mmio_op(W4, 0x84, 0),
+        mmio_op(W4, 0x90, avail), mmio_op(W4, 0x94, 0),
+        mmio_op(W4, 0xa0, 0x8000), mmio_op(W4, 0xa4, 0),
+        mmio_op(W4, 0x44, 1),
+        mmio_op(W4, 0x70, 0xf), mmio_op(R4, 0x70),
+        mmio_op(W4, 0x50, 0),
+        mmio_op(R4, 0x60), mmio_op(W4, 0x64, 1), mmio_op(R4, 0x60),
+        mmio_op(R8, 0x100), mmio_op(R2, 0x100 + 34), mmio_op(R4, 0xfc),
+    ]
+
+
+def mmio(device_flags, ops, queue_seed):
+    memory = queue_seed[4:]  # a QueueInput seed without its 4 control bytes
+    return bytes([device_flags, len(ops)]) + b"".join(ops) + memory
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     seg = struct.pack("<QII", 1, 2, 1)
@@ -110,6 +148,19 @@ def main():
         },
     }
     seeds["agent_protocol"] = AGENT_SEEDS
+    # Queue size 4: the avail ring sits at 0x40, right after the descriptor table.
+    rng_init = driver_init(1 << 29, 4, 0x40)
+    blk_init = driver_init(1 << 9 | 1 << 14, 4, 0x40)
+    seeds["mmio_transport"] = {
+        "rng": mmio(0, rng_init, seeds["rng_request"]["fill"]),
+        "rng_snapshot_reset": mmio(0, rng_init + [mmio_op(SNAP, 0), mmio_op(W4, 0x50, 0),
+                                                  mmio_op(W4, 0x70, 0), mmio_op(R4, 0x70)],
+                                   seeds["rng_request"]["fill"]),
+        "block_write": mmio(1, blk_init, seeds["block_request"]["write"]),
+        "block_read_snapshot": mmio(1, blk_init + [mmio_op(SNAP, 0)],
+                                    seeds["block_request"]["read"]),
+        "block_read_only": mmio(3, blk_init, seeds["block_request"]["get_id"]),
+    }
     for target, files in seeds.items():
         os.makedirs(os.path.join(here, target), exist_ok=True)
         for name, data in files.items():

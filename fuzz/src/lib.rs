@@ -13,6 +13,20 @@ pub const DESC_TABLE: u64 = 0x0;
 /// Used ring address (written by the device only).
 pub const USED_RING: u64 = 0x8000;
 
+/// Guest memory laid out as [`REGIONS`], filled region by region from `bytes` (zero past
+/// their end).
+pub fn guest_memory(bytes: &[u8]) -> Option<GuestMemoryMmap> {
+    let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).ok()?;
+    let mut rest = bytes;
+    for &(addr, len) in &REGIONS {
+        let n = rest.len().min(len);
+        mem.write_slice(&rest[..n], GuestAddress(addr)).ok()?;
+        rest = &rest[n..];
+    }
+    Some(mem)
+}
+
 /// An interrupt line that goes nowhere (the fuzz targets only check the device side).
 #[derive(Debug)]
 pub struct NoInterrupt;
@@ -38,14 +52,7 @@ impl QueueInput {
     /// byte 3 is left to the target, the rest fills guest memory region by region.
     pub fn new(data: &[u8]) -> Option<Self> {
         let (head, body) = data.split_at_checked(4)?;
-        let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).ok()?;
-        let mut rest = body;
-        for &(addr, len) in &REGIONS {
-            let n = rest.len().min(len);
-            mem.write_slice(&rest[..n], GuestAddress(addr)).ok()?;
-            rest = &rest[n..];
-        }
+        let mem = guest_memory(body)?;
         let size = 1u16 << (head[0] % 9);
         let mut queue = Queue::new(256).ok()?;
         queue.set_size(size);
