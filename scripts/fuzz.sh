@@ -8,7 +8,7 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz`; scripts/setup.sh installs it) and a C++ compiler
 # (libFuzzer is built from source). Nightly features come from RUSTC_BOOTSTRAP=1 on the
 # installed stable toolchain. AddressSanitizer is used unless FUZZ_SANITIZER says otherwise
-# (`none` runs several times faster).
+# (`none` runs several times faster). FUZZ_RUNS=N also stops a target after N executions.
 set -euo pipefail
 
 seconds="${1:-60}"
@@ -26,6 +26,9 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 sanitizer="${FUZZ_SANITIZER:-address}"
+# Each sanitizer builds into its own folder: switching would otherwise rebuild everything.
+build_dir=()
+[ "$sanitizer" = address ] || build_dir=(--target-dir "fuzz/target/sanitizer-$sanitizer")
 
 if [ $# -gt 0 ]; then
     targets="$*"
@@ -43,16 +46,20 @@ for target in $targets; do
     [ -d "fuzz/seeds/$target" ] && corpora+=("fuzz/seeds/$target")
     echo "== fuzzing $target for ${seconds}s (sanitizer: $sanitizer)"
     result=ok
-    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "${corpora[@]}" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tee "$log"; then
+    limits=(-max_total_time="$seconds")
+    [ -n "${FUZZ_RUNS:-}" ] && limits+=(-runs="$FUZZ_RUNS")
+    started=$SECONDS
+    if ! cargo fuzz run "${build_dir[@]}" --sanitizer "$sanitizer" "$target" "${corpora[@]}" -- \
+        "${limits[@]}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tee "$log"; then
         echo "== $target FAILED: reproducer under fuzz/artifacts/$target/" >&2
         failed+=("$target")
         result=CRASH
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    # Wall time of the whole step, the (cached) build and the corpus replay included.
     summary+=("$(printf '%-16s %6ss %12s execs %8s exec/s  %s' \
-        "$target" "$seconds" "${execs:-?}" "${rate:-?}" "$result")")
+        "$target" "$((SECONDS - started))" "${execs:-?}" "${rate:-?}" "$result")")
 done
 
 echo "== summary (sanitizer: $sanitizer)"
