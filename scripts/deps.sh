@@ -4,8 +4,8 @@
 set -euo pipefail
 
 packages=(
-  # build
-  gcc make pkg-config cpio
+  # build (g++: libFuzzer, built from source by the fuzz targets)
+  gcc g++ make pkg-config cpio
   # images and disks
   e2fsprogs erofs-utils busybox-static
   # networking
@@ -21,6 +21,14 @@ packages=(
   # kernels: Debian's linux-source-6.12 and what building it needs
   linux-source-6.12 bc bison flex libelf-dev libssl-dev xz-utils patch
 )
+
+# Fuzzing (scripts/fuzz.sh, and the test command's smoke of every target): cargo-fuzz, once.
+# Without it (no crates.io, say) the smoke says so and skips; nothing else needs it.
+if command -v cargo >/dev/null && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "deps: installing cargo-fuzz (cargo install)" >&2
+  flock /tmp/cargo-fuzz.lock cargo install --locked cargo-fuzz >/dev/null 2>&1 ||
+    echo "deps: installing cargo-fuzz failed; fuzzing is not available" >&2
+fi
 
 missing=()
 for p in "${packages[@]}"; do

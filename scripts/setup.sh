@@ -9,7 +9,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 say() { echo "setup: $*" >&2; }
 
-say "installing Debian packages"
+say "installing Debian packages (and cargo-fuzz, for scripts/fuzz.sh)"
 scripts/deps.sh
 command -v cargo >/dev/null || { say "cargo not found: install Rust (rustup) first"; exit 1; }
 

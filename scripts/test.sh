@@ -8,6 +8,9 @@
 #
 #   scripts/test.sh [extra cargo test args]   (with args, only layer 1 runs, filtered)
 #
+# Layer 1 ends with a smoke of every fuzz target (scripts/fuzz.sh, MVM_FUZZ_SMOKE_SECONDS each,
+# default 10) when cargo-fuzz is installed, and says so when it is not.
+#
 # MVM_TEST_KERNEL=PATH uses that kernel for layer 1's Linux-guest tests; otherwise the test kernel
 # is built (once, cached) from ../shared/test-kernel. Where it cannot be built, those tests say so
 # and skip. MVM_SKIP_VT=1 skips layer 2 (and says so).
@@ -43,6 +46,18 @@ cargo build --workspace --all-targets
 start=$SECONDS
 cargo test --workspace "$@"
 echo "test: layer 1 (this machine) passed in $((SECONDS - start)) s" >&2
+
+# A short smoke of every fuzz target (fuzz/): it builds with AddressSanitizer, replays the seeds
+# and the local corpus, and fuzzes each target for a few seconds. scripts/fuzz.sh runs campaigns.
+if [ $# -gt 0 ]; then
+  echo "test: test filters given: the fuzz smoke does not run" >&2
+elif ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "test: cargo-fuzz is not installed: the fuzz smoke does not run (scripts/deps.sh installs it)" >&2
+else
+  start=$SECONDS
+  "$repo/scripts/fuzz.sh" "${MVM_FUZZ_SMOKE_SECONDS:-10}"
+  echo "test: fuzz smoke (build and ${MVM_FUZZ_SMOKE_SECONDS:-10} s per target) passed in $((SECONDS - start)) s" >&2
+fi
 
 if [ $# -gt 0 ]; then
   echo "test: test filters given: the emulated-VT layer (scripts/test-vt.sh) does not run" >&2

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use devices::virtio::net::queues::NetQueues;
 use devices::virtio::net::{NetBackend, NetMetrics};
+use devices::virtio::rate_limiter::{Limit, Throttle};
 use libfuzzer_sys::fuzz_target;
 use mvm_fuzz::{NoInterrupt, QueueInput};
 use virtio_queue::{Queue, QueueT};
@@ -53,6 +54,10 @@ fuzz_target!(|data: &[u8]| {
     let mut backend = Backend {
         rx_len: usize::from(tx_in.flags) * 300,
     };
+    // No limits: the throttle never holds a queue back.
+    let Ok(mut throttle) = Throttle::new(Limit::default(), Limit::default()) else {
+        return;
+    };
     let metrics = Arc::new(NetMetrics::default());
     let irq = Arc::new(NoInterrupt);
     let mut tx = NetQueues::new(
@@ -63,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
         mrg,
         metrics.clone(),
     );
-    tx.process_tx(&mut backend);
+    tx.process_tx(&mut backend, &mut throttle);
     let mut rx = NetQueues::new(rx_in.mem, rx_in.queue, idle_tx, irq, mrg, metrics);
-    let _ = rx.process_rx(&mut backend);
+    let _ = rx.process_rx(&mut backend, &mut throttle);
 });

@@ -13,6 +13,20 @@ pub const DESC_TABLE: u64 = 0x0;
 /// Used ring address (written by the device only).
 pub const USED_RING: u64 = 0x8000;
 
+/// Guest memory laid out as [`REGIONS`], filled region by region from `bytes` (zero past
+/// their end).
+pub fn guest_memory(bytes: &[u8]) -> Option<GuestMemoryMmap> {
+    let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).ok()?;
+    let mut rest = bytes;
+    for &(addr, len) in &REGIONS {
+        let n = rest.len().min(len);
+        mem.write_slice(&rest[..n], GuestAddress(addr)).ok()?;
+        rest = &rest[n..];
+    }
+    Some(mem)
+}
+
 /// An interrupt line that goes nowhere (the fuzz targets only check the device side).
 #[derive(Debug)]
 pub struct NoInterrupt;
@@ -38,14 +52,7 @@ impl QueueInput {
     /// byte 3 is left to the target, the rest fills guest memory region by region.
     pub fn new(data: &[u8]) -> Option<Self> {
         let (head, body) = data.split_at_checked(4)?;
-        let ranges: Vec<_> = REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).ok()?;
-        let mut rest = body;
-        for &(addr, len) in &REGIONS {
-            let n = rest.len().min(len);
-            mem.write_slice(&rest[..n], GuestAddress(addr)).ok()?;
-            rest = &rest[n..];
-        }
+        let mem = guest_memory(body)?;
         let size = 1u16 << (head[0] % 9);
         let mut queue = Queue::new(256).ok()?;
         queue.set_size(size);
@@ -89,5 +96,57 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 6);
+    }
+
+    /// The committed agent_protocol seeds are well-formed sessions: the agent's decode to
+    /// requests and stdin without an error, the host's open a session with a hello.
+    #[test]
+    fn agent_seeds_are_well_formed_sessions() {
+        use guest_agent::agent::client::AgentClient;
+        use guest_agent::protocol::{ClientFrame, Frame};
+
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/agent_protocol");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut stream = data[1..].to_vec();
+            if name.starts_with("agent_") {
+                let mut frames = 0;
+                while let Some(frame) = Frame::take_from(&mut stream).unwrap() {
+                    match ClientFrame::decode(frame).unwrap() {
+                        ClientFrame::Request(req) => drop(req.expect(&name)),
+                        ClientFrame::Stdin { .. } => {}
+                    }
+                    frames += 1;
+                }
+                assert!(stream.is_empty() && frames > 1, "{name}");
+            } else {
+                let conn = std::io::Cursor::new(stream);
+                let conn = ReadOnly(conn);
+                AgentClient::open(conn).expect(&name);
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 6);
+    }
+
+    /// A connection that reads from a buffer and drops what is written.
+    struct ReadOnly(std::io::Cursor<Vec<u8>>);
+
+    impl std::io::Read for ReadOnly {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl std::io::Write for ReadOnly {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

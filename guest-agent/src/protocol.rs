@@ -1,4 +1,4 @@
-//! The agent protocol, version 2: how the host (mvm) talks to the guest agent over vsock, or to
+//! The agent protocol, version 3: how the host (mvm) talks to the guest agent over vsock, or to
 //! an agent on the host over a Unix socket.
 //!
 //! The stream carries frames. Each frame is a 9-byte header followed by its payload:
@@ -202,6 +202,39 @@ impl Frame {
             stream,
             payload,
         })
+    }
+}
+
+/// A frame from a client as the agent acts on it: a request, or stdin for one of its processes.
+#[derive(Debug)]
+pub enum ClientFrame {
+    /// A [`FrameKind::Request`] frame: the request, or why its JSON does not parse (the agent
+    /// answers that with an error and keeps the session).
+    Request(Result<Request, ProtocolError>),
+    /// Bytes for the stdin of process `stream`; empty closes it.
+    Stdin {
+        /// Stream id of the process.
+        stream: u32,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+}
+
+impl ClientFrame {
+    /// Decodes a frame a client sent (see [`Frame::take_from`] for the framing). A frame of a
+    /// kind only the agent sends is [`ProtocolError::Unexpected`]: the client broke the protocol.
+    ///
+    /// This and [`Frame::take_from`] are everything the agent does with a client's bytes before
+    /// it acts on a request; the fuzz target `agent_protocol` drives them.
+    pub fn decode(frame: Frame) -> Result<Self, ProtocolError> {
+        match frame.kind {
+            FrameKind::Request => Ok(Self::Request(frame.parse())),
+            FrameKind::Stdin => Ok(Self::Stdin {
+                stream: frame.stream,
+                data: frame.payload,
+            }),
+            other => Err(ProtocolError::Unexpected(other)),
+        }
     }
 }
 
@@ -462,6 +495,46 @@ mod tests {
             Frame::read_from(&mut &[0u8, 0, 0, 5, 1, 0, 0, 0, 0, b'{'][..]),
             Err(ProtocolError::Io(_))
         ));
+    }
+
+    #[test]
+    fn client_frames_decode_to_requests_and_stdin() {
+        let hello = Frame::json(FrameKind::Request, &Request::Hello { version: 3 }).unwrap();
+        assert!(matches!(
+            ClientFrame::decode(hello),
+            Ok(ClientFrame::Request(Ok(Request::Hello { version: 3 })))
+        ));
+        // Malformed JSON is the request's own error: the agent answers it, the session stays.
+        let bad = Frame {
+            kind: FrameKind::Request,
+            stream: 0,
+            payload: b"{\"op\":".to_vec(),
+        };
+        assert!(matches!(
+            ClientFrame::decode(bad),
+            Ok(ClientFrame::Request(Err(ProtocolError::Json(_))))
+        ));
+        let stdin = Frame {
+            kind: FrameKind::Stdin,
+            stream: 2,
+            payload: b"x".to_vec(),
+        };
+        assert!(matches!(
+            ClientFrame::decode(stdin),
+            Ok(ClientFrame::Stdin { stream: 2, data }) if data == b"x"
+        ));
+        // Frames only the agent sends break the protocol.
+        for kind in [FrameKind::Response, FrameKind::Event, FrameKind::Stdout] {
+            let f = Frame {
+                kind,
+                stream: 0,
+                payload: Vec::new(),
+            };
+            assert!(matches!(
+                ClientFrame::decode(f),
+                Err(ProtocolError::Unexpected(k)) if k == kind
+            ));
+        }
     }
 
     #[test]

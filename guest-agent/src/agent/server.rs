@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
-use crate::protocol::{Event, Frame, FrameKind, Request, Response, Setup, PROTOCOL_VERSION};
+use crate::protocol::{
+    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Setup, PROTOCOL_VERSION,
+};
 use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
 use crate::runtime::{stats, Container, ContainerSpec, Process, StdioConfig, StdioMode, TermSize};
@@ -397,13 +399,14 @@ impl Agent {
                     return;
                 }
             };
+            let frame = ClientFrame::decode(frame);
             if !s.greeted {
                 greet(s, &frame);
                 continue;
             }
-            match frame.kind {
-                FrameKind::Request => {
-                    let response = match frame.parse::<Request>() {
+            match frame {
+                Ok(ClientFrame::Request(req)) => {
+                    let response = match req {
                         Ok(req) => self.handle(id, req),
                         Err(e) => error(&format!("malformed request: {e}")),
                     };
@@ -411,9 +414,9 @@ impl Agent {
                         s.reply(&response);
                     }
                 }
-                FrameKind::Stdin => self.feed_stdin(id, frame.stream, &frame.payload),
-                other => {
-                    log::debug!("agent session ended: unexpected {other:?} frame");
+                Ok(ClientFrame::Stdin { stream, data }) => self.feed_stdin(id, stream, &data),
+                Err(e) => {
+                    log::debug!("agent session ended: {e}");
                     s.dead = true;
                 }
             }
@@ -992,9 +995,9 @@ impl Agent {
 }
 
 /// Handles the first frame of a session: it must be a hello of our protocol version.
-fn greet(s: &mut Session, frame: &Frame) {
-    let version = match (frame.kind, frame.parse::<Request>()) {
-        (FrameKind::Request, Ok(Request::Hello { version })) => version,
+fn greet(s: &mut Session, frame: &Result<ClientFrame, ProtocolError>) {
+    let version = match frame {
+        Ok(ClientFrame::Request(Ok(Request::Hello { version }))) => *version,
         _ => {
             s.reply(&error("the session must start with hello"));
             s.closing = true;
