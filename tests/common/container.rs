@@ -73,24 +73,12 @@ impl Drop for Fixture {
     /// foreground `run -it` whose terminal went away): end them, so nothing outlives the test.
     fn drop(&mut self) {
         let marker = format!("--root\0{}\0", self.state.display());
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in procs.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            // A `-d` runner has no arguments: its environment names its container's directory.
-            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-            let runner = format!("MVM_RUNNER={}/", self.state.display());
-            if String::from_utf8_lossy(&cmd).contains(&marker)
-                || String::from_utf8_lossy(&env).contains(&runner)
-            {
-                // SAFETY: kill has no memory preconditions; the pid ran mvm under our root.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        // A `-d` runner has no arguments: its environment names its container's directory.
+        let runner = format!("MVM_RUNNER={}/", self.state.display());
+        super::vm::kill_processes(|cmd, env| {
+            String::from_utf8_lossy(cmd).contains(&marker)
+                || String::from_utf8_lossy(env).contains(&runner)
+        });
     }
 }
 

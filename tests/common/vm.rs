@@ -63,23 +63,30 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         let dir = self.0.display().to_string();
         let marks = [format!("{TRACE_ENV}={dir}"), format!("MVM_RUNNER={dir}")];
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in procs.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
-                continue;
-            };
-            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-            let ours = env.split(|b| *b == 0).any(|kv| {
+        kill_processes(|_, env| {
+            env.split(|b| *b == 0).any(|kv| {
                 marks.iter().any(|m| {
                     kv.starts_with(m.as_bytes()) && matches!(kv.get(m.len()), None | Some(b'/'))
                 })
-            });
-            if ours {
-                // SAFETY: kill has no memory preconditions; the process ran under our root.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            })
+        });
+    }
+}
+
+/// SIGKILLs every process for which `ours(cmdline, environ)` holds (the raw /proc files).
+pub fn kill_processes(ours: impl Fn(&[u8], &[u8]) -> bool) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if ours(&cmd, &env) {
+            // SAFETY: kill has no memory preconditions; the caller picked the process as its own.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
