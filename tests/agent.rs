@@ -513,3 +513,70 @@ fn agent_gives_processes_terminals_and_reports_copies_stats_and_processes() {
     let mut seen = Captured::default();
     assert_eq!(watcher.stream_until_exit(main, &mut seen).unwrap(), 137);
 }
+
+/// Peak resident memory of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn agent_stops_reading_a_client_that_floods_a_process_that_never_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut client = agent.connect();
+    client
+        .create("sleep", &spec(dir.path(), &rootfs, &["sleep", "1000"]))
+        .unwrap();
+    let stream = client.start("sleep", None).unwrap();
+    // Stdin frames of one byte each (the most frames, and work, per byte), written as fast as
+    // the agent takes them until it stops taking any for 3 s.
+    let mut frames = Vec::new();
+    for _ in 0..4096 {
+        let frame = Frame {
+            kind: FrameKind::Stdin,
+            stream,
+            payload: vec![b'x'],
+        };
+        frame.encode_into(&mut frames).unwrap();
+    }
+    let mut raw = client.conn().try_clone().unwrap();
+    raw.set_nonblocking(true).unwrap();
+    let (mut sent, mut at, mut progress) = (0usize, 0usize, Instant::now());
+    while progress.elapsed() < Duration::from_secs(3) && sent < 256 << 20 {
+        match std::io::Write::write(&mut raw, &frames[at..]) {
+            Ok(n) => {
+                sent += n;
+                at = (at + n) % frames.len();
+                progress = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("writing to the agent: {e}"),
+        }
+    }
+    // What it takes: 1 MiB waiting for the process's stdin and the pipe's 64 KiB (ten bytes of
+    // frames each, at one byte per frame), a frame's worth of received bytes and the socket's
+    // buffers; never what the client goes on sending.
+    assert!(
+        sent < 16 << 20,
+        "the agent took {sent} bytes for a process that reads none"
+    );
+    let peak = peak_rss_kib(agent.child.id());
+    assert!(peak < 64 << 10, "the agent's peak memory: {peak} KiB");
+    // It still serves: another session is answered, and the flooded process can be ended.
+    let mut other = agent.connect();
+    other.signal("sleep", stream, libc::SIGKILL).unwrap();
+    raw.set_nonblocking(false).unwrap();
+    drop(raw);
+    drop(client);
+    eprintln!("the agent took {sent} bytes of one-byte stdin frames; peak memory {peak} KiB");
+}

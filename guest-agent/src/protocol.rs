@@ -162,21 +162,32 @@ impl Frame {
     /// Takes the first complete frame off the front of `buf` (bytes received so far), or
     /// `None` while it is incomplete. A bad header is an error at once, before its payload.
     pub fn take_from(buf: &mut Vec<u8>) -> Result<Option<Self>, ProtocolError> {
+        let Some((frame, used)) = Self::first_in(buf)? else {
+            return Ok(None);
+        };
+        buf.drain(..used);
+        Ok(Some(frame))
+    }
+
+    /// The first complete frame at the front of `buf` and how many bytes it took, or `None`
+    /// while it is incomplete; a bad header is an error at once, before its payload. A reader
+    /// that takes many frames off one buffer advances by the bytes taken and removes them once,
+    /// not frame by frame (which moves the rest of the buffer each time).
+    pub fn first_in(buf: &[u8]) -> Result<Option<(Self, usize)>, ProtocolError> {
         let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
         let (len, kind, stream) = decode_header(header)?;
         let end = HEADER_LEN + len as usize;
-        if buf.len() < end {
+        let Some(payload) = buf.get(HEADER_LEN..end) else {
             return Ok(None);
-        }
-        let payload = buf[HEADER_LEN..end].to_vec();
-        buf.drain(..end);
-        Ok(Some(Frame {
+        };
+        let frame = Frame {
             kind,
             stream,
-            payload,
-        }))
+            payload: payload.to_vec(),
+        };
+        Ok(Some((frame, end)))
     }
 
     /// Reads one frame. A stream that ends before the first header byte is [`ProtocolError::Closed`].
@@ -429,6 +440,38 @@ pub enum Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_found_one_after_the_other_in_one_buffer() {
+        let mut wire = Vec::new();
+        for (stream, data) in [(1u32, &b"a"[..]), (2, b""), (3, b"xyz")] {
+            let frame = Frame {
+                kind: FrameKind::Stdin,
+                stream,
+                payload: data.to_vec(),
+            };
+            frame.encode_into(&mut wire).unwrap();
+        }
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while let Some((frame, used)) = Frame::first_in(&wire[at..]).unwrap() {
+            at += used;
+            seen.push((frame.stream, frame.payload));
+        }
+        assert_eq!(at, wire.len());
+        assert_eq!(
+            seen,
+            [(1, b"a".to_vec()), (2, vec![]), (3, b"xyz".to_vec())]
+        );
+        // A frame cut short is incomplete, whichever byte it ends at; a bad header is refused
+        // before its payload arrives.
+        for cut in 0..HEADER_LEN + 1 {
+            assert!(Frame::first_in(&wire[..cut]).unwrap().is_none(), "{cut}");
+        }
+        let mut huge = wire[..HEADER_LEN].to_vec();
+        huge[..4].copy_from_slice(&(MAX_PAYLOAD + 1).to_be_bytes());
+        assert!(Frame::first_in(&huge).is_err());
+    }
 
     #[test]
     fn frames_round_trip_through_a_stream() {

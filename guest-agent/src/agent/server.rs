@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
 use crate::protocol::{
-    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Setup, PROTOCOL_VERSION,
+    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Setup, HEADER_LEN,
+    MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
@@ -77,6 +78,10 @@ impl Listener {
 const OUT_HIGH: usize = 1 << 20;
 /// Bytes waiting for a process's stdin beyond which the agent stops reading its connection.
 const STDIN_HIGH: usize = 1 << 20;
+/// Bytes received from a connection and not yet handled beyond which the agent stops reading
+/// it: one frame of the largest size (so a whole frame always fits, and is handled before more
+/// is read).
+const IN_HIGH: usize = HEADER_LEN + MAX_PAYLOAD as usize;
 /// Largest read from a pipe or a connection at a time.
 const CHUNK: usize = 32 * 1024;
 /// How long a terminal is still read after its process exited, for output a background process
@@ -98,8 +103,10 @@ enum Token {
 /// One connection.
 struct Session {
     conn: Box<dyn Conn>,
-    /// Bytes received that do not make a whole frame yet.
+    /// Bytes received and not yet handled: `inbuf[inpos..]` (what is handled is removed once
+    /// the whole frames are, see `Server::requests`).
     inbuf: Vec<u8>,
+    inpos: usize,
     /// Bytes to send.
     out: Vec<u8>,
     greeted: bool,
@@ -143,10 +150,16 @@ impl Session {
         }
     }
 
-    /// Reads what has arrived. End-of-file or an error ends the session.
+    /// Whether the bytes received and not yet handled reached [`IN_HIGH`].
+    fn in_full(&self) -> bool {
+        self.inbuf.len() - self.inpos >= IN_HIGH
+    }
+
+    /// Reads what has arrived, up to [`IN_HIGH`] not yet handled. End-of-file or an error ends
+    /// the session.
     fn receive(&mut self) {
         let mut buf = [0u8; CHUNK];
-        loop {
+        while !self.in_full() {
             match read_some(&mut self.conn, &mut buf) {
                 Ok(Some(0)) => {
                     log::debug!("agent session ended: connection closed");
@@ -324,7 +337,7 @@ impl Agent {
                     .as_ref()
                     .is_some_and(|i| i.fed_by == Some(id) && i.buf.len() > STDIN_HIGH)
             });
-            let read = !s.closing && !stdin_full;
+            let read = !s.closing && !stdin_full && !s.in_full();
             let ev = (if read { READ } else { 0 }) | (if s.out.is_empty() { 0 } else { WRITE });
             poller.add(s.conn.as_raw_fd(), ev, Token::Session(id));
         }
@@ -372,6 +385,7 @@ impl Agent {
             Session {
                 conn,
                 inbuf: Vec::new(),
+                inpos: 0,
                 out: Vec::new(),
                 greeted: false,
                 closing: false,
@@ -390,9 +404,17 @@ impl Agent {
             if s.closing || s.dead {
                 return;
             }
-            let frame = match Frame::take_from(&mut s.inbuf) {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
+            let frame = match Frame::first_in(&s.inbuf[s.inpos..]) {
+                Ok(Some((f, used))) => {
+                    s.inpos += used;
+                    f
+                }
+                Ok(None) => {
+                    // Every whole frame is handled: drop them at once.
+                    s.inbuf.drain(..s.inpos);
+                    s.inpos = 0;
+                    return;
+                }
                 Err(e) => {
                     log::debug!("agent session ended: {e}");
                     s.dead = true;
