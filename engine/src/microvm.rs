@@ -578,7 +578,17 @@ impl MicroVm {
         let metrics = metrics.and_then(|(devices, file)| MetricsWriter::start(devices, file));
         vm.release.release();
 
-        let mut client = vm.agent(&vsock, &mut console, spec.boot_timeout)?;
+        let mut client = vm
+            .agent(&vsock, &mut console, spec.boot_timeout)
+            .map_err(|e| match &restored {
+                // Which of the two VMs of a template run failed (the template's own boot is
+                // reported by its VMM).
+                Some(id) => MicroVmError::Template(
+                    id.clone(),
+                    format!("the VM restored from it: {}", error_chain(&e)),
+                ),
+                None => e,
+            })?;
         let stop_on_error = |e: ClientError| vm.stop_with(MicroVmError::Agent(e));
         if let Some(id) = &restored {
             log::debug!("template {id}: restored, the agent answers");

@@ -155,7 +155,11 @@ impl TemplateVm {
         seccomp::confine(ThreadKind::Runner).map_err(|e| vm.stop_with(e.into()))?;
         vm.release.release();
         // The agent answers: it is ready and waits for a setup. Save it as it is.
-        let client = vm.agent(&self.vsock, &mut self.console, self.boot_timeout)?;
+        let client = vm
+            .agent(&self.vsock, &mut self.console, self.boot_timeout)
+            .map_err(|e| {
+                MicroVmError::Template(self.id.clone(), format!("booting it: {}", error_chain(&e)))
+            })?;
         let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         let saved = vm.controller.snapshot(self.files);
         drop(client);
