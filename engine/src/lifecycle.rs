@@ -699,24 +699,7 @@ pub fn inspect(root: &Path, name: &str) -> Result<ContainerRecord, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{new_id, process_start_time};
-
-    fn record(name: &str, status: Status, pid: Option<i32>) -> ContainerRecord {
-        let mut r = ContainerRecord::new(
-            format!("abcdef012345{}", &new_id()[..4]),
-            name.into(),
-            "nginx".into(),
-            Isolation::Vm,
-            vec!["nginx".into()],
-            vec!["8080:80".into()],
-        );
-        r.created = 1000;
-        r.started = Some(1000);
-        r.status = status;
-        r.pid = pid;
-        r.pid_start = pid.and_then(process_start_time);
-        r
-    }
+    use crate::state::testing::record;
 
     #[test]
     fn a_running_record_whose_runner_died_is_not_live() {

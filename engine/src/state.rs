@@ -493,6 +493,32 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Records for unit tests, here and in the crates that use the engine.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use super::{new_id, process_start_time, ContainerRecord, Status};
+    use crate::spec::Isolation;
+
+    /// An nginx VM container `name` with a port, created and started at time 1000, in
+    /// `status`, with runner `pid` (its start time read, so a live pid is a live runner).
+    pub fn record(name: &str, status: Status, pid: Option<i32>) -> ContainerRecord {
+        let mut r = ContainerRecord::new(
+            format!("abcdef012345{}", &new_id()[..4]),
+            name.into(),
+            "nginx".into(),
+            Isolation::Vm,
+            vec!["nginx".into()],
+            vec!["8080:80".into()],
+        );
+        r.created = 1000;
+        r.started = Some(1000);
+        r.status = status;
+        r.pid = pid;
+        r.pid_start = pid.and_then(process_start_time);
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

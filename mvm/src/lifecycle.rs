@@ -539,25 +539,8 @@ pub fn inspect(root: &Path, args: &InspectArgs) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engine::spec::Isolation;
-    use engine::state::{new_id, now, process_start_time, StateError, StateStore};
-
-    fn record(name: &str, status: Status, pid: Option<i32>) -> ContainerRecord {
-        let mut r = ContainerRecord::new(
-            format!("abcdef012345{}", &new_id()[..4]),
-            name.into(),
-            "nginx".into(),
-            Isolation::Vm,
-            vec!["nginx".into()],
-            vec!["8080:80".into()],
-        );
-        r.created = 1000;
-        r.started = Some(1000);
-        r.status = status;
-        r.pid = pid;
-        r.pid_start = pid.and_then(process_start_time);
-        r
-    }
+    use engine::state::testing::record;
+    use engine::state::{now, StateError, StateStore};
 
     fn me() -> Option<i32> {
         Some(i32::try_from(std::process::id()).unwrap())
