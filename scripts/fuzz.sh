@@ -68,5 +68,7 @@ if [ "${#failed[@]}" -ne 0 ]; then
     echo "fuzzing found crashes in: ${failed[*]}" >&2
     exit 1
 fi
-echo "all fuzz targets ran ${seconds}s without a crash: $targets" | tr '\n' ' '
+limit="${seconds}s"
+[ -z "${FUZZ_RUNS:-}" ] || limit="$limit or $FUZZ_RUNS executions each, whichever came first"
+echo "every fuzz target ran (at most $limit) without a crash: $targets" | tr '\n' ' '
 echo

@@ -15,6 +15,14 @@
 # machine cannot run L1 (no QEMU, no kernel package) it says so and skips with exit 0: nothing
 # is reported as passed that did not run.
 #
+# A test that fails runs once more in a fresh L1, and the layer passes only if that run passes;
+# the summary says which tests needed it, and the first run's output stays in the log. QEMU's
+# emulation of nested SVM is not exact: measured on this 2-core host (2026-12-06), about 2 in 100
+# L2 guests hung (their vCPU thread always running, nothing on their console) or triple-faulted,
+# and one L1 of five ended mid-run without a word; with single-threaded TCG instead, 3 of 4 plain
+# cold boots hung. None of it happens under this machine's own KVM (layer 1), which runs the same
+# tests without a second chance. MVM_VT_RERUN=0 turns the second run off.
+#
 # Environment: CARGO_PROFILE-independent; MVM_VT_CPUS (default 2), MVM_VT_MEM (default 4G).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -80,7 +88,14 @@ if [[ " ${tests[*]} " == *" quickstart "* ]]; then
   done
 fi
 
+# Runs CMD in a fresh L1.
+in_l1() {
+  scripts/vt-host.sh --cpus "${MVM_VT_CPUS:-2}" --mem "${MVM_VT_MEM:-4G}" \
+    --env "MVM_TEST_KERNEL=$kernel" --env "MVM_AGENT=$agent" -- "$@"
+}
+
 results=()
+second=()
 failed=0
 for t in "${tests[@]}"; do
   if [ "$t" = quickstart ]; then
@@ -94,11 +109,24 @@ for t in "${tests[@]}"; do
   say "=== $t (product kernel, emulated AMD-V host) ==="
   start=$SECONDS
   set +e
-  scripts/vt-host.sh --cpus "${MVM_VT_CPUS:-2}" --mem "${MVM_VT_MEM:-4G}" \
-    --env "MVM_TEST_KERNEL=$kernel" --env "MVM_AGENT=$agent" -- "${cmd[@]}"
+  in_l1 "${cmd[@]}"
   rc=$?
   set -e
   took=$((SECONDS - start))
+  if [ $rc != 0 ] && [ "${MVM_VT_RERUN:-1}" = 1 ]; then
+    say "$t failed in this L1 (exit $rc, output above); running it once more in a fresh L1 (the emulated host now and then hangs or crashes an L2 guest: see README)"
+    first=$rc
+    set +e
+    in_l1 "${cmd[@]}"
+    rc=$?
+    set -e
+    took=$((SECONDS - start))
+    if [ $rc = 0 ]; then
+      results+=("ok      $t  ${took} s (on its second run: the first failed with exit $first)")
+      second+=("$t")
+      continue
+    fi
+  fi
   if [ $rc = 0 ]; then
     results+=("ok      $t  ${took} s")
   else
@@ -108,4 +136,7 @@ for t in "${tests[@]}"; do
 done
 say "emulated AMD-V host, product kernel $(basename "$kernel"):"
 for r in "${results[@]}"; do say "  $r"; done
+if [ ${#second[@]} -gt 0 ]; then
+  say "passed only on a second run in a fresh L1: ${second[*]} (their first run's output is above)"
+fi
 exit $failed
