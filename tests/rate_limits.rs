@@ -37,10 +37,12 @@ fn rates(stdout: &str) -> Vec<(String, f64)> {
 }
 
 /// How far above a limit the unthrottled rate must be for the limit to be what the guest
-/// measures. Below that the guest's own time per request is a large part of each throttled
-/// request's and they add up (measured here under load: unthrottled 1.56x the read limit,
-/// throttled 0.72x of it). On this PVM host the guests stay below this for every limit the test
-/// sets: it checks the upper bound, and says NOT CHECKED for the lower one.
+/// measures. Closer to the limit the guest's own time per request and the limiter's wait add
+/// up more than a token bucket alone explains (measured here, the tests one at a time and each
+/// transfer right after its unthrottled twin: unthrottled 1.51x the read limit gave 0.70x of
+/// it, 1.25x the write limit 0.46x; not yet understood). On this PVM host the guests stay below
+/// this for every limit the test sets: it checks the upper bound, and says NOT CHECKED for the
+/// lower one.
 const HEADROOM: f64 = 4.0;
 
 /// Checks `rate` is within 10% of `limit`: never above it; and not below it where the same
@@ -79,8 +81,17 @@ fn timed(label: &str, bytes: u64, cmd: &str) -> String {
     )
 }
 
+/// The tests of this file one at a time: a second guest booting next to a measurement would
+/// take the CPU the measured guest needs.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn a_guest_reads_and_writes_its_disks_at_the_rates_it_was_given() {
+    let _alone = one_at_a_time();
     let Some(s) = setup() else { return };
     let before = host_traces(&s.root);
     let scratch = s.reg.dir.path().join("scratch");
@@ -108,37 +119,42 @@ fn a_guest_reads_and_writes_its_disks_at_the_rates_it_was_given() {
     std::fs::copy(scratch.join("blocks"), fast.join("blocks")).unwrap();
     let volume = format!("{}:/data", scratch.display());
     let fast_volume = format!("{}:/fast", fast.display());
+    // Each transfer unthrottled and then throttled, one right after the other, so both see the
+    // same load on this host.
     let mut script = Vec::new();
-    for (prefix, dir) in [("base-", "/fast"), ("", "/data")] {
-        script.extend([
-            timed(
-                &format!("{prefix}read"),
-                read_bytes,
-                &format!(
-                    "dd if={dir}/big of=/dev/null bs=64k count={} iflag=direct 2>/dev/null",
-                    read_bytes >> 16
-                ),
+    let limited = [("base-", "/fast"), ("", "/data")];
+    for (prefix, dir) in limited {
+        script.push(timed(
+            &format!("{prefix}read"),
+            read_bytes,
+            &format!(
+                "dd if={dir}/big of=/dev/null bs=64k count={} iflag=direct 2>/dev/null",
+                read_bytes >> 16
             ),
-            // Flushed to the disk before the clock stops.
-            timed(
-                &format!("{prefix}write"),
-                write_bytes,
-                &format!(
-                    "dd if=/dev/zero of={dir}/out bs=64k count={} conv=fsync 2>/dev/null",
-                    write_bytes >> 16
-                ),
+        ));
+    }
+    for (prefix, dir) in limited {
+        // Flushed to the disk before the clock stops.
+        script.push(timed(
+            &format!("{prefix}write"),
+            write_bytes,
+            &format!(
+                "dd if=/dev/zero of={dir}/out bs=64k count={} conv=fsync 2>/dev/null",
+                write_bytes >> 16
             ),
-            // 4 KiB reads at 20 per second are 80 KiB/s: the request limit holds them, not
-            // the byte limit.
-            timed(
-                &format!("{prefix}iops"),
-                requests,
-                &format!(
-                    "dd if={dir}/blocks of=/dev/null bs=4k count={requests} iflag=direct \
-                     2>/dev/null"
-                ),
+        ));
+    }
+    for (prefix, dir) in limited {
+        // 4 KiB reads at 20 per second are 80 KiB/s: the request limit holds them, not the
+        // byte limit.
+        script.push(timed(
+            &format!("{prefix}iops"),
+            requests,
+            &format!(
+                "dd if={dir}/blocks of=/dev/null bs=4k count={requests} iflag=direct \
+                 2>/dev/null"
             ),
-        ]);
+        ));
     }
     let script = script.join("; ");
     let out = run_cmd(
@@ -176,28 +192,28 @@ fn a_guest_reads_and_writes_its_disks_at_the_rates_it_was_given() {
         labels,
         [
             "base-read",
-            "base-write",
-            "base-iops",
             "read",
+            "base-write",
             "write",
+            "base-iops",
             "iops"
         ],
         "{stdout}"
     );
     #[allow(clippy::cast_precision_loss)]
     let failed: Vec<String> = [
-        within_10_percent("read bytes", measured[3].1, read_bps as f64, measured[0].1),
+        within_10_percent("read bytes", measured[1].1, read_bps as f64, measured[0].1),
         within_10_percent(
             "written bytes",
-            measured[4].1,
+            measured[3].1,
             write_bps as f64,
-            measured[1].1,
+            measured[2].1,
         ),
         within_10_percent(
             "read requests",
             measured[5].1,
             read_iops as f64,
-            measured[2].1,
+            measured[4].1,
         ),
     ]
     .into_iter()
@@ -209,6 +225,7 @@ fn a_guest_reads_and_writes_its_disks_at_the_rates_it_was_given() {
 
 #[test]
 fn a_guest_downloads_at_the_network_rate_it_was_given() {
+    let _alone = one_at_a_time();
     let Some(s) = setup() else { return };
     if !devices::virtio::net::passt_available() {
         eprintln!("skipping: passt is not installed (--network user)");
