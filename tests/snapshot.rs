@@ -446,6 +446,66 @@ fn run_restores_its_template_and_refuses_a_damaged_one() {
 }
 
 #[test]
+fn a_run_killed_while_its_template_is_made_leaves_no_template_behind() {
+    let Some(t) = templates() else {
+        return;
+    };
+    let _one = boot_lock();
+    let _reaper = common::vm::Reaper(t.root());
+    // The first run of this shape makes a template: SIGKILL it while the template's VM boots.
+    let kernel = t.kernel.to_str().unwrap().to_string();
+    let mut run = Command::new(MVM)
+        .arg("--root")
+        .arg(t.root())
+        .args(["run", "--rm", "--kernel", &kernel, "--kernel-args"])
+        .arg(&t.vm.kernel_args)
+        .args(["--image", "busybox", "--", "echo", "hi"])
+        .env("MVM_AGENT", &t.vm.agent)
+        .env(TRACE_ENV, t.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let half_made = loop {
+        let (_, half_made) = t.leftovers();
+        if !half_made.is_empty() {
+            break half_made;
+        }
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended before it began a template"
+        );
+        assert!(Instant::now() < deadline, "no template was begun");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Into the template VM's boot (the jailed VMM boots it; the run waits for it).
+    std::thread::sleep(Duration::from_secs(1));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    drop(_reaper);
+
+    // Nothing half-made is listed or restored; prune removes it, `rm -f` the killed run.
+    assert!(t.templates().is_empty(), "{:?}", t.templates());
+    let ids = t.mvm(&["ps", "-a", "-q"], false);
+    for id in text(&ids.stdout).split_whitespace() {
+        let out = t.mvm(&["rm", "-f", id], false);
+        assert!(out.status.success(), "rm -f {id}: {}", text(&out.stderr));
+    }
+    let out = t.mvm(&["template", "prune"], false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(t.leftovers(), (vec![], vec![]), "after {half_made:?}");
+    // The next run makes the template afresh and runs.
+    let (next, _) = t.run(false);
+    random_of(&next);
+    let listed = t.templates();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].trim_end().ends_with("ok"), "{listed:?}");
+    assert_eq!(t.leftovers(), (vec![], vec![]));
+}
+
+#[test]
 fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
     let Some(t) = templates() else {
         return;
