@@ -101,6 +101,23 @@ fn exec_cat(client: &mut AgentClient<UnixStream>) -> u32 {
     client.exec("web", process, true, None).unwrap()
 }
 
+/// An agent running container `id` (busybox, `sleep 1000`); returns it, the session that
+/// started the container and its main process's stream. `None` (with the reason said) where
+/// busybox-static is missing.
+fn agent_with_sleeper(
+    dir: &Path,
+    id: &str,
+) -> Option<(AgentProcess, AgentClient<UnixStream>, u32)> {
+    let rootfs = busybox_rootfs(dir)?;
+    let agent = AgentProcess::start(dir);
+    let mut client = agent.connect();
+    client
+        .create(id, &spec(dir, &rootfs, &["sleep", "1000"]))
+        .unwrap();
+    let stream = client.start(id, None).unwrap();
+    Some((agent, client, stream))
+}
+
 fn spec(dir: &Path, rootfs: &Path, args: &[&str]) -> ContainerSpec {
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     std::fs::create_dir_all(&upper).unwrap();
@@ -301,15 +318,9 @@ fn agent_execs_a_second_process_inside_the_running_container() {
 #[test]
 fn agent_serves_many_sessions_at_once_and_streams_large_output() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+    let Some((agent, mut client, main)) = agent_with_sleeper(dir.path(), "web") else {
         return;
     };
-    let agent = AgentProcess::start(dir.path());
-    let mut client = agent.connect();
-    client
-        .create("web", &spec(dir.path(), &rootfs, &["sleep", "1000"]))
-        .unwrap();
-    let main = client.start("web", None).unwrap();
 
     // Four clients exec at the same time, each in its own session, as `mvm exec` does.
     let workers: Vec<_> = (0..4)
@@ -527,15 +538,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn agent_stops_reading_a_client_that_floods_a_process_that_never_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+    let Some((agent, client, stream)) = agent_with_sleeper(dir.path(), "sleep") else {
         return;
     };
-    let agent = AgentProcess::start(dir.path());
-    let mut client = agent.connect();
-    client
-        .create("sleep", &spec(dir.path(), &rootfs, &["sleep", "1000"]))
-        .unwrap();
-    let stream = client.start("sleep", None).unwrap();
     // Stdin frames of one byte each (the most frames, and work, per byte), written as fast as
     // the agent takes them until it stops taking any for 3 s.
     let mut frames = Vec::new();
