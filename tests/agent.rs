@@ -538,7 +538,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn agent_stops_reading_a_client_that_floods_a_process_that_never_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((agent, client, stream)) = agent_with_sleeper(dir.path(), "sleep") else {
+    let Some((agent, mut client, stream)) = agent_with_sleeper(dir.path(), "sleep") else {
         return;
     };
     // Stdin frames of one byte each (the most frames, and work, per byte), written as fast as
@@ -582,6 +582,11 @@ fn agent_stops_reading_a_client_that_floods_a_process_that_never_reads() {
     other.signal("sleep", stream, libc::SIGKILL).unwrap();
     raw.set_nonblocking(false).unwrap();
     drop(raw);
-    drop(client);
+    // The flooding session still hears of the exit (and the agent removes the container's
+    // cgroup, which a killed agent would leave).
+    let code = client
+        .stream_until_exit(stream, &mut Captured::default())
+        .unwrap();
+    assert_eq!(code, 128 + libc::SIGKILL);
     eprintln!("the agent took {sent} bytes of one-byte stdin frames; peak memory {peak} KiB");
 }

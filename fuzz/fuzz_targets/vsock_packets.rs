@@ -16,6 +16,8 @@ fn muxer() -> &'static Mutex<Muxer> {
         let path = std::env::temp_dir().join(format!("mvm-fuzz-vsock-{}.sock", std::process::id()));
         let muxer = Muxer::new(&path, 3, Arc::new(VsockMetrics::default()))
             .expect("bind the fuzz muxer's socket");
+        // Bound and listening: the name is not needed any more (a fuzz run leaves no file).
+        let _ = std::fs::remove_file(&path);
         Mutex::new(muxer)
     })
 }
