@@ -358,7 +358,7 @@ impl ConsoleTail {
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .map(|l| format!("; console: {}", l.trim()))
+            .map(|l| format!("; console: {}", vmm::console_log::printable(l.trim())))
             .unwrap_or_default()
     }
 }
@@ -864,5 +864,23 @@ impl TerminalInput for AgentInput {
     }
     fn end(&mut self) {
         let _ = self.client.stdin(self.stream, b"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_line_in_an_error_carries_no_terminal_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "booting\n\x1b]0;owned\x07panic: \x1b[2Jgone\r\n\n").unwrap();
+        let line = ConsoleTail::open(path).last_line();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert_eq!(
+            line,
+            "; console: \\u{1b}]0;owned\\u{7}panic: \\u{1b}[2Jgone"
+        );
     }
 }

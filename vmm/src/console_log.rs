@@ -104,6 +104,21 @@ impl Write for ConsoleLog {
     }
 }
 
+/// `line`, from the guest's console, with its control characters escaped (`\u{1b}`): guest text
+/// that mvm puts in a message goes to the user's terminal, where a hostile guest's escape
+/// sequences would otherwise be obeyed.
+pub fn printable(line: &str) -> String {
+    line.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

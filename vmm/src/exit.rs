@@ -298,7 +298,7 @@ impl<W: Write> PanicWatcher<W> {
         if text.contains(PANIC_END_MARKER) {
             self.state.panic_report_done();
         } else if let Some(pos) = text.find(PANIC_MARKER) {
-            let reason = text[pos + PANIC_MARKER.len()..].trim().to_string();
+            let reason = crate::console_log::printable(text[pos + PANIC_MARKER.len()..].trim());
             self.state.guest_panicked(reason);
         }
         self.line.clear();
@@ -376,6 +376,19 @@ mod tests {
             Some(VmExit::GuestPanic("VFS: Unable to mount root fs".into()))
         );
         assert!(w.inner.starts_with(b"[ 1.0] Kernel panic"));
+    }
+
+    #[test]
+    fn a_guest_panic_reason_carries_no_terminal_escapes() {
+        let s = Arc::new(ExitState::new().unwrap());
+        let mut w = PanicWatcher::new(io::sink(), s.clone());
+        w.write_all(b"Kernel panic - not syncing: \x1b]0;owned\x07x\n")
+            .unwrap();
+        w.write_all(b"---[ end Kernel panic ]---\n").unwrap();
+        assert_eq!(
+            s.exit(),
+            Some(VmExit::GuestPanic("\\u{1b}]0;owned\\u{7}x".into()))
+        );
     }
 
     #[test]
