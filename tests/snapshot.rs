@@ -247,7 +247,8 @@ impl Templates {
         self.dir.path().join("root")
     }
 
-    fn mvm(&self, args: &[&str], debug: bool) -> Output {
+    /// `mvm ARGS` under this root, with the test's agent and trace marker.
+    fn command(&self, args: &[&str], debug: bool) -> Command {
         let mut cmd = Command::new(MVM);
         cmd.arg("--root")
             .arg(self.root())
@@ -260,30 +261,45 @@ impl Templates {
         } else {
             cmd.env_remove("MVM_LOG");
         }
-        cmd.output().unwrap()
+        cmd
+    }
+
+    fn mvm(&self, args: &[&str], debug: bool) -> Output {
+        self.command(args, debug).output().unwrap()
+    }
+
+    /// `mvm run --rm` of busybox with this test's kernel, running CMD.
+    fn run_command(&self, cmd: &[&str], debug: bool) -> Command {
+        let kernel = self.kernel.to_str().unwrap().to_string();
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--kernel",
+            &kernel,
+            "--kernel-args",
+            &self.vm.kernel_args,
+            "--image",
+            "busybox",
+            "--",
+        ];
+        args.extend_from_slice(cmd);
+        self.command(&args, debug)
     }
 
     /// `mvm run --rm` of busybox printing hi and 16 random bytes, exiting 3.
     fn run(&self, debug: bool) -> (Output, Duration) {
         let t0 = Instant::now();
-        let kernel = self.kernel.to_str().unwrap().to_string();
-        let out = self.mvm(
-            &[
-                "run",
-                "--rm",
-                "--kernel",
-                &kernel,
-                "--kernel-args",
-                &self.vm.kernel_args,
-                "--image",
-                "busybox",
-                "--",
-                "sh",
-                "-c",
-                "echo hi; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exit 3",
-            ],
-            debug,
-        );
+        let out = self
+            .run_command(
+                &[
+                    "sh",
+                    "-c",
+                    "echo hi; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exit 3",
+                ],
+                debug,
+            )
+            .output()
+            .unwrap();
         (out, t0.elapsed())
     }
 
@@ -453,16 +469,8 @@ fn a_run_killed_while_its_template_is_made_leaves_no_template_behind() {
     let _one = boot_lock();
     let _reaper = common::vm::Reaper(t.root());
     // The first run of this shape makes a template: SIGKILL it while the template's VM boots.
-    let kernel = t.kernel.to_str().unwrap().to_string();
-    let mut run = Command::new(MVM)
-        .arg("--root")
-        .arg(t.root())
-        .args(["run", "--rm", "--kernel", &kernel, "--kernel-args"])
-        .arg(&t.vm.kernel_args)
-        .args(["--image", "busybox", "--", "echo", "hi"])
-        .env("MVM_AGENT", &t.vm.agent)
-        .env(TRACE_ENV, t.root())
-        .stdin(Stdio::null())
+    let mut run = t
+        .run_command(&["echo", "hi"], false)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
