@@ -121,40 +121,43 @@ fn a_guest_reads_and_writes_its_disks_at_the_rates_it_was_given() {
     let fast_volume = format!("{}:/fast", fast.display());
     // Each transfer unthrottled and then throttled, one right after the other, so both see the
     // same load on this host.
-    let mut script = Vec::new();
-    let limited = [("base-", "/fast"), ("", "/data")];
-    for (prefix, dir) in limited {
-        script.push(timed(
-            &format!("{prefix}read"),
+    let transfers = [
+        (
+            "read",
             read_bytes,
-            &format!(
-                "dd if={dir}/big of=/dev/null bs=64k count={} iflag=direct 2>/dev/null",
+            format!(
+                "dd if=DIR/big of=/dev/null bs=64k count={} iflag=direct 2>/dev/null",
                 read_bytes >> 16
             ),
-        ));
-    }
-    for (prefix, dir) in limited {
+        ),
         // Flushed to the disk before the clock stops.
-        script.push(timed(
-            &format!("{prefix}write"),
+        (
+            "write",
             write_bytes,
-            &format!(
-                "dd if=/dev/zero of={dir}/out bs=64k count={} conv=fsync 2>/dev/null",
+            format!(
+                "dd if=/dev/zero of=DIR/out bs=64k count={} conv=fsync 2>/dev/null",
                 write_bytes >> 16
             ),
-        ));
-    }
-    for (prefix, dir) in limited {
+        ),
         // 4 KiB reads at 20 per second are 80 KiB/s: the request limit holds them, not the
         // byte limit.
-        script.push(timed(
-            &format!("{prefix}iops"),
+        (
+            "iops",
             requests,
-            &format!(
-                "dd if={dir}/blocks of=/dev/null bs=4k count={requests} iflag=direct \
-                 2>/dev/null"
+            format!(
+                "dd if=DIR/blocks of=/dev/null bs=4k count={requests} iflag=direct 2>/dev/null"
             ),
-        ));
+        ),
+    ];
+    let mut script = Vec::new();
+    for (label, bytes, cmd) in &transfers {
+        for (prefix, dir) in [("base-", "/fast"), ("", "/data")] {
+            script.push(timed(
+                &format!("{prefix}{label}"),
+                *bytes,
+                &cmd.replace("DIR", dir),
+            ));
+        }
     }
     let script = script.join("; ");
     let out = run_cmd(
