@@ -5,6 +5,13 @@
 # and to exit, medians of N runs each (default 5), the template/cold ratio, and the VMM's
 # restore time alone (snapshot checked, memory mapped, devices attached, vCPUs, interrupt
 # controllers, clock and devices put back: mvm's own measurement in each template run).
+# Then forks: a counter container (`-d`, booted cold) is saved with `mvm snapshot create`
+# (timed, with how long its VM stood still), and FORKS copies (default 10, MVM_FORKS) are
+# started from it one after another with `mvm run -d --from-snapshot`: time to running and to
+# the fork's first line of output, against the parent's cold `-d` start in the same run, and
+# the host memory the forks take: the proportional set size (PSS) of each fork's VMM process
+# without the pages of the snapshot's memory file they share, in total, and apart from it that
+# of their network backends (passt, a process per VM); the parent's beside them.
 #
 #   scripts/bench-snapshot.sh [N]        on this host (PVM: the test kernel)
 #   scripts/bench-snapshot.sh --vt [N]   in the emulated AMD-V host (scripts/vt-host.sh) with
@@ -112,4 +119,103 @@ print(f"{'first output (s)':24}{c_first:10.3f}{t_first:10.3f}{t_first / c_first:
 print(f"{'exit (s)':24}{c_exit:10.3f}{t_exit:10.3f}{t_exit / c_exit:8.2f}")
 print(f"VMM restore alone: median {med(restore):.1f} ms (min {min(restore):.1f}, max {max(restore):.1f})")
 print(f"guest: 256 MiB, 1 vCPU, kernel {kernel}")
+EOF
+
+python3 - "$MVM" "$work/root" "$kernel" "$kargs" "${MVM_FORKS:-10}" <<'EOF'
+import json, os, re, statistics, subprocess, sys, time
+
+mvm, root, kernel, kargs, forks = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+med = statistics.median
+
+def run(*args, env=None):
+    p = subprocess.run([mvm, "--root", root, *args], capture_output=True, env=env)
+    if p.returncode != 0:
+        sys.exit(f"bench-snapshot: mvm {' '.join(args[:3])}: {p.stderr.decode(errors='replace').strip()}")
+    return p
+
+def lines(name):
+    out = run("logs", name).stdout.decode(errors="replace").split()
+    return [int(w) for w in out if w.isdigit()]
+
+def wait_output(name, limit=600):
+    t0 = time.monotonic()
+    while not lines(name):
+        if time.monotonic() - t0 > limit:
+            sys.exit(f"bench-snapshot: {name} printed nothing in {limit} s")
+        time.sleep(0.02)
+
+def pss_kib(name, shared_file):
+    # Every process of the container's VMM cgroup: PSS, and the PSS of the snapshot's memory
+    # file's pages.
+    rec = json.loads(run("inspect", name).stdout)
+    procs = {rec["vmm_pid"]}
+    for d in rec.get("vmm_cgroup_dirs") or []:
+        try:
+            procs |= {int(p) for p in open(os.path.join(d, "cgroup.procs")).read().split()}
+        except OSError:
+            pass
+    vmm = shared = network = 0
+    for pid in procs:
+        try:
+            smaps = open(f"/proc/{pid}/smaps").read().splitlines()
+            passt = open(f"/proc/{pid}/comm").read().startswith("passt")
+        except OSError:
+            continue
+        in_file = False
+        for line in smaps:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                in_file = line.rstrip().endswith(shared_file)
+            elif line.startswith("Pss:"):
+                kib = int(line.split()[1])
+                if passt:
+                    network += kib
+                elif in_file:
+                    shared += kib
+                else:
+                    vmm += kib
+    return vmm, shared, network
+
+counter = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done"
+t0 = time.monotonic()
+run("run", "-d", "--cold", "--name", "parent", "--kernel", kernel, "--kernel-args", kargs,
+    "--image", "bench/busybox", "--", "sh", "-c", counter)
+t_parent_running = time.monotonic() - t0
+wait_output("parent")
+t_parent_first = time.monotonic() - t0
+t0 = time.monotonic()
+p = run("snapshot", "create", "parent", "snap", env=dict(os.environ, MVM_LOG="info"))
+t_create = time.monotonic() - t0
+m = re.search(rb"stood still ([0-9]+) ms", p.stderr)
+paused = int(m.group(1)) if m else -1
+memfile = os.path.realpath(os.path.join(root, "snapshots", "snap", "memory"))
+print(f"snapshot of the running parent: {t_create:.3f} s (its VM stood still {paused} ms)", file=sys.stderr)
+
+running, first = [], []
+for i in range(forks):
+    name = f"fork{i}"
+    t0 = time.monotonic()
+    run("run", "-d", "--from-snapshot", "snap", "--name", name)
+    running.append(time.monotonic() - t0)
+    wait_output(name)
+    first.append(time.monotonic() - t0)
+    print(f"fork {i + 1}/{forks}: running {running[-1]:.3f} s, first output {first[-1]:.3f} s", file=sys.stderr)
+time.sleep(2)
+totals = [pss_kib(f"fork{i}", memfile) for i in range(forks)]
+beyond = sum(t[0] for t in totals) / 1024
+shared = sum(t[1] for t in totals) / 1024
+network = sum(t[2] for t in totals) / 1024
+parent = pss_kib("parent", memfile)
+for n in ["parent"] + [f"fork{i}" for i in range(forks)]:
+    run("rm", "-f", n)
+run("snapshot", "rm", "snap")
+print(f"\nforks of one running busybox container (256 MiB, 1 vCPU), {forks} started one after another")
+print(f"{'':30}{'cold -d':>10}{'fork':>10}{'ratio':>8}")
+print(f"{'to running (s), median':30}{t_parent_running:10.3f}{med(running):10.3f}{med(running) / t_parent_running:8.2f}")
+print(f"{'to first output (s), median':30}{t_parent_first:10.3f}{med(first):10.3f}{med(first) / t_parent_first:8.2f}")
+print(f"host memory (PSS) of the {forks} forks' VMMs beyond the snapshot file they share: "
+      f"{beyond:.1f} MiB in all ({beyond / forks:.1f} MiB per fork); their share of the file: "
+      f"{shared:.1f} MiB; the cold-booted parent's VMM: {parent[0] / 1024:.1f} MiB")
+if network:
+    print(f"their network backends (passt, one per VM, as for a cold VM): {network:.1f} MiB in all "
+          f"({network / forks:.1f} MiB per fork; the parent's: {parent[2] / 1024:.1f} MiB)")
 EOF

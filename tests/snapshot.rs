@@ -589,3 +589,210 @@ fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
     assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
     assert_eq!(t.leftovers(), (vec![], vec![]));
 }
+
+/// The numbers a counter container printed (one per line), from `mvm logs`.
+fn counted(t: &Templates, name: &str) -> Vec<u64> {
+    text(&t.mvm(&["logs", name], false).stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Waits until container `name` printed a number above `than`; its numbers.
+fn count_past(t: &Templates, name: &str, than: u64) -> Vec<u64> {
+    let t0 = Instant::now();
+    loop {
+        let seen = counted(t, name);
+        if seen.last().is_some_and(|n| *n > than) {
+            return seen;
+        }
+        assert!(
+            t0.elapsed() < BOOT_LIMIT,
+            "{name} does not count past {than}: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `mvm exec NAME CMD...`: its stdout, after asserting it succeeded.
+fn exec_out(t: &Templates, name: &str, cmd: &[&str]) -> String {
+    let mut args = vec!["exec", name];
+    args.extend_from_slice(cmd);
+    let out = t.mvm(&args, false);
+    assert!(
+        out.status.success(),
+        "exec {name} {cmd:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
+    let Some(t) = templates() else {
+        return;
+    };
+    let _one = boot_lock();
+    let kernel = t.kernel.to_str().unwrap().to_string();
+    // A counter in the shell's memory and in a file of the container's writable layer.
+    let out = t.mvm(
+        &[
+            "run",
+            "-d",
+            "--cold",
+            "--name",
+            "parent",
+            "--kernel",
+            &kernel,
+            "--kernel-args",
+            &t.vm.kernel_args,
+            "--image",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /count; echo $i; sleep 0.3; done",
+        ],
+        false,
+    );
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    count_past(&t, "parent", 3);
+
+    let out = t.mvm(&["snapshot", "create", "parent", "snap"], true);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "snap");
+    let at = counted(&t, "parent").last().copied().unwrap();
+    let ls = text(&t.mvm(&["snapshot", "ls"], false).stdout);
+    assert!(
+        ls.lines().nth(1).is_some_and(|l| l.starts_with("snap ")
+            && l.contains("parent")
+            && l.contains("busybox")),
+        "{ls}"
+    );
+    // The parent runs on after its snapshot.
+    count_past(&t, "parent", at + 2);
+
+    let mut firsts = Vec::new();
+    for fork in ["fork1", "fork2"] {
+        let out = t.mvm(
+            &["run", "-d", "--from-snapshot", "snap", "--name", fork],
+            true,
+        );
+        assert!(
+            out.status.success(),
+            "run --from-snapshot: {}",
+            text(&out.stderr)
+        );
+        // Its counter goes on from where the parent's was when the snapshot was taken: the
+        // numbers it prints follow on, without starting over.
+        let seen = count_past(&t, fork, 2);
+        let first = seen[0];
+        assert!(
+            first >= 4 && first <= at + 1,
+            "{fork} started counting at {first} (the parent was at {at} after the snapshot): {seen:?}"
+        );
+        assert!(
+            seen.windows(2).all(|w| w[1] == w[0] + 1),
+            "{fork} counts one by one: {seen:?}"
+        );
+        let file: u64 = exec_out(&t, fork, &["cat", "/count"]).parse().unwrap();
+        assert!(
+            file >= first,
+            "{fork}'s file says {file}, its count {seen:?}"
+        );
+        firsts.push(first);
+    }
+    assert_eq!(firsts[0], firsts[1], "both forks go on from one point");
+    let random = |name| {
+        exec_out(
+            &t,
+            name,
+            &["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"],
+        )
+    };
+    assert_ne!(
+        random("fork1"),
+        random("fork2"),
+        "two forks of one snapshot read the same random bytes"
+    );
+    let parent_now = counted(&t, "parent").last().copied().unwrap();
+    let fork_now = counted(&t, "fork1").last().copied().unwrap();
+    assert!(
+        parent_now > at,
+        "the parent's count went on ({parent_now}); fork1's is its own ({fork_now})"
+    );
+
+    // A `create` killed while the VMM writes leaves nothing listed, and the next one cleans up.
+    let mut killed = t
+        .command(&["snapshot", "create", "parent", "half"], false)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let listed = || {
+        text(&t.mvm(&["snapshot", "ls"], false).stdout)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(), ["snap"]);
+    let out = t.mvm(&["snapshot", "create", "parent", "whole"], false);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    assert_eq!(listed(), ["snap", "whole"]);
+    let tmp: Vec<String> = std::fs::read_dir(t.root().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(tmp.is_empty(), "a killed create's files are left: {tmp:?}");
+    let out = t.mvm(&["snapshot", "rm", "whole"], false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for name in ["parent", "fork1", "fork2"] {
+        let out = t.mvm(&["rm", "-f", name], false);
+        assert!(out.status.success(), "rm -f {name}: {}", text(&out.stderr));
+    }
+
+    // A disk changed under the snapshot: refused with one line, nothing made.
+    let info: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(t.root().join("snapshots/snap/snapshot.json")).unwrap(),
+    )
+    .unwrap();
+    let disk = PathBuf::from(info["rootfs_disk"]["path"].as_str().unwrap());
+    let disk_file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let mtime = disk_file.metadata().unwrap().modified().unwrap();
+    disk_file
+        .set_modified(mtime + Duration::from_secs(1))
+        .unwrap();
+    let out = t.mvm(&["run", "--rm", "--from-snapshot", "snap"], false);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("changed since the snapshot was taken"),
+        "{err}"
+    );
+    disk_file.set_modified(mtime).unwrap();
+
+    // A corrupted snapshot: one line, nothing left.
+    let state = t.root().join("snapshots/snap/state");
+    let good = std::fs::read(&state).unwrap();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    std::fs::write(&state, &flipped).unwrap();
+    let out = t.mvm(&["run", "--rm", "--from-snapshot", "snap"], false);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("corrupted or truncated"), "{err}");
+    assert_eq!(t.leftovers().0, Vec::<String>::new());
+
+    let out = t.mvm(&["snapshot", "rm", "snap"], false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ls = text(&t.mvm(&["snapshot", "ls"], false).stdout);
+    assert_eq!(ls.lines().count(), 1, "{ls}");
+}

@@ -77,6 +77,14 @@ pub enum Request {
     Pause,
     /// Let a paused VM's vCPUs run again (`mvm unpause`).
     Unpause,
+    /// Save the VM (`mvm snapshot create`) into the two files that come with the request
+    /// (SCM_RIGHTS: the memory file, then the state file, created empty by the caller: a jailed
+    /// VMM opens no file); answered with [`Response::Saved`] once written. The VM goes on
+    /// afterwards, or stays paused if it was.
+    Snapshot {
+        /// The snapshot's directory, for messages.
+        dir: PathBuf,
+    },
     /// Debug builds only: the VMM thread of `thread` makes system call `nr`, which its seccomp
     /// filter may forbid (tests prove that a forbidden call ends the VMM with one line).
     DebugSyscall {
@@ -117,6 +125,13 @@ pub enum Response {
     Ok,
     /// The answer to `status`.
     Status(Status),
+    /// The answer to `snapshot`.
+    Saved {
+        /// How long the vCPUs were stopped for it, in milliseconds.
+        paused_ms: u64,
+        /// Pages of guest memory that held data.
+        data_pages: u64,
+    },
     /// Refused, and why.
     Error {
         /// One line for the user.
@@ -137,6 +152,17 @@ pub trait Controlled: Send + Sync {
         let _ = paused;
         Err("only a VM container can be paused".into())
     }
+    /// Saves the VM into `memory` and `state` (see [`Request::Snapshot`]); returns how long
+    /// its vCPUs were stopped, in milliseconds, and how many pages of memory held data.
+    fn snapshot(
+        &self,
+        dir: PathBuf,
+        memory: std::fs::File,
+        state: std::fs::File,
+    ) -> Result<(u64, u64), String> {
+        let _ = (dir, memory, state);
+        Err("only a VM container can be saved in a snapshot".into())
+    }
     /// Makes system call `nr` on the thread of kind `thread` (debug builds; see
     /// [`Request::DebugSyscall`]).
     fn debug_syscall(&self, thread: &str, nr: i64) -> Result<(), String> {
@@ -148,15 +174,54 @@ pub trait Controlled: Send + Sync {
 /// Sends `request` to the control socket at `path` and returns the answer; an
 /// [`Response::Error`] comes back as [`ControlError::Refused`].
 pub fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    call_with(path, request, &[], IO_TIMEOUT)
+}
+
+/// Asks the VM whose control socket is `path` to save itself into `memory` and `state` (see
+/// [`Request::Snapshot`]), waiting up to `limit` for the answer.
+pub fn snapshot(
+    path: &Path,
+    dir: &Path,
+    memory: &std::fs::File,
+    state: &std::fs::File,
+    limit: Duration,
+) -> Result<Response, ControlError> {
+    let request = Request::Snapshot {
+        dir: dir.to_path_buf(),
+    };
+    call_with(
+        path,
+        &request,
+        &[memory.as_raw_fd(), state.as_raw_fd()],
+        limit,
+    )
+}
+
+/// [`call`], with `fds` sent along with the request and `limit` for the answer.
+fn call_with(
+    path: &Path,
+    request: &Request,
+    fds: &[std::os::fd::RawFd],
+    limit: Duration,
+) -> Result<Response, ControlError> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut conn =
         UnixStream::connect(path).map_err(|e| ControlError::Unreachable(path.to_path_buf(), e))?;
     let io = |e| ControlError::Io(path.to_path_buf(), e);
-    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    conn.set_read_timeout(Some(limit)).map_err(io)?;
     conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     let mut line =
         serde_json::to_vec(request).map_err(|e| ControlError::Protocol(path.to_path_buf(), e))?;
     line.push(b'\n');
-    conn.write_all(&line).map_err(io)?;
+    if fds.is_empty() {
+        conn.write_all(&line).map_err(io)?;
+    } else {
+        // The descriptors ride on the first byte; the rest follows as plain data.
+        let sent = conn
+            .send_with_fds(&[&line[..1]], fds)
+            .map_err(|e| io(io::Error::from_raw_os_error(e.errno())))?;
+        conn.write_all(&line[sent..]).map_err(io)?;
+    }
     let mut answer = Vec::new();
     BufReader::new(conn.take(MAX_REQUEST as u64 * 16))
         .read_until(b'\n', &mut answer)
@@ -314,25 +379,22 @@ fn answer(conn: UnixStream, target: &dyn Controlled, stopping: bool) -> Option<S
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
     let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
-    let mut line = Vec::new();
-    let Ok(reader) = conn.try_clone() else {
-        return None;
-    };
-    let read = BufReader::new(reader.take(MAX_REQUEST as u64 + 1)).read_until(b'\n', &mut line);
+    let mut files = Vec::new();
+    let read = read_request(&conn, &mut files);
     let mut started = None;
     let response = match read {
         Err(e) => Response::Error {
             message: format!("cannot read the request: {e}"),
         },
-        Ok(_) if line.len() > MAX_REQUEST => Response::Error {
+        Ok(line) if line.len() > MAX_REQUEST => Response::Error {
             message: format!("request longer than {MAX_REQUEST} bytes"),
         },
-        Ok(_) => match serde_json::from_slice::<Request>(&line) {
+        Ok(line) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
             Ok(request) => {
-                let (response, stop) = handle(request, target, stopping);
+                let (response, stop) = handle(request, target, stopping, files);
                 started = stop;
                 response
             }
@@ -350,10 +412,48 @@ fn answer(conn: UnixStream, target: &dyn Controlled, stopping: bool) -> Option<S
     started
 }
 
+/// The most descriptors a request carries (a snapshot's two files).
+const MAX_FDS: usize = 2;
+
+/// Reads one request line (up to the newline, at most [`MAX_REQUEST`] + 1 bytes) and the
+/// descriptors that came with it (at most [`MAX_FDS`]: the kernel discards the rest).
+fn read_request(conn: &UnixStream, files: &mut Vec<std::fs::File>) -> io::Result<Vec<u8>> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 1024];
+    while line.len() <= MAX_REQUEST && !line.contains(&b'\n') {
+        let mut fds = [-1; MAX_FDS];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, which we own and may be written with anything.
+        let (n, nfds) = unsafe { conn.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        for fd in fds.into_iter().take(nfds) {
+            // SAFETY: recvmsg just installed this descriptor for us; nothing else owns it.
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            if files.len() < MAX_FDS {
+                files.push(file);
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    if let Some(end) = line.iter().position(|b| *b == b'\n') {
+        line.truncate(end + 1);
+    }
+    Ok(line)
+}
+
 fn handle(
     request: Request,
     target: &dyn Controlled,
     stopping: bool,
+    files: Vec<std::fs::File>,
 ) -> (Response, Option<StopStep>) {
     let result = |r: Result<(), String>| match r {
         Ok(()) => Response::Ok,
@@ -402,6 +502,27 @@ fn handle(
             }
             (result(target.pause(request == Request::Pause)), None)
         }
+        Request::Snapshot { dir } => {
+            if !target.running() || stopping {
+                let message = "the container is not running".to_string();
+                return (Response::Error { message }, None);
+            }
+            let mut files = files.into_iter();
+            let (Some(memory), Some(state)) = (files.next(), files.next()) else {
+                let message = "a snapshot request comes with its memory and state files".into();
+                return (Response::Error { message }, None);
+            };
+            match target.snapshot(dir, memory, state) {
+                Ok((paused_ms, data_pages)) => (
+                    Response::Saved {
+                        paused_ms,
+                        data_pages,
+                    },
+                    None,
+                ),
+                Err(message) => (Response::Error { message }, None),
+            }
+        }
         Request::DebugSyscall { thread, nr } => {
             if !cfg!(debug_assertions) {
                 let message = "debug requests are only taken by debug builds".to_string();
@@ -440,6 +561,56 @@ mod tests {
             self.paused.lock().unwrap().push(paused);
             Ok(())
         }
+        fn snapshot(
+            &self,
+            _dir: PathBuf,
+            mut memory: std::fs::File,
+            mut state: std::fs::File,
+        ) -> Result<(u64, u64), String> {
+            // Writes through the descriptors it was handed, as the VMM does.
+            memory.write_all(b"memory").map_err(|e| e.to_string())?;
+            state.write_all(b"state").map_err(|e| e.to_string())?;
+            Ok((12, 34))
+        }
+    }
+
+    #[test]
+    fn a_snapshot_request_hands_its_two_files_to_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let target = Arc::new(Fake::default());
+        let _server = ControlServer::start(&path, target.clone()).unwrap();
+        let create = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let (memory, state) = (create("memory"), create("state"));
+        let limit = Duration::from_secs(10);
+        let refused = snapshot(&path, dir.path(), &memory, &state, limit).unwrap_err();
+        assert!(refused.to_string().contains("not running"), "{refused}");
+        target.running.store(true, Ordering::SeqCst);
+        let saved = snapshot(&path, dir.path(), &memory, &state, limit).unwrap();
+        assert_eq!(
+            saved,
+            Response::Saved {
+                paused_ms: 12,
+                data_pages: 34
+            }
+        );
+        assert_eq!(std::fs::read(dir.path().join("memory")).unwrap(), b"memory");
+        assert_eq!(std::fs::read(dir.path().join("state")).unwrap(), b"state");
+        // Without its files (a plain request line), a snapshot is refused.
+        let request = Request::Snapshot {
+            dir: dir.path().to_path_buf(),
+        };
+        let refused = call(&path, &request).unwrap_err();
+        assert!(
+            refused.to_string().contains("memory and state files"),
+            "{refused}"
+        );
     }
 
     #[test]

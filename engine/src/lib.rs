@@ -28,6 +28,7 @@ pub mod restart;
 pub mod run;
 pub mod runner;
 pub mod selfexec;
+pub mod snapshot;
 pub mod spec;
 pub mod state;
 pub mod stats;

@@ -20,7 +20,7 @@ use devices::virtio::block::{BlockConfig, BlockLimits};
 use devices::virtio::rate_limiter::Limit;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, MAIN_STREAM, ROOTFS_DEVICE};
-use guest_agent::protocol::{Setup, AGENT_VSOCK_PORT};
+use guest_agent::protocol::{Resume, Setup, AGENT_VSOCK_PORT};
 use guest_agent::runtime::{ContainerSpec, TermSize};
 use vmm::builder::{BuildError, RunningVm, VcpuRelease, VmBuilder};
 use vmm::config::VmConfig;
@@ -138,6 +138,10 @@ pub struct MicroVmSpec {
     /// kernel command line.
     #[serde(default)]
     pub restore: Option<Restore>,
+    /// `restore` is a snapshot of a running container (`mvm run --from-snapshot`), not a
+    /// template: its container runs on, so the run attaches to it instead of creating one.
+    #[serde(default)]
+    pub fork: bool,
 }
 
 /// A template a run restores.
@@ -249,6 +253,24 @@ impl Controlled for VmControl {
             controller.resume()
         };
         done.map_err(|e| error_chain(&e))
+    }
+
+    fn snapshot(
+        &self,
+        dir: PathBuf,
+        memory: std::fs::File,
+        state: std::fs::File,
+    ) -> Result<(u64, u64), String> {
+        let controller = self
+            .controller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| "the VM is not running yet".to_string())?;
+        let files = vmm::snapshot::SnapshotFiles::from_files(dir, memory, state);
+        let report = controller.snapshot(files).map_err(|e| error_chain(&e))?;
+        let paused_ms = u64::try_from(report.paused_for.as_millis()).unwrap_or(u64::MAX);
+        Ok((paused_ms, report.data_pages))
     }
 
     fn debug_syscall(&self, thread: &str, nr: i64) -> Result<(), String> {
@@ -590,25 +612,44 @@ impl MicroVm {
                 None => e,
             })?;
         let stop_on_error = |e: ClientError| vm.stop_with(MicroVmError::Agent(e));
-        if let Some(id) = &restored {
+        let now_ns = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        };
+        if let (Some(id), true) = (&restored, spec.fork) {
+            let resume = Resume {
+                boot: run_boot(spec).to_cmdline(),
+                seed: fresh_seed(),
+                time_ns: now_ns(),
+                mac,
+            };
+            client.resume(resume).map_err(stop_on_error)?;
+            client
+                .attach(MAIN_CONTAINER, MAIN_STREAM)
+                .map_err(stop_on_error)?;
+            log::debug!("{id}: restored, its container goes on");
+        } else if let Some(id) = &restored {
             log::debug!("template {id}: restored, the agent answers");
             let setup = Setup {
                 boot: run_boot(spec).to_cmdline(),
                 seed: fresh_seed(),
-                time_ns: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+                time_ns: now_ns(),
                 mac,
             };
             client.setup(setup).map_err(stop_on_error)?;
             log::debug!("template {id}: the guest took its run's setup");
         }
-        client
-            .create(MAIN_CONTAINER, &spec.container)
-            .map_err(stop_on_error)?;
-        let stream = client
-            .start(MAIN_CONTAINER, spec.terminal)
-            .map_err(stop_on_error)?;
+        let stream = if spec.fork {
+            MAIN_STREAM
+        } else {
+            client
+                .create(MAIN_CONTAINER, &spec.container)
+                .map_err(stop_on_error)?;
+            client
+                .start(MAIN_CONTAINER, spec.terminal)
+                .map_err(stop_on_error)?
+        };
         let ports = spec
             .ports
             .iter()

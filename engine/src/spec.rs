@@ -235,6 +235,11 @@ pub struct RunSpec {
     /// (`--isolation vm`).
     #[serde(default)]
     pub cold: bool,
+    /// `mvm run --from-snapshot NAME`: the VM restores snapshot NAME of a running container
+    /// and its container goes on (the spec is the snapshot's, see
+    /// [`crate::snapshot::fork_spec`]).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// The rate limits of a VM's devices.
@@ -371,6 +376,7 @@ impl RunSpec {
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
             cold: false,
+            from_snapshot: None,
         }
     }
 
@@ -632,6 +638,7 @@ mod tests {
             vmm: VmmSecurity::default(),
             rate_limits: RateLimits::default(),
             cold: true,
+            from_snapshot: Some("base".into()),
         }
     }
 

@@ -72,6 +72,8 @@ fn guest_main() -> Result<(), String> {
     let listener = VsockListener::bind(port).map_err(|e| format!("vsock port {port}: {e}"))?;
     let mut agent = Agent::new();
     agent.reap_orphans();
+    // A snapshot of this VM taken while its container runs may be restored as a fork.
+    agent.on_resume(Box::new(restored::resume));
     if params.template {
         // Saved as a template from here on: the run's disks, network and ports come with the
         // setup request of each VM restored from it.

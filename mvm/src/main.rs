@@ -25,6 +25,7 @@ mod image;
 mod info;
 mod lifecycle;
 mod run;
+mod snapshot;
 mod stats;
 mod template;
 mod version;
@@ -100,6 +101,9 @@ enum Command {
     Rename(lifecycle::RenameArgs),
     /// List or remove VM templates (saved guests that later runs restore instead of booting).
     Template(template::TemplateArgs),
+    /// Save running VM containers as snapshots (`mvm run --from-snapshot` forks them), list or
+    /// remove them.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() {
@@ -182,6 +186,7 @@ fn run_main() -> i32 {
         Command::Port(args) => lifecycle::port(&root_dir(cli.root), &args),
         Command::Rename(args) => lifecycle::rename(&root_dir(cli.root), &args),
         Command::Template(args) => template::run(&root_dir(cli.root), &args),
+        Command::Snapshot(args) => snapshot::run(&root_dir(cli.root), &args),
     };
     report(result)
 }

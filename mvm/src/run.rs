@@ -46,6 +46,22 @@ pub struct RunArgs {
     /// container writes to an overlay).
     #[arg(long, value_name = "DIR", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
+    /// Start a copy of the container saved as this snapshot (`mvm snapshot create`): its
+    /// processes go on where they were; the image, command, memory and disks are the
+    /// snapshot's, the network too unless --network gives the fork its own (of the same kind:
+    /// an interface, user or tap, or none).
+    #[arg(
+        long,
+        value_name = "SNAPSHOT",
+        conflicts_with_all = [
+            "image", "rootfs", "command", "mem", "cpus", "pids_limit", "env", "workdir",
+            "entrypoint", "user", "hostname", "init", "kernel", "kernel_args", "cold",
+            "volumes", "security_opt", "cap_add", "cap_drop", "userns", "dns", "add_host",
+            "no_hosts", "device_read_bps", "device_write_bps", "device_read_iops",
+            "device_write_iops", "network_rate",
+        ]
+    )]
+    pub from_snapshot: Option<String>,
     /// Container name (default: the first 12 digits of its id).
     #[arg(long)]
     pub name: Option<String>,
@@ -180,6 +196,10 @@ pub struct RunArgs {
 /// volumes, `-e KEY` from this environment); the engine validates the whole.
 pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
     let source = match (&args.image, &args.rootfs) {
+        // The snapshot's own replaces it (engine::snapshot::fork_spec).
+        _ if args.from_snapshot.is_some() => Source::Rootfs {
+            path: PathBuf::from("/"),
+        },
         (Some(image), _) => Source::Image {
             reference: image.clone(),
             digest: None,
@@ -192,7 +212,11 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
                     bad_input(format!("--rootfs {}: no such directory", dir.display()))
                 })?,
         },
-        (None, None) => return Err(bad_input("give --image IMAGE or --rootfs DIR")),
+        (None, None) => {
+            return Err(bad_input(
+                "give --image IMAGE, --rootfs DIR or --from-snapshot SNAPSHOT",
+            ))
+        }
     };
     let memory_bytes = args
         .mem
@@ -275,6 +299,7 @@ pub fn to_spec(args: &RunArgs) -> anyhow::Result<RunSpec> {
         kernel_args: args.kernel_args.clone(),
         mount_agent: false,
         cold: args.cold,
+        from_snapshot: args.from_snapshot.clone(),
     })
 }
 

@@ -33,7 +33,7 @@ use crate::state::{new_id, ContainerRecord, StateStore};
 pub use context::Exit;
 use context::{Caller, Run};
 pub use template::{vmm_main as template_vmm_main, TEMPLATE_JOB};
-pub(crate) use vm::{find_agent, warm_vm_caches};
+pub(crate) use vm::{find_agent, vm_disks, warm_vm_caches};
 pub use vm::{vmm_main, RunJob};
 
 /// How a run ended for the caller.
@@ -48,6 +48,11 @@ pub enum RunOutcome {
 /// Runs `spec` under the mvm root `root`: in the foreground until the container exits, or, with
 /// `-d`, until the background runner reports that it runs.
 pub fn run(root: &Path, spec: RunSpec) -> Result<RunOutcome, Error> {
+    // A fork runs its snapshot's spec, with this run's name, ports and ways of running.
+    let spec = match spec.from_snapshot.clone() {
+        Some(name) => crate::snapshot::fork_spec(root, &name, spec)?,
+        None => spec,
+    };
     spec.validate(root)?;
     let mut spec = spec;
     let rootfs = resolve_source(root, &mut spec.source)?;

@@ -22,7 +22,9 @@ use crate::dns::{self, Reach};
 use crate::error::{bad_input, io_error, CommandExit, Error, EXIT_FAILURE};
 use crate::image;
 use crate::logs::{ContainerLog, LogOptions, LogSink, LOG_FILE};
+use crate::microvm::Restore;
 use crate::microvm::{AgentInput, MicroVm, MicroVmError, MicroVmSpec, VmControl};
+use crate::snapshot;
 use crate::terminal::{InputRelay, RawMode};
 use crate::units::parse_duration;
 
@@ -132,8 +134,23 @@ pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
         *name = Some(format!("mvm{}", &run.guard.record().id[..12]));
     }
     let run_dir = run.guard.dir().to_path_buf();
-    let disk = rootfs_disk(run.root, &run.rootfs, &run_dir)?;
-    let mut volumes = volume_disks(&spec.volumes, &run_dir)?;
+    // A fork restores its snapshot with the disks the snapshot was taken with.
+    let (disk, mut volumes, restore) = match &spec.from_snapshot {
+        Some(name) => {
+            let (dir, disks) = snapshot::fork_disks(run.root, name, &run_dir)?;
+            let volumes = volume_disks(&spec.volumes, &run_dir, Some(&disks.volumes))?;
+            let restore = Restore {
+                dir,
+                id: format!("snapshot {name}"),
+            };
+            (disks.rootfs, volumes, Some(restore))
+        }
+        None => (
+            rootfs_disk(run.root, &run.rootfs, &run_dir)?,
+            volume_disks(&spec.volumes, &run_dir, None)?,
+            None,
+        ),
+    };
     for (i, d) in volumes.disks.iter_mut().enumerate() {
         let dev = format!("vd{}", char::from(b'b' + u8::try_from(i).unwrap_or(0)));
         d.limits = spec.rate_limits.disk(&dev);
@@ -206,7 +223,8 @@ pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
         dns: spec.dns.servers.clone(),
         rootfs_limits: spec.rate_limits.disk("vda"),
         net_limit: spec.rate_limits.network,
-        restore: None,
+        fork: restore.is_some(),
+        restore,
     };
     if let Some(sig) = pending_signal() {
         let msg = format!("stopped by signal {sig} before the VM started");
@@ -269,7 +287,11 @@ fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> 
     }
     let plan = confine::plan(run.root, &spec.vmm, [run_dir.clone()]).map_err(confine_error)?;
     let access = confine::open_run_dir(&run_dir, &plan).map_err(confine_error)?;
-    let store = template::store(run.root, spec)?;
+    // A fork restores its snapshot, never a template.
+    let store = match vm_spec.fork {
+        true => None,
+        false => template::store(run.root, spec)?,
+    };
     let vsock = vm_spec.vsock_path();
     let ended = (|| -> Result<(VmmExit, bool, Option<Error>), Error> {
         if let Some(store) = &store {
@@ -316,11 +338,15 @@ fn supervise(mut run: Run<'_>, mut vm_spec: MicroVmSpec) -> Result<Exit, Error> 
                 .map_err(confine_error)?;
             drop(relay);
             // A template this host's KVM cannot restore: the run starts again, cold.
-            if let (Some(why), Some(store), false) = (cannot, &store, running) {
+            if let (Some(why), Some(store), false) = (&cannot, &store, running) {
                 if vm_spec.restore.take().is_some() {
-                    template::host_cannot(store, &why);
+                    template::host_cannot(store, why);
                     continue;
                 }
+            }
+            // A fork has nothing to fall back on.
+            if let (Some(why), None) = (cannot, &store) {
+                return Err(Error::Failed(format!("this host's KVM cannot {why}")));
             }
             return Ok((exit, running, failed));
         }
@@ -465,8 +491,42 @@ struct VolumeDisks {
     params: Vec<VolumeParam>,
 }
 
-/// Copies each volume directory onto a disk image in `run_dir` (the guest's /dev/vdb, vdc, ...).
-fn volume_disks(volumes: &[BindMount], run_dir: &Path) -> Result<VolumeDisks, Error> {
+/// The disks of the VM container whose spec is `spec` and directory `run_dir` (see
+/// [`snapshot::VmDisks`]): nothing is made; an image's disk is the cached one.
+pub(crate) fn vm_disks(
+    root: &Path,
+    spec: &crate::spec::RunSpec,
+    run_dir: &Path,
+) -> Result<snapshot::VmDisks, Error> {
+    let rootfs = match &spec.source {
+        // Made for the container at its start (a fork's is its snapshot's).
+        crate::spec::Source::Rootfs { .. } if spec.from_snapshot.is_none() => {
+            run_dir.join("rootfs.ext4")
+        }
+        _ if spec.from_snapshot.is_some() => {
+            let name = spec.from_snapshot.as_deref().unwrap_or_default();
+            let (_, info) = snapshot::SnapshotStore::open(root)?.find(name)?;
+            info.rootfs_disk.path
+        }
+        source => {
+            let mut source = source.clone();
+            let dir = super::resolve_source(root, &mut source)?.dir;
+            rootfs_disk(root, &dir, run_dir)?
+        }
+    };
+    let volumes = (0..spec.volumes.len())
+        .map(|i| run_dir.join(format!("volume-{i}.ext4")))
+        .collect();
+    Ok(snapshot::VmDisks { rootfs, volumes })
+}
+
+/// Copies each volume directory onto a disk image in `run_dir` (the guest's /dev/vdb, vdc, ...),
+/// or with `made`, takes those disk images (a fork's copies of its snapshot's).
+fn volume_disks(
+    volumes: &[BindMount],
+    run_dir: &Path,
+    made: Option<&[PathBuf]>,
+) -> Result<VolumeDisks, Error> {
     let VolumeDisks {
         mut disks,
         mut mounts,
@@ -475,10 +535,16 @@ fn volume_disks(volumes: &[BindMount], run_dir: &Path) -> Result<VolumeDisks, Er
     for (i, v) in volumes.iter().enumerate() {
         // /dev/vda is the image; volumes follow in order.
         let dev = format!("vd{}", char::from(b'b' + u8::try_from(i).unwrap_or(0)));
-        let path = run_dir.join(format!("volume-{i}.ext4"));
-        rootfs_builder::disk::disk_from_dir(&v.source, &path, v.readonly).map_err(|e| {
-            Error::Disk(format!("copy {} onto a disk image", v.source.display()), e)
-        })?;
+        let path = match made.and_then(|m| m.get(i)) {
+            Some(disk) => disk.clone(),
+            None => {
+                let path = run_dir.join(format!("volume-{i}.ext4"));
+                rootfs_builder::disk::disk_from_dir(&v.source, &path, v.readonly).map_err(|e| {
+                    Error::Disk(format!("copy {} onto a disk image", v.source.display()), e)
+                })?;
+                path
+            }
+        };
         disks.push(BlockConfig {
             path,
             read_only: v.readonly,

@@ -353,6 +353,13 @@ impl<C: Read + Write> AgentClient<C> {
         self.call_silent(&Request::Setup(Box::new(setup))).map(drop)
     }
 
+    /// Hands a guest restored from a snapshot of a running container its new identity (see
+    /// [`crate::protocol::Resume`]).
+    pub fn resume(&mut self, resume: crate::protocol::Resume) -> Result<(), ClientError> {
+        self.call_silent(&Request::Resume(Box::new(resume)))
+            .map(drop)
+    }
+
     /// Asks the agent to stop every container and end (in a guest: power the VM off).
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.call_silent(&Request::Shutdown).map(drop)

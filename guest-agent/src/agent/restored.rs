@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::guest::{BootParams, ROOTFS_DIR, VOLUMES_DIR};
-use crate::protocol::Setup;
+use crate::protocol::{Resume, Setup};
 
 use super::init;
 use super::portfwd::PortForwarder;
@@ -161,22 +161,53 @@ pub fn apply(params: &BootParams, wait_for_disks: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Handles the run's [`Setup`] in a guest restored from a template.
-pub fn setup(setup: &Setup) -> Result<PortForwarder, String> {
-    let seed = unhex(&setup.seed)
+/// Makes a restored guest its own: reseeds its RNG with `seed` (hex), steps its clock to
+/// `time_ns` and gives its interface `mac`; returns the run's boot parameters.
+fn take_identity(
+    seed: &str,
+    time_ns: u64,
+    mac: Option<[u8; 6]>,
+    boot: &str,
+) -> Result<BootParams, String> {
+    let seed = unhex(seed)
         .filter(|s| s.len() >= 32)
-        .ok_or("the setup's seed is not 32 or more hex bytes")?;
+        .ok_or("the seed is not 32 or more hex bytes")?;
     reseed(&seed).map_err(|e| format!("cannot reseed the guest's random number generator: {e}"))?;
-    if let Err(e) = set_clock(setup.time_ns) {
+    if let Err(e) = set_clock(time_ns) {
         eprintln!("mvm-agent: cannot set the clock: {e}");
     }
-    let params = BootParams::parse(&setup.boot).map_err(|e| e.to_string())?;
-    if let (Some(mac), Some(net)) = (setup.mac, &params.net) {
+    let params = BootParams::parse(boot).map_err(|e| e.to_string())?;
+    if let (Some(mac), Some(net)) = (mac, &params.net) {
         if let Err(e) = set_mac(&net.dev, mac) {
             eprintln!("mvm-agent: cannot set the MAC address of {}: {e}", net.dev);
         }
     }
+    Ok(params)
+}
+
+/// Handles the run's [`Setup`] in a guest restored from a template.
+pub fn setup(setup: &Setup) -> Result<PortForwarder, String> {
+    let params = take_identity(&setup.seed, setup.time_ns, setup.mac, &setup.boot)?;
     apply(&params, true)?;
+    Ok(PortForwarder::bind(&params.ports))
+}
+
+/// Handles [`Resume`] in a guest restored from a snapshot of a running container: its disks
+/// stay mounted and its processes run on; the network takes the run's address (the same
+/// address again is no error) and the published ports are the run's.
+pub fn resume(resume: &Resume) -> Result<PortForwarder, String> {
+    let params = take_identity(&resume.seed, resume.time_ns, resume.mac, &resume.boot)?;
+    if let Some(net) = &params.net {
+        if let Err(e) = init::configure_ipv4(net) {
+            // The parent's default route is still there where the address did not change.
+            let exists = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<io::Error>())
+                .is_some_and(|s| s.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                eprintln!("mvm-agent: {e}");
+            }
+        }
+    }
     Ok(PortForwarder::bind(&params.ports))
 }
 

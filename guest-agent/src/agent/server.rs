@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
 use crate::protocol::{
-    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Setup, HEADER_LEN,
-    MAX_PAYLOAD, PROTOCOL_VERSION,
+    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Resume, Setup,
+    HEADER_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
@@ -236,11 +236,18 @@ struct Entry {
 /// restored from a template) and return the published ports to relay.
 pub type SetupHook = Box<dyn FnMut(&Setup) -> Result<PortForwarder, String>>;
 
+/// What the agent does with [`Request::Resume`]: make a guest restored from a snapshot of a
+/// running container this run's, and return the published ports to relay.
+pub type ResumeHook = Box<dyn FnMut(&Resume) -> Result<PortForwarder, String>>;
+
 /// The agent's state: containers, their processes, connections and published ports.
 #[derive(Default)]
 pub struct Agent {
     /// Set while a [`Request::Setup`] is awaited (taken when it arrives).
     setup: Option<SetupHook>,
+    /// How a guest restored from a snapshot of a running container takes its run (a guest
+    /// only).
+    resume: Option<ResumeHook>,
     containers: HashMap<String, Entry>,
     procs: HashMap<u64, Proc>,
     sessions: HashMap<u64, Session>,
@@ -280,6 +287,12 @@ impl Agent {
     /// with it (a guest booted as a template).
     pub fn await_setup(&mut self, hook: SetupHook) {
         self.setup = Some(hook);
+    }
+
+    /// Takes [`Request::Resume`] with `hook` (a guest: a VM may be restored from a snapshot
+    /// taken while its containers ran).
+    pub fn on_resume(&mut self, hook: ResumeHook) {
+        self.resume = Some(hook);
     }
 
     /// Serves connections until a [`Request::Shutdown`] arrives: answers it, kills every
@@ -460,6 +473,20 @@ impl Agent {
                 },
                 None => error("this agent takes no setup (it was not booted as a template)"),
             },
+            Request::Resume(resume) => {
+                let Some(hook) = self.resume.as_mut() else {
+                    return error("this agent runs on no VM that can be restored");
+                };
+                // The parent's ports go first: the run may publish the same ones.
+                self.ports = PortForwarder::default();
+                match hook(&resume) {
+                    Ok(ports) => {
+                        self.publish(ports);
+                        Response::Ok
+                    }
+                    Err(e) => error(&e),
+                }
+            }
             Request::Create { .. } if self.setup.is_some() => {
                 error("the agent awaits its setup before any container")
             }

@@ -312,7 +312,12 @@ pub const RUNNER: &[Rule] = &[
 ];
 
 /// The control socket's server.
-pub const CONTROL: &[Rule] = &[any(libc::SYS_accept4)];
+pub const CONTROL: &[Rule] = &[
+    any(libc::SYS_accept4),
+    // A snapshot's files come with `mvm snapshot create`'s request (SCM_RIGHTS); the event
+    // loop's thread writes them.
+    any(libc::SYS_recvmsg),
+];
 
 /// A published port's forwarder and its connections.
 pub const RELAY: &[Rule] = &[any(libc::SYS_accept4)];

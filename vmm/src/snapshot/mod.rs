@@ -255,6 +255,13 @@ impl SnapshotFiles {
         })
     }
 
+    /// The state and memory files of a snapshot into `dir`, created (empty, writable) by
+    /// another process and handed over (a running VM's snapshot, asked for on its control
+    /// socket by `mvm snapshot create`).
+    pub fn from_files(dir: PathBuf, memory: std::fs::File, state: std::fs::File) -> Self {
+        Self { dir, memory, state }
+    }
+
     /// The snapshot's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
