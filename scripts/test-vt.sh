@@ -9,7 +9,7 @@
 # both ways, tap, --network user), run_vm, run_lifecycle, vm_tools (run -it, exec -it, attach,
 # cp, stats, top, DNS and --restart in a microVM, typed into tmux), compare (mvm compare with the
 # VM column on the product kernel), snapshot (save and restore of a running guest, VM templates,
-# pause/unpause), and the README quick start
+# pause/unpause, snapshots of a running container and forks from them), and the README quick start
 # (`quickstart`). Each runs in a fresh L1 with the product kernel (`scripts/build-kernel.sh`,
 # built once and cached) and prints its time; the layer fails if any test fails. Where this
 # machine cannot run L1 (no QEMU, no kernel package) it says so and skips with exit 0: nothing

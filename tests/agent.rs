@@ -590,3 +590,30 @@ fn agent_stops_reading_a_client_that_floods_a_process_that_never_reads() {
     assert_eq!(code, 128 + libc::SIGKILL);
     eprintln!("the agent took {sent} bytes of one-byte stdin frames; peak memory {peak} KiB");
 }
+
+#[test]
+fn output_of_a_container_nobody_hears_waits_for_the_next_session() {
+    // A VM restored from a snapshot of a running container: the session that started it is
+    // gone and the new host attaches a moment later. What the container printed meanwhile is
+    // not lost: it waits in its pipes until a session hears it.
+    let dir = tempfile::tempdir().unwrap();
+    let Some(rootfs) = busybox_rootfs(dir.path()) else {
+        return;
+    };
+    let agent = AgentProcess::start(dir.path());
+    let mut first = agent.connect();
+    let script = "sleep 0.3; echo before; sleep 0.5; echo after; exit 4";
+    first
+        .create("c1", &spec(dir.path(), &rootfs, &["sh", "-c", script]))
+        .unwrap();
+    let stream = first.start("c1", None).unwrap();
+    drop(first);
+    // "before" is printed while no session is there.
+    std::thread::sleep(Duration::from_millis(600));
+    let mut second = agent.connect();
+    second.attach("c1", stream).unwrap();
+    let mut out = Captured::default();
+    let code = second.stream_until_exit(stream, &mut out).unwrap();
+    assert_eq!(code, 4);
+    assert_eq!(out.out(stream), "before\nafter\n");
+}

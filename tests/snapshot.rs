@@ -788,7 +788,10 @@ fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
     let err = text(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(err.contains("corrupted or truncated"), "{err}");
+    assert!(
+        err.contains("corrupted or truncated") && err.contains("mvm snapshot rm snap"),
+        "{err}"
+    );
     assert_eq!(t.leftovers().0, Vec::<String>::new());
 
     let out = t.mvm(&["snapshot", "rm", "snap"], false);

@@ -81,6 +81,9 @@ pub enum MicroVmError {
     /// A template could not be made or restored.
     #[error("template {0}: {1}")]
     Template(String, String),
+    /// A snapshot of a running container could not be restored (`mvm run --from-snapshot`).
+    #[error("snapshot {0}: {1}")]
+    Snapshot(String, String),
     /// This host's KVM cannot save or restore a VM (what failed); the run boots cold.
     #[error("this host's KVM cannot {0}")]
     HostCannotSnapshot(String),
@@ -520,7 +523,7 @@ impl MicroVm {
                 let console = vmm::console_log::ConsoleLog::create(&path)
                     .map_err(|e| MicroVmError::Build(BuildError::SerialOut(path, e)))?;
                 let builder = VmBuilder::restore(&r.dir, Box::new(console))
-                    .map_err(|e| restore_error(&r.id, e))?;
+                    .map_err(|e| restore_error(&r.id, spec.fork, e))?;
                 (builder, Some(r.id.clone()))
             }
             None => {
@@ -581,12 +584,13 @@ impl MicroVm {
         control.built(builder.handle());
         let t0 = Instant::now();
         let vm = builder.start().map_err(|e| match &restored {
-            Some(id) => restore_error(id, e),
+            Some(id) => restore_error(id, spec.fork, e),
             None => MicroVmError::Build(e),
         })?;
         if let Some(id) = &restored {
+            let what = if spec.fork { "snapshot" } else { "template" };
             log::debug!(
-                "template {id}: VMM restored in {:.1} ms",
+                "{what} {id}: VMM restored in {:.1} ms",
                 t0.elapsed().as_secs_f64() * 1000.0
             );
         }
@@ -605,6 +609,10 @@ impl MicroVm {
             .map_err(|e| match &restored {
                 // Which of the two VMs of a template run failed (the template's own boot is
                 // reported by its VMM).
+                Some(id) if spec.fork => MicroVmError::Snapshot(
+                    id.clone(),
+                    format!("the VM restored from it: {}", error_chain(&e)),
+                ),
                 Some(id) => MicroVmError::Template(
                     id.clone(),
                     format!("the VM restored from it: {}", error_chain(&e)),
@@ -628,7 +636,7 @@ impl MicroVm {
             client
                 .attach(MAIN_CONTAINER, MAIN_STREAM)
                 .map_err(stop_on_error)?;
-            log::debug!("{id}: restored, its container goes on");
+            log::debug!("snapshot {id}: restored, its container goes on");
         } else if let Some(id) = &restored {
             log::debug!("template {id}: restored, the agent answers");
             let setup = Setup {
@@ -808,8 +816,13 @@ fn fresh_seed() -> String {
 }
 
 /// What a failed restore of template `id` means for the user.
-fn restore_error(id: &str, e: BuildError) -> MicroVmError {
+/// Why restoring template (or, `fork`, snapshot) `id` failed.
+fn restore_error(id: &str, fork: bool, e: BuildError) -> MicroVmError {
     match e {
+        BuildError::Snapshot(e) if e.is_bad_input() && fork => MicroVmError::Snapshot(
+            id.to_string(),
+            format!("{e} (remove it with `mvm snapshot rm {id}`)"),
+        ),
         BuildError::Snapshot(e) if e.is_bad_input() => MicroVmError::Template(
             id.to_string(),
             format!("{e} (remove it with `mvm template rm {id}`, or run with --cold)"),

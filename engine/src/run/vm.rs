@@ -141,7 +141,7 @@ pub(super) fn run(run: Run<'_>) -> Result<Exit, Error> {
             let volumes = volume_disks(&spec.volumes, &run_dir, Some(&disks.volumes))?;
             let restore = Restore {
                 dir,
-                id: format!("snapshot {name}"),
+                id: name.clone(),
             };
             (disks.rootfs, volumes, Some(restore))
         }

@@ -361,7 +361,11 @@ impl Agent {
                 .chain(&p.watchers)
                 .filter_map(|id| self.sessions.get(id))
                 .all(|s| s.out.len() < OUT_HIGH);
-            if room {
+            // A container's first process that no session hears (a VM restored from a snapshot
+            // taken while it ran, before its new host attaches) keeps its output in its pipes:
+            // it waits there, up to their size, rather than being lost.
+            let unheard = p.stream == MAIN_STREAM && p.session.is_none() && p.watchers.is_empty();
+            if room && !unheard {
                 if let Some(f) = &p.stdout {
                     poller.add(f.as_raw_fd(), READ, Token::Stdout(key));
                 }
