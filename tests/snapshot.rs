@@ -651,7 +651,8 @@ fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
             "--",
             "sh",
             "-c",
-            "i=0; while true; do i=$((i+1)); echo $i > /count; echo $i; sleep 0.3; done",
+            "mkdir /www; echo parent > /www/index.html; httpd -p 80 -h /www; \
+             i=0; while true; do i=$((i+1)); echo $i > /count; echo $i; sleep 0.3; done",
         ],
         false,
     );
@@ -673,11 +674,19 @@ fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
     count_past(&t, "parent", at + 2);
 
     let mut firsts = Vec::new();
+    // fork1 publishes the parent's web server on a port of its own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let publish = format!("127.0.0.1:{port}:80");
     for fork in ["fork1", "fork2"] {
-        let out = t.mvm(
-            &["run", "-d", "--from-snapshot", "snap", "--name", fork],
-            true,
-        );
+        let mut args = vec!["run", "-d", "--from-snapshot", "snap", "--name", fork];
+        if fork == "fork1" {
+            args.extend(["-p", &publish]);
+        }
+        let out = t.mvm(&args, true);
         assert!(
             out.status.success(),
             "run --from-snapshot: {}",
@@ -703,6 +712,23 @@ fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
         firsts.push(first);
     }
     assert_eq!(firsts[0], firsts[1], "both forks go on from one point");
+    // Each has its own writable layer: what the parent writes now, no fork sees.
+    exec_out(
+        &t,
+        "parent",
+        &["sh", "-c", "echo changed > /www/index.html"],
+    );
+    let page = Command::new("curl")
+        .args(["-sS", "-m", "30", &format!("http://127.0.0.1:{port}/")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&page.stdout).trim(),
+        "parent",
+        "fork1's server on its own port: {}",
+        text(&page.stderr)
+    );
+    assert_eq!(exec_out(&t, "fork2", &["cat", "/www/index.html"]), "parent");
     let random = |name| {
         exec_out(
             &t,

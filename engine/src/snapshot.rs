@@ -295,6 +295,7 @@ fn take(
     tmp: &Path,
 ) -> Result<Taken, Error> {
     let control_path = store.container_dir(&r.id).join(control::SOCKET);
+    let snapshots_dir = tmp.parent().map(Path::to_path_buf).unwrap_or_default();
     let refused = |e: ControlError| match e {
         ControlError::Refused(msg) => Error::Failed(format!("{}: {msg}", r.name)),
         e => Error::Failed(format!("{}: {e}", r.name)),
@@ -339,9 +340,10 @@ fn take(
             fs::copy(disk, &copy).map_err(io_error("copy", disk))?;
             volumes.push(FileId::of(&copy)?);
         }
-        // A disk made for this container alone (`--rootfs DIR`) goes with the snapshot; an
-        // image's cached disk is named.
-        let rootfs = if disks.rootfs.starts_with(store.container_dir(&r.id)) {
+        // A disk made for this container alone (`--rootfs DIR`, or the copy in the snapshot
+        // a fork runs from) goes with the snapshot; an image's cached disk is named.
+        let own = [store.container_dir(&r.id), snapshots_dir.clone()];
+        let rootfs = if own.iter().any(|d| disks.rootfs.starts_with(d)) {
             let copy = tmp.join("rootfs.ext4");
             fs::copy(&disks.rootfs, &copy).map_err(io_error("copy", &disks.rootfs))?;
             FileId::of(&copy)?
