@@ -9,7 +9,10 @@
 # both ways, tap, --network user), run_vm, run_lifecycle, vm_tools (run -it, exec -it, attach,
 # cp, stats, top, DNS and --restart in a microVM, typed into tmux), compare (mvm compare with the
 # VM column on the product kernel), snapshot (save and restore of a running guest, VM templates,
-# pause/unpause, snapshots of a running container and forks from them), and the README quick start
+# pause/unpause, snapshots of a running container and forks from them), rate_limits (a guest
+# measures its disk and network throughput against --device-read-bps/--device-write-bps/
+# --device-read-iops/--network-rate: here, unlike on a PVM host, its unthrottled rates are far
+# above the limits, so the lower bound is checked too), and the README quick start
 # (`quickstart`). Each runs in a fresh L1 with the product kernel (`scripts/build-kernel.sh`,
 # built once and cached) and prints its time; the layer fails if any test fails. Where this
 # machine cannot run L1 (no QEMU, no kernel package) it says so and skips with exit 0: nothing
@@ -23,13 +26,15 @@
 # cold boots hung. None of it happens under this machine's own KVM (layer 1), which runs the same
 # tests without a second chance. MVM_VT_RERUN=0 turns the second run off.
 #
-# Environment: CARGO_PROFILE-independent; MVM_VT_CPUS (default 2), MVM_VT_MEM (default 4G).
+# Environment: CARGO_PROFILE-independent; MVM_VT_CPUS (default 2), MVM_VT_MEM (default 4G),
+# MVM_VT_TIMEOUT (seconds an L1 may run, default 900: the longest test takes about 270 s, and a
+# hung L1 is ended and its test run again rather than holding the layer for an hour).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 say() { echo "test-vt: $*" >&2; }
 
-all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle vm_tools compare snapshot quickstart)
+all=(boot_linux linux_guest cpu_features linux_devices run_vm run_lifecycle vm_tools compare snapshot rate_limits quickstart)
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=("${all[@]}")
 
@@ -91,6 +96,7 @@ fi
 # Runs CMD in a fresh L1.
 in_l1() {
   scripts/vt-host.sh --cpus "${MVM_VT_CPUS:-2}" --mem "${MVM_VT_MEM:-4G}" \
+    --timeout "${MVM_VT_TIMEOUT:-900}" \
     --env "MVM_TEST_KERNEL=$kernel" --env "MVM_AGENT=$agent" -- "$@"
 }
 
@@ -100,6 +106,10 @@ failed=0
 for t in "${tests[@]}"; do
   if [ "$t" = quickstart ]; then
     cmd=(env "MVM=$repo/target/debug/mvm" "MVM_EXAMPLES=$examples" "$repo/scripts/quickstart.sh")
+  elif [ "$t" = rate_limits ] && [ -n "${exe[$t]:-}" ]; then
+    # L1 has no network: a tap stands for its uplink (scripts/vt-uplink.sh), so passt has a
+    # gateway for the guest's download. The measured rates are printed.
+    cmd=("$repo/scripts/vt-uplink.sh" "${exe[$t]}" --test-threads=1 --color never --nocapture)
   elif [ -n "${exe[$t]:-}" ]; then
     cmd=("${exe[$t]}" --test-threads=1 --color never)
   else

@@ -286,6 +286,30 @@ impl Templates {
         self.command(&args, debug)
     }
 
+    /// `mvm run -d --cold --name NAME` of busybox running `sh -c SCRIPT`, asserted started.
+    fn run_detached(&self, name: &str, script: &str) {
+        let kernel = self.kernel.to_str().unwrap().to_string();
+        let args = [
+            "run",
+            "-d",
+            "--cold",
+            "--name",
+            name,
+            "--kernel",
+            &kernel,
+            "--kernel-args",
+            &self.vm.kernel_args,
+            "--image",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ];
+        let out = self.mvm(&args, false);
+        assert!(out.status.success(), "run -d {name}: {}", text(&out.stderr));
+    }
+
     /// `mvm run --rm` of busybox printing hi and 16 random bytes, exiting 3.
     fn run(&self, debug: bool) -> (Output, Duration) {
         let t0 = Instant::now();
@@ -519,28 +543,10 @@ fn pause_stops_a_vm_container_and_unpause_lets_it_go_on() {
         return;
     };
     let _one = boot_lock();
-    let kernel = t.kernel.to_str().unwrap().to_string();
-    let out = t.mvm(
-        &[
-            "run",
-            "-d",
-            "--cold",
-            "--name",
-            "counter",
-            "--kernel",
-            &kernel,
-            "--kernel-args",
-            &t.vm.kernel_args,
-            "--image",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done",
-        ],
-        false,
+    t.run_detached(
+        "counter",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done",
     );
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     let lines = || {
         text(&t.mvm(&["logs", "counter"], false).stdout)
             .lines()
@@ -633,31 +639,27 @@ fn forks_of_a_running_container_go_on_where_it_was_each_their_own() {
         return;
     };
     let _one = boot_lock();
-    let kernel = t.kernel.to_str().unwrap().to_string();
     // A counter in the shell's memory and in a file of the container's writable layer.
-    let out = t.mvm(
-        &[
-            "run",
-            "-d",
-            "--cold",
-            "--name",
-            "parent",
-            "--kernel",
-            &kernel,
-            "--kernel-args",
-            &t.vm.kernel_args,
-            "--image",
-            "busybox",
-            "--",
-            "sh",
-            "-c",
-            "mkdir /www; echo parent > /www/index.html; httpd -p 80 -h /www; \
-             i=0; while true; do i=$((i+1)); echo $i > /count; echo $i; sleep 0.3; done",
-        ],
-        false,
+    t.run_detached(
+        "parent",
+        "mkdir /www; echo parent > /www/index.html; httpd -p 80 -h /www; \
+         i=0; while true; do i=$((i+1)); echo $i > /count; echo $i; sleep 0.3; done",
     );
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     count_past(&t, "parent", 3);
+
+    // A client that hands the VMM descriptors it cannot save into (a socket, a file open for
+    // reading only) gets the reason, and the container runs on.
+    let control = t.root().join("containers/parent/control.sock");
+    let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let socket = std::fs::File::from(std::os::fd::OwnedFd::from(socket));
+    let read_only = std::fs::File::open(&t.kernel).unwrap();
+    let limit = Duration::from_secs(300);
+    let refused = engine::control::snapshot(&control, &t.root(), &socket, &read_only, limit)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(refused.lines().count(), 1, "{refused}");
+    let at = counted(&t, "parent").last().copied().unwrap();
+    count_past(&t, "parent", at + 1);
 
     let out = t.mvm(&["snapshot", "create", "parent", "snap"], true);
     assert!(out.status.success(), "create: {}", text(&out.stderr));

@@ -90,19 +90,6 @@ fn read_info(dir: &Path) -> Option<SnapshotInfo> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 impl SnapshotStore {
     /// The store of `root` (created when first needed, root-only like the rest of the root).
     pub fn open(root: &Path) -> Result<Self, Error> {
@@ -145,7 +132,7 @@ impl SnapshotStore {
             let dir = e.path();
             out.push(SnapshotEntry {
                 info: read_info(&dir),
-                disk_bytes: disk_usage(&dir),
+                disk_bytes: crate::template::disk_usage(&dir),
                 name,
             });
         }
@@ -168,19 +155,7 @@ impl SnapshotStore {
 
     /// Removes what killed `create`s left (`.tmp-<pid>-...` of a process that is gone).
     fn prune_leftovers(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix(".tmp-")
-                .and_then(|rest| rest.split('-').next())
-                .and_then(|p| p.parse::<i32>().ok());
-            if pid.is_some_and(|pid| !crate::state::process_alive(pid, None)) {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
+        crate::template::remove_dead_leftovers(&self.dir);
     }
 
     /// A fresh directory to make snapshot `name` in (not listed until renamed into place).

@@ -147,7 +147,8 @@ pub struct TemplateEntry {
     pub disk_bytes: u64,
 }
 
-fn disk_usage(dir: &Path) -> u64 {
+/// Bytes the files in `dir` take on disk.
+pub(crate) fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::read_dir(dir)
         .map(|entries| {
@@ -158,6 +159,24 @@ fn disk_usage(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Removes the `.tmp-<pid>-<id>` directories in `dir` whose maker (process `pid`) is gone: what
+/// a killed run left of a template or snapshot it was making.
+pub(crate) fn remove_dead_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(".tmp-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(|pid| !crate::state::process_alive(pid, None)) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 impl TemplateStore {
@@ -300,21 +319,7 @@ impl TemplateStore {
                 removed.push(t.id);
             }
         }
-        if let Ok(entries) = fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // .tmp-<pid>-<id>: a run still making it is alive.
-                let pid = name
-                    .strip_prefix(".tmp-")
-                    .and_then(|rest| rest.split('-').next())
-                    .and_then(|p| p.parse::<i32>().ok());
-                if let Some(pid) = pid {
-                    if !crate::state::process_alive(pid, None) {
-                        let _ = fs::remove_dir_all(e.path());
-                    }
-                }
-            }
-        }
+        remove_dead_leftovers(&self.dir);
         Ok(removed)
     }
 }
