@@ -93,12 +93,9 @@ fn read_info(dir: &Path) -> Option<SnapshotInfo> {
 impl SnapshotStore {
     /// The store of `root` (created when first needed, root-only like the rest of the root).
     pub fn open(root: &Path) -> Result<Self, Error> {
-        rootfs_builder::rootdir::prepare_root(root)?;
-        let dir = root.join(SNAPSHOTS_DIR);
-        if !dir.is_dir() {
-            rootfs_builder::rootdir::create_dir(&dir, rootfs_builder::rootdir::PRIVATE_DIR)?;
-        }
-        Ok(Self { dir })
+        Ok(Self {
+            dir: crate::template::store_dir(root, SNAPSHOTS_DIR)?,
+        })
     }
 
     /// Snapshot `name`'s directory and description; one line where there is none.

@@ -179,15 +179,23 @@ pub(crate) fn remove_dead_leftovers(dir: &Path) {
     }
 }
 
+/// The store folder `name` under the mvm root `root` (created when first needed, root-only like
+/// the rest of the root).
+pub(crate) fn store_dir(root: &Path, name: &str) -> Result<PathBuf, Error> {
+    rootfs_builder::rootdir::prepare_root(root)?;
+    let dir = root.join(name);
+    if !dir.is_dir() {
+        rootfs_builder::rootdir::create_dir(&dir, rootfs_builder::rootdir::PRIVATE_DIR)?;
+    }
+    Ok(dir)
+}
+
 impl TemplateStore {
     /// The store of `root` (created when first needed, root-only like the rest of the root).
     pub fn open(root: &Path) -> Result<Self, Error> {
-        rootfs_builder::rootdir::prepare_root(root)?;
-        let dir = root.join(TEMPLATES_DIR);
-        if !dir.is_dir() {
-            rootfs_builder::rootdir::create_dir(&dir, rootfs_builder::rootdir::PRIVATE_DIR)?;
-        }
-        Ok(Self { dir })
+        Ok(Self {
+            dir: store_dir(root, TEMPLATES_DIR)?,
+        })
     }
 
     /// Why this host cannot keep templates, if an earlier run found out (with this mvm and
