@@ -119,22 +119,14 @@ impl SnapshotStore {
 
     /// Every snapshot, by name (leftovers of killed `create`s are not listed).
     pub fn list(&self) -> Result<Vec<SnapshotEntry>, Error> {
-        let mut out = Vec::new();
-        let entries = fs::read_dir(&self.dir).map_err(io_error("read", &self.dir))?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let dir = e.path();
-            out.push(SnapshotEntry {
+        Ok(crate::template::store_entries(&self.dir)?
+            .into_iter()
+            .map(|(name, dir)| SnapshotEntry {
                 info: read_info(&dir),
                 disk_bytes: crate::template::disk_usage(&dir),
                 name,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+            })
+            .collect())
     }
 
     /// Removes snapshot `name` (forks running from it keep its memory: their mappings hold

@@ -161,6 +161,24 @@ pub(crate) fn disk_usage(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The entries of store folder `dir` by name, with their paths: its directories but those
+/// being made (`.tmp-...`); none where the folder does not exist.
+pub(crate) fn store_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("read", dir)(e)),
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(name, _)| !name.starts_with('.'))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Removes the `.tmp-<pid>-<id>` directories in `dir` whose maker (process `pid`) is gone: what
 /// a killed run left of a template or snapshot it was making.
 pub(crate) fn remove_dead_leftovers(dir: &Path) {
@@ -270,26 +288,15 @@ impl TemplateStore {
 
     /// Every complete template, by id.
     pub fn list(&self) -> Result<Vec<TemplateEntry>, Error> {
-        let mut out = Vec::new();
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_error("read", &self.dir)(e)),
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let dir = e.path();
-            out.push(TemplateEntry {
+        let out = store_entries(&self.dir)?
+            .into_iter()
+            .map(|(id, dir)| TemplateEntry {
                 info: read_info(&dir),
                 disk_bytes: disk_usage(&dir),
-                id: name,
+                id,
                 dir,
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+            })
+            .collect();
         Ok(out)
     }
 
