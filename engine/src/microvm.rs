@@ -20,7 +20,7 @@ use devices::virtio::block::{BlockConfig, BlockLimits};
 use devices::virtio::rate_limiter::Limit;
 use guest_agent::agent::client::{AgentClient, ClientError, OutputSink};
 use guest_agent::guest::{BootParams, MAIN_CONTAINER, MAIN_STREAM, ROOTFS_DEVICE};
-use guest_agent::protocol::{Resume, Setup, AGENT_VSOCK_PORT};
+use guest_agent::protocol::{Setup, AGENT_VSOCK_PORT};
 use guest_agent::runtime::{ContainerSpec, TermSize};
 use vmm::builder::{BuildError, RunningVm, VcpuRelease, VmBuilder};
 use vmm::config::VmConfig;
@@ -620,32 +620,25 @@ impl MicroVm {
                 None => e,
             })?;
         let stop_on_error = |e: ClientError| vm.stop_with(MicroVmError::Agent(e));
-        let now_ns = || {
-            std::time::SystemTime::now()
+        // A restored guest's new identity: the run's network and ports, fresh randomness, the
+        // time, its MAC (and for a template's guest, the run's disks).
+        let identity = || Setup {
+            boot: run_boot(spec).to_cmdline(),
+            seed: fresh_seed(),
+            time_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            mac,
         };
         if let (Some(id), true) = (&restored, spec.fork) {
-            let resume = Resume {
-                boot: run_boot(spec).to_cmdline(),
-                seed: fresh_seed(),
-                time_ns: now_ns(),
-                mac,
-            };
-            client.resume(resume).map_err(stop_on_error)?;
+            client.resume(identity()).map_err(stop_on_error)?;
             client
                 .attach(MAIN_CONTAINER, MAIN_STREAM)
                 .map_err(stop_on_error)?;
             log::debug!("snapshot {id}: restored, its container goes on");
         } else if let Some(id) = &restored {
             log::debug!("template {id}: restored, the agent answers");
-            let setup = Setup {
-                boot: run_boot(spec).to_cmdline(),
-                seed: fresh_seed(),
-                time_ns: now_ns(),
-                mac,
-            };
-            client.setup(setup).map_err(stop_on_error)?;
+            client.setup(identity()).map_err(stop_on_error)?;
             log::debug!("template {id}: the guest took its run's setup");
         }
         let stream = if spec.fork {

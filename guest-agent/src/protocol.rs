@@ -364,26 +364,10 @@ pub enum Request {
     /// restored: sent once, first thing after the hello, before any container exists.
     Setup(Box<Setup>),
     /// The VM was restored from a snapshot of a running container (a fork, `mvm run
-    /// --from-snapshot`): its containers run on, and the guest takes its new identity.
-    Resume(Box<Resume>),
-}
-
-/// What a VM restored from a snapshot of a running container is told (see
-/// [`Request::Resume`]): the guest becomes this run's (fresh randomness, the time, its own MAC
-/// and address, its own published ports) while every process goes on where it was.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Resume {
-    /// The run's network and published ports, as `mvm.` words
-    /// ([`crate::guest::BootParams::to_cmdline`]; disks are the snapshot's and stay mounted).
-    pub boot: String,
-    /// 64 fresh random bytes from the host, hex (as [`Setup::seed`]).
-    pub seed: String,
-    /// The host's wall clock, nanoseconds since the epoch.
-    pub time_ns: u64,
-    /// The guest interface's new MAC address, if it has a network.
-    #[serde(default)]
-    pub mac: Option<[u8; 6]>,
+    /// --from-snapshot`): its containers run on, and the guest takes its new identity — a
+    /// template's setup, but its disks stay mounted and only the network and published ports
+    /// of `boot` are applied.
+    Resume(Box<Setup>),
 }
 
 /// What a VM restored from a template is told about its run (see [`Request::Setup`]). It is

@@ -354,8 +354,8 @@ impl<C: Read + Write> AgentClient<C> {
     }
 
     /// Hands a guest restored from a snapshot of a running container its new identity (see
-    /// [`crate::protocol::Resume`]).
-    pub fn resume(&mut self, resume: crate::protocol::Resume) -> Result<(), ClientError> {
+    /// [`Request::Resume`]).
+    pub fn resume(&mut self, resume: crate::protocol::Setup) -> Result<(), ClientError> {
         self.call_silent(&Request::Resume(Box::new(resume)))
             .map(drop)
     }

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::guest::{BootParams, ROOTFS_DIR, VOLUMES_DIR};
-use crate::protocol::{Resume, Setup};
+use crate::protocol::Setup;
 
 use super::init;
 use super::portfwd::PortForwarder;
@@ -192,10 +192,10 @@ pub fn setup(setup: &Setup) -> Result<PortForwarder, String> {
     Ok(PortForwarder::bind(&params.ports))
 }
 
-/// Handles [`Resume`] in a guest restored from a snapshot of a running container: its disks
-/// stay mounted and its processes run on; the network takes the run's address (the same
-/// address again is no error) and the published ports are the run's.
-pub fn resume(resume: &Resume) -> Result<PortForwarder, String> {
+/// Handles [`crate::protocol::Request::Resume`] in a guest restored from a snapshot of a running
+/// container: its disks stay mounted and its processes run on; the network takes the run's
+/// address (the same address again is no error) and the published ports are the run's.
+pub fn resume(resume: &Setup) -> Result<PortForwarder, String> {
     let params = take_identity(&resume.seed, resume.time_ns, resume.mac, &resume.boot)?;
     if let Some(net) = &params.net {
         if let Err(e) = init::configure_ipv4(net) {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::guest::MAIN_STREAM;
 use crate::protocol::{
-    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Resume, Setup,
-    HEADER_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
+    ClientFrame, Event, Frame, FrameKind, ProtocolError, Request, Response, Setup, HEADER_LEN,
+    MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use crate::runtime::archive::{self, CopyJob, Owner};
 use crate::runtime::exec::{exec, ExecProcess};
@@ -238,7 +238,7 @@ pub type SetupHook = Box<dyn FnMut(&Setup) -> Result<PortForwarder, String>>;
 
 /// What the agent does with [`Request::Resume`]: make a guest restored from a snapshot of a
 /// running container this run's, and return the published ports to relay.
-pub type ResumeHook = Box<dyn FnMut(&Resume) -> Result<PortForwarder, String>>;
+pub type ResumeHook = Box<dyn FnMut(&Setup) -> Result<PortForwarder, String>>;
 
 /// The agent's state: containers, their processes, connections and published ports.
 #[derive(Default)]
